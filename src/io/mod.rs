@@ -1,0 +1,1 @@
+//! Files in and out: HF model directories, token files, safetensors output.

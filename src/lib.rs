@@ -1,0 +1,30 @@
+//! # altgrad
+//!
+//! Loss and gradients of multi-layer transformers, with each attention head computed exactly
+//! (tiled, O(n²) time, O(n) memory) or approximated by the polynomial method in almost linear
+//! time, and a measured account of how far the approximation is from exact.
+//!
+//! ## Map
+//!
+//! - [`linalg`]: the [`linalg::Scalar`] trait (f32, f64) and thin helpers over `faer`.
+//! - [`attention`]: the core. Exact tiled attention (MATH §2) with GQA, causal or not,
+//!   forward saving `O` and `lse`, backward recomputing `P` block by block.
+//! - [`model`]: Llama-family decoder (config, named weights, layers with hand-written backward,
+//!   the transformer, the loss).
+//! - [`io`]: loading HF directories (`config.json` + `model.safetensors`), token files, writing
+//!   safetensors atomically (temporary file, then rename).
+//! - [`report`]: the JSON report types shared by the CLI's subcommands.
+//!
+//! Rules: `attention` knows nothing of models, `model` nothing of files, `io` builds a model.
+//! Formulas are cited by section of `MATH.md` (shipped in the design notes) and by the lemma
+//! numbers of Liang, Sha, Shi, Song, Zhou (arXiv 2408.13233 v2).
+
+pub mod attention;
+pub mod error;
+pub(crate) mod fastmath;
+pub mod io;
+pub mod linalg;
+pub mod model;
+pub mod report;
+
+pub use error::{Error, Result};

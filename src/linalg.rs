@@ -1,0 +1,205 @@
+//! Thin helpers over `faer`: the [`Scalar`] trait (f32, f64), row-major matrix views over slices,
+//! and one matrix-multiply entry point with transposes.
+//!
+//! Every tensor in altgrad is a plain row-major `Vec<T>` (or slice) with its shape carried
+//! alongside; these helpers view such slices as `faer` matrices without copying.
+
+use faer::{Accum, MatMut, MatRef, Par};
+use num_traits::Float;
+use std::fmt::Debug;
+use std::iter::Sum;
+
+/// Floating-point element type of every kernel: `f32` or `f64`.
+///
+/// Combines `faer`'s field trait (for GEMM) with `num_traits::Float` (for `exp`, `ln`, …).
+pub trait Scalar:
+    faer::traits::RealField
+    + Float
+    + Copy
+    + Send
+    + Sync
+    + Debug
+    + Default
+    + Sum
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + 'static
+{
+    /// Name of the type as in safetensors dtypes: `"F32"` or `"F64"`.
+    const DTYPE: &'static str;
+    /// Converts from f64 (rounding to nearest for f32).
+    fn from_f64(x: f64) -> Self;
+    /// Converts to f64 (exact). Named `as_f64` because `num_traits::ToPrimitive::to_f64` (returning
+    /// `Option`) is also in scope for every `Scalar`.
+    fn as_f64(self) -> f64;
+    /// Converts from f32 (exact).
+    fn from_f32(x: f32) -> Self {
+        Self::from_f64(x as f64)
+    }
+    /// `exp` of every element of `xs`, in place. f32 uses a vectorized polynomial
+    /// (≤ 2 ulp on the range softmax uses); f64 uses the standard library.
+    fn exp_inplace(xs: &mut [Self]);
+}
+
+impl Scalar for f32 {
+    const DTYPE: &'static str = "F32";
+    #[inline]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline]
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+    fn exp_inplace(xs: &mut [Self]) {
+        crate::fastmath::exp_f32_inplace(xs)
+    }
+}
+
+impl Scalar for f64 {
+    const DTYPE: &'static str = "F64";
+    #[inline]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline]
+    fn as_f64(self) -> f64 {
+        self
+    }
+    fn exp_inplace(xs: &mut [Self]) {
+        for x in xs {
+            *x = x.exp();
+        }
+    }
+}
+
+/// Converts an f64 constant to `T`.
+#[inline]
+pub fn c<T: Scalar>(x: f64) -> T {
+    T::from_f64(x)
+}
+
+/// Row-major view of `data` as a `rows × cols` matrix (`data.len() == rows * cols`).
+#[inline]
+pub fn rm<T>(data: &[T], rows: usize, cols: usize) -> MatRef<'_, T> {
+    MatRef::from_row_major_slice(data, rows, cols)
+}
+
+/// Mutable row-major view of `data` as a `rows × cols` matrix.
+#[inline]
+pub fn rm_mut<T>(data: &mut [T], rows: usize, cols: usize) -> MatMut<'_, T> {
+    MatMut::from_row_major_slice_mut(data, rows, cols)
+}
+
+/// Row-major view with a row stride (e.g. one head `[seq, head_dim]` inside `[seq, heads, head_dim]`:
+/// `data` starts at the head's first element and `stride = heads * head_dim`).
+#[inline]
+pub fn rm_strided<T>(data: &[T], rows: usize, cols: usize, stride: usize) -> MatRef<'_, T> {
+    if rows == 0 || cols == 0 {
+        return MatRef::from_row_major_slice(&data[..0], rows, cols);
+    }
+    MatRef::from_row_major_slice_with_stride(data, rows, cols, stride)
+}
+
+/// Mutable row-major view with a row stride (see [`rm_strided`]).
+#[inline]
+pub fn rm_strided_mut<T>(data: &mut [T], rows: usize, cols: usize, stride: usize) -> MatMut<'_, T> {
+    if rows == 0 || cols == 0 {
+        return MatMut::from_row_major_slice_mut(&mut data[..0], rows, cols);
+    }
+    MatMut::from_row_major_slice_with_stride_mut(data, rows, cols, stride)
+}
+
+/// `dst = alpha · a · b` (`acc == false`) or `dst += alpha · a · b` (`acc == true`).
+///
+/// Shapes: `a [m, k]`, `b [k, n]`, `dst [m, n]`; pass `x.transpose()` for transposed operands.
+/// `par`: `Par::Seq` inside per-head work (heads run in parallel with rayon), `Par::rayon(0)`
+/// for whole-model projections. Panics on mismatched shapes (a programming error, not user input).
+#[inline]
+pub fn matmul<T: Scalar>(dst: MatMut<'_, T>, acc: bool, a: MatRef<'_, T>, b: MatRef<'_, T>, alpha: T, par: Par) {
+    if a.ncols() == 0 {
+        if !acc {
+            let mut dst = dst;
+            dst.fill(T::from_f64(0.0));
+        }
+        return;
+    }
+    let beta = if acc { Accum::Add } else { Accum::Replace };
+    faer::linalg::matmul::matmul(dst, beta, a, b, alpha, par);
+}
+
+/// The parallelism to use for large whole-sequence GEMMs: all of rayon's threads.
+#[inline]
+pub fn par_all() -> Par {
+    let t = rayon::current_num_threads();
+    if t <= 1 {
+        Par::Seq
+    } else {
+        Par::rayon(t)
+    }
+}
+
+/// `y = x · Wᵀ (+ b)`: a linear layer on row-major `x [rows, in]`, `w [out, in]` (HF layout),
+/// optional bias `[out]`; returns `y [rows, out]`.
+pub fn linear<T: Scalar>(x: &[T], rows: usize, w: &[T], out: usize, inp: usize, bias: Option<&[T]>) -> Vec<T> {
+    debug_assert_eq!(x.len(), rows * inp);
+    debug_assert_eq!(w.len(), out * inp);
+    let mut y = vec![T::zero(); rows * out];
+    matmul(rm_mut(&mut y, rows, out), false, rm(x, rows, inp), rm(w, out, inp).transpose(), T::one(), par_all());
+    if let Some(b) = bias {
+        for row in y.chunks_exact_mut(out) {
+            for (yi, bi) in row.iter_mut().zip(b) {
+                *yi += *bi;
+            }
+        }
+    }
+    y
+}
+
+/// Backward of [`linear`]: given `dy [rows, out]`, returns `dx [rows, in] = dy · W` and
+/// accumulates `dw [out, in] += dyᵀ · x` and `db [out] += Σ_rows dy`.
+pub fn linear_backward<T: Scalar>(
+    x: &[T],
+    rows: usize,
+    w: &[T],
+    out: usize,
+    inp: usize,
+    dy: &[T],
+    dw: &mut [T],
+    db: Option<&mut [T]>,
+) -> Vec<T> {
+    let mut dx = vec![T::zero(); rows * inp];
+    matmul(rm_mut(&mut dx, rows, inp), false, rm(dy, rows, out), rm(w, out, inp), T::one(), par_all());
+    matmul(rm_mut(dw, out, inp), true, rm(dy, rows, out).transpose(), rm(x, rows, inp), T::one(), par_all());
+    if let Some(db) = db {
+        for row in dy.chunks_exact(out) {
+            for (d, g) in db.iter_mut().zip(row) {
+                *d += *g;
+            }
+        }
+    }
+    dx
+}
+
+/// Frobenius norm of a slice, accumulated in f64.
+pub fn norm<T: Scalar>(x: &[T]) -> f64 {
+    x.iter().map(|v| v.as_f64() * v.as_f64()).sum::<f64>().sqrt()
+}
+
+/// Relative error `‖x − y‖_F / ‖y‖_F` (MATH §1), in f64; `0` when both are zero,
+/// `inf` when only `y` is zero.
+pub fn rel_err<T: Scalar, U: Scalar>(x: &[T], y: &[U]) -> f64 {
+    assert_eq!(x.len(), y.len(), "rel_err: length mismatch");
+    let num: f64 = x.iter().zip(y).map(|(a, b)| (a.as_f64() - b.as_f64()).powi(2)).sum::<f64>().sqrt();
+    let den = norm(y);
+    if den == 0.0 {
+        if num == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        num / den
+    }
+}

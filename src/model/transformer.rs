@@ -1,0 +1,312 @@
+//! The Llama-family decoder: forward keeping what backward needs, hand-written backward
+//! layer m → 1 (LSSSZ Alg. 1 `MultiGrad`, Lemma J.3 for residuals; MATH §6).
+//!
+//! Layer `l`: `x_mid = x + o_proj(Attn(RoPE(q_proj(n₁)), RoPE(k_proj(n₁)), v_proj(n₁)))` with
+//! `n₁ = RMSNorm(x)`, then `x_out = x_mid + down(SiLU(gate(n₂)) ∘ up(n₂))` with `n₂ = RMSNorm(x_mid)`.
+//! After the last layer: final RMSNorm → `hidden [n, hidden_size]` → LM head → loss.
+
+use super::config::LlamaConfig;
+use super::layers::{
+    add_inplace, embedding_backward, embedding_forward, rmsnorm_backward, rmsnorm_forward, swiglu_backward,
+    swiglu_forward, Rope,
+};
+use super::loss::lm_cross_entropy;
+use super::weights::LlamaWeights;
+use crate::attention::{self, AttnOptions, AttnOutput, AttnShape};
+use crate::linalg::{linear_backward, Scalar};
+use crate::{Error, Result};
+
+/// Rows of logits computed at once by the loss (`[LOSS_CHUNK, vocab]` at a time).
+pub const LOSS_CHUNK: usize = 256;
+
+/// A Llama-family decoder: configuration plus named weights.
+#[derive(Clone, Debug)]
+pub struct Model<T> {
+    /// Shapes and hyper-parameters.
+    pub cfg: LlamaConfig,
+    /// Every parameter, named as in the model file.
+    pub weights: LlamaWeights<T>,
+    /// Where the model came from (a path or `tiny`), for reports.
+    pub source: String,
+}
+
+/// What one layer's forward keeps for its backward. Normalized inputs and the SwiGLU product are
+/// recomputed in backward instead of stored (memory: ~`2·hidden + 2·q_dim + 2·kv_dim + 2·inter`
+/// values per token per layer).
+#[derive(Clone, Debug)]
+pub struct LayerCache<T> {
+    /// Layer input `[n, hidden]`.
+    pub x_in: Vec<T>,
+    /// `1/rms` of each row of `x_in`, `[n]`.
+    pub inv_rms1: Vec<T>,
+    /// Queries after RoPE `[n, num_heads, head_dim]`.
+    pub q: Vec<T>,
+    /// Keys after RoPE `[n, num_kv_heads, head_dim]`.
+    pub k: Vec<T>,
+    /// Values `[n, num_kv_heads, head_dim]`.
+    pub v: Vec<T>,
+    /// Attention output and `lse`.
+    pub attn: AttnOutput<T>,
+    /// Residual stream after attention `[n, hidden]`.
+    pub x_mid: Vec<T>,
+    /// `1/rms` of each row of `x_mid`.
+    pub inv_rms2: Vec<T>,
+    /// Gate projection `[n, intermediate]`.
+    pub gate: Vec<T>,
+    /// Up projection `[n, intermediate]`.
+    pub up: Vec<T>,
+}
+
+/// Everything the backward needs from a forward pass over `n` tokens.
+#[derive(Clone, Debug)]
+pub struct ForwardCache<T> {
+    /// Token ids (empty when the forward started from embeddings).
+    pub ids: Vec<u32>,
+    /// Sequence length.
+    pub n: usize,
+    /// Per-layer caches, first to last.
+    pub layers: Vec<LayerCache<T>>,
+    /// Output of the last layer, before the final norm `[n, hidden]`.
+    pub x_final: Vec<T>,
+    /// `1/rms` of each row of `x_final`.
+    pub inv_rms_final: Vec<T>,
+    /// Final hidden states after the final norm `[n, hidden]` (what `--hidden-out` writes).
+    pub hidden: Vec<T>,
+    rope: Rope<T>,
+}
+
+/// Gradients of a loss: every parameter (same names and shapes as the model's weights) and the
+/// input embeddings.
+#[derive(Clone, Debug)]
+pub struct Grads<T> {
+    /// `dL/dθ` for every parameter θ.
+    pub weights: LlamaWeights<T>,
+    /// `dL/d(input embeddings)` `[n, hidden]`.
+    pub embeddings: Vec<T>,
+}
+
+impl<T: Scalar> Model<T> {
+    /// The built-in `tiny` model ([`LlamaConfig::tiny`]) with seeded random weights
+    /// ([`LlamaWeights::random_hf`]).
+    pub fn tiny(seed: u64) -> Self {
+        let cfg = LlamaConfig::tiny();
+        let weights = LlamaWeights::random_hf(&cfg, seed);
+        Model { cfg, weights, source: "tiny".into() }
+    }
+
+    /// Builds a model from parts, checking the config and that every weight is finite.
+    pub fn new(cfg: LlamaConfig, weights: LlamaWeights<T>, source: impl Into<String>) -> Result<Self> {
+        let source = source.into();
+        cfg.validate(&source)?;
+        for p in weights.params() {
+            if let Some(i) = p.data.iter().position(|x| !x.is_finite()) {
+                return Err(Error::bad(&source, format!("tensor {} has a non-finite value at index {i}", p.name)));
+            }
+        }
+        Ok(Model { cfg, weights, source })
+    }
+
+    /// Checks token ids: non-empty, each `< vocab_size`, at most `max_seq_len` of them.
+    pub fn check_ids(&self, ids: &[u32], input: &str) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::bad(input, "no tokens"));
+        }
+        if ids.len() > self.cfg.max_seq_len {
+            return Err(Error::bad(
+                input,
+                format!("{} tokens exceed the model's maximum sequence length {}", ids.len(), self.cfg.max_seq_len),
+            ));
+        }
+        if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| **t as usize >= self.cfg.vocab_size) {
+            return Err(Error::bad(input, format!("token id {t} at position {i} is ≥ vocab_size {}", self.cfg.vocab_size)));
+        }
+        Ok(())
+    }
+
+    fn attn_shape(&self, n: usize) -> AttnShape {
+        AttnShape::new(n, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim)
+    }
+
+    fn attn_opts(&self) -> AttnOptions {
+        AttnOptions::standard(self.cfg.head_dim, true)
+    }
+
+    /// Forward pass over token ids, keeping the activations the backward needs.
+    ///
+    /// Errors: bad ids (see [`Model::check_ids`]).
+    pub fn forward(&self, ids: &[u32]) -> Result<ForwardCache<T>> {
+        self.check_ids(ids, "tokens")?;
+        let x = embedding_forward(ids, &self.weights.embed.data, self.cfg.hidden_size);
+        let mut cache = self.forward_embeddings(x, ids.len())?;
+        cache.ids = ids.to_vec();
+        Ok(cache)
+    }
+
+    /// Forward pass from input embeddings `x [n, hidden]` (no token lookup).
+    ///
+    /// Errors: wrong length, non-finite values, `n` above `max_seq_len`.
+    pub fn forward_embeddings(&self, x: Vec<T>, n: usize) -> Result<ForwardCache<T>> {
+        let c = &self.cfg;
+        let h = c.hidden_size;
+        if n == 0 || x.len() != n * h {
+            return Err(Error::bad("embeddings", format!("expected [n ≥ 1, {h}], got {} values for n = {n}", x.len())));
+        }
+        if n > c.max_seq_len {
+            return Err(Error::bad("embeddings", format!("n = {n} exceeds max_seq_len {}", c.max_seq_len)));
+        }
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(Error::bad("embeddings", "non-finite value"));
+        }
+        let rope = Rope::new(n, c.head_dim, c.rope_theta);
+        let shape = self.attn_shape(n);
+        let opts = self.attn_opts();
+        let mut layers = Vec::with_capacity(c.num_layers);
+        let mut x = x;
+        for lw in &self.weights.layers {
+            let (xn1, inv_rms1) = rmsnorm_forward(&x, h, &lw.attn_norm.data, c.rms_norm_eps);
+            let mut q = lw.q_proj.forward(&xn1, n);
+            let mut k = lw.k_proj.forward(&xn1, n);
+            let v = lw.v_proj.forward(&xn1, n);
+            drop(xn1);
+            rope.apply(&mut q, n, c.num_heads, c.rope_layout);
+            rope.apply(&mut k, n, c.num_kv_heads, c.rope_layout);
+            let attn = attention::forward_exact(&q, &k, &v, &shape, &opts)?;
+            let mut x_mid = lw.o_proj.forward(&attn.o, n);
+            add_inplace(&mut x_mid, &x);
+            let (xn2, inv_rms2) = rmsnorm_forward(&x_mid, h, &lw.mlp_norm.data, c.rms_norm_eps);
+            let gate = lw.gate_proj.forward(&xn2, n);
+            let up = lw.up_proj.forward(&xn2, n);
+            drop(xn2);
+            let act = swiglu_forward(&gate, &up);
+            let mut x_out = lw.down_proj.forward(&act, n);
+            add_inplace(&mut x_out, &x_mid);
+            layers.push(LayerCache { x_in: x, inv_rms1, q, k, v, attn, x_mid, inv_rms2, gate, up });
+            x = x_out;
+        }
+        let (hidden, inv_rms_final) = rmsnorm_forward(&x, h, &self.weights.final_norm.data, c.rms_norm_eps);
+        Ok(ForwardCache { ids: Vec::new(), n, layers, x_final: x, inv_rms_final, hidden, rope })
+    }
+
+    /// Mean next-token cross-entropy over the `n − 1` predictions (HF convention) and its
+    /// gradient: returns `(loss, dL/d hidden [n, hidden])` and accumulates the LM-head gradient
+    /// into `grads` (into the embedding when tied). Logits are computed `LOSS_CHUNK` rows at a time.
+    ///
+    /// Errors: fewer than 2 tokens, or a cache without token ids.
+    pub fn lm_loss(&self, cache: &ForwardCache<T>, grads: &mut Grads<T>) -> Result<(f64, Vec<T>)> {
+        if cache.ids.len() != cache.n || cache.n < 2 {
+            return Err(Error::bad("tokens", "the next-token loss needs at least 2 token ids"));
+        }
+        let head = self.weights.head_weight();
+        let dhead = match &mut grads.weights.lm_head {
+            Some(l) => &mut l.weight.data,
+            None => &mut grads.weights.embed.data,
+        };
+        let (loss, dhidden) = lm_cross_entropy(
+            &cache.hidden,
+            self.cfg.hidden_size,
+            &head.data,
+            self.cfg.vocab_size,
+            &cache.ids[1..],
+            LOSS_CHUNK,
+            dhead,
+        );
+        Ok((loss, dhidden))
+    }
+
+    /// A zero gradient buffer for a sequence of `n` tokens.
+    pub fn zero_grads(&self, n: usize) -> Grads<T> {
+        Grads { weights: self.weights.zeros_like(), embeddings: vec![T::zero(); n * self.cfg.hidden_size] }
+    }
+
+    /// The general-loss entry point (LSSSZ Def 3.1): backward from any upstream gradient
+    /// `dL/d(logits) [n, vocab]`. Returns all gradients (LM head included).
+    ///
+    /// Errors: wrong length or non-finite values in `dlogits`.
+    pub fn backward_from_logits(&self, cache: &ForwardCache<T>, dlogits: &[T]) -> Result<Grads<T>> {
+        let (n, h, vocab) = (cache.n, self.cfg.hidden_size, self.cfg.vocab_size);
+        if dlogits.len() != n * vocab || dlogits.iter().any(|x| !x.is_finite()) {
+            return Err(Error::bad("dlogits", format!("expected [{n}, {vocab}] finite values")));
+        }
+        let mut grads = self.zero_grads(n);
+        let head = self.weights.head_weight();
+        let dhead = match &mut grads.weights.lm_head {
+            Some(l) => &mut l.weight.data,
+            None => &mut grads.weights.embed.data,
+        };
+        let dhidden = linear_backward(&cache.hidden, n, &head.data, vocab, h, dlogits, dhead, None);
+        self.backward_hidden_into(cache, &dhidden, &mut grads)?;
+        Ok(grads)
+    }
+
+    /// The general-loss entry point (LSSSZ Def 3.1): backward from any upstream gradient
+    /// `dL/d(hidden) [n, hidden]` of the final normed hidden states. The LM head gets no gradient.
+    ///
+    /// Errors: wrong length or non-finite values in `dhidden`.
+    pub fn backward_from_hidden(&self, cache: &ForwardCache<T>, dhidden: &[T]) -> Result<Grads<T>> {
+        let mut grads = self.zero_grads(cache.n);
+        self.backward_hidden_into(cache, dhidden, &mut grads)?;
+        Ok(grads)
+    }
+
+    /// Backward from `dL/d hidden`, accumulating into `grads` (which may already hold the LM-head
+    /// gradient). Fills `grads.embeddings` and, when the cache has ids, the embedding gradient.
+    pub fn backward_hidden_into(&self, cache: &ForwardCache<T>, dhidden: &[T], grads: &mut Grads<T>) -> Result<()> {
+        let c = &self.cfg;
+        let (n, h) = (cache.n, c.hidden_size);
+        if dhidden.len() != n * h || dhidden.iter().any(|x| !x.is_finite()) {
+            return Err(Error::bad("dhidden", format!("expected [{n}, {h}] finite values")));
+        }
+        let shape = self.attn_shape(n);
+        let opts = self.attn_opts();
+        let gw = &mut grads.weights;
+        let mut dx =
+            rmsnorm_backward(&cache.x_final, h, &self.weights.final_norm.data, &cache.inv_rms_final, dhidden, &mut gw.final_norm.data);
+        for (l, (lw, lc)) in self.weights.layers.iter().zip(&cache.layers).enumerate().rev() {
+            let lg = &mut gw.layers[l];
+            // MLP block: x_out = x_mid + down(swiglu(gate(n2), up(n2)))
+            let act = swiglu_forward(&lc.gate, &lc.up);
+            let dact = lw.down_proj.backward(&act, n, &dx, &mut lg.down_proj);
+            drop(act);
+            let (dgate, dup) = swiglu_backward(&lc.gate, &lc.up, &dact);
+            let (xn2, _) = rmsnorm_forward(&lc.x_mid, h, &lw.mlp_norm.data, c.rms_norm_eps);
+            let mut dxn2 = lw.gate_proj.backward(&xn2, n, &dgate, &mut lg.gate_proj);
+            add_inplace(&mut dxn2, &lw.up_proj.backward(&xn2, n, &dup, &mut lg.up_proj));
+            drop(xn2);
+            let dmid = rmsnorm_backward(&lc.x_mid, h, &lw.mlp_norm.data, &lc.inv_rms2, &dxn2, &mut lg.mlp_norm.data);
+            add_inplace(&mut dx, &dmid); // residual: dx now = dL/d x_mid
+            // Attention block: x_mid = x_in + o_proj(attn(q, k, v))
+            let dattn = lw.o_proj.backward(&lc.attn.o, n, &dx, &mut lg.o_proj);
+            let ag = attention::backward_exact(&lc.q, &lc.k, &lc.v, &lc.attn, &dattn, &shape, &opts)?;
+            let (mut dq, mut dk) = (ag.dq, ag.dk);
+            cache.rope.apply_inverse(&mut dq, n, c.num_heads, c.rope_layout);
+            cache.rope.apply_inverse(&mut dk, n, c.num_kv_heads, c.rope_layout);
+            let (xn1, _) = rmsnorm_forward(&lc.x_in, h, &lw.attn_norm.data, c.rms_norm_eps);
+            let mut dxn1 = lw.q_proj.backward(&xn1, n, &dq, &mut lg.q_proj);
+            add_inplace(&mut dxn1, &lw.k_proj.backward(&xn1, n, &dk, &mut lg.k_proj));
+            add_inplace(&mut dxn1, &lw.v_proj.backward(&xn1, n, &ag.dv, &mut lg.v_proj));
+            drop(xn1);
+            let din = rmsnorm_backward(&lc.x_in, h, &lw.attn_norm.data, &lc.inv_rms1, &dxn1, &mut lg.attn_norm.data);
+            add_inplace(&mut dx, &din); // residual: dx now = dL/d x_in
+        }
+        if !cache.ids.is_empty() {
+            embedding_backward(&cache.ids, &dx, h, &mut gw.embed.data);
+        }
+        grads.embeddings = dx;
+        Ok(())
+    }
+
+    /// Forward, mean next-token cross-entropy, and full backward over `ids`:
+    /// returns `(loss, grads, cache)`.
+    ///
+    /// Errors: bad ids (see [`Model::check_ids`]), fewer than 2 tokens.
+    pub fn loss_and_grads(&self, ids: &[u32]) -> Result<(f64, Grads<T>, ForwardCache<T>)> {
+        if ids.len() < 2 {
+            return Err(Error::bad("tokens", format!("the next-token loss needs at least 2 token ids, got {}", ids.len())));
+        }
+        let cache = self.forward(ids)?;
+        let mut grads = self.zero_grads(ids.len());
+        let (loss, dhidden) = self.lm_loss(&cache, &mut grads)?;
+        self.backward_hidden_into(&cache, &dhidden, &mut grads)?;
+        Ok((loss, grads, cache))
+    }
+}

@@ -1,0 +1,1 @@
+//! JSON report types (serde) shared by `grad`, `attn`, `bench`.

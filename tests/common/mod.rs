@@ -1,0 +1,24 @@
+//! Shared helpers for integration tests: seeded random data.
+#![allow(dead_code)]
+
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// `len` standard-normal f64 values from `seed`, times `scale`.
+pub fn randn(len: usize, seed: u64, scale: f64) -> Vec<f64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| scale * StandardNormal.sample(&mut rng)).collect::<Vec<f64>>()
+}
+
+/// f64 → f32 copy.
+pub fn to_f32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|v| *v as f32).collect()
+}
+
+/// Relative Frobenius error ‖a − b‖ / ‖b‖ in f64.
+pub fn rel<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x).into() - (*y).into()).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| (*y).into().powi(2)).sum::<f64>().sqrt();
+    num / den.max(1e-300)
+}
