@@ -17,12 +17,12 @@ fn exp1(x: f32) -> f32 {
     let n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let r2 = r * r;
-    let mut p = 1.987_569_1e-4_f32;
+    let mut p = 1.987_569_2e-4_f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r2 + r + 1.0;
     // 2^n by building the exponent bits; n ∈ [-126, 128]. Split to avoid overflow at 128.
     let ni = n as i32;

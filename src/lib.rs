@@ -20,6 +20,7 @@
 //! numbers of Liang, Sha, Shi, Song, Zhou (arXiv 2408.13233 v2).
 
 pub mod attention;
+pub mod bench;
 pub mod error;
 pub(crate) mod fastmath;
 pub mod io;

@@ -157,6 +157,7 @@ pub fn linear<T: Scalar>(x: &[T], rows: usize, w: &[T], out: usize, inp: usize, 
     y
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Backward of [`linear`]: given `dy [rows, out]`, returns `dx [rows, in] = dy · W` and
 /// accumulates `dw [out, in] += dyᵀ · x` and `db [out] += Σ_rows dy`.
 pub fn linear_backward<T: Scalar>(

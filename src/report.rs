@@ -1,1 +1,79 @@
-//! JSON report types (serde) shared by `grad`, `attn`, `bench`.
+//! JSON report types (serde) shared by the CLI's subcommands. Key names are the stable contract
+//! of ARCHITECTURE.md ("`grad --json` keys").
+
+use serde::{Deserialize, Serialize};
+
+/// One attention head's decision in a `grad` run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HeadReport {
+    /// Layer index, from 0.
+    pub layer: usize,
+    /// Query head index within the layer, from 0.
+    pub head: usize,
+    /// `exact`, `poly` or `altgrad`.
+    pub method: String,
+    /// Score bound R after the row shift (MATH §3); `null` for exact heads that did not measure it.
+    pub bound: Option<f64>,
+    /// Polynomial degree g; `null` for exact heads.
+    pub degree: Option<usize>,
+    /// Feature width r = C(d+g, g); `null` for exact heads.
+    pub rank: Option<usize>,
+    /// Predicted relative error bound of this head's attention output (0 for exact).
+    pub predicted_rel_err: f64,
+}
+
+/// Wall-clock seconds of each phase.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Timing {
+    /// Forward pass (including the loss).
+    pub forward: f64,
+    /// Backward pass with the chosen attention methods.
+    pub backward: f64,
+    /// Exact backward run for `--compare`; `null` otherwise.
+    pub exact_backward: Option<f64>,
+}
+
+/// Per-layer error against the exact backward.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerCompare {
+    /// Layer index, from 0.
+    pub layer: usize,
+    /// Relative error of dL/d(layer input).
+    pub rel_err_dx: f64,
+    /// Relative error of the layer's weight gradients, concatenated.
+    pub rel_err_dw: f64,
+}
+
+/// The `--compare` section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Compare {
+    /// Loss of the exact model.
+    pub loss_exact: f64,
+    /// Exact backward time / approximate backward time.
+    pub speedup: f64,
+    /// Relative error over all parameter gradients, concatenated.
+    pub rel_err_total: f64,
+    /// Per-layer errors.
+    pub layers: Vec<LayerCompare>,
+}
+
+/// The report of `altgrad grad --json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GradReport {
+    /// Model source (path or `tiny`).
+    pub model: String,
+    /// Number of tokens.
+    pub seq_len: usize,
+    /// Number of transformer layers.
+    pub n_layers: usize,
+    /// Attention method requested (`exact`, `poly`, `altgrad`, `auto`).
+    pub attention: String,
+    /// Loss value (mean next-token cross-entropy, nats).
+    pub loss: f64,
+    /// Every head's decision.
+    pub heads: Vec<HeadReport>,
+    /// Phase timings.
+    pub timing_s: Timing,
+    /// Comparison with the exact backward, when requested.
+    pub compare: Option<Compare>,
+}

@@ -19,7 +19,9 @@ fn case(n: usize, h: usize, hkv: usize, d: usize, causal: bool, seed: u64) {
     let fwd = forward_exact(&q, &k, &v, &s, &opts).unwrap();
     let gr = backward_exact(&q, &k, &v, &fwd, &g, &s, &opts).unwrap();
     let tag = format!("n={n} h={h} hkv={hkv} d={d} causal={causal}");
-    for (name, got, want) in [("o", &fwd.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)] {
+    for (name, got, want) in
+        [("o", &fwd.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)]
+    {
         let e = rel(got, want);
         assert!(e < 1e-10, "f64 {name} {tag}: rel err {e:e}");
     }
@@ -27,7 +29,9 @@ fn case(n: usize, h: usize, hkv: usize, d: usize, causal: bool, seed: u64) {
     let (qf, kf, vf, gf) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&g));
     let fwd = forward_exact(&qf, &kf, &vf, &s, &opts).unwrap();
     let gr = backward_exact(&qf, &kf, &vf, &fwd, &gf, &s, &opts).unwrap();
-    for (name, got, want) in [("o", &fwd.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)] {
+    for (name, got, want) in
+        [("o", &fwd.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)]
+    {
         let e = rel(got, want);
         assert!(e < 1e-5, "f32 {name} {tag}: rel err {e:e}");
     }

@@ -30,6 +30,8 @@ fn mask_causal<T: Scalar>(s: &mut [T], rows: usize, cols: usize, i0: usize, j0: 
     }
 }
 
+// Scratch tiles live on the heap (clippy would put them on the stack).
+#[allow(clippy::useless_vec)]
 /// Forward of one head. `q [n, d]`, `k [n, d]`, `v [n, dv]` contiguous row-major; returns
 /// `(o [n, dv], lse [n])`.
 pub fn forward_head<T: Scalar>(
@@ -82,7 +84,14 @@ pub fn forward_head<T: Scalar>(
                     }
                 }
             }
-            matmul(rm_mut(acc, br, dv), true, rm(st, br, bc), rm(&v[j0 * dv..(j0 + bc) * dv], bc, dv), T::one(), Par::Seq);
+            matmul(
+                rm_mut(acc, br, dv),
+                true,
+                rm(st, br, bc),
+                rm(&v[j0 * dv..(j0 + bc) * dv], bc, dv),
+                T::one(),
+                Par::Seq,
+            );
             j0 += bc;
         }
         for r in 0..br {
@@ -97,6 +106,7 @@ pub fn forward_head<T: Scalar>(
     (o, lse)
 }
 
+#[allow(clippy::useless_vec)]
 /// Backward of one head. Inputs as in [`forward_head`] plus `o [n, dv]`, `lse [n]` from it and
 /// `g = dL/do [n, dv]`; returns `(dq [n, d], dk [n, d], dv [n, dv])`.
 #[allow(clippy::too_many_arguments)]
@@ -114,7 +124,8 @@ pub fn backward_head<T: Scalar>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let tau = T::from_f64(opts.scale);
     // δ_i = Σ_c G_ic O_ic
-    let delta: Vec<T> = g.chunks_exact(dv).zip(o.chunks_exact(dv)).map(|(a, b)| a.iter().zip(b).map(|(x, y)| *x * *y).sum()).collect();
+    let delta: Vec<T> =
+        g.chunks_exact(dv).zip(o.chunks_exact(dv)).map(|(a, b)| a.iter().zip(b).map(|(x, y)| *x * *y).sum()).collect();
     let mut dq = vec![T::zero(); n * d];
     let mut dk = vec![T::zero(); n * d];
     let mut dvv = vec![T::zero(); n * dv];

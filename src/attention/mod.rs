@@ -44,7 +44,7 @@ impl AttnShape {
         if s.seq_len == 0 || s.num_heads == 0 || s.num_kv_heads == 0 || s.head_dim == 0 || s.head_dim_v == 0 {
             return Err(Error::bad("attention shape", format!("every size must be positive, got {s:?}")));
         }
-        if s.num_heads % s.num_kv_heads != 0 {
+        if !s.num_heads.is_multiple_of(s.num_kv_heads) {
             return Err(Error::bad(
                 "attention shape",
                 format!("num_heads ({}) is not a multiple of num_kv_heads ({})", s.num_heads, s.num_kv_heads),

@@ -3,6 +3,7 @@
 //! Direct transcriptions of MATH §1–2: `S = τ Q Kᵀ`, mask, `P = softmax(S)`, `O = P V`, and the
 //! textbook backward `dV = Pᵀ G`, `dP = G Vᵀ`, `dS = P ∘ (dP − rowsum(dP ∘ P))`, `dQ = τ dS K`,
 //! `dK = τ dSᵀ Q`, one head at a time with GQA head mapping.
+#![allow(clippy::needless_range_loop)]
 
 use super::AttnShape;
 

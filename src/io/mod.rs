@@ -1,1 +1,22 @@
 //! Files in and out: HF model directories, token files, safetensors output.
+//!
+//! - [`load_hf_llama`] / [`save_hf_llama`]: an HF Llama directory (`config.json` +
+//!   `model.safetensors`, or a sharded `model.safetensors.index.json` + shards) to and from
+//!   [`crate::model::LlamaConfig`] + [`crate::model::LlamaWeights`]; [`read_hf_llama_config`]
+//!   reads the config alone.
+//! - [`read_tokens`]: a text file of whitespace-separated token ids.
+//! - [`read_safetensors`] / [`write_safetensors`]: named tensors for the CLI (`attn` inputs,
+//!   gradients, hidden states); writes are atomic (temporary file, fsync, rename), as is
+//!   [`write_file_atomic`].
+//! - [`check_finite`]: the finiteness check applied to every loaded tensor.
+//!
+//! Every error names the file (and the tensor or token at fault) and is a
+//! [`crate::Error::BadInput`] or [`crate::Error::Io`]; hostile or truncated files never panic.
+
+mod hf;
+mod tensors;
+mod tokens;
+
+pub use hf::{load_hf_llama, read_hf_llama_config, save_hf_llama};
+pub use tensors::{check_finite, read_safetensors, write_file_atomic, write_safetensors, TensorF64};
+pub use tokens::read_tokens;

@@ -57,7 +57,7 @@ pub fn embedding_backward<T: Scalar>(ids: &[u32], dx: &[T], hidden: usize, dtabl
 /// squares and the reciprocal square root are computed in f64, then `inv_rms` is rounded to `T`;
 /// `inv_rms` is what [`rmsnorm_backward`] needs besides `x` and `w`.
 pub fn rmsnorm_forward<T: Scalar>(x: &[T], dim: usize, w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
-    assert!(dim > 0 && x.len() % dim == 0, "rmsnorm_forward: x must be [rows, dim]");
+    assert!(dim > 0 && x.len().is_multiple_of(dim), "rmsnorm_forward: x must be [rows, dim]");
     assert_eq!(w.len(), dim, "rmsnorm_forward: w must be [dim]");
     let rows = x.len() / dim;
     let mut y = vec![T::zero(); x.len()];
@@ -88,7 +88,7 @@ pub fn rmsnorm_forward<T: Scalar>(x: &[T], dim: usize, w: &[T], eps: f64) -> (Ve
 /// Shapes: `x, dy [rows, dim]`, `w, dw [dim]`, `inv_rms [rows]` (from the forward). The row sums
 /// and the `dw` sums over rows are accumulated in f64.
 pub fn rmsnorm_backward<T: Scalar>(x: &[T], dim: usize, w: &[T], inv_rms: &[T], dy: &[T], dw: &mut [T]) -> Vec<T> {
-    assert!(dim > 0 && x.len() % dim == 0, "rmsnorm_backward: x must be [rows, dim]");
+    assert!(dim > 0 && x.len().is_multiple_of(dim), "rmsnorm_backward: x must be [rows, dim]");
     let rows = x.len() / dim;
     assert_eq!(w.len(), dim, "rmsnorm_backward: w must be [dim]");
     assert_eq!(dw.len(), dim, "rmsnorm_backward: dw must be [dim]");
@@ -96,7 +96,7 @@ pub fn rmsnorm_backward<T: Scalar>(x: &[T], dim: usize, w: &[T], inv_rms: &[T], 
     assert_eq!(dy.len(), x.len(), "rmsnorm_backward: dy must be [rows, dim]");
     let mut dx = vec![T::zero(); x.len()];
     // One block of rows: writes its dx rows, returns its partial dw in f64.
-    let block = |(dxb, (ib, (xb, dyb))): (&mut [T], (&[T], (&[T], &[T])))| -> Vec<f64> {
+    let block = |dxb: &mut [T], ib: &[T], xb: &[T], dyb: &[T]| -> Vec<f64> {
         let mut dwp = vec![0.0f64; dim];
         for (((dxr, &ir), xr), dyr) in
             dxb.chunks_exact_mut(dim).zip(ib).zip(xb.chunks_exact(dim)).zip(dyb.chunks_exact(dim))
@@ -120,10 +120,10 @@ pub fn rmsnorm_backward<T: Scalar>(x: &[T], dim: usize, w: &[T], inv_rms: &[T], 
         let br = block_rows(dim);
         dx.par_chunks_mut(br * dim)
             .zip(inv_rms.par_chunks(br).zip(x.par_chunks(br * dim).zip(dy.par_chunks(br * dim))))
-            .map(block)
+            .map(|(dxb, (ib, (xb, dyb)))| block(dxb, ib, xb, dyb))
             .collect()
     } else {
-        vec![block((&mut dx[..], (inv_rms, (x, dy))))]
+        vec![block(&mut dx[..], inv_rms, x, dy)]
     };
     // Sum the blocks in order (deterministic), then add to dw once.
     let mut total = vec![0.0f64; dim];
@@ -162,7 +162,10 @@ impl<T: Scalar> Rope<T> {
     /// Tables for positions `0..seq_len` and heads of width `head_dim` (even, > 0) with base
     /// `theta` (Llama: 10000; `rope_theta` in HF configs).
     pub fn new(seq_len: usize, head_dim: usize, theta: f64) -> Self {
-        assert!(head_dim > 0 && head_dim % 2 == 0, "Rope::new: head_dim ({head_dim}) must be even and positive");
+        assert!(
+            head_dim > 0 && head_dim.is_multiple_of(2),
+            "Rope::new: head_dim ({head_dim}) must be even and positive"
+        );
         let half = head_dim / 2;
         let inv_freq: Vec<f64> = (0..half).map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64)).collect();
         let mut cos = Vec::with_capacity(seq_len * half);
@@ -277,7 +280,7 @@ pub fn swiglu_backward<T: Scalar>(gate: &[T], up: &[T], dh: &[T]) -> (Vec<T>, Ve
     assert_eq!(gate.len(), dh.len(), "swiglu_backward: dh must have the shape of gate");
     let mut dgate = vec![T::zero(); gate.len()];
     let mut dup = vec![T::zero(); gate.len()];
-    let block = |((dgb, dub), (gb, (ub, hb))): ((&mut [T], &mut [T]), (&[T], (&[T], &[T])))| {
+    let block = |dgb: &mut [T], dub: &mut [T], gb: &[T], ub: &[T], hb: &[T]| {
         for ((dg, du), (&g, (&u, &d))) in dgb.iter_mut().zip(dub.iter_mut()).zip(gb.iter().zip(ub.iter().zip(hb))) {
             let s = sigmoid(g);
             *du = d * g * s;
@@ -290,9 +293,9 @@ pub fn swiglu_backward<T: Scalar>(gate: &[T], up: &[T], dh: &[T]) -> (Vec<T>, Ve
             .par_chunks_mut(b)
             .zip(dup.par_chunks_mut(b))
             .zip(gate.par_chunks(b).zip(up.par_chunks(b).zip(dh.par_chunks(b))))
-            .for_each(block);
+            .for_each(|((dgb, dub), (gb, (ub, hb)))| block(dgb, dub, gb, ub, hb));
     } else {
-        block(((&mut dgate[..], &mut dup[..]), (gate, (up, dh))));
+        block(&mut dgate[..], &mut dup[..], gate, up, dh);
     }
     (dgate, dup)
 }
@@ -454,11 +457,11 @@ mod tests {
         let mut dw = vec![0.0; dim];
         let dx = rmsnorm_backward(&x, dim, &w, &inv, &dy, &mut dw);
         let mut dw_ref = vec![0.0; dim];
-        for r in 0..rows {
+        for (r, &inv_r) in inv.iter().enumerate() {
             let s = r * dim..(r + 1) * dim;
             let (yr, ir) = rmsnorm_forward(&x[s.clone()], dim, &w, eps);
             assert_eq!(&y[s.clone()], &yr[..]);
-            assert_eq!(inv[r], ir[0]);
+            assert_eq!(inv_r, ir[0]);
             let dxr = rmsnorm_backward(&x[s.clone()], dim, &w, &ir, &dy[s.clone()], &mut dw_ref);
             assert_eq!(&dx[s], &dxr[..]);
         }

@@ -31,7 +31,7 @@ pub fn lm_cross_entropy<T: Scalar>(
     chunk: usize,
     dhead: &mut [T],
 ) -> (f64, Vec<T>) {
-    assert!(dim > 0 && hidden.len() % dim == 0, "lm_cross_entropy: hidden must be [n, dim]");
+    assert!(dim > 0 && hidden.len().is_multiple_of(dim), "lm_cross_entropy: hidden must be [n, dim]");
     assert!(vocab > 0, "lm_cross_entropy: vocab must be positive");
     assert_eq!(head.len(), vocab * dim, "lm_cross_entropy: head must be [vocab, dim]");
     assert_eq!(dhead.len(), vocab * dim, "lm_cross_entropy: dhead must be [vocab, dim]");
@@ -101,7 +101,7 @@ pub fn lm_cross_entropy<T: Scalar>(
 /// Shapes: `hidden [n, dim]`, `head [vocab, dim]`; returns `[n, vocab]` (materialized: callers
 /// with large `n · vocab` pass a row range of `hidden`). Used by tests and for evaluation.
 pub fn lm_logits<T: Scalar>(hidden: &[T], dim: usize, head: &[T], vocab: usize) -> Vec<T> {
-    assert!(dim > 0 && hidden.len() % dim == 0, "lm_logits: hidden must be [n, dim]");
+    assert!(dim > 0 && hidden.len().is_multiple_of(dim), "lm_logits: hidden must be [n, dim]");
     assert_eq!(head.len(), vocab * dim, "lm_logits: head must be [vocab, dim]");
     let n = hidden.len() / dim;
     let mut out = vec![T::zero(); n * vocab];

@@ -118,7 +118,10 @@ impl<T: Scalar> Model<T> {
             ));
         }
         if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| **t as usize >= self.cfg.vocab_size) {
-            return Err(Error::bad(input, format!("token id {t} at position {i} is ≥ vocab_size {}", self.cfg.vocab_size)));
+            return Err(Error::bad(
+                input,
+                format!("token id {t} at position {i} is ≥ vocab_size {}", self.cfg.vocab_size),
+            ));
         }
         Ok(())
     }
@@ -259,8 +262,14 @@ impl<T: Scalar> Model<T> {
         let shape = self.attn_shape(n);
         let opts = self.attn_opts();
         let gw = &mut grads.weights;
-        let mut dx =
-            rmsnorm_backward(&cache.x_final, h, &self.weights.final_norm.data, &cache.inv_rms_final, dhidden, &mut gw.final_norm.data);
+        let mut dx = rmsnorm_backward(
+            &cache.x_final,
+            h,
+            &self.weights.final_norm.data,
+            &cache.inv_rms_final,
+            dhidden,
+            &mut gw.final_norm.data,
+        );
         for (l, (lw, lc)) in self.weights.layers.iter().zip(&cache.layers).enumerate().rev() {
             let lg = &mut gw.layers[l];
             // MLP block: x_out = x_mid + down(swiglu(gate(n2), up(n2)))
@@ -274,7 +283,7 @@ impl<T: Scalar> Model<T> {
             drop(xn2);
             let dmid = rmsnorm_backward(&lc.x_mid, h, &lw.mlp_norm.data, &lc.inv_rms2, &dxn2, &mut lg.mlp_norm.data);
             add_inplace(&mut dx, &dmid); // residual: dx now = dL/d x_mid
-            // Attention block: x_mid = x_in + o_proj(attn(q, k, v))
+                                         // Attention block: x_mid = x_in + o_proj(attn(q, k, v))
             let dattn = lw.o_proj.backward(&lc.attn.o, n, &dx, &mut lg.o_proj);
             let ag = attention::backward_exact(&lc.q, &lc.k, &lc.v, &lc.attn, &dattn, &shape, &opts)?;
             let (mut dq, mut dk) = (ag.dq, ag.dk);
@@ -301,7 +310,10 @@ impl<T: Scalar> Model<T> {
     /// Errors: bad ids (see [`Model::check_ids`]), fewer than 2 tokens.
     pub fn loss_and_grads(&self, ids: &[u32]) -> Result<(f64, Grads<T>, ForwardCache<T>)> {
         if ids.len() < 2 {
-            return Err(Error::bad("tokens", format!("the next-token loss needs at least 2 token ids, got {}", ids.len())));
+            return Err(Error::bad(
+                "tokens",
+                format!("the next-token loss needs at least 2 token ids, got {}", ids.len()),
+            ));
         }
         let cache = self.forward(ids)?;
         let mut grads = self.zero_grads(ids.len());

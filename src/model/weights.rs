@@ -52,7 +52,14 @@ impl<T: Scalar> Linear<T> {
     }
     /// Applies the layer to `x [rows, in]`, returning `[rows, out]`.
     pub fn forward(&self, x: &[T], rows: usize) -> Vec<T> {
-        crate::linalg::linear(x, rows, &self.weight.data, self.out_dim(), self.in_dim(), self.bias.as_ref().map(|b| &b.data[..]))
+        crate::linalg::linear(
+            x,
+            rows,
+            &self.weight.data,
+            self.out_dim(),
+            self.in_dim(),
+            self.bias.as_ref().map(|b| &b.data[..]),
+        )
     }
     /// Backward: returns `dx [rows, in]`, accumulates into `grad`'s weight and bias.
     pub fn backward(&self, x: &[T], rows: usize, dy: &[T], grad: &mut Linear<T>) -> Vec<T> {

@@ -1,0 +1,144 @@
+//! The whole model's gradient by central finite differences in f64 (every parameter and the input
+//! embeddings), for several configurations, and the general-loss entry points.
+
+mod common;
+use altgrad::model::loss::lm_logits;
+use altgrad::model::{LlamaConfig, LlamaWeights, Model, RopeLayout};
+use common::{randn, rel};
+
+fn small_cfg(layout: RopeLayout, tied: bool, bias: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 13,
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_layout: layout,
+        max_seq_len: 64,
+        tie_word_embeddings: tied,
+        attention_bias: bias,
+        mlp_bias: bias,
+    }
+}
+
+fn model(cfg: LlamaConfig, seed: u64) -> Model<f64> {
+    let mut w = LlamaWeights::<f64>::random_hf(&cfg, seed);
+    // larger weights: peaked attention, non-trivial gradients everywhere
+    for p in w.params_mut() {
+        if !p.name.ends_with("norm.weight") {
+            for x in p.data.iter_mut() {
+                *x *= 2.0;
+            }
+        }
+    }
+    Model::new(cfg, w, "test").unwrap()
+}
+
+/// Central differences of `f` at every entry of every parameter, in the order of `params()`.
+fn fd_all(m: &Model<f64>, f: &dyn Fn(&Model<f64>) -> f64) -> Vec<Vec<f64>> {
+    let eps = 1e-5;
+    let mut out = Vec::new();
+    let np = m.weights.params().len();
+    for pi in 0..np {
+        let len = m.weights.params()[pi].data.len();
+        let mut g = vec![0.0; len];
+        for (i, gi) in g.iter_mut().enumerate() {
+            let mut mp = m.clone();
+            mp.weights.params_mut()[pi].data[i] += eps;
+            let mut mm = m.clone();
+            mm.weights.params_mut()[pi].data[i] -= eps;
+            *gi = (f(&mp) - f(&mm)) / (2.0 * eps);
+        }
+        out.push(g);
+    }
+    out
+}
+
+fn check_ce_gradients(cfg: LlamaConfig, seed: u64) {
+    let m = model(cfg, seed);
+    let ids: Vec<u32> = vec![3, 7, 1, 12, 0, 7, 5];
+    let (_, grads, _) = m.loss_and_grads(&ids).unwrap();
+    let loss = |mm: &Model<f64>| mm.loss_and_grads(&ids).unwrap().0;
+    let fd = fd_all(&m, &loss);
+    for (p, g) in grads.weights.params().iter().zip(&fd) {
+        let e = rel(&p.data, g);
+        assert!(e < 1e-7, "{}: rel err {e:e} against finite differences", p.name);
+    }
+}
+
+#[test]
+fn cross_entropy_gradient_matches_finite_differences_rotate_half_gqa() {
+    check_ce_gradients(small_cfg(RopeLayout::RotateHalf, false, false), 1);
+}
+
+#[test]
+fn cross_entropy_gradient_matches_finite_differences_interleaved_tied_bias() {
+    check_ce_gradients(small_cfg(RopeLayout::Interleaved, true, true), 2);
+}
+
+#[test]
+fn general_loss_entry_points_match_finite_differences() {
+    let cfg = small_cfg(RopeLayout::RotateHalf, false, true);
+    let m = model(cfg.clone(), 3);
+    let n = 6;
+    let h = cfg.hidden_size;
+    let x0 = randn(n * h, 11, 1.0);
+    // dL/d hidden with L = Σ r ∘ hidden
+    let r = randn(n * h, 12, 1.0);
+    let cache = m.forward_embeddings(x0.clone(), n).unwrap();
+    let grads = m.backward_from_hidden(&cache, &r).unwrap();
+    let eps = 1e-5;
+    let l_hidden = |x: &[f64]| -> f64 {
+        let c = m.forward_embeddings(x.to_vec(), n).unwrap();
+        c.hidden.iter().zip(&r).map(|(a, b)| a * b).sum()
+    };
+    let fd: Vec<f64> = (0..x0.len())
+        .map(|i| {
+            let (mut xp, mut xm) = (x0.clone(), x0.clone());
+            xp[i] += eps;
+            xm[i] -= eps;
+            (l_hidden(&xp) - l_hidden(&xm)) / (2.0 * eps)
+        })
+        .collect();
+    let e = rel(&grads.embeddings, &fd);
+    assert!(e < 1e-7, "dL/d embeddings via hidden: {e:e}");
+    assert!(grads.weights.lm_head.as_ref().unwrap().weight.data.iter().all(|x| *x == 0.0));
+
+    // dL/d logits with L = Σ r ∘ logits: every parameter
+    let rl = randn(n * cfg.vocab_size, 13, 1.0);
+    let grads = m.backward_from_logits(&cache, &rl).unwrap();
+    let l_logits = |mm: &Model<f64>| -> f64 {
+        let c = mm.forward_embeddings(x0.clone(), n).unwrap();
+        let hw = mm.weights.head_weight();
+        lm_logits(&c.hidden, h, &hw.data, cfg.vocab_size).iter().zip(&rl).map(|(a, b)| a * b).sum()
+    };
+    let fd = fd_all(&m, &l_logits);
+    for (p, g) in grads.weights.params().iter().zip(&fd) {
+        if p.name == "model.embed_tokens.weight" {
+            // forward from embeddings: the table is unused
+            assert!(p.data.iter().all(|x| *x == 0.0));
+            continue;
+        }
+        let e = rel(&p.data, g);
+        assert!(e < 1e-7, "{}: rel err {e:e}", p.name);
+    }
+}
+
+#[test]
+fn bad_token_ids_are_rejected_with_a_clear_message() {
+    let m = model(small_cfg(RopeLayout::RotateHalf, false, false), 4);
+    let err = m.loss_and_grads(&[1, 2, 13]).unwrap_err().to_string();
+    assert!(err.contains("token id 13 at position 2") && err.contains("vocab_size 13"), "{err}");
+    let err = m.loss_and_grads(&[1]).unwrap_err().to_string();
+    assert!(err.contains("at least 2"), "{err}");
+    let err = m.loss_and_grads(&vec![1; 65]).unwrap_err().to_string();
+    assert!(err.contains("maximum sequence length 64"), "{err}");
+    let mut w = m.weights.clone();
+    w.layers[1].q_proj.weight.data[5] = f64::NAN;
+    let err = Model::new(m.cfg.clone(), w, "nan-model").unwrap_err().to_string();
+    assert!(err.contains("model.layers.1.self_attn.q_proj.weight") && err.contains("index 5"), "{err}");
+}
