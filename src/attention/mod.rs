@@ -6,7 +6,10 @@
 //! reads key/value head `h / (num_heads / num_kv_heads)` (GQA). Heads run in parallel (rayon);
 //! each head's kernel is sequential.
 
+pub mod bound;
 pub mod exact;
+pub mod features;
+pub mod poly;
 #[doc(hidden)]
 pub mod naive;
 

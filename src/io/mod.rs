@@ -13,7 +13,9 @@
 //! Every error names the file (and the tensor or token at fault) and is a
 //! [`crate::Error::BadInput`] or [`crate::Error::Io`]; hostile or truncated files never panic.
 
+pub mod gguf;
 mod hf;
+pub mod tokenizer;
 mod tensors;
 mod tokens;
 

@@ -3,6 +3,7 @@
 //! Every non-attention part (embedding, RMSNorm, RoPE, linear, SwiGLU, residual adds, LM head,
 //! loss) is differentiated exactly; attention goes through [`crate::attention`].
 
+pub mod bert;
 pub mod config;
 pub mod layers;
 pub mod loss;
