@@ -1,0 +1,182 @@
+//! The command line as a user meets it: outputs, JSON keys, exit codes, and error messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn altgrad(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_altgrad")).args(args).output().expect("run altgrad")
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("altgrad-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fixture(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p).display().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn default_run_prints_a_summary() {
+    let o = altgrad(&["grad", "--seq-len", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for key in ["loss", "forward", "backward", "tokens/s"] {
+        assert!(out.contains(key), "missing {key} in:\n{out}");
+    }
+}
+
+#[test]
+fn grad_json_and_outputs_follow_the_contract() {
+    let d = tmpdir("json");
+    let (out, hid, json) = (d.join("g.safetensors"), d.join("h.safetensors"), d.join("r.json"));
+    let o = altgrad(&[
+        "grad",
+        "--model",
+        &fixture("llama_tiny"),
+        "--tokens",
+        &fixture("llama_tiny/tokens.txt"),
+        "--dtype",
+        "f64",
+        "--out",
+        out.to_str().unwrap(),
+        "--hidden-out",
+        hid.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for k in ["model", "seq_len", "n_layers", "attention", "loss", "heads", "timing_s", "compare"] {
+        assert!(v.get(k).is_some(), "json lacks {k}: {v}");
+    }
+    assert_eq!(v["seq_len"], 24);
+    assert_eq!(v["heads"].as_array().unwrap().len(), 2 * 4);
+    for k in ["layer", "head", "method", "bound", "degree", "rank", "predicted_rel_err"] {
+        assert!(v["heads"][0].get(k).is_some(), "head lacks {k}");
+    }
+    for k in ["forward", "backward", "exact_backward"] {
+        assert!(v["timing_s"].get(k).is_some(), "timing_s lacks {k}");
+    }
+    // the loss and gradients written equal the transformers reference
+    let exp = altgrad::io::read_safetensors(Path::new(&fixture("llama_tiny/expected.safetensors"))).unwrap();
+    let get = |ts: &[altgrad::io::TensorF64], n: &str| ts.iter().find(|t| t.name == n).unwrap().clone();
+    let want_loss = get(&exp, "loss").data[0];
+    assert!((v["loss"].as_f64().unwrap() - want_loss).abs() < 1e-9);
+    let grads = altgrad::io::read_safetensors(&out).unwrap();
+    assert_eq!(grads.len(), exp.iter().filter(|t| t.name.starts_with("grad.")).count() + 1);
+    for g in &grads {
+        let want = if g.name == "embeddings_grad" { get(&exp, "embeddings_grad") } else { get(&exp, &format!("grad.{}", g.name)) };
+        assert_eq!(g.shape, want.shape, "{}", g.name);
+        assert_eq!(g.dtype, "F64");
+        let err: f64 = g.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-9, "{}: max abs err {err}", g.name);
+    }
+    let h = altgrad::io::read_safetensors(&hid).unwrap();
+    assert_eq!(h[0].name, "hidden");
+    assert_eq!(h[0].shape, vec![24, 32]);
+}
+
+#[test]
+fn json_to_stdout_is_pure_json() {
+    let o = altgrad(&["grad", "--seq-len", "16", "--json", "-"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    assert_eq!(v["model"], "tiny");
+    assert_eq!(v["seq_len"], 16);
+}
+
+#[test]
+fn attn_exact_matches_pytorch_through_the_cli() {
+    let d = tmpdir("attn");
+    let out = d.join("o.safetensors");
+    let o = altgrad(&[
+        "attn",
+        "--input",
+        &fixture("attention/input.safetensors"),
+        "--out",
+        out.to_str().unwrap(),
+        "--attention",
+        "exact",
+        "--causal",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = altgrad::io::read_safetensors(&out).unwrap();
+    let exp = altgrad::io::read_safetensors(Path::new(&fixture("attention/expected.safetensors"))).unwrap();
+    for name in ["o", "dq", "dk", "dv"] {
+        let g = got.iter().find(|t| t.name == name).unwrap();
+        let w = exp.iter().find(|t| t.name == format!("{name}_causal")).unwrap();
+        assert_eq!(g.shape, w.shape);
+        assert_eq!(g.dtype, "F64", "output keeps the input dtype");
+        let err: f64 = g.data.iter().zip(&w.data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-12, "{name}: {err}");
+    }
+}
+
+fn assert_user_error(args: &[&str], needle: &str) {
+    let o = altgrad(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "args {args:?}: expected exit 2, got {:?}; stderr: {err}", o.status);
+    assert!(err.contains(needle), "args {args:?}: stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+}
+
+#[test]
+fn bad_input_gives_exit_2_and_names_the_input() {
+    let d = tmpdir("bad");
+    let toks = d.join("t.txt");
+    std::fs::write(&toks, "1 2 99999").unwrap();
+    let t = toks.to_str().unwrap();
+    assert_user_error(&["grad", "--tokens", t], "token id 99999 at position 2");
+    std::fs::write(&toks, "").unwrap();
+    assert_user_error(&["grad", "--tokens", t], "t.txt");
+    std::fs::write(&toks, "5").unwrap();
+    assert_user_error(&["grad", "--tokens", t], "at least 2");
+    assert_user_error(&["grad", "--model", "/nonexistent/model"], "/nonexistent/model");
+    assert_user_error(&["grad", "--tokens", "/nonexistent/tokens.txt"], "/nonexistent/tokens.txt");
+    assert_user_error(&["grad", "--seq-len", "0"], "--seq-len");
+    assert_user_error(&["grad", "--threads", "0"], "--threads");
+    assert_user_error(&["grad", "--attention", "bogus"], "bogus");
+    // broken model directory
+    let m = d.join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(m.join("config.json"), "{ not json").unwrap();
+    assert_user_error(&["grad", "--model", m.to_str().unwrap()], "config.json");
+    // attn: missing tensor, NaN, wrong rank
+    let inp = d.join("in.safetensors");
+    let q = vec![0.5f32; 2 * 3 * 2 * 4];
+    altgrad::io::write_safetensors(&inp, &[("q".to_string(), vec![2, 3, 2, 4], q.clone())]).unwrap();
+    let out = d.join("out.safetensors");
+    assert_user_error(&["attn", "--input", inp.to_str().unwrap(), "--out", out.to_str().unwrap()], "missing tensor `k`");
+    let mut qn = q.clone();
+    qn[3] = f32::NAN;
+    altgrad::io::write_safetensors(
+        &inp,
+        &[
+            ("q".to_string(), vec![2, 3, 2, 4], qn),
+            ("k".to_string(), vec![2, 3, 2, 4], q.clone()),
+            ("v".to_string(), vec![2, 3, 2, 4], q.clone()),
+        ],
+    )
+    .unwrap();
+    assert_user_error(&["attn", "--input", inp.to_str().unwrap(), "--out", out.to_str().unwrap()], "non-finite");
+    assert!(!out.exists(), "nothing written on error");
+}
+
+#[test]
+fn existing_output_survives_a_failed_run() {
+    let d = tmpdir("keep");
+    let out = d.join("g.safetensors");
+    std::fs::write(&out, b"previous results").unwrap();
+    let toks = d.join("t.txt");
+    std::fs::write(&toks, "1 2 99999").unwrap();
+    let o = altgrad(&["grad", "--tokens", toks.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous results");
+}
