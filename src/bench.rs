@@ -81,3 +81,12 @@ pub fn time_exact(n: usize, head_dim: usize, num_heads: usize, causal: bool, rep
     let flops = exact_attention_flops(&s, causal);
     ExactRun { n, head_dim, num_heads, causal, fwd_s, bwd_s, flops, gflops: flops / (fwd_s + bwd_s) / 1e9 }
 }
+
+/// Peak resident set size of this process so far, in bytes (`VmHWM` from `/proc/self/status`);
+/// `None` where that file does not exist.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

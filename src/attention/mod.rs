@@ -235,3 +235,234 @@ pub(crate) fn combine_grads<T: Scalar>(per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)>, 
         dv: scatter_heads(&dvs, n, s.head_dim_v),
     }
 }
+
+pub use bound::{Method, Policy};
+pub use poly::{PolyOptions, PolyOutput};
+
+/// One key/value head's inputs for the polynomial kernels: contiguous `k [n, d]`, `v [n, dv]`,
+/// and the key means `kbar` of [`bound::key_means`] (`[1, d]` or `[n, d]` causal).
+struct PolyKv<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    kbar: Vec<T>,
+}
+
+fn poly_kv<T: Scalar>(k: &[T], v: &[T], s: &AttnShape, causal: bool) -> Vec<PolyKv<T>> {
+    let n = s.seq_len;
+    (0..s.num_kv_heads)
+        .into_par_iter()
+        .map(|h| {
+            let k = gather_head(k, n, s.num_kv_heads, s.head_dim, h);
+            let v = gather_head(v, n, s.num_kv_heads, s.head_dim_v, h);
+            let kbar = bound::key_means(&k, n, s.head_dim, causal);
+            PolyKv { k, v, kbar }
+        })
+        .collect()
+}
+
+/// Row shifts of one query head: `m_i = τ q_i·k̄_i` when centering, else zeros.
+fn poly_shift<T: Scalar>(qh: &[T], kv: &PolyKv<T>, s: &AttnShape, opts: &AttnOptions, center: bool) -> Vec<T> {
+    if center {
+        bound::row_shift(qh, &kv.kbar, s.seq_len, s.head_dim, opts.scale)
+    } else {
+        vec![T::zero(); s.seq_len]
+    }
+}
+
+/// Polynomial attention, forward (MATH §3–4; AS23 Lemma 3.4, LSSSZ Lemma I.3): the softmax
+/// weights `exp(s_ij)` are replaced by `T_g(s_ij − m_i)` (degree `popts.degree`, row shift
+/// `m_i = τ q_i·k̄_i` when `popts.center`). O(n·r·d_v) time and O(C·r + r·d_v) extra memory per
+/// head with `r = C(d+g, g)`; heads in parallel, each sequential. Shapes as [`forward_exact`].
+///
+/// Returns a [`PolyOutput`]: `o`, `lse = m_i + ln den_i`, the denominators and (non-causal) each
+/// key/value head's state `H' = Φ_Kᵀ [V 1]`, which [`backward_poly`] reuses.
+///
+/// Errors: [`Error::BadInput`] on length/shape mismatches, a non-positive scale, an odd or zero
+/// degree ("degree must be even: …"), a zero chunk, or a feature width above
+/// [`features::MAX_FEATURE_DIM`].
+pub fn forward_poly<T: Scalar>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    popts: &PolyOptions,
+) -> Result<PolyOutput<T>> {
+    check_inputs(q, k, v, shape, opts)?;
+    popts.validate()?;
+    let s = *shape;
+    let n = s.seq_len;
+    let fm = features::FeatureMap::<T>::new(s.head_dim, popts.degree)?;
+    let head = poly::Head {
+        fm: &fm,
+        n,
+        dv: s.head_dim_v,
+        scale: opts.scale,
+        center: popts.center,
+        chunk: popts.chunk,
+    };
+    let kvs = poly_kv(k, v, &s, opts.causal);
+    let kv_state: Vec<Vec<T>> = if opts.causal {
+        Vec::new()
+    } else {
+        kvs.par_iter().map(|kv| head.kv_state(&kv.k, &kv.v)).collect()
+    };
+    let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
+        .into_par_iter()
+        .map(|h| {
+            let kvh = h / s.group();
+            let kv = &kvs[kvh];
+            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
+            let m = poly_shift(&qh, kv, &s, opts, popts.center);
+            let (o, den) = if opts.causal {
+                head.forward_causal(&qh, &kv.k, &kv.v, &m)
+            } else {
+                head.forward_queries(&qh, &m, &kv_state[kvh])
+            };
+            let lse = m.iter().zip(&den).map(|(mi, di)| *mi + di.ln()).collect();
+            (o, lse, den)
+        })
+        .collect();
+    let mut os = Vec::with_capacity(s.num_heads);
+    let (mut lse, mut den) = (Vec::with_capacity(n * s.num_heads), Vec::with_capacity(n * s.num_heads));
+    for (o, l, d) in per_head {
+        os.push(o);
+        lse.extend_from_slice(&l);
+        den.extend_from_slice(&d);
+    }
+    Ok(PolyOutput { o: scatter_heads(&os, n, s.head_dim_v), lse, den, kv_state })
+}
+
+/// Polynomial attention, backward: the exact gradient of [`forward_poly`]'s function (MATH §4),
+/// including the chain rule through the row shift `m_i` (which depends on `q_i` and the keys).
+/// `fwd` must come from [`forward_poly`] with the same inputs, shape, options and `popts`;
+/// `dout = dL/do [seq_len, num_heads, head_dim_v]`. Non-causal: per query head `dΨ`, `dQ` and
+/// `dH'`; then per key/value head `dK`, `dV` from the group's summed `dH'` (the state is shared
+/// by a GQA group). Causal: per query head a forward scan (`dQ`, intra-chunk terms) and a reverse
+/// scan (`dK`, `dV`), summed over each group.
+///
+/// Errors: [`Error::BadInput`] as [`forward_poly`], or when `fwd`/`dout` do not match the shape
+/// (including a state of the wrong size, e.g. from a different degree).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_poly<T: Scalar>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    fwd: &PolyOutput<T>,
+    dout: &[T],
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    popts: &PolyOptions,
+) -> Result<AttnGrads<T>> {
+    check_inputs(q, k, v, shape, opts)?;
+    popts.validate()?;
+    let s = *shape;
+    let n = s.seq_len;
+    s.check_len("o", &fwd.o, s.num_heads, s.head_dim_v)?;
+    s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
+    for (name, x) in [("lse", &fwd.lse), ("den", &fwd.den)] {
+        if x.len() != s.num_heads * n {
+            return Err(Error::bad(name, format!("expected {} values ([num_heads, seq_len])", s.num_heads * n)));
+        }
+    }
+    let fm = features::FeatureMap::<T>::new(s.head_dim, popts.degree)?;
+    let state_len = fm.dim() * (s.head_dim_v + 1);
+    if !opts.causal && (fwd.kv_state.len() != s.num_kv_heads || fwd.kv_state.iter().any(|x| x.len() != state_len)) {
+        return Err(Error::bad(
+            "fwd",
+            "key/value state does not match this shape and degree: pass the output of forward_poly called with \
+             the same shape, options and PolyOptions",
+        ));
+    }
+    let head = poly::Head {
+        fm: &fm,
+        n,
+        dv: s.head_dim_v,
+        scale: opts.scale,
+        center: popts.center,
+        chunk: popts.chunk,
+    };
+    let kvs = poly_kv(k, v, &s, opts.causal);
+    let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
+        .into_par_iter()
+        .map(|h| {
+            let kvh = h / s.group();
+            let kv = &kvs[kvh];
+            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
+            let oh = gather_head(&fwd.o, n, s.num_heads, s.head_dim_v, h);
+            let gh = gather_head(dout, n, s.num_heads, s.head_dim_v, h);
+            let den = &fwd.den[h * n..(h + 1) * n];
+            let m = poly_shift(&qh, kv, &s, opts, popts.center);
+            if opts.causal {
+                head.backward_causal(&qh, &kv.k, &kv.v, &oh, den, &gh, &m, &kv.kbar)
+            } else {
+                let (dq, dstate, dkbar) =
+                    head.backward_queries(&qh, &oh, den, &gh, &m, &kv.kbar, &fwd.kv_state[kvh]);
+                let dkbar = dkbar.into_iter().map(T::from_f64).collect();
+                (dq, dstate, dkbar)
+            }
+        })
+        .collect();
+    if opts.causal {
+        return Ok(combine_grads(per_head, &s));
+    }
+    // Non-causal: sum each group's dH' and dk̄, then one key-side pass per key/value head.
+    let g = s.group();
+    let mut dqs = Vec::with_capacity(s.num_heads);
+    let mut sums: Vec<(Vec<T>, Vec<f64>)> = Vec::with_capacity(s.num_kv_heads);
+    for (h, (dq, dstate, dkbar)) in per_head.into_iter().enumerate() {
+        dqs.push(dq);
+        let dkbar: Vec<f64> = dkbar.iter().map(|x| x.as_f64()).collect();
+        if h % g == 0 {
+            sums.push((dstate, dkbar));
+        } else {
+            let (ds, dk) = sums.last_mut().expect("group leader pushed first");
+            for (a, b) in ds.iter_mut().zip(&dstate) {
+                *a += *b;
+            }
+            for (a, b) in dk.iter_mut().zip(&dkbar) {
+                *a += *b;
+            }
+        }
+    }
+    let kv_grads: Vec<(Vec<T>, Vec<T>)> = kvs
+        .par_iter()
+        .zip(sums.par_iter())
+        .map(|(kv, (dstate, dkbar))| head.backward_keys(&kv.k, &kv.v, dstate, dkbar))
+        .collect();
+    let (dks, dvs): (Vec<_>, Vec<_>) = kv_grads.into_iter().unzip();
+    Ok(AttnGrads {
+        dq: scatter_heads(&dqs, n, s.head_dim),
+        dk: scatter_heads(&dks, n, s.head_dim),
+        dv: scatter_heads(&dvs, n, s.head_dim_v),
+    })
+}
+
+/// The score bound `R` of every query head (MATH §3, [`bound::score_bound`]): shifted scores when
+/// `center`, else unshifted; `[num_heads]`, each against its key/value head. O(n·d) per head.
+///
+/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape` or the scale is not positive.
+pub fn head_bounds<T: Scalar>(
+    q: &[T],
+    k: &[T],
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    center: bool,
+) -> Result<Vec<f64>> {
+    let s = *shape;
+    s.validate()?;
+    s.check_len("q", q, s.num_heads, s.head_dim)?;
+    s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
+    if !(opts.scale.is_finite() && opts.scale > 0.0) {
+        return Err(Error::bad("scale", format!("must be finite and positive, got {}", opts.scale)));
+    }
+    let n = s.seq_len;
+    Ok((0..s.num_heads)
+        .into_par_iter()
+        .map(|h| {
+            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
+            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, h / s.group());
+            bound::score_bound(&qh, &kh, n, s.head_dim, opts.scale, opts.causal, center)
+        })
+        .collect())
+}

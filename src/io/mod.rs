@@ -13,6 +13,7 @@
 //! Every error names the file (and the tensor or token at fault) and is a
 //! [`crate::Error::BadInput`] or [`crate::Error::Io`]; hostile or truncated files never panic.
 
+mod bert; pub use bert::load_hf_bert;
 pub mod gguf;
 mod hf;
 pub mod tokenizer;
