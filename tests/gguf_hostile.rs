@@ -581,6 +581,12 @@ fn valid_tiny_llama_loads_with_exact_values() {
             assert!(v.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}");
         }
 
+        // Version 2 has the same layout.
+        let mut v2 = w.bytes.clone();
+        v2[4..8].copy_from_slice(&2u32.to_le_bytes());
+        let g2 = GgufFile::open(&dir.write("tiny-v2.gguf", &v2)).unwrap();
+        assert_eq!((g2.version(), g2.metadata(), g2.tensors()), (2, g.metadata(), g.tensors()));
+
         let (cfg, wts, _) = load_gguf_llama::<f32>(&p).unwrap();
         assert_eq!(
             (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers),

@@ -11,7 +11,7 @@
 //! metadata_kv_count × { key: string, value_type u32, value }
 //! tensor_count × { name: string, n_dims u32, ne[n_dims] u64, ggml_type u32, offset u64 }
 //! padding to general.alignment (default 32)
-//! tensor data: each tensor at data_start + offset (offset a multiple of the alignment)
+//! tensor data: each tensor at data_start + offset (in order, each padded to the alignment)
 //! ```
 //!
 //! where `string = { len u64, len bytes of UTF-8 }` and array values are
