@@ -67,7 +67,9 @@ fn main() {
     let heads = 4;
     let threads = rayon::current_num_threads();
     let peak = gemm_gflops(2048, 2048, 2048, 5);
-    println!("threads: {threads}; heads: {heads}; f32; causal chunk {chunk}, non-causal streaming chunk {stream_chunk}");
+    println!(
+        "threads: {threads}; heads: {heads}; f32; causal chunk {chunk}, non-causal streaming chunk {stream_chunk}"
+    );
     println!("faer f32 GEMM 2048³: {peak:.1} GFLOP/s (the peak below)");
     println!();
     let ns: Vec<usize> =

@@ -255,7 +255,9 @@ fn poly_backward_matches_finite_differences() {
                         .collect()
                 };
                 let tag = format!("g={degree} causal={causal} center={center}");
-                for (name, got, want) in [("dq", &gr.dq, fd(&q, 0)), ("dk", &gr.dk, fd(&k, 1)), ("dv", &gr.dv, fd(&v, 2))] {
+                for (name, got, want) in
+                    [("dq", &gr.dq, fd(&q, 0)), ("dk", &gr.dk, fd(&k, 1)), ("dv", &gr.dv, fd(&v, 2))]
+                {
                     let e = rel(got, &want);
                     worst = worst.max(e);
                     assert!(e < 1e-7, "{name} {tag}: rel err {e:e} against finite differences");
@@ -271,7 +273,9 @@ fn poly_backward_matches_finite_differences() {
 fn naive_poly_backward_matches_finite_differences() {
     let (n, h, hkv, d, dv) = (6, 2, 1, 3, 2);
     let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
-    for &(degree, causal, center) in &[(2, false, true), (2, true, true), (4, true, false), (4, false, false), (6, true, true)] {
+    for &(degree, causal, center) in
+        &[(2, false, true), (2, true, true), (4, true, false), (4, false, false), (6, true, true)]
+    {
         let scale = 0.7;
         let q = randn(n * h * d, 1, 1.0);
         let k = randn(n * hkv * d, 2, 1.0);
@@ -332,8 +336,8 @@ fn poly_approaches_exact_softmax_as_degree_rises() {
                     let kvh = hh / (h / hkv);
                     for i in 0..n {
                         for j in 0..if causal { i + 1 } else { n } {
-                            let sij: f64 =
-                                opts.scale * (0..d).map(|c| q[(i * h + hh) * d + c] * k[(j * hkv + kvh) * d + c]).sum::<f64>();
+                            let sij: f64 = opts.scale
+                                * (0..d).map(|c| q[(i * h + hh) * d + c] * k[(j * hkv + kvh) * d + c]).sum::<f64>();
                             assert!((sij - m[i]).abs() <= rh * (1.0 + 1e-12), "score bound violated");
                             assert!(a[i][j] > 0.0);
                         }
@@ -363,7 +367,11 @@ fn poly_approaches_exact_softmax_as_degree_rises() {
                         errs[2],
                         errs[3]
                     );
-                    assert!(max_abs <= bound * vmax, "g={degree}: ‖Õ−O‖∞ = {max_abs:e} above the bound {:e}", bound * vmax);
+                    assert!(
+                        max_abs <= bound * vmax,
+                        "g={degree}: ‖Õ−O‖∞ = {max_abs:e} above the bound {:e}",
+                        bound * vmax
+                    );
                     for (name, (e, p)) in ["o", "dq", "dk", "dv"].iter().zip(errs.iter().zip(&prev)) {
                         assert!(e < p, "{name} error did not fall at g={degree}: {e:e} ≥ {p:e} ({line})");
                     }

@@ -72,7 +72,11 @@ fn grad_json_and_outputs_follow_the_contract() {
     let grads = altgrad::io::read_safetensors(&out).unwrap();
     assert_eq!(grads.len(), exp.iter().filter(|t| t.name.starts_with("grad.")).count() + 1);
     for g in &grads {
-        let want = if g.name == "embeddings_grad" { get(&exp, "embeddings_grad") } else { get(&exp, &format!("grad.{}", g.name)) };
+        let want = if g.name == "embeddings_grad" {
+            get(&exp, "embeddings_grad")
+        } else {
+            get(&exp, &format!("grad.{}", g.name))
+        };
         assert_eq!(g.shape, want.shape, "{}", g.name);
         assert_eq!(g.dtype, "F64");
         let err: f64 = g.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
@@ -153,7 +157,10 @@ fn bad_input_gives_exit_2_and_names_the_input() {
     let q = vec![0.5f32; 2 * 3 * 2 * 4];
     altgrad::io::write_safetensors(&inp, &[("q".to_string(), vec![2, 3, 2, 4], q.clone())]).unwrap();
     let out = d.join("out.safetensors");
-    assert_user_error(&["attn", "--input", inp.to_str().unwrap(), "--out", out.to_str().unwrap()], "missing tensor `k`");
+    assert_user_error(
+        &["attn", "--input", inp.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        "missing tensor `k`",
+    );
     let mut qn = q.clone();
     qn[3] = f32::NAN;
     altgrad::io::write_safetensors(

@@ -190,7 +190,8 @@ impl<T: Scalar> FeatureMap<T> {
             for (c, &xc) in x.iter().enumerate() {
                 let (a, b) = (st[c], st[c + 1]);
                 let mut acc = T::zero();
-                for (((dp, p), dc), s) in dprev[..b - a].iter_mut().zip(&prev[..b - a]).zip(&dcur[a..b]).zip(&sc[a..b]) {
+                for (((dp, p), dc), s) in dprev[..b - a].iter_mut().zip(&prev[..b - a]).zip(&dcur[a..b]).zip(&sc[a..b])
+                {
                     let w = *dc * *s;
                     acc += w * *p;
                     *dp += w * xc;
@@ -205,7 +206,10 @@ impl<T: Scalar> FeatureMap<T> {
     pub fn vjp_rows(&self, x: &[T], phi: &[T], dphi: &mut [T], rows: usize, dx: &mut [T]) {
         let (d, r) = (self.d, self.dim());
         assert!(x.len() == rows * d && dx.len() == rows * d, "FeatureMap::vjp_rows: x or dx has the wrong length");
-        assert!(phi.len() == rows * r && dphi.len() == rows * r, "FeatureMap::vjp_rows: phi or dphi has the wrong length");
+        assert!(
+            phi.len() == rows * r && dphi.len() == rows * r,
+            "FeatureMap::vjp_rows: phi or dphi has the wrong length"
+        );
         for i in 0..rows {
             self.vjp(
                 &x[i * d..(i + 1) * d],
@@ -222,14 +226,10 @@ impl<T: Scalar> FeatureMap<T> {
     pub fn apply_cols(&self, xt: &[T], m: usize, out: &mut [T]) {
         assert_eq!(xt.len(), self.d * m, "FeatureMap::apply_cols: xt has the wrong length");
         assert_eq!(out.len(), self.dim() * m, "FeatureMap::apply_cols: out has the wrong length");
-        #[cfg(target_arch = "x86_64")]
-        match simd_level() {
-            // SAFETY: simd_level() checked that the CPU has these features.
-            Simd::Avx512 => return unsafe { apply_cols_avx512(self, xt, m, out) },
-            Simd::Avx2 => return unsafe { apply_cols_avx2(self, xt, m, out) },
-            Simd::Generic => {}
-        }
-        self.apply_cols_body(xt, m, out)
+        simd(
+            #[inline(always)]
+            || self.apply_cols_body(xt, m, out),
+        )
     }
 
     #[inline(always)]
@@ -264,15 +264,14 @@ impl<T: Scalar> FeatureMap<T> {
     pub fn vjp_cols(&self, xt: &[T], phit: &[T], dphit: &mut [T], m: usize, dxt: &mut [T]) {
         let (d, r) = (self.d, self.dim());
         assert!(xt.len() == d * m && dxt.len() == d * m, "FeatureMap::vjp_cols: xt or dxt has the wrong length");
-        assert!(phit.len() == r * m && dphit.len() == r * m, "FeatureMap::vjp_cols: phit or dphit has the wrong length");
-        #[cfg(target_arch = "x86_64")]
-        match simd_level() {
-            // SAFETY: simd_level() checked that the CPU has these features.
-            Simd::Avx512 => return unsafe { vjp_cols_avx512(self, xt, phit, dphit, m, dxt) },
-            Simd::Avx2 => return unsafe { vjp_cols_avx2(self, xt, phit, dphit, m, dxt) },
-            Simd::Generic => {}
-        }
-        self.vjp_cols_body(xt, phit, dphit, m, dxt)
+        assert!(
+            phit.len() == r * m && dphit.len() == r * m,
+            "FeatureMap::vjp_cols: phit or dphit has the wrong length"
+        );
+        simd(
+            #[inline(always)]
+            || self.vjp_cols_body(xt, phit, dphit, m, dxt),
+        )
     }
 
     #[inline(always)]
@@ -306,9 +305,8 @@ impl<T: Scalar> FeatureMap<T> {
     }
 }
 
-/// Vector instruction set for the feature loops, chosen at run time (the binary targets plain
-/// x86-64; GEMMs dispatch inside faer). No FMA contraction happens, so every level gives
-/// bit-identical results.
+/// Vector instruction set of this CPU, detected at run time (the binary targets plain x86-64;
+/// GEMMs dispatch inside faer).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 enum Simd {
@@ -318,6 +316,7 @@ enum Simd {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[inline]
 fn simd_level() -> Simd {
     if std::is_x86_feature_detected!("avx512f") {
         Simd::Avx512
@@ -328,28 +327,33 @@ fn simd_level() -> Simd {
     }
 }
 
+/// Runs `f` compiled for the widest vector instruction set this CPU has (AVX-512F, else
+/// AVX2+FMA, else baseline x86-64), so elementwise loops vectorize to full width. Only code that
+/// is inlined into `f` benefits: pass an `#[inline(always)]` closure calling `#[inline(always)]`
+/// functions. Rust does not contract `a·b + c` into FMA, so every level gives bit-identical results.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    match simd_level() {
+        // SAFETY: simd_level() checked that the CPU has these features.
+        Simd::Avx512 => return unsafe { run_avx512(f) },
+        // SAFETY: as above.
+        Simd::Avx2 => return unsafe { run_avx2(f) },
+        Simd::Generic => {}
+    }
+    f()
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn apply_cols_avx512<T: Scalar>(fm: &FeatureMap<T>, xt: &[T], m: usize, out: &mut [T]) {
-    fm.apply_cols_body(xt, m, out)
+unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn apply_cols_avx2<T: Scalar>(fm: &FeatureMap<T>, xt: &[T], m: usize, out: &mut [T]) {
-    fm.apply_cols_body(xt, m, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn vjp_cols_avx512<T: Scalar>(fm: &FeatureMap<T>, xt: &[T], phit: &[T], dphit: &mut [T], m: usize, dxt: &mut [T]) {
-    fm.vjp_cols_body(xt, phit, dphit, m, dxt)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn vjp_cols_avx2<T: Scalar>(fm: &FeatureMap<T>, xt: &[T], phit: &[T], dphit: &mut [T], m: usize, dxt: &mut [T]) {
-    fm.vjp_cols_body(xt, phit, dphit, m, dxt)
+unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@
 pub mod bound;
 pub mod exact;
 pub mod features;
-pub mod poly;
 #[doc(hidden)]
 pub mod naive;
+pub mod poly;
 
 use crate::linalg::Scalar;
 use crate::{Error, Result};
@@ -293,20 +293,10 @@ pub fn forward_poly<T: Scalar>(
     let s = *shape;
     let n = s.seq_len;
     let fm = features::FeatureMap::<T>::new(s.head_dim, popts.degree)?;
-    let head = poly::Head {
-        fm: &fm,
-        n,
-        dv: s.head_dim_v,
-        scale: opts.scale,
-        center: popts.center,
-        chunk: popts.chunk,
-    };
+    let head = poly::Head { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
     let kvs = poly_kv(k, v, &s, opts.causal);
-    let kv_state: Vec<Vec<T>> = if opts.causal {
-        Vec::new()
-    } else {
-        kvs.par_iter().map(|kv| head.kv_state(&kv.k, &kv.v)).collect()
-    };
+    let kv_state: Vec<Vec<T>> =
+        if opts.causal { Vec::new() } else { kvs.par_iter().map(|kv| head.kv_state(&kv.k, &kv.v)).collect() };
     let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
         .into_par_iter()
         .map(|h| {
@@ -374,14 +364,7 @@ pub fn backward_poly<T: Scalar>(
              the same shape, options and PolyOptions",
         ));
     }
-    let head = poly::Head {
-        fm: &fm,
-        n,
-        dv: s.head_dim_v,
-        scale: opts.scale,
-        center: popts.center,
-        chunk: popts.chunk,
-    };
+    let head = poly::Head { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
     let kvs = poly_kv(k, v, &s, opts.causal);
     let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
         .into_par_iter()
@@ -396,8 +379,7 @@ pub fn backward_poly<T: Scalar>(
             if opts.causal {
                 head.backward_causal(&qh, &kv.k, &kv.v, &oh, den, &gh, &m, &kv.kbar)
             } else {
-                let (dq, dstate, dkbar) =
-                    head.backward_queries(&qh, &oh, den, &gh, &m, &kv.kbar, &fwd.kv_state[kvh]);
+                let (dq, dstate, dkbar) = head.backward_queries(&qh, &oh, den, &gh, &m, &kv.kbar, &fwd.kv_state[kvh]);
                 let dkbar = dkbar.into_iter().map(T::from_f64).collect();
                 (dq, dstate, dkbar)
             }

@@ -251,7 +251,8 @@ pub fn poly_backward(
                 }
                 for j in 0..jmax {
                     for c in 0..d {
-                        dk[idx(j, kv, c, s.num_kv_heads, d)] += scale * dm * q[idx(i, h, c, s.num_heads, d)] / jmax as f64;
+                        dk[idx(j, kv, c, s.num_kv_heads, d)] +=
+                            scale * dm * q[idx(i, h, c, s.num_heads, d)] / jmax as f64;
                     }
                 }
             }

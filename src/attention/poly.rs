@@ -240,7 +240,10 @@ impl<T: Scalar> Head<'_, T> {
         let (dv, e) = (self.dv, self.e());
         for i in 0..rows {
             let dn = y[i * e + dv];
-            debug_assert!(dn > T::zero(), "polynomial attention denominator {dn:?} ≤ 0 (even degree keeps it positive)");
+            debug_assert!(
+                dn > T::zero(),
+                "polynomial attention denominator {dn:?} ≤ 0 (even degree keeps it positive)"
+            );
             den[i] = dn;
             let inv = T::one() / dn;
             for (x, yv) in o[i * dv..(i + 1) * dv].iter_mut().zip(&y[i * e..i * e + dv]) {
@@ -291,7 +294,13 @@ impl<T: Scalar> Head<'_, T> {
                 }
             }
         }
-        self.fm.vjp_cols(&b.xt[..rows * d], &b.phit[..rows * r], &mut b.dphit[..rows * r], rows, &mut b.dxt[..rows * d]);
+        self.fm.vjp_cols(
+            &b.xt[..rows * d],
+            &b.phit[..rows * r],
+            &mut b.dphit[..rows * r],
+            rows,
+            &mut b.dxt[..rows * d],
+        );
         self.add_transposed(&b.dxt, rows, dq);
     }
 
@@ -299,7 +308,13 @@ impl<T: Scalar> Head<'_, T> {
     /// hold the keys, `b.dphit` the feature gradients).
     fn key_vjp(&self, rows: usize, b: &mut Bufs<T>, dk: &mut [T]) {
         let (d, r) = (self.d(), self.r());
-        self.fm.vjp_cols(&b.xt[..rows * d], &b.phit[..rows * r], &mut b.dphit[..rows * r], rows, &mut b.dxt[..rows * d]);
+        self.fm.vjp_cols(
+            &b.xt[..rows * d],
+            &b.phit[..rows * r],
+            &mut b.dphit[..rows * r],
+            rows,
+            &mut b.dxt[..rows * d],
+        );
         self.add_transposed(&b.dxt, rows, dk);
     }
 

@@ -2,8 +2,11 @@
 
 use altgrad::attention::{self, AttnOptions, AttnShape};
 use altgrad::io::{self as aio, TensorF64};
+use altgrad::io::{AnyModel, Loaded};
+use altgrad::linalg::norm;
 use altgrad::linalg::Scalar;
-use altgrad::model::{Grads, Model};
+use altgrad::model::bert::{pooled_norm_loss, BertModel};
+use altgrad::model::Model;
 use altgrad::report::{GradReport, HeadReport, Timing};
 use altgrad::Error;
 use anyhow::{Context, Result};
@@ -41,10 +44,10 @@ enum Dtype {
 
 #[derive(clap::Args)]
 struct GradArgs {
-    /// Model: `tiny` (built-in, seeded) or an HF directory (config.json + model.safetensors).
+    /// Model: `tiny` (built-in, seeded), a `.gguf` file (Llama), or an HF directory (Llama or BERT).
     #[arg(long, default_value = "tiny")]
     model: String,
-    /// Text file; tokenized with the model's tokenizer (bytes for `tiny`).
+    /// Text file, tokenized with the model's own tokenizer (bytes for `tiny`).
     #[arg(long, conflicts_with = "tokens")]
     text: Option<PathBuf>,
     /// File of whitespace-separated token ids.
@@ -133,22 +136,21 @@ fn set_threads(t: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-fn load_model<T: Scalar>(spec: &str, seed: u64) -> Result<Model<T>> {
-    if spec == "tiny" {
-        return Ok(Model::tiny(seed));
-    }
-    let path = Path::new(spec);
-    if path.is_dir() {
-        let (cfg, w) = aio::load_hf_llama::<T>(path)?;
-        return Ok(Model::new(cfg, w, spec)?);
-    }
-    if !path.exists() {
-        return Err(Error::bad(spec, "no such model file or directory (expected `tiny` or an HF directory)").into());
-    }
-    Err(Error::bad(spec, "unsupported model format: expected `tiny` or an HF directory with config.json").into())
+/// What a gradient run produced, whatever the model family.
+struct GradRun<T> {
+    loss: f64,
+    loss_name: &'static str,
+    t_fwd: f64,
+    t_bwd: f64,
+    hidden: Vec<T>,
+    hidden_size: usize,
+    n_layers: usize,
+    n_heads: usize,
+    summary: String,
+    grads: Vec<(String, Vec<usize>, Vec<T>)>,
 }
 
-fn token_ids<T: Scalar>(a: &GradArgs, model: &Model<T>) -> Result<Vec<u32>> {
+fn token_ids<T: Scalar>(a: &GradArgs, loaded: &Loaded<T>, max_len: usize) -> Result<Vec<u32>> {
     let mut ids = if let Some(p) = &a.tokens {
         aio::read_tokens(p)?
     } else {
@@ -156,14 +158,7 @@ fn token_ids<T: Scalar>(a: &GradArgs, model: &Model<T>) -> Result<Vec<u32>> {
             Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p.display().to_string(), e))?,
             None => DEFAULT_TEXT.to_string(),
         };
-        if model.source != "tiny" {
-            return Err(Error::bad(
-                "--text",
-                format!("{} has no tokenizer support yet; pass --tokens with token ids", model.source),
-            )
-            .into());
-        }
-        text.bytes().map(u32::from).collect()
+        loaded.encode(&text)?
     };
     if let Some(n) = a.seq_len {
         if n == 0 {
@@ -171,11 +166,8 @@ fn token_ids<T: Scalar>(a: &GradArgs, model: &Model<T>) -> Result<Vec<u32>> {
         }
         ids.truncate(n);
     } else if a.tokens.is_none() && a.text.is_none() {
-        ids.truncate(1024);
+        ids.truncate(1024.min(max_len));
     }
-    let input =
-        a.tokens.as_ref().or(a.text.as_ref()).map(|p| p.display().to_string()).unwrap_or("built-in text".into());
-    model.check_ids(&ids, &input)?;
     Ok(ids)
 }
 
@@ -187,26 +179,110 @@ fn run_grad(a: &GradArgs) -> Result<()> {
     }
 }
 
-fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
-    let model = load_model::<T>(&a.model, a.seed)?;
-    let ids = token_ids(a, &model)?;
-    let n = ids.len();
-    if n < 2 {
-        return Err(Error::bad("tokens", "the next-token loss needs at least 2 token ids").into());
+fn input_name(a: &GradArgs) -> String {
+    a.tokens.as_ref().or(a.text.as_ref()).map(|p| p.display().to_string()).unwrap_or("built-in text".into())
+}
+
+fn run_llama<T: Scalar>(model: &Model<T>, ids: &[u32], input: &str) -> Result<GradRun<T>> {
+    model.check_ids(ids, input)?;
+    if ids.len() < 2 {
+        return Err(Error::bad(input, "the next-token loss needs at least 2 token ids").into());
     }
     let t0 = Instant::now();
-    let cache = model.forward(&ids)?;
-    let mut grads = model.zero_grads(n);
+    let cache = model.forward(ids)?;
+    let mut grads = model.zero_grads(ids.len());
     let (loss, dhidden) = model.lm_loss(&cache, &mut grads)?;
     let t_fwd = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     model.backward_hidden_into(&cache, &dhidden, &mut grads)?;
     let t_bwd = t1.elapsed().as_secs_f64();
-
     let c = &model.cfg;
-    let heads = (0..c.num_layers)
+    let summary = format!(
+        "{} (Llama: {} layers, hidden {}, {} heads / {} kv heads of {}, {:.1}M params, {})",
+        model.source,
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        model.weights.numel() as f64 / 1e6,
+        T::DTYPE.to_lowercase()
+    );
+    Ok(GradRun {
+        loss,
+        loss_name: "mean next-token cross-entropy",
+        t_fwd,
+        t_bwd,
+        hidden: cache.hidden,
+        hidden_size: c.hidden_size,
+        n_layers: c.num_layers,
+        n_heads: c.num_heads,
+        summary,
+        grads: named_grads(grads.weights.params(), grads.embeddings, c.hidden_size),
+    })
+}
+
+fn run_bert<T: Scalar>(model: &BertModel<T>, ids: &[u32], input: &str) -> Result<GradRun<T>> {
+    model.check_ids(ids, input)?;
+    let n = ids.len();
+    let t0 = Instant::now();
+    let cache = model.forward(ids)?;
+    let (loss, dhidden) = pooled_norm_loss(&cache.hidden, n);
+    let t_fwd = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let grads = model.backward_from_hidden(&cache, &dhidden)?;
+    let t_bwd = t1.elapsed().as_secs_f64();
+    let c = &model.cfg;
+    let summary = format!(
+        "{} (BERT: {} layers, hidden {}, {} heads of {}, {:.1}M params, {})",
+        model.source,
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.head_dim,
+        model.weights.numel() as f64 / 1e6,
+        T::DTYPE.to_lowercase()
+    );
+    Ok(GradRun {
+        loss,
+        loss_name: "0.5·‖mean-pooled final hidden‖²",
+        t_fwd,
+        t_bwd,
+        hidden: cache.hidden,
+        hidden_size: c.hidden_size,
+        n_layers: c.num_layers,
+        n_heads: c.num_heads,
+        summary,
+        grads: named_grads(grads.weights.params(), grads.embeddings, c.hidden_size),
+    })
+}
+
+fn named_grads<T: Scalar>(
+    params: Vec<&altgrad::model::Param<T>>,
+    embeddings: Vec<T>,
+    hidden: usize,
+) -> Vec<(String, Vec<usize>, Vec<T>)> {
+    let mut v: Vec<_> = params.into_iter().map(|p| (p.name.clone(), p.shape.clone(), p.data.clone())).collect();
+    v.push(("embeddings_grad".into(), vec![embeddings.len() / hidden, hidden], embeddings));
+    v
+}
+
+fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
+    let loaded = aio::load_model::<T>(&a.model, a.seed)?;
+    let max_len = match &loaded.model {
+        AnyModel::Llama(m) => m.cfg.max_seq_len,
+        AnyModel::Bert(m) => m.cfg.max_position_embeddings,
+    };
+    let ids = token_ids(a, &loaded, max_len)?;
+    let input = input_name(a);
+    let r = match &loaded.model {
+        AnyModel::Llama(m) => run_llama(m, &ids, &input)?,
+        AnyModel::Bert(m) => run_bert(m, &ids, &input)?,
+    };
+    let n = ids.len();
+    let heads = (0..r.n_layers)
         .flat_map(|layer| {
-            (0..c.num_heads).map(move |head| HeadReport {
+            (0..r.n_heads).map(move |head| HeadReport {
                 layer,
                 head,
                 method: "exact".into(),
@@ -218,43 +294,31 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         })
         .collect();
     let report = GradReport {
-        model: model.source.clone(),
+        model: loaded.source().to_string(),
         seq_len: n,
-        n_layers: c.num_layers,
+        n_layers: r.n_layers,
         attention: format!("{:?}", a.attention).to_lowercase(),
-        loss,
+        loss: r.loss,
         heads,
-        timing_s: Timing { forward: t_fwd, backward: t_bwd, exact_backward: None },
+        timing_s: Timing { forward: r.t_fwd, backward: r.t_bwd, exact_backward: None },
         compare: None,
     };
-
     if let Some(p) = &a.out {
-        write_grads(p, &grads)?;
+        aio::write_safetensors(p, &r.grads)?;
     }
     if let Some(p) = &a.hidden_out {
-        aio::write_safetensors(p, &[("hidden".to_string(), vec![n, c.hidden_size], cache.hidden.clone())])?;
+        aio::write_safetensors(p, &[("hidden".to_string(), vec![n, r.hidden_size], r.hidden.clone())])?;
     }
-    let json_to_stdout = a.json.as_deref() == Some("-");
-    if !json_to_stdout {
+    if a.json.as_deref() != Some("-") {
         let gnorm: f64 =
-            grads.weights.params().iter().map(|p| altgrad::linalg::norm(&p.data).powi(2)).sum::<f64>().sqrt();
-        println!(
-            "model        {} ({} layers, hidden {}, {} heads / {} kv heads of {}, {:.1}M params, {})",
-            model.source,
-            c.num_layers,
-            c.hidden_size,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            model.weights.numel() as f64 / 1e6,
-            T::DTYPE.to_lowercase()
-        );
-        println!("tokens       {n}");
+            r.grads.iter().filter(|g| g.0 != "embeddings_grad").map(|g| norm(&g.2).powi(2)).sum::<f64>().sqrt();
+        println!("model        {}", r.summary);
+        println!("tokens       {n} ({input})");
         println!("attention    {}", report.attention);
-        println!("loss         {loss:.6} (mean next-token cross-entropy, nats; perplexity {:.2})", loss.exp());
+        println!("loss         {:.6} ({}; exp = {:.2})", r.loss, r.loss_name, r.loss.exp());
         println!("grad norm    {gnorm:.6e}");
-        println!("forward      {t_fwd:.3} s ({:.0} tokens/s)", n as f64 / t_fwd);
-        println!("backward     {t_bwd:.3} s ({:.0} tokens/s)", n as f64 / t_bwd);
+        println!("forward      {:.3} s ({:.0} tokens/s)", r.t_fwd, n as f64 / r.t_fwd);
+        println!("backward     {:.3} s ({:.0} tokens/s)", r.t_bwd, n as f64 / r.t_bwd);
         if let Some(p) = &a.out {
             println!("gradients -> {}", p.display());
         }
@@ -267,15 +331,6 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
             aio::write_file_atomic(Path::new(j), s.as_bytes())?;
         }
     }
-    Ok(())
-}
-
-fn write_grads<T: Scalar>(path: &Path, grads: &Grads<T>) -> Result<()> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<T>)> =
-        grads.weights.params().into_iter().map(|p| (p.name.clone(), p.shape.clone(), p.data.clone())).collect();
-    let n = grads.embeddings.len() / grads.weights.embed.shape[1];
-    tensors.push(("embeddings_grad".into(), vec![n, grads.weights.embed.shape[1]], grads.embeddings.clone()));
-    aio::write_safetensors(path, &tensors)?;
     Ok(())
 }
 

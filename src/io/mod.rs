@@ -13,13 +13,16 @@
 //! Every error names the file (and the tensor or token at fault) and is a
 //! [`crate::Error::BadInput`] or [`crate::Error::Io`]; hostile or truncated files never panic.
 
-mod bert; pub use bert::load_hf_bert;
+mod bert;
+pub use bert::load_hf_bert;
 pub mod gguf;
 mod hf;
-pub mod tokenizer;
+mod loader;
 mod tensors;
+pub mod tokenizer;
 mod tokens;
 
 pub use hf::{load_hf_llama, read_hf_llama_config, save_hf_llama};
+pub use loader::{gguf_tokenizer_parts, load_model, AnyModel, Loaded};
 pub use tensors::{check_finite, read_safetensors, write_file_atomic, write_safetensors, TensorF64};
 pub use tokens::read_tokens;

@@ -1,0 +1,134 @@
+//! One entry point for every model the CLI accepts: `tiny`, a `.gguf` file, or an HF directory
+//! (Llama or BERT), each with its own tokenizer.
+
+use super::gguf::{load_gguf_llama, GgufFile};
+use super::tokenizer::{GgufTokenizerParts, TextTokenizer};
+use crate::linalg::Scalar;
+use crate::model::bert::BertModel;
+use crate::model::Model;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// A loaded model: a Llama-family decoder or a BERT encoder.
+#[derive(Clone, Debug)]
+pub enum AnyModel<T> {
+    /// Decoder (loss: mean next-token cross-entropy).
+    Llama(Model<T>),
+    /// Encoder (loss: `0.5·‖mean-pooled final hidden‖²`).
+    Bert(BertModel<T>),
+}
+
+/// A model and the tokenizer that came with it (`None` for `tiny`, which reads bytes).
+pub struct Loaded<T> {
+    /// The model.
+    pub model: AnyModel<T>,
+    /// Its tokenizer, when the model has one.
+    pub tokenizer: Option<TextTokenizer>,
+}
+
+impl<T: Scalar> Loaded<T> {
+    /// Token ids of `text` as the model's own tokenizer produces them (bytes for `tiny`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.tokenizer {
+            Some(t) => t.encode(text),
+            None => Ok(text.bytes().map(u32::from).collect()),
+        }
+    }
+    /// Where the model came from.
+    pub fn source(&self) -> &str {
+        match &self.model {
+            AnyModel::Llama(m) => &m.source,
+            AnyModel::Bert(m) => &m.source,
+        }
+    }
+}
+
+/// The byte-level BPE tokenizer parts in a GGUF file's `tokenizer.ggml.*` metadata.
+///
+/// Errors: a tokenizer model other than `gpt2`, or missing `tokens`/`merges`.
+pub fn gguf_tokenizer_parts(g: &GgufFile) -> Result<GgufTokenizerParts> {
+    let src = g.path().to_string();
+    let model = g.get_str("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(Error::bad(
+            &src,
+            format!("tokenizer.ggml.model `{model}` is not supported (only gpt2 byte-level BPE)"),
+        ));
+    }
+    let opt_u32 = |k: &str| -> Result<Option<u32>> {
+        if g.contains_key(k) {
+            let v = g.get_u64(k)?;
+            u32::try_from(v).map(Some).map_err(|_| Error::bad(&src, format!("{k} = {v} is out of range")))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(GgufTokenizerParts {
+        tokens: g.get_str_array("tokenizer.ggml.tokens")?.to_vec(),
+        merges: g.get_str_array("tokenizer.ggml.merges")?.to_vec(),
+        token_types: if g.contains_key("tokenizer.ggml.token_type") {
+            Some(g.get_i32_array("tokenizer.ggml.token_type")?.to_vec())
+        } else {
+            None
+        },
+        pre: if g.contains_key("tokenizer.ggml.pre") {
+            Some(g.get_str("tokenizer.ggml.pre")?.to_string())
+        } else {
+            None
+        },
+        bos_id: opt_u32("tokenizer.ggml.bos_token_id")?,
+        eos_id: opt_u32("tokenizer.ggml.eos_token_id")?,
+        add_bos: if g.contains_key("tokenizer.ggml.add_bos_token") {
+            g.get_bool("tokenizer.ggml.add_bos_token")?
+        } else {
+            false
+        },
+        source: src,
+    })
+}
+
+/// Loads `spec`: `tiny` (built-in, weights from `seed`), a `.gguf` file (Llama architecture, its
+/// BPE tokenizer), or an HF directory whose `config.json` says `model_type` `llama` or `bert`
+/// (tokenizer from `tokenizer.json` when present).
+///
+/// Errors: a missing path, an unknown format or `model_type`, and every error of the loaders.
+pub fn load_model<T: Scalar>(spec: &str, seed: u64) -> Result<Loaded<T>> {
+    if spec == "tiny" {
+        return Ok(Loaded { model: AnyModel::Llama(Model::tiny(seed)), tokenizer: None });
+    }
+    let path = Path::new(spec);
+    if !path.exists() {
+        return Err(Error::bad(
+            spec,
+            "no such model file or directory (expected `tiny`, a .gguf file or an HF directory)",
+        ));
+    }
+    if path.is_file() {
+        let mut magic = [0u8; 4];
+        let head = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .map(|_| magic == *b"GGUF")
+            .unwrap_or(false);
+        if !head {
+            return Err(Error::bad(spec, "not a GGUF file (no GGUF magic); expected a .gguf file or an HF directory"));
+        }
+        let (cfg, w, g) = load_gguf_llama::<T>(path)?;
+        let tokenizer = TextTokenizer::from_gguf_parts(gguf_tokenizer_parts(&g)?)?;
+        let model = Model::new(cfg, w, spec)?;
+        return Ok(Loaded { model: AnyModel::Llama(model), tokenizer: Some(tokenizer) });
+    }
+    let cfg_path = path.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(cfg_path.display().to_string(), e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad(cfg_path.display().to_string(), format!("invalid JSON: {e}")))?;
+    let tok_path = path.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() { Some(TextTokenizer::from_file(&tok_path)?) } else { None };
+    match v.get("model_type").and_then(|m| m.as_str()) {
+        Some("bert") => Ok(Loaded { model: AnyModel::Bert(super::load_hf_bert::<T>(path)?), tokenizer }),
+        _ => {
+            // load_hf_llama reports a wrong or missing model_type itself
+            let (cfg, w) = super::load_hf_llama::<T>(path)?;
+            Ok(Loaded { model: AnyModel::Llama(Model::new(cfg, w, spec)?), tokenizer })
+        }
+    }
+}
