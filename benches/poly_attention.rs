@@ -4,7 +4,7 @@
 //! Run: `cargo bench --bench poly_attention` (n up to 65536; add `-- --quick` for n ≤ 8192).
 //! Options after `--`: `--chunk C` (causal chunk, default 64), `--stream-chunk C` (non-causal
 //! streaming chunk, default 256), `--exact-limit S` (skip exact runs predicted above S seconds,
-//! default 60). All runs: f32, 4 query heads = 4 key/value heads, head_dim_v = head_dim,
+//! default 60), `--ns 1024,32768` (lengths), `--configs 16:2,64:2` (head_dim:degree pairs). All runs: f32, 4 query heads = 4 key/value heads, head_dim_v = head_dim,
 //! random inputs in [−1, 1], centered (row shift on), the same process measuring the GEMM peak,
 //! exact attention and polynomial attention. Prints markdown tables: FLOPs of the MATH §7 cost
 //! model (`bound::poly_flops`, `bound::exact_flops`), achieved GFLOP/s and the ratio to the f32
@@ -22,9 +22,10 @@ struct PolyRun {
     flops: f64,
 }
 
-/// Times `forward_poly` and `backward_poly` (f32) for one configuration: median of `reps` runs
-/// after a warm-up. FLOPs from the cost model, summed over heads.
-fn time_poly(n: usize, d: usize, g: usize, heads: usize, causal: bool, chunk: usize, reps: usize) -> PolyRun {
+/// Times `forward_poly` and `backward_poly` (f32) for one configuration: median of enough runs
+/// to fill about 0.3 s (at least 1, at most 15) after a warm-up. FLOPs from the cost model,
+/// summed over heads.
+fn time_poly(n: usize, d: usize, g: usize, heads: usize, causal: bool, chunk: usize) -> PolyRun {
     let s = AttnShape::new(n, heads, heads, d);
     let opts = AttnOptions::standard(d, causal);
     let popts = PolyOptions { degree: g, center: true, chunk };
@@ -33,6 +34,10 @@ fn time_poly(n: usize, d: usize, g: usize, heads: usize, causal: bool, chunk: us
         (0..len).map(|i| (((i * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0).collect()
     };
     let (q, k, v, dout) = (gen(1), gen(2), gen(3), gen(4));
+    let t0 = std::time::Instant::now();
+    let fwd = attention::forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap();
+    std::hint::black_box(attention::backward_poly(&q, &k, &v, &fwd, &dout, &s, &opts, &popts).unwrap());
+    let reps = (0.3 / t0.elapsed().as_secs_f64()).clamp(1.0, 15.0) as usize;
     let mut fwd = None;
     let fwd_s = median_time(reps, || fwd = Some(attention::forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap()));
     let fwd = fwd.unwrap();
@@ -44,9 +49,13 @@ fn time_poly(n: usize, d: usize, g: usize, heads: usize, causal: bool, chunk: us
     PolyRun { fwd_s, bwd_s, flops }
 }
 
-fn arg(name: &str) -> Option<f64> {
+fn arg_str(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn arg(name: &str) -> Option<f64> {
+    arg_str(name).and_then(|v| v.parse().ok())
 }
 
 /// Least-squares slope of log t against log n.
@@ -72,9 +81,21 @@ fn main() {
     );
     println!("faer f32 GEMM 2048³: {peak:.1} GFLOP/s (the peak below)");
     println!();
-    let ns: Vec<usize> =
-        if quick { vec![1024, 2048, 4096, 8192] } else { vec![1024, 2048, 4096, 8192, 16384, 32768, 65536] };
-    let configs = [(16usize, 2usize), (16, 4), (32, 2), (64, 2)];
+    let ns: Vec<usize> = match arg_str("--ns") {
+        Some(list) => list.split(',').map(|x| x.trim().parse().expect("--ns: comma-separated lengths")).collect(),
+        None if quick => vec![1024, 2048, 4096, 8192],
+        None => vec![1024, 2048, 4096, 8192, 16384, 32768, 65536],
+    };
+    let configs: Vec<(usize, usize)> = match arg_str("--configs") {
+        Some(list) => list
+            .split(',')
+            .map(|x| {
+                let (d, g) = x.split_once(':').expect("--configs: head_dim:degree pairs, e.g. 16:2,64:2");
+                (d.trim().parse().expect("head_dim"), g.trim().parse().expect("degree"))
+            })
+            .collect(),
+        None => vec![(16, 2), (16, 4), (32, 2), (64, 2)],
+    };
     // exact runs depend on (n, head_dim, causal) only: measure each once
     let mut exact: HashMap<(usize, usize, bool), Option<f64>> = HashMap::new();
     let mut exact_skipped = false;
@@ -90,8 +111,7 @@ fn main() {
             let mut poly_t = Vec::new();
             let mut ratio = Vec::new();
             for &n in &ns {
-                let reps = if n <= 2048 { 3 } else { 1 };
-                let p = time_poly(n, d, g, heads, causal, c, reps);
+                let p = time_poly(n, d, g, heads, causal, c);
                 let pt = p.fwd_s + p.bwd_s;
                 poly_t.push((n, pt));
                 // exact: skip when the quadratic extrapolation of the previous size exceeds the limit
@@ -106,7 +126,7 @@ fn main() {
                         let t = if predicted > exact_limit {
                             None
                         } else {
-                            let e = time_exact(n, d, heads, causal, if n <= 2048 { 3 } else { 1 });
+                            let e = time_exact(n, d, heads, causal, if n <= 4096 { 3 } else { 1 });
                             Some(e.fwd_s + e.bwd_s)
                         };
                         exact.insert((n, d, causal), t);
@@ -135,7 +155,7 @@ fn main() {
             }
             let tail = &poly_t[poly_t.len().saturating_sub(3)..];
             let crossover = match ratio.iter().find(|(_, x)| *x > 1.0) {
-                Some(&(n, _)) if n == ns[0] => format!("≤ {n} (poly faster at every measured n)"),
+                Some(&(n, _)) if n == ns[0] => format!("≤ {n} (poly faster from the smallest measured n)"),
                 Some(&(n, _)) => format!("between {} and {n}", ns[ns.iter().position(|&m| m == n).unwrap() - 1]),
                 None => "above the largest n with an exact run".into(),
             };
@@ -144,12 +164,12 @@ fn main() {
                 .map(|p| 1usize << p)
                 .find(|&n| bound::poly_flops(n, d, d, r, causal, c) < bound::exact_flops(n, d, d, causal))
                 .unwrap_or(0);
-            summary.push(format!(
-                "| {d} | {g} | {r} | {causal} | {:.2} (n = {}…{}) | {crossover} | {model} |",
-                slope(tail),
-                tail[0].0,
-                tail[tail.len() - 1].0
-            ));
+            let exponent = if tail.len() >= 2 {
+                format!("{:.2} (n = {}…{})", slope(tail), tail[0].0, tail[tail.len() - 1].0)
+            } else {
+                "— (one size)".to_string()
+            };
+            summary.push(format!("| {d} | {g} | {r} | {causal} | {exponent} | {crossover} | {model} |"));
         }
     }
     println!();

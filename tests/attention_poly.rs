@@ -383,6 +383,34 @@ fn poly_approaches_exact_softmax_as_degree_rises() {
     }
 }
 
+/// Keys sharing a large common offset (as real keys often do): the row shift shrinks the bound
+/// and the error against exact softmax, causal (prefix means) and not (MATH §3 "Row shift").
+#[test]
+fn row_shift_helps_when_keys_share_an_offset() {
+    let (n, h, hkv, d) = (96, 2, 2, 8);
+    let s = AttnShape::new(n, h, hkv, d);
+    for causal in [false, true] {
+        let opts = AttnOptions::standard(d, causal);
+        let q = randn(n * h * d, 21, 0.5);
+        let mut k = randn(n * hkv * d, 22, 0.3);
+        for (i, x) in k.iter_mut().enumerate() {
+            *x += if i % 2 == 0 { 1.0 } else { -0.5 };
+        }
+        let v = randn(n * hkv * d, 23, 1.0);
+        let o_ex = naive::forward(&q, &k, &v, &s, causal, opts.scale);
+        let r_c = head_bounds(&q, &k, &s, &opts, true).unwrap();
+        let r_u = head_bounds(&q, &k, &s, &opts, false).unwrap();
+        let e = |center| {
+            let popts = PolyOptions { degree: 2, center, chunk: 16 };
+            rel(&forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap().o, &o_ex)
+        };
+        let (ec, eu) = (e(true), e(false));
+        eprintln!("causal={causal}: R centered {r_c:.2?} vs {r_u:.2?}; rel err {ec:.1e} vs {eu:.1e}");
+        assert!(r_c.iter().zip(&r_u).all(|(a, b)| a < b));
+        assert!(ec < 0.5 * eu, "centering did not help: {ec:e} vs {eu:e}");
+    }
+}
+
 #[test]
 fn poly_rejects_bad_degree_and_options() {
     let s = AttnShape::new(4, 2, 1, 8);

@@ -21,13 +21,18 @@ pub fn key_means<T: Scalar>(k: &[T], n: usize, d: usize, causal: bool) -> Vec<T>
     let mut acc = vec![0.0f64; d];
     if causal {
         let mut out = vec![T::zero(); n * d];
-        for (i, (row, orow)) in k.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-            let inv = 1.0 / (i + 1) as f64;
-            for ((a, x), o) in acc.iter_mut().zip(row).zip(orow) {
-                *a += x.as_f64();
-                *o = T::from_f64(*a * inv);
-            }
-        }
+        super::features::simd(
+            #[inline(always)]
+            || {
+                for (i, (row, orow)) in k.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+                    let inv = 1.0 / (i + 1) as f64;
+                    for ((a, x), o) in acc.iter_mut().zip(row).zip(orow) {
+                        *a += x.as_f64();
+                        *o = T::from_f64(*a * inv);
+                    }
+                }
+            },
+        );
         out
     } else {
         for row in k.chunks_exact(d) {
@@ -165,13 +170,13 @@ pub fn poly_flops(n: usize, d: usize, dv: usize, r: usize, causal: bool, chunk: 
     }
 }
 
-/// Working memory of the polynomial kernels for one head, in bytes, excluding inputs and
-/// outputs: the `r×(d_v+1)` state and its gradient, five `C×r` feature buffers, `C×C` tiles and
-/// the `C×(d_v+1)` value/gradient chunks (`elem` = 4 for f32, 8 for f64). O(C·r + r·d_v), never
-/// O(n·r).
+/// Working memory of the polynomial kernels for one head, in bytes, excluding inputs, outputs
+/// and O(n) vectors: the `r×(d_v+1)` state and its gradient, three `r×C` feature buffers
+/// (`Φᵀ`, `Ψᵀ`, `dΦᵀ`), two `C×C` tiles (causal), the `C×(d_v+1)` value/gradient chunks and the
+/// `d×C` transposed inputs (`elem` = 4 for f32, 8 for f64). O(C·r + r·d_v), never O(n·r).
 pub fn poly_state_bytes(d: usize, dv: usize, r: usize, chunk: usize, elem: usize) -> usize {
     let (e, c) = (dv + 1, chunk.max(1));
-    elem * (2 * r * e + 5 * c * r + 3 * c * c + 3 * c * e + 2 * c * d)
+    elem * (2 * r * e + 3 * c * r + 2 * c * c + 2 * c * e + 2 * c * d)
 }
 
 /// How a head's attention is computed.

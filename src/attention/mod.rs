@@ -6,9 +6,11 @@
 //! reads key/value head `h / (num_heads / num_kv_heads)` (GQA). Heads run in parallel (rayon);
 //! each head's kernel is sequential.
 
+pub mod altgrad;
 pub mod bound;
 pub mod exact;
 pub mod features;
+pub mod mixed;
 #[doc(hidden)]
 pub mod naive;
 pub mod poly;
@@ -447,4 +449,49 @@ pub fn head_bounds<T: Scalar>(
             bound::score_bound(&qh, &kh, n, s.head_dim, opts.scale, opts.causal, center)
         })
         .collect())
+}
+
+/// ALTGrad forward (MATH §5; LSSSZ Lemma C.13, I.1): `Õ = D̃⁻¹ Φ_Q Φ_Kᵀ V` with the degree-`g`
+/// features of [`features`] and the row shift of MATH §3 when `popts.center` (row `i`'s degree-`t`
+/// block weighted by `T_{g−t}(−m_i)`). The same function as [`forward_poly`]; returned as an
+/// [`AttnOutput`] with `lse_i = m_i + ln den_i`. Shapes as [`forward_exact`]; O(n·r·d_v) per head,
+/// heads in parallel.
+///
+/// Errors: [`Error::BadInput`] on length/shape mismatches, a non-positive scale, an odd or zero
+/// degree ([`bound::validate_degree`]), a zero chunk, or a feature width above
+/// [`features::MAX_FEATURE_DIM`].
+pub fn forward_altgrad<T: Scalar>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    popts: &PolyOptions,
+) -> Result<AttnOutput<T>> {
+    altgrad::forward(q, k, v, shape, opts, popts)
+}
+
+/// ALTGrad backward, the paper's Algorithm 1 for one layer in Q/K/V form (MATH §5; LSSSZ Def C.12,
+/// Fact C.2, Lemma C.16, Def D.16, Lemmas I.3–I.8, with MATH §5.4's corrections): the exact
+/// softmax-gradient formula with `f̃` in place of softmax, `p = f̃ ∘ (G Vᵀ) − diag(δ) f̃`,
+/// `dQ = τ p K`, `dK = τ pᵀ Q`, `dV = f̃ᵀ G`, no chain rule through the row shift. It is **not**
+/// the gradient of [`forward_altgrad`] (that is [`backward_poly`]); it tends to the exact
+/// gradient as the degree rises. `fwd` must come from [`forward_altgrad`] with the same inputs;
+/// `dout = dL/do [seq_len, num_heads, head_dim_v]`. O(n·r·d_v·d) per head; GQA `dk`, `dv` summed
+/// over each group.
+///
+/// Errors: [`Error::BadInput`] as [`forward_altgrad`], when `fwd`/`dout` do not match the shape,
+/// or when the Kronecker state `r·(d_v+1)·d` exceeds [`altgrad::MAX_KRON_STATE`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_altgrad<T: Scalar>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    fwd: &AttnOutput<T>,
+    dout: &[T],
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    popts: &PolyOptions,
+) -> Result<AttnGrads<T>> {
+    altgrad::backward(q, k, v, fwd, dout, shape, opts, popts)
 }

@@ -260,3 +260,221 @@ pub fn poly_backward(
     }
     (dq, dk, dv)
 }
+
+/// LSSSZ's approximate attention matrix of query head `h` (MATH §5): `f̃ = D̃⁻¹ A` with `A` from
+/// [`poly_weights`] (`A_ij = T_g(s_ij − m_i)` = `Φ_Q Φ_Kᵀ` with the row shift; 0 where masked).
+#[allow(clippy::too_many_arguments)]
+pub fn altgrad_matrix(
+    q: &[f64],
+    k: &[f64],
+    s: &AttnShape,
+    causal: bool,
+    scale: f64,
+    degree: usize,
+    center: bool,
+    h: usize,
+) -> Vec<Vec<f64>> {
+    let (mut a, _, _) = poly_weights(q, k, s, causal, scale, degree, center, h);
+    for row in &mut a {
+        let den: f64 = row.iter().sum();
+        for x in row.iter_mut() {
+            *x /= den;
+        }
+    }
+    a
+}
+
+/// Single-head gradients of `L = ⟨G, f V⟩` written with a fixed attention matrix `f` (MATH §5
+/// applied literally; LSSSZ Def C.12, Lemma C.16, Def D.16): `o = f V`, `δ_i = G_i·o_i`,
+/// `p₁ = f ∘ (G Vᵀ)`, `p₂ = diag(δ) f`, `p = p₁ − p₂`, `dq = τ p K`, `dk = τ pᵀ Q`, `dv = fᵀ G`.
+/// With the exact softmax `f` this is the exact gradient; with `f̃` it is ALTGrad.
+#[derive(Clone, Debug)]
+pub struct MatrixGrads {
+    /// `p = p₁ − p₂`, `[n][n]`.
+    pub p: Vec<Vec<f64>>,
+    /// `τ p K`, `[n, d]`.
+    pub dq: Vec<f64>,
+    /// `τ pᵀ Q`, `[n, d]`.
+    pub dk: Vec<f64>,
+    /// `fᵀ G`, `[n, dv]`.
+    pub dv: Vec<f64>,
+}
+
+/// See [`MatrixGrads`]: `f [n][n]`, `q`, `k [n, d]`, `v`, `g [n, dv]` (one head, row-major).
+#[allow(clippy::too_many_arguments)]
+pub fn grads_from_matrix(
+    f: &[Vec<f64>],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    g: &[f64],
+    n: usize,
+    d: usize,
+    dvw: usize,
+    scale: f64,
+) -> MatrixGrads {
+    let mut o = vec![0.0; n * dvw];
+    for i in 0..n {
+        for j in 0..n {
+            for c in 0..dvw {
+                o[i * dvw + c] += f[i][j] * v[j * dvw + c];
+            }
+        }
+    }
+    let delta: Vec<f64> = (0..n).map(|i| (0..dvw).map(|c| g[i * dvw + c] * o[i * dvw + c]).sum()).collect();
+    let mut p = vec![vec![0.0; n]; n];
+    for i in 0..n {
+        for j in 0..n {
+            let gv: f64 = (0..dvw).map(|c| g[i * dvw + c] * v[j * dvw + c]).sum();
+            let p1 = f[i][j] * gv;
+            let p2 = delta[i] * f[i][j];
+            p[i][j] = p1 - p2;
+        }
+    }
+    let (mut dq, mut dk, mut dv) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n * dvw]);
+    for i in 0..n {
+        for j in 0..n {
+            for c in 0..d {
+                dq[i * d + c] += scale * p[i][j] * k[j * d + c];
+                dk[j * d + c] += scale * p[i][j] * q[i * d + c];
+            }
+            for c in 0..dvw {
+                dv[j * dvw + c] += f[i][j] * g[i * dvw + c];
+            }
+        }
+    }
+    MatrixGrads { p, dq, dk, dv }
+}
+
+/// Copies head `h` of `x [n, heads, w]` into `[n, w]`.
+fn head_of(x: &[f64], n: usize, heads: usize, w: usize, h: usize) -> Vec<f64> {
+    (0..n * w).map(|t| x[idx(t / w, h, t % w, heads, w)]).collect()
+}
+
+/// Naive ALTGrad forward (MATH §5): `o = f̃ V` per head with [`altgrad_matrix`];
+/// returns `o [n, num_heads, head_dim_v]`.
+#[allow(clippy::too_many_arguments)]
+pub fn altgrad_forward(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    s: &AttnShape,
+    causal: bool,
+    scale: f64,
+    degree: usize,
+    center: bool,
+) -> Vec<f64> {
+    let n = s.seq_len;
+    let dvw = s.head_dim_v;
+    let mut o = vec![0.0; n * s.num_heads * dvw];
+    for h in 0..s.num_heads {
+        let kv = h / (s.num_heads / s.num_kv_heads);
+        let f = altgrad_matrix(q, k, s, causal, scale, degree, center, h);
+        for i in 0..n {
+            for c in 0..dvw {
+                o[idx(i, h, c, s.num_heads, dvw)] =
+                    (0..n).map(|j| f[i][j] * v[idx(j, kv, c, s.num_kv_heads, dvw)]).sum();
+            }
+        }
+    }
+    o
+}
+
+/// Naive ALTGrad backward (MATH §5 literally, [`grads_from_matrix`] with `f̃` per head, no chain
+/// rule through the row shift); GQA `dk`, `dv` summed over each group. Returns `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+pub fn altgrad_backward(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    g: &[f64],
+    s: &AttnShape,
+    causal: bool,
+    scale: f64,
+    degree: usize,
+    center: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let n = s.seq_len;
+    let (d, dvw) = (s.head_dim, s.head_dim_v);
+    let mut dq = vec![0.0; n * s.num_heads * d];
+    let mut dk = vec![0.0; n * s.num_kv_heads * d];
+    let mut dv = vec![0.0; n * s.num_kv_heads * dvw];
+    for h in 0..s.num_heads {
+        let kv = h / (s.num_heads / s.num_kv_heads);
+        let f = altgrad_matrix(q, k, s, causal, scale, degree, center, h);
+        let mg = grads_from_matrix(
+            &f,
+            &head_of(q, n, s.num_heads, d, h),
+            &head_of(k, n, s.num_kv_heads, d, kv),
+            &head_of(v, n, s.num_kv_heads, dvw, kv),
+            &head_of(g, n, s.num_heads, dvw, h),
+            n,
+            d,
+            dvw,
+            scale,
+        );
+        for i in 0..n {
+            for c in 0..d {
+                dq[idx(i, h, c, s.num_heads, d)] = mg.dq[i * d + c];
+                dk[idx(i, kv, c, s.num_kv_heads, d)] += mg.dk[i * d + c];
+            }
+            for c in 0..dvw {
+                dv[idx(i, kv, c, s.num_kv_heads, dvw)] += mg.dv[i * dvw + c];
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// The W-form of one layer (LSSSZ Lemmas D.17, F.4, G.3 as corrected in MATH §5.4) for a fixed
+/// attention matrix `f [n][n]`: `x [n, hdim]`, `w = W_Q W_Kᵀ [hdim, hdim]`, `w_v [hdim, dv]`,
+/// `g [n, dv]`. With `V = X W_V`, `p` as in [`grads_from_matrix`], returns
+/// `(dW = τ Xᵀ p X, dW_V = Xᵀ fᵀ G, dX = τ(p X Wᵀ + pᵀ X W) + fᵀ G W_Vᵀ)`.
+#[allow(clippy::too_many_arguments)]
+pub fn w_form_from_matrix(
+    f: &[Vec<f64>],
+    x: &[f64],
+    w: &[f64],
+    w_v: &[f64],
+    g: &[f64],
+    n: usize,
+    hdim: usize,
+    dvw: usize,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut v = vec![0.0; n * dvw];
+    for i in 0..n {
+        for c in 0..dvw {
+            v[i * dvw + c] = (0..hdim).map(|a| x[i * hdim + a] * w_v[a * dvw + c]).sum();
+        }
+    }
+    // q = k = x in grads_from_matrix gives p X and pᵀ X (times τ) and fᵀ G.
+    let mg = grads_from_matrix(f, x, x, &v, g, n, hdim, dvw, scale);
+    let (px, ptx, ftg) = (&mg.dq, &mg.dk, &mg.dv); // τ p X, τ pᵀ X, fᵀ G
+    let mut dw = vec![0.0; hdim * hdim];
+    for a in 0..hdim {
+        for b in 0..hdim {
+            dw[a * hdim + b] = (0..n).map(|i| x[i * hdim + a] * px[i * hdim + b]).sum();
+        }
+    }
+    let mut dw_v = vec![0.0; hdim * dvw];
+    for a in 0..hdim {
+        for c in 0..dvw {
+            dw_v[a * dvw + c] = (0..n).map(|i| x[i * hdim + a] * ftg[i * dvw + c]).sum();
+        }
+    }
+    let mut dx = vec![0.0; n * hdim];
+    for i in 0..n {
+        for a in 0..hdim {
+            let mut acc = 0.0;
+            for b in 0..hdim {
+                acc += px[i * hdim + b] * w[a * hdim + b] + ptx[i * hdim + b] * w[b * hdim + a];
+            }
+            for c in 0..dvw {
+                acc += ftg[i * dvw + c] * w_v[a * dvw + c];
+            }
+            dx[i * hdim + a] = acc;
+        }
+    }
+    (dw, dw_v, dx)
+}

@@ -22,7 +22,7 @@
 //! Every hot loop is a GEMM of a `C×r` feature chunk with an `r×e` state. Working memory is
 //! O(C·r + r·d_v) ([`super::bound::poly_state_bytes`]); no `n×r` matrix is ever formed.
 
-use super::features::{taylor, FeatureMap};
+use super::features::{simd, taylor, FeatureMap};
 use crate::linalg::{matmul, rm, rm_mut, rm_strided, Scalar};
 use crate::{Error, Result};
 use faer::Par;
@@ -170,11 +170,16 @@ impl<T: Scalar> Head<'_, T> {
     fn features(&self, x: &[T], rows: usize, xt: &mut [T], phit: &mut [T]) {
         let (d, r) = (self.d(), self.r());
         let st = self.sqrt_tau();
-        for (i, xr) in x[..rows * d].chunks_exact(d).enumerate() {
-            for (c, v) in xr.iter().enumerate() {
-                xt[c * rows + i] = *v * st;
-            }
-        }
+        simd(
+            #[inline(always)]
+            || {
+                for (i, xr) in x[..rows * d].chunks_exact(d).enumerate() {
+                    for (c, v) in xr.iter().enumerate() {
+                        xt[c * rows + i] = *v * st;
+                    }
+                }
+            },
+        );
         self.fm.apply_cols(&xt[..rows * d], rows, &mut phit[..rows * r]);
     }
 
@@ -187,18 +192,26 @@ impl<T: Scalar> Head<'_, T> {
         }
         let g = self.g();
         for t in 0..=g {
-            let w = &mut b.w[t * rows..(t + 1) * rows];
-            for (wi, mi) in w.iter_mut().zip(&m[..rows]) {
+            for (wi, mi) in b.w[t * rows..(t + 1) * rows].iter_mut().zip(&m[..rows]) {
                 *wi = taylor(g - t, -*mi);
             }
-            let blk = self.fm.block(t);
-            let (phi, psi) = (&b.phit[blk.start * rows..blk.end * rows], &mut b.psit[blk.start * rows..blk.end * rows]);
-            for (pr, fr) in psi.chunks_exact_mut(rows).zip(phi.chunks_exact(rows)) {
-                for ((p, f), wi) in pr.iter_mut().zip(fr).zip(w.iter()) {
-                    *p = *f * *wi;
-                }
-            }
         }
+        simd(
+            #[inline(always)]
+            || {
+                for t in 0..=g {
+                    let w = &b.w[t * rows..(t + 1) * rows];
+                    let blk = self.fm.block(t);
+                    let phi = &b.phit[blk.start * rows..blk.end * rows];
+                    let psi = &mut b.psit[blk.start * rows..blk.end * rows];
+                    for (pr, fr) in psi.chunks_exact_mut(rows).zip(phi.chunks_exact(rows)) {
+                        for ((p, f), wi) in pr.iter_mut().zip(fr).zip(w) {
+                            *p = *f * *wi;
+                        }
+                    }
+                }
+            },
+        );
     }
 
     /// `Ψᵀ` of the chunk: `psit` when centering, else `phit`.
@@ -256,43 +269,27 @@ impl<T: Scalar> Head<'_, T> {
     fn add_transposed(&self, dxt: &[T], rows: usize, dx: &mut [T]) {
         let d = self.d();
         let st = self.sqrt_tau();
-        for (i, row) in dx[..rows * d].chunks_exact_mut(d).enumerate() {
-            for (c, x) in row.iter_mut().enumerate() {
-                *x += dxt[c * rows + i] * st;
-            }
-        }
+        simd(
+            #[inline(always)]
+            || {
+                for (i, row) in dx[..rows * d].chunks_exact_mut(d).enumerate() {
+                    for (c, x) in row.iter_mut().enumerate() {
+                        *x += dxt[c * rows + i] * st;
+                    }
+                }
+            },
+        );
     }
 
     /// Query-side chain rule once `b.dphit = dΨᵀ` is known for `rows` rows: adds the inter-chunk
     /// `dm_i` (when centering), turns `dΨ` into `dφ = w ∘ dΨ`, and adds `√τ J_φᵀ dφ_i` to `dq_i`.
     fn query_vjp(&self, rows: usize, b: &mut Bufs<T>, dm: &mut [T], dq: &mut [T]) {
-        let (d, r, g) = (self.d(), self.r(), self.g());
+        let (d, r) = (self.d(), self.r());
         if self.center {
-            for t in 0..=g {
-                let blk = self.fm.block(t);
-                let w = &b.w[t * rows..(t + 1) * rows];
-                let phi = &b.phit[blk.start * rows..blk.end * rows];
-                let dpsi = &mut b.dphit[blk.start * rows..blk.end * rows];
-                if t < g {
-                    // ∂w_t/∂m = −T_{g−t−1}(−m) = −w_{t+1}
-                    let acc = &mut b.acc[..rows];
-                    acc.fill(T::zero());
-                    for (fr, dr) in phi.chunks_exact(rows).zip(dpsi.chunks_exact(rows)) {
-                        for ((a, f), dp) in acc.iter_mut().zip(fr).zip(dr) {
-                            *a += *f * *dp;
-                        }
-                    }
-                    let wn = &b.w[(t + 1) * rows..(t + 2) * rows];
-                    for ((x, a), wv) in dm[..rows].iter_mut().zip(acc.iter()).zip(wn) {
-                        *x -= *wv * *a;
-                    }
-                }
-                for dr in dpsi.chunks_exact_mut(rows) {
-                    for (x, wi) in dr.iter_mut().zip(w) {
-                        *x *= *wi;
-                    }
-                }
-            }
+            simd(
+                #[inline(always)]
+                || self.unweigh(rows, b, dm),
+            );
         }
         self.fm.vjp_cols(
             &b.xt[..rows * d],
@@ -302,6 +299,37 @@ impl<T: Scalar> Head<'_, T> {
             &mut b.dxt[..rows * d],
         );
         self.add_transposed(&b.dxt, rows, dq);
+    }
+
+    /// `dm_i −= Σ_{t<g} w_{t+1}(i) ⟨φ_t(q'_i), dΨ_{i,t}⟩` (since `∂w_t/∂m = −T_{g−t−1}(−m) = −w_{t+1}`),
+    /// then `dΨ ← w ∘ dΨ` blockwise (which is `dφ`).
+    #[inline(always)]
+    fn unweigh(&self, rows: usize, b: &mut Bufs<T>, dm: &mut [T]) {
+        let g = self.g();
+        for t in 0..=g {
+            let blk = self.fm.block(t);
+            let w = &b.w[t * rows..(t + 1) * rows];
+            let phi = &b.phit[blk.start * rows..blk.end * rows];
+            let dpsi = &mut b.dphit[blk.start * rows..blk.end * rows];
+            if t < g {
+                let acc = &mut b.acc[..rows];
+                acc.fill(T::zero());
+                for (fr, dr) in phi.chunks_exact(rows).zip(dpsi.chunks_exact(rows)) {
+                    for ((a, f), dp) in acc.iter_mut().zip(fr).zip(dr) {
+                        *a += *f * *dp;
+                    }
+                }
+                let wn = &b.w[(t + 1) * rows..(t + 2) * rows];
+                for ((x, a), wv) in dm[..rows].iter_mut().zip(acc.iter()).zip(wn) {
+                    *x -= *wv * *a;
+                }
+            }
+            for dr in dpsi.chunks_exact_mut(rows) {
+                for (x, wi) in dr.iter_mut().zip(w) {
+                    *x *= *wi;
+                }
+            }
+        }
     }
 
     /// Key-side chain rule: adds `√τ J_φ(k'_j)ᵀ dφ_j` to `dk_j` for `rows` rows (`b.xt`, `b.phit`
@@ -455,16 +483,21 @@ impl<T: Scalar> Head<'_, T> {
             matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(&state, r, e), T::one(), Par::Seq);
             // intra-chunk: Y += A V', a_ij = T_g(s_ij − m_i) for j ≤ i
             self.chunk_scores(qc, kc, cn, &mut s);
-            for il in 0..cn {
-                let mi = if self.center { m[i0 + il] } else { T::zero() };
-                let row = &mut s[il * cn..(il + 1) * cn];
-                let sh = &mut tmp[..=il];
-                for (a, x) in sh.iter_mut().zip(&row[..=il]) {
-                    *a = *x - mi;
-                }
-                horner_into(&coef, sh, &mut row[..=il]);
-                row[il + 1..].fill(T::zero());
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for il in 0..cn {
+                        let mi = if self.center { m[i0 + il] } else { T::zero() };
+                        let row = &mut s[il * cn..(il + 1) * cn];
+                        let sh = &mut tmp[..=il];
+                        for (a, x) in sh.iter_mut().zip(&row[..=il]) {
+                            *a = *x - mi;
+                        }
+                        horner_into(&coef, sh, &mut row[..=il]);
+                        row[il + 1..].fill(T::zero());
+                    }
+                },
+            );
             self.aug_v(&v[i0 * dv..(i0 + cn) * dv], cn, &mut b.ve);
             let ve = rm(&b.ve[..cn * e], cn, e);
             matmul(rm_mut(&mut y[..cn * e], cn, e), true, rm(&s[..cn * cn], cn, cn), ve, T::one(), Par::Seq);
@@ -517,24 +550,29 @@ impl<T: Scalar> Head<'_, T> {
             let (dy, ve) = (rm(&b.y[..cn * e], cn, e), rm(&b.ve[..cn * e], cn, e));
             self.chunk_scores(qc, kc, cn, &mut s);
             matmul(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, ve.transpose(), T::one(), Par::Seq);
-            for il in 0..cn {
-                let mi = if self.center { m[i0 + il] } else { T::zero() };
-                let (srow, drow) = (&mut s[il * cn..(il + 1) * cn], &mut da[il * cn..(il + 1) * cn]);
-                let (sh, t1) = (&mut tmp[..=il], &mut tmp2[..=il]);
-                for (a, x) in sh.iter_mut().zip(&srow[..=il]) {
-                    *a = *x - mi;
-                }
-                horner_into(&coef, sh, &mut srow[..=il]); // a = T_g(s̃)
-                horner_into(&coef[..deg], sh, t1); // T_{g−1}(s̃)
-                let mut dmi = T::zero();
-                for (dx, t) in drow[..=il].iter_mut().zip(t1.iter()) {
-                    *dx *= *t;
-                    dmi += *dx;
-                }
-                srow[il + 1..].fill(T::zero());
-                drow[il + 1..].fill(T::zero());
-                dm[i0 + il] -= dmi;
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for il in 0..cn {
+                        let mi = if self.center { m[i0 + il] } else { T::zero() };
+                        let (srow, drow) = (&mut s[il * cn..(il + 1) * cn], &mut da[il * cn..(il + 1) * cn]);
+                        let (sh, t1) = (&mut tmp[..=il], &mut tmp2[..=il]);
+                        for (a, x) in sh.iter_mut().zip(&srow[..=il]) {
+                            *a = *x - mi;
+                        }
+                        horner_into(&coef, sh, &mut srow[..=il]); // a = T_g(s̃)
+                        horner_into(&coef[..deg], sh, t1); // T_{g−1}(s̃)
+                        let mut dmi = T::zero();
+                        for (dx, t) in drow[..=il].iter_mut().zip(t1.iter()) {
+                            *dx *= *t;
+                            dmi += *dx;
+                        }
+                        srow[il + 1..].fill(T::zero());
+                        drow[il + 1..].fill(T::zero());
+                        dm[i0 + il] -= dmi;
+                    }
+                },
+            );
             let (sa, dsa) = (rm(&s[..cn * cn], cn, cn), rm(&da[..cn * cn], cn, cn));
             matmul(rm_mut(&mut dq[i0 * d..(i0 + cn) * d], cn, d), true, dsa, rm(kc, cn, d), tau, Par::Seq);
             matmul(rm_mut(&mut dk[i0 * d..(i0 + cn) * d], cn, d), true, dsa.transpose(), rm(qc, cn, d), tau, Par::Seq);
@@ -596,7 +634,7 @@ fn taylor_coefs<T: Scalar>(g: usize) -> Vec<T> {
 
 /// `out[j] = Σ_t coef[t] x[j]ᵗ` by Horner's rule, one vector pass per coefficient (`coef` from
 /// [`taylor_coefs`], possibly truncated: `T_{len−1}`).
-#[inline]
+#[inline(always)]
 fn horner_into<T: Scalar>(coef: &[T], x: &[T], out: &mut [T]) {
     let (last, rest) = coef.split_last().expect("at least one coefficient");
     out.fill(*last);
