@@ -142,3 +142,60 @@ fn bad_token_ids_are_rejected_with_a_clear_message() {
     let err = Model::new(m.cfg.clone(), w, "nan-model").unwrap_err().to_string();
     assert!(err.contains("model.layers.1.self_attn.q_proj.weight") && err.contains("index 5"), "{err}");
 }
+
+use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::PolyOptions;
+use altgrad::model::AttentionPolicy;
+
+/// Weights scaled down so attention scores are bounded (the polynomial method's regime).
+fn bounded_model(seed: u64) -> Model<f64> {
+    let cfg = small_cfg(RopeLayout::RotateHalf, false, false);
+    let mut w = LlamaWeights::<f64>::random_hf(&cfg, seed);
+    for l in &mut w.layers {
+        for x in l.q_proj.weight.data.iter_mut().chain(l.k_proj.weight.data.iter_mut()) {
+            *x *= 0.5;
+        }
+    }
+    Model::new(cfg, w, "bounded").unwrap()
+}
+
+#[test]
+fn forced_poly_model_gradient_matches_finite_differences_of_the_approximate_model() {
+    let m = bounded_model(21);
+    let ids: Vec<u32> = vec![3, 7, 1, 12, 0, 7, 5, 9, 2];
+    for center in [true, false] {
+        let policy = AttentionPolicy::Fixed(HeadPlan::Poly(PolyOptions { degree: 2, center, chunk: 4 }));
+        let (_, grads, _) = m.loss_and_grads_with(&ids, &policy).unwrap();
+        let fd = fd_all(&m, &|mm: &Model<f64>| mm.loss_and_grads_with(&ids, &policy).unwrap().0);
+        for (p, g) in grads.weights.params().iter().zip(&fd) {
+            let e = rel(&p.data, g);
+            assert!(e < 1e-7, "center={center} {}: rel err {e:e}", p.name);
+        }
+    }
+}
+
+#[test]
+fn approximate_model_gradients_approach_exact_as_degree_rises() {
+    let m = bounded_model(22);
+    let ids: Vec<u32> = vec![3, 7, 1, 12, 0, 7, 5, 9, 2, 11, 4];
+    let (_, exact, _) = m.loss_and_grads(&ids).unwrap();
+    let flat = |g: &altgrad::model::Grads<f64>| -> Vec<f64> {
+        g.weights.params().iter().flat_map(|p| p.data.iter().copied()).collect()
+    };
+    let ex = flat(&exact);
+    for make in
+        [(|g| HeadPlan::Poly(PolyOptions { degree: g, center: true, chunk: 4 })) as fn(usize) -> HeadPlan, |g| {
+            HeadPlan::AltGrad(PolyOptions { degree: g, center: true, chunk: 4 })
+        }]
+    {
+        let errs: Vec<f64> = [2, 4, 6]
+            .iter()
+            .map(|&g| {
+                let (_, gr, _) = m.loss_and_grads_with(&ids, &AttentionPolicy::Fixed(make(g))).unwrap();
+                rel(&flat(&gr), &ex)
+            })
+            .collect();
+        eprintln!("{:?}: rel err of all gradients vs exact for g = 2, 4, 6: {errs:?}", make(2).method_name());
+        assert!(errs[0] < 0.05 && errs[1] < errs[0] && errs[2] < errs[1], "{errs:?}");
+    }
+}

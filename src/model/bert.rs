@@ -14,8 +14,10 @@
 //! [`BertModel::backward_from_hidden`]; [`pooled_norm_loss`] is the default encoder loss.
 
 use super::layers::{add_inplace, embedding_backward, PAR_MIN_ELEMS};
+use super::policy::{decide, AttentionPolicy, HeadDecision};
 use super::weights::{Linear, Param};
-use crate::attention::{self, AttnOptions, AttnOutput, AttnShape};
+use crate::attention::mixed::{backward_mixed, forward_mixed, HeadPlan, MixedOutput};
+use crate::attention::{AttnOptions, AttnShape};
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 use rand::SeedableRng;
@@ -521,8 +523,10 @@ pub struct BertLayerCache<T> {
     pub k: Vec<T>,
     /// Values `[n, num_heads, head_dim]`.
     pub v: Vec<T>,
-    /// Attention output `o [n, num_heads, head_dim]` and `lse`.
-    pub attn: AttnOutput<T>,
+    /// Attention output `o [n, num_heads, head_dim]` and what each head's method keeps.
+    pub attn: MixedOutput<T>,
+    /// Each head's decision (plan, bound, rank, predicted error).
+    pub decisions: Vec<HeadDecision>,
     /// `x + Wₒ·o + bₒ`, the input of the attention LayerNorm, `[n, hidden]`.
     pub pre_norm1: Vec<T>,
     /// Statistics of the attention LayerNorm.
@@ -565,6 +569,8 @@ pub struct BertGrads<T> {
     /// `dL/de [n, hidden]`, `e` = word + position + token-type embedding (before the embedding
     /// LayerNorm).
     pub embeddings: Vec<T>,
+    /// `dL/d(input of layer l) [n, hidden]` for every layer, first to last.
+    pub layer_dx: Vec<Vec<T>>,
 }
 
 /// The default encoder loss (ARCHITECTURE "Losses"): `L = 0.5 · ‖m‖²` with `m = (1/n) Σᵢ hidden[i, :]`
@@ -683,8 +689,15 @@ impl<T: Scalar> BertModel<T> {
     ///
     /// Errors: bad ids (see [`BertModel::check_ids`]).
     pub fn forward(&self, ids: &[u32]) -> Result<BertCache<T>> {
+        self.forward_with(ids, &AttentionPolicy::EXACT)
+    }
+
+    /// [`BertModel::forward`] with each head's attention chosen by `policy`.
+    ///
+    /// Errors: as [`BertModel::forward`], and invalid plans (odd degree, …).
+    pub fn forward_with(&self, ids: &[u32], policy: &AttentionPolicy) -> Result<BertCache<T>> {
         let e = self.embed(ids)?;
-        let mut cache = self.forward_embeddings(e, ids.len())?;
+        let mut cache = self.forward_embeddings_with(e, ids.len(), policy)?;
         cache.ids = ids.to_vec();
         Ok(cache)
     }
@@ -694,6 +707,13 @@ impl<T: Scalar> BertModel<T> {
     ///
     /// Errors: wrong length or non-finite values in `e` (input named `embeddings`).
     pub fn forward_embeddings(&self, e: Vec<T>, n: usize) -> Result<BertCache<T>> {
+        self.forward_embeddings_with(e, n, &AttentionPolicy::EXACT)
+    }
+
+    /// [`BertModel::forward_embeddings`] with each head's attention chosen by `policy`.
+    ///
+    /// Errors: as [`BertModel::forward_embeddings`], and invalid plans.
+    pub fn forward_embeddings_with(&self, e: Vec<T>, n: usize, policy: &AttentionPolicy) -> Result<BertCache<T>> {
         let c = &self.cfg;
         let h = c.hidden_size;
         if n == 0 || e.len() != n * h {
@@ -712,7 +732,9 @@ impl<T: Scalar> BertModel<T> {
             let q = lw.query.forward(&x, n);
             let k = lw.key.forward(&x, n);
             let v = lw.value.forward(&x, n);
-            let attn = attention::forward_exact(&q, &k, &v, &shape, &opts)?;
+            let decisions = decide(policy, &q, &k, &shape, &opts)?;
+            let plans: Vec<HeadPlan> = decisions.iter().map(|d| d.plan).collect();
+            let attn = forward_mixed(&q, &k, &v, &shape, &opts, &plans)?;
             let mut pre_norm1 = lw.attn_out.forward(&attn.o, n);
             add_inplace(&mut pre_norm1, &x);
             let (x1, norm1) =
@@ -724,7 +746,20 @@ impl<T: Scalar> BertModel<T> {
             add_inplace(&mut pre_norm2, &x1);
             let (x2, norm2) =
                 layernorm_forward(&pre_norm2, h, &lw.out_norm.weight.data, &lw.out_norm.bias.data, c.layer_norm_eps);
-            layers.push(BertLayerCache { x_in: x, q, k, v, attn, pre_norm1, norm1, x1, inter, pre_norm2, norm2 });
+            layers.push(BertLayerCache {
+                x_in: x,
+                q,
+                k,
+                v,
+                attn,
+                decisions,
+                pre_norm1,
+                norm1,
+                x1,
+                inter,
+                pre_norm2,
+                norm2,
+            });
             x = x2;
         }
         Ok(BertCache { ids: Vec::new(), n, embeddings: e, embed_norm, layers, hidden: x })
@@ -732,7 +767,11 @@ impl<T: Scalar> BertModel<T> {
 
     /// A zero gradient buffer for a sequence of `n` tokens.
     pub fn zero_grads(&self, n: usize) -> BertGrads<T> {
-        BertGrads { weights: self.weights.zeros_like(), embeddings: vec![T::zero(); n * self.cfg.hidden_size] }
+        BertGrads {
+            weights: self.weights.zeros_like(),
+            embeddings: vec![T::zero(); n * self.cfg.hidden_size],
+            layer_dx: Vec::new(),
+        }
     }
 
     /// The general-loss entry point (LSSSZ Def 3.1): backward from any upstream gradient
@@ -752,6 +791,7 @@ impl<T: Scalar> BertModel<T> {
         let shape = self.attn_shape(n);
         let opts = self.attn_opts();
         let mut grads = self.zero_grads(n);
+        let mut layer_dx = Vec::with_capacity(c.num_layers);
         let gw = &mut grads.weights;
         let mut dx = dhidden.to_vec(); // dL/d (output of the current layer)
         for (l, (lw, lc)) in self.weights.layers.iter().zip(&cache.layers).enumerate().rev() {
@@ -785,13 +825,17 @@ impl<T: Scalar> BertModel<T> {
                 &mut lg.attn_norm.bias.data,
             );
             let do_ = lw.attn_out.backward(&lc.attn.o, n, &dpre1, &mut lg.attn_out);
-            let ag = attention::backward_exact(&lc.q, &lc.k, &lc.v, &lc.attn, &do_, &shape, &opts)?;
+            let plans: Vec<HeadPlan> = lc.decisions.iter().map(|d| d.plan).collect();
+            let ag = backward_mixed(&lc.q, &lc.k, &lc.v, &lc.attn, &do_, &shape, &opts, &plans)?;
             let mut dxin = lw.query.backward(&lc.x_in, n, &ag.dq, &mut lg.query);
             add_inplace(&mut dxin, &lw.key.backward(&lc.x_in, n, &ag.dk, &mut lg.key));
             add_inplace(&mut dxin, &lw.value.backward(&lc.x_in, n, &ag.dv, &mut lg.value));
             add_inplace(&mut dxin, &dpre1); // residual: dxin = dL/d x
             dx = dxin;
+            layer_dx.push(dx.clone());
         }
+        layer_dx.reverse();
+        grads.layer_dx = layer_dx;
         let de = layernorm_backward(
             &cache.embeddings,
             h,

@@ -7,9 +7,11 @@ pub mod bert;
 pub mod config;
 pub mod layers;
 pub mod loss;
+pub mod policy;
 pub mod transformer;
 pub mod weights;
 
 pub use config::{LlamaConfig, RopeLayout};
+pub use policy::{AttentionPolicy, HeadDecision};
 pub use transformer::{ForwardCache, Grads, Model};
 pub use weights::{LayerWeights, Linear, LlamaWeights, Param};

@@ -11,8 +11,10 @@ use super::layers::{
     swiglu_forward, Rope,
 };
 use super::loss::lm_cross_entropy;
+use super::policy::{decide, AttentionPolicy, HeadDecision};
 use super::weights::LlamaWeights;
-use crate::attention::{self, AttnOptions, AttnOutput, AttnShape};
+use crate::attention::mixed::{backward_mixed, forward_mixed, HeadPlan, MixedOutput};
+use crate::attention::{AttnOptions, AttnShape};
 use crate::linalg::{linear_backward, Scalar};
 use crate::{Error, Result};
 
@@ -45,8 +47,10 @@ pub struct LayerCache<T> {
     pub k: Vec<T>,
     /// Values `[n, num_kv_heads, head_dim]`.
     pub v: Vec<T>,
-    /// Attention output and `lse`.
-    pub attn: AttnOutput<T>,
+    /// Attention output and what each head's method keeps for its backward.
+    pub attn: MixedOutput<T>,
+    /// Each head's decision (plan, bound, rank, predicted error).
+    pub decisions: Vec<HeadDecision>,
     /// Residual stream after attention `[n, hidden]`.
     pub x_mid: Vec<T>,
     /// `1/rms` of each row of `x_mid`.
@@ -83,6 +87,9 @@ pub struct Grads<T> {
     pub weights: LlamaWeights<T>,
     /// `dL/d(input embeddings)` `[n, hidden]`.
     pub embeddings: Vec<T>,
+    /// When `Some` before the backward: `dL/d(input of layer l)` `[n, hidden]` for every layer,
+    /// first to last (for per-layer comparisons).
+    pub layer_dx: Option<Vec<Vec<T>>>,
 }
 
 impl<T: Scalar> Model<T> {
@@ -138,9 +145,16 @@ impl<T: Scalar> Model<T> {
     ///
     /// Errors: bad ids (see [`Model::check_ids`]).
     pub fn forward(&self, ids: &[u32]) -> Result<ForwardCache<T>> {
+        self.forward_with(ids, &AttentionPolicy::EXACT)
+    }
+
+    /// Forward pass over token ids with each head's attention chosen by `policy`.
+    ///
+    /// Errors: bad ids (see [`Model::check_ids`]), invalid plans (odd degree, …).
+    pub fn forward_with(&self, ids: &[u32], policy: &AttentionPolicy) -> Result<ForwardCache<T>> {
         self.check_ids(ids, "tokens")?;
         let x = embedding_forward(ids, &self.weights.embed.data, self.cfg.hidden_size);
-        let mut cache = self.forward_embeddings(x, ids.len())?;
+        let mut cache = self.forward_embeddings_with(x, ids.len(), policy)?;
         cache.ids = ids.to_vec();
         Ok(cache)
     }
@@ -149,6 +163,13 @@ impl<T: Scalar> Model<T> {
     ///
     /// Errors: wrong length, non-finite values, `n` above `max_seq_len`.
     pub fn forward_embeddings(&self, x: Vec<T>, n: usize) -> Result<ForwardCache<T>> {
+        self.forward_embeddings_with(x, n, &AttentionPolicy::EXACT)
+    }
+
+    /// Forward pass from input embeddings with each head's attention chosen by `policy`.
+    ///
+    /// Errors: as [`Model::forward_embeddings`], and invalid plans.
+    pub fn forward_embeddings_with(&self, x: Vec<T>, n: usize, policy: &AttentionPolicy) -> Result<ForwardCache<T>> {
         let c = &self.cfg;
         let h = c.hidden_size;
         if n == 0 || x.len() != n * h {
@@ -173,7 +194,9 @@ impl<T: Scalar> Model<T> {
             drop(xn1);
             rope.apply(&mut q, n, c.num_heads, c.rope_layout);
             rope.apply(&mut k, n, c.num_kv_heads, c.rope_layout);
-            let attn = attention::forward_exact(&q, &k, &v, &shape, &opts)?;
+            let decisions = decide(policy, &q, &k, &shape, &opts)?;
+            let plans: Vec<HeadPlan> = decisions.iter().map(|d| d.plan).collect();
+            let attn = forward_mixed(&q, &k, &v, &shape, &opts, &plans)?;
             let mut x_mid = lw.o_proj.forward(&attn.o, n);
             add_inplace(&mut x_mid, &x);
             let (xn2, inv_rms2) = rmsnorm_forward(&x_mid, h, &lw.mlp_norm.data, c.rms_norm_eps);
@@ -183,7 +206,7 @@ impl<T: Scalar> Model<T> {
             let act = swiglu_forward(&gate, &up);
             let mut x_out = lw.down_proj.forward(&act, n);
             add_inplace(&mut x_out, &x_mid);
-            layers.push(LayerCache { x_in: x, inv_rms1, q, k, v, attn, x_mid, inv_rms2, gate, up });
+            layers.push(LayerCache { x_in: x, inv_rms1, q, k, v, attn, decisions, x_mid, inv_rms2, gate, up });
             x = x_out;
         }
         let (hidden, inv_rms_final) = rmsnorm_forward(&x, h, &self.weights.final_norm.data, c.rms_norm_eps);
@@ -218,7 +241,11 @@ impl<T: Scalar> Model<T> {
 
     /// A zero gradient buffer for a sequence of `n` tokens.
     pub fn zero_grads(&self, n: usize) -> Grads<T> {
-        Grads { weights: self.weights.zeros_like(), embeddings: vec![T::zero(); n * self.cfg.hidden_size] }
+        Grads {
+            weights: self.weights.zeros_like(),
+            embeddings: vec![T::zero(); n * self.cfg.hidden_size],
+            layer_dx: None,
+        }
     }
 
     /// The general-loss entry point (LSSSZ Def 3.1): backward from any upstream gradient
@@ -285,7 +312,8 @@ impl<T: Scalar> Model<T> {
             add_inplace(&mut dx, &dmid); // residual: dx now = dL/d x_mid
                                          // Attention block: x_mid = x_in + o_proj(attn(q, k, v))
             let dattn = lw.o_proj.backward(&lc.attn.o, n, &dx, &mut lg.o_proj);
-            let ag = attention::backward_exact(&lc.q, &lc.k, &lc.v, &lc.attn, &dattn, &shape, &opts)?;
+            let plans: Vec<HeadPlan> = lc.decisions.iter().map(|d| d.plan).collect();
+            let ag = backward_mixed(&lc.q, &lc.k, &lc.v, &lc.attn, &dattn, &shape, &opts, &plans)?;
             let (mut dq, mut dk) = (ag.dq, ag.dk);
             cache.rope.apply_inverse(&mut dq, n, c.num_heads, c.rope_layout);
             cache.rope.apply_inverse(&mut dk, n, c.num_kv_heads, c.rope_layout);
@@ -296,6 +324,12 @@ impl<T: Scalar> Model<T> {
             drop(xn1);
             let din = rmsnorm_backward(&lc.x_in, h, &lw.attn_norm.data, &lc.inv_rms1, &dxn1, &mut lg.attn_norm.data);
             add_inplace(&mut dx, &din); // residual: dx now = dL/d x_in
+            if let Some(rec) = grads.layer_dx.as_mut() {
+                rec.push(dx.clone());
+            }
+        }
+        if let Some(rec) = grads.layer_dx.as_mut() {
+            rec.reverse(); // recorded last layer first
         }
         if !cache.ids.is_empty() {
             embedding_backward(&cache.ids, &dx, h, &mut gw.embed.data);
@@ -309,13 +343,24 @@ impl<T: Scalar> Model<T> {
     ///
     /// Errors: bad ids (see [`Model::check_ids`]), fewer than 2 tokens.
     pub fn loss_and_grads(&self, ids: &[u32]) -> Result<(f64, Grads<T>, ForwardCache<T>)> {
+        self.loss_and_grads_with(ids, &AttentionPolicy::EXACT)
+    }
+
+    /// [`Model::loss_and_grads`] with each head's attention chosen by `policy`: the gradient of
+    /// the model whose attention heads are what `policy` chose (for `altgrad` heads, the paper's
+    /// Algorithm 1 formula instead).
+    pub fn loss_and_grads_with(
+        &self,
+        ids: &[u32],
+        policy: &AttentionPolicy,
+    ) -> Result<(f64, Grads<T>, ForwardCache<T>)> {
         if ids.len() < 2 {
             return Err(Error::bad(
                 "tokens",
                 format!("the next-token loss needs at least 2 token ids, got {}", ids.len()),
             ));
         }
-        let cache = self.forward(ids)?;
+        let cache = self.forward_with(ids, policy)?;
         let mut grads = self.zero_grads(ids.len());
         let (loss, dhidden) = self.lm_loss(&cache, &mut grads)?;
         self.backward_hidden_into(&cache, &dhidden, &mut grads)?;

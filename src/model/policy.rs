@@ -1,0 +1,91 @@
+//! Per-head choice of attention method for a whole model (MATH §3 "Bound and degree", §6), shared
+//! by the decoder and the encoder.
+
+use crate::attention::bound::{output_bound, Policy};
+use crate::attention::features::feature_dim;
+use crate::attention::mixed::HeadPlan;
+use crate::attention::{head_bounds, AttnOptions, AttnShape, PolyOptions};
+use crate::linalg::Scalar;
+use crate::Result;
+
+/// How the model chooses each head's attention method (MATH §3 "Bound and degree", §6).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AttentionPolicy {
+    /// Every head uses this plan (`--attention exact|poly|altgrad` with `--degree`).
+    Fixed(HeadPlan),
+    /// Per layer and head: measure the score bound `R` after the row shift, take the smallest even
+    /// degree with `ε_A(R, g) ≤ tol`, and use polynomial attention only where the cost model says
+    /// it is cheaper than exact at this `n` and `r ≤ max_rank`; otherwise exact
+    /// ([`crate::attention::bound::Policy::choose`]).
+    Auto {
+        /// Tolerance on the entrywise relative error `ε_A` of the attention matrix.
+        tol: f64,
+        /// Largest feature width `r` allowed (memory budget).
+        max_rank: usize,
+        /// Chunk size of the polynomial kernels.
+        chunk: usize,
+    },
+}
+
+impl AttentionPolicy {
+    /// Exact attention everywhere.
+    pub const EXACT: AttentionPolicy = AttentionPolicy::Fixed(HeadPlan::Exact);
+
+    /// Name for reports: `exact`, `poly`, `altgrad` or `auto`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AttentionPolicy::Fixed(p) => p.method_name(),
+            AttentionPolicy::Auto { .. } => "auto",
+        }
+    }
+}
+
+/// One head's decision in a forward pass, for reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadDecision {
+    /// The plan used.
+    pub plan: HeadPlan,
+    /// Score bound `R` after the row shift (MATH §3), measured on this input.
+    pub bound: f64,
+    /// Feature width `r = C(d+g, g)` for approximate heads.
+    pub rank: Option<usize>,
+    /// Predicted bound on the relative error of the head's output, `2ε_A/(1−ε_A)` (0 for exact;
+    /// ∞ when `ε_A ≥ 1`, i.e. no guarantee).
+    pub predicted_rel_err: f64,
+    /// Why this plan (from the policy).
+    pub reason: String,
+}
+
+/// Chooses every head's plan for one layer from its `q`, `k` (after RoPE for decoders).
+///
+/// Errors: shape mismatches.
+pub fn decide<T: Scalar>(
+    policy: &AttentionPolicy,
+    q: &[T],
+    k: &[T],
+    shape: &AttnShape,
+    opts: &AttnOptions,
+) -> Result<Vec<HeadDecision>> {
+    let bounds = head_bounds(q, k, shape, opts, true)?;
+    let (d, dv, n) = (shape.head_dim, shape.head_dim_v, shape.seq_len);
+    Ok(bounds
+        .into_iter()
+        .map(|r| match policy {
+            AttentionPolicy::Fixed(plan) => {
+                let (rank, pred, reason) = match plan.degree() {
+                    Some(g) => (feature_dim(d, g), output_bound(r, g), "forced by --attention".to_string()),
+                    None => (None, 0.0, "forced by --attention".to_string()),
+                };
+                HeadDecision { plan: *plan, bound: r, rank, predicted_rel_err: pred, reason }
+            }
+            AttentionPolicy::Auto { tol, max_rank, chunk } => {
+                let p = Policy::choose(n, d, dv, opts.causal, r, *tol, *max_rank);
+                let plan = match p.degree {
+                    Some(g) => HeadPlan::Poly(PolyOptions { degree: g, center: true, chunk: *chunk }),
+                    None => HeadPlan::Exact,
+                };
+                HeadDecision { plan, bound: r, rank: p.rank, predicted_rel_err: p.predicted_rel_err, reason: p.reason }
+            }
+        })
+        .collect())
+}
