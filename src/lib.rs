@@ -26,6 +26,7 @@ pub(crate) mod fastmath;
 pub mod io;
 pub mod linalg;
 pub mod model;
+pub mod plot;
 pub mod report;
 
 pub use error::{Error, Result};

@@ -1,0 +1,287 @@
+//! Plots for reports (plotters): log-log line charts and heatmaps, each written as PNG and SVG
+//! with the bundled DejaVu Sans font (`assets/fonts/`, Bitstream Vera / DejaVu licence).
+//! Files are written to a temporary name and renamed.
+
+use crate::{Error, Result};
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+static FONT: Once = Once::new();
+
+fn register_font() {
+    FONT.call_once(|| {
+        let bytes: &'static [u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+        // Registration can only fail on a malformed font; the bundled one is valid.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
+    });
+}
+
+fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::bad(path.display().to_string(), format!("cannot draw plot: {e}"))
+}
+
+/// `dir/name.tmp-<pid>.ext`: the image encoder picks the format from the extension.
+fn tmp_path(path: &Path) -> PathBuf {
+    let ext = path.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_default();
+    path.with_extension(format!("tmp-{}.{ext}", std::process::id()))
+}
+
+/// One named series of `(x, y)` points.
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// Legend label.
+    pub label: String,
+    /// Points, in drawing order. Non-finite or (on log axes) non-positive points are skipped.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Axes and title of a line chart.
+#[derive(Clone, Debug)]
+pub struct LineChart<'a> {
+    /// Title above the chart.
+    pub title: &'a str,
+    /// X-axis label.
+    pub x_label: &'a str,
+    /// Y-axis label.
+    pub y_label: &'a str,
+    /// Logarithmic x axis.
+    pub log_x: bool,
+    /// Logarithmic y axis.
+    pub log_y: bool,
+}
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+fn range(vals: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in vals {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return if log { (1.0, 10.0) } else { (0.0, 1.0) };
+    }
+    if log {
+        (lo / 1.5, hi * 1.5)
+    } else {
+        let pad = ((hi - lo) * 0.05).max(1e-12);
+        (lo - pad, hi + pad)
+    }
+}
+
+fn draw_lines<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    c: &LineChart,
+    series: &[Series],
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let ok = |x: f64, y: f64| x.is_finite() && y.is_finite() && (!c.log_x || x > 0.0) && (!c.log_y || y > 0.0);
+    let pts: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| ok(*x, *y)).collect();
+    let (x0, x1) = range(pts.iter().map(|p| p.0), c.log_x);
+    let (y0, y1) = range(pts.iter().map(|p| p.1), c.log_y);
+    macro_rules! body {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(c.x_label)
+                .y_desc(c.y_label)
+                .label_style(("sans-serif", 14))
+                .draw()
+                .map_err(|e| e.to_string())?;
+            for (i, s) in series.iter().enumerate() {
+                let color = PALETTE[i % PALETTE.len()];
+                let p: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| ok(*x, *y)).collect();
+                chart
+                    .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))
+                    .map_err(|e| e.to_string())?
+                    .label(s.label.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+                chart
+                    .draw_series(p.into_iter().map(|q| Circle::new(q, 3, color.filled())))
+                    .map_err(|e| e.to_string())?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }};
+    }
+    let mut b = ChartBuilder::on(&root);
+    b.caption(c.title, ("sans-serif", 20)).margin(12).x_label_area_size(44).y_label_area_size(64);
+    match (c.log_x, c.log_y) {
+        (true, true) => {
+            body!(b.build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale()).map_err(|e| e.to_string())?)
+        }
+        (true, false) => body!(b.build_cartesian_2d((x0..x1).log_scale(), y0..y1).map_err(|e| e.to_string())?),
+        (false, true) => body!(b.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(|e| e.to_string())?),
+        (false, false) => body!(b.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| e.to_string())?),
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Draws `series` as a line chart to `stem.png` and `stem.svg` (900×600).
+///
+/// Errors: [`Error::BadInput`] naming the file when it cannot be written.
+pub fn line_chart(stem: &Path, chart: &LineChart, series: &[Series]) -> Result<()> {
+    register_font();
+    for ext in ["png", "svg"] {
+        let path = stem.with_extension(ext);
+        let tmp = tmp_path(&path);
+        let res = if ext == "png" {
+            draw_lines(BitMapBackend::new(&tmp, (900, 600)).into_drawing_area(), chart, series)
+        } else {
+            draw_lines(SVGBackend::new(&tmp, (900, 600)).into_drawing_area(), chart, series)
+        };
+        finish(&tmp, &path, res)?;
+    }
+    Ok(())
+}
+
+fn finish(tmp: &Path, path: &Path, res: std::result::Result<(), String>) -> Result<()> {
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(tmp);
+        return Err(plot_err(path, e));
+    }
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path.display().to_string(), e))
+}
+
+/// A heatmap: `values[row][col]` (`None` = no value, drawn grey), with row/column labels.
+#[derive(Clone, Debug)]
+pub struct Heatmap<'a> {
+    /// Title.
+    pub title: &'a str,
+    /// Label of the vertical axis (rows), e.g. `layer`.
+    pub row_label: &'a str,
+    /// Label of the horizontal axis (columns), e.g. `head`.
+    pub col_label: &'a str,
+    /// Cell values, row-major.
+    pub values: Vec<Vec<Option<f64>>>,
+    /// Text drawn in each cell (same shape as `values`), e.g. the degree or `exact`.
+    pub cell_text: Vec<Vec<String>>,
+}
+
+fn draw_heatmap<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    h: &Heatmap,
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let rows = h.values.len().max(1);
+    let cols = h.values.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let (lo, hi) = h
+        .values
+        .iter()
+        .flatten()
+        .flatten()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(h.title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0i32..cols as i32, rows as i32..0i32)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc(h.col_label)
+        .y_desc(h.row_label)
+        .x_labels(cols.min(32))
+        .y_labels(rows.min(40))
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (r, row) in h.values.iter().enumerate() {
+        for (cidx, v) in row.iter().enumerate() {
+            let color = match v {
+                Some(x) => {
+                    let t = (x - lo) / span;
+                    // white → dark red
+                    RGBColor(255 - (t * 80.0) as u8, 255 - (t * 215.0) as u8, 255 - (t * 215.0) as u8)
+                }
+                None => RGBColor(200, 200, 200),
+            };
+            let (x, y) = (cidx as i32, r as i32);
+            chart
+                .draw_series(std::iter::once(Rectangle::new([(x, y), (x + 1, y + 1)], color.filled())))
+                .map_err(|e| e.to_string())?;
+            if let Some(text) = h.cell_text.get(r).and_then(|t| t.get(cidx)) {
+                chart
+                    .draw_series(std::iter::once(Text::new(text.clone(), (x, y), ("sans-serif", 11).into_font())))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Draws a heatmap to `stem.png` and `stem.svg`.
+///
+/// Errors: [`Error::BadInput`] naming the file when it cannot be written.
+pub fn heatmap(stem: &Path, h: &Heatmap) -> Result<()> {
+    register_font();
+    let rows = h.values.len().max(1) as u32;
+    let cols = h.values.iter().map(|r| r.len()).max().unwrap_or(1).max(1) as u32;
+    let size = ((120 + 36 * cols).max(400), (110 + 22 * rows).max(300));
+    for ext in ["png", "svg"] {
+        let path = stem.with_extension(ext);
+        let tmp = tmp_path(&path);
+        let res = if ext == "png" {
+            draw_heatmap(BitMapBackend::new(&tmp, size).into_drawing_area(), h)
+        } else {
+            draw_heatmap(SVGBackend::new(&tmp, size).into_drawing_area(), h)
+        };
+        finish(&tmp, &path, res)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_png_and_svg() {
+        let dir = std::env::temp_dir().join(format!("altgrad-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = vec![Series { label: "a".into(), points: vec![(1.0, 1.0), (10.0, 100.0), (100.0, 1e4)] }];
+        let c = LineChart { title: "t", x_label: "n", y_label: "s", log_x: true, log_y: true };
+        line_chart(&dir.join("lines"), &c, &s).unwrap();
+        let h = Heatmap {
+            title: "h",
+            row_label: "layer",
+            col_label: "head",
+            values: vec![vec![Some(2.0), None], vec![Some(4.0), Some(6.0)]],
+            cell_text: vec![vec!["2".into(), "exact".into()], vec!["4".into(), "6".into()]],
+        };
+        heatmap(&dir.join("heat"), &h).unwrap();
+        for f in ["lines.png", "lines.svg", "heat.png", "heat.svg"] {
+            let len = std::fs::metadata(dir.join(f)).unwrap().len();
+            assert!(len > 1000, "{f} is {len} bytes");
+        }
+        let svg = std::fs::read_to_string(dir.join("heat.svg")).unwrap();
+        assert!(svg.contains("exact") && svg.contains("layer"), "labels are drawn");
+    }
+}
