@@ -24,9 +24,11 @@ pub mod bench;
 pub mod error;
 pub(crate) mod fastmath;
 pub mod io;
+pub mod job;
 pub mod linalg;
 pub mod model;
 pub mod plot;
 pub mod report;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -495,3 +495,23 @@ pub fn backward_altgrad<T: Scalar>(
 ) -> Result<AttnGrads<T>> {
     altgrad::backward(q, k, v, fwd, dout, shape, opts, popts)
 }
+
+/// The largest `|τ q_i·k_j|` of every query head over the allowed pairs, `[num_heads]`
+/// ([`bound::max_abs_score`]; O(n²·d) per head, heads in parallel). For reports.
+///
+/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape`.
+pub fn head_max_scores<T: Scalar>(q: &[T], k: &[T], shape: &AttnShape, opts: &AttnOptions) -> Result<Vec<f64>> {
+    let s = *shape;
+    s.validate()?;
+    s.check_len("q", q, s.num_heads, s.head_dim)?;
+    s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
+    let n = s.seq_len;
+    Ok((0..s.num_heads)
+        .into_par_iter()
+        .map(|h| {
+            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
+            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, h / s.group());
+            bound::max_abs_score(&qh, &kh, n, s.head_dim, opts.scale, opts.causal)
+        })
+        .collect())
+}

@@ -1,18 +1,21 @@
 //! The `altgrad` command line: parses, calls the library, prints. No math here.
 
+use altgrad::attention::bound::validate_degree;
+use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::PolyOptions;
 use altgrad::attention::{self, AttnOptions, AttnShape};
 use altgrad::io::{self as aio, TensorF64};
 use altgrad::io::{AnyModel, Loaded};
+use altgrad::job;
 use altgrad::linalg::norm;
 use altgrad::linalg::Scalar;
-use altgrad::model::bert::{pooled_norm_loss, BertModel};
-use altgrad::model::Model;
-use altgrad::report::{GradReport, HeadReport, Timing};
+use altgrad::model::AttentionPolicy;
+use altgrad::report::{GradReport, Timing};
 use altgrad::Error;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// Loss and gradients of multi-layer transformers, exact or in almost linear time.
 #[derive(Parser)]
@@ -28,12 +31,89 @@ enum Cmd {
     Grad(GradArgs),
     /// One attention call on tensors from a safetensors file.
     Attn(AttnArgs),
+    /// Per layer and head: max score, bound R, degree needed for a tolerance, rank, auto choice.
+    Inspect(InspectArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Method {
     /// Exact softmax attention (tiled, O(n²) time, O(n) memory).
     Exact,
+    /// Polynomial attention: degree-g Taylor softmax with its exact gradient, O(n·r·d).
+    Poly,
+    /// The paper's Algorithm 1 (ALTGrad): the softmax gradient formula with the low-rank f̃.
+    Altgrad,
+    /// Per head: polynomial where the measured bound meets --tol and it is cheaper, else exact.
+    Auto,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Exact => "exact",
+            Method::Poly => "poly",
+            Method::Altgrad => "altgrad",
+            Method::Auto => "auto",
+        }
+    }
+}
+
+/// Flags shared by the subcommands that choose an attention method.
+#[derive(clap::Args, Clone, Debug)]
+struct AttnMethodArgs {
+    /// Attention method for every head (`auto`: chosen per head).
+    #[arg(long, value_enum, default_value = "exact")]
+    attention: Method,
+    /// Polynomial degree for every head (even, ≥ 2); without it, poly/altgrad pick per head the
+    /// smallest even degree meeting --tol.
+    #[arg(long)]
+    degree: Option<usize>,
+    /// Tolerance on the entrywise relative error ε_A of the attention matrix (MATH §3).
+    #[arg(long, default_value_t = 1e-3)]
+    tol: f64,
+    /// Rows per chunk of the polynomial kernels.
+    #[arg(long, default_value_t = 64)]
+    chunk: usize,
+    /// Turn off the row shift m_i = τ q_i·k̄_i (MATH §3).
+    #[arg(long)]
+    no_center: bool,
+    /// Largest feature width r that `auto` may use (memory budget).
+    #[arg(long, default_value_t = 1 << 16)]
+    max_rank: usize,
+}
+
+impl AttnMethodArgs {
+    fn policy(&self) -> Result<AttentionPolicy> {
+        if !(self.tol.is_finite() && self.tol > 0.0) {
+            return Err(Error::bad("--tol", format!("must be a positive number, got {}", self.tol)).into());
+        }
+        if self.chunk == 0 {
+            return Err(Error::bad("--chunk", "must be at least 1").into());
+        }
+        if let Some(g) = self.degree {
+            validate_degree(g).map_err(|e| Error::bad("--degree", e.to_string()))?;
+        }
+        let center = !self.no_center;
+        Ok(match (self.attention, self.degree) {
+            (Method::Exact, _) => AttentionPolicy::EXACT,
+            (Method::Auto, Some(_)) => {
+                return Err(
+                    Error::bad("--degree", "auto chooses degrees itself; use --attention poly --degree G").into()
+                )
+            }
+            (Method::Auto, None) => AttentionPolicy::Auto { tol: self.tol, max_rank: self.max_rank, chunk: self.chunk },
+            (m, Some(g)) => {
+                let p = PolyOptions { degree: g, center, chunk: self.chunk };
+                AttentionPolicy::Fixed(if m == Method::Poly { HeadPlan::Poly(p) } else { HeadPlan::AltGrad(p) })
+            }
+            (m, None) => AttentionPolicy::PerHeadDegree {
+                altgrad: m == Method::Altgrad,
+                tol: self.tol,
+                chunk: self.chunk,
+                center,
+            },
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -56,9 +136,11 @@ struct GradArgs {
     /// Keep only the first N token ids.
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Attention method for every head.
-    #[arg(long, value_enum, default_value = "exact")]
-    attention: Method,
+    #[command(flatten)]
+    method: AttnMethodArgs,
+    /// Also run the exact backward and report per-layer errors and the speed-up.
+    #[arg(long)]
+    compare: bool,
     /// Write every parameter's gradient (named as in the model) and `embeddings_grad` here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -80,6 +162,40 @@ struct GradArgs {
 }
 
 #[derive(clap::Args)]
+struct InspectArgs {
+    /// Model: `tiny`, a `.gguf` file, or an HF directory (Llama or BERT).
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// Text file, tokenized with the model's own tokenizer.
+    #[arg(long, conflicts_with = "tokens")]
+    text: Option<PathBuf>,
+    /// File of whitespace-separated token ids.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Keep only the first N token ids.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Tolerance on ε_A for the degree each head needs.
+    #[arg(long, default_value_t = 1e-3)]
+    tol: f64,
+    /// Largest feature width r that `auto` may use.
+    #[arg(long, default_value_t = 1 << 16)]
+    max_rank: usize,
+    /// Write the JSON report to FILE, or `-` for stdout.
+    #[arg(long)]
+    json: Option<String>,
+    /// Heatmap of the needed degree (layers × heads) to STEM.png and STEM.svg.
+    #[arg(long, default_value = "inspect_degrees")]
+    plot: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the `tiny` model's weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
 struct AttnArgs {
     /// safetensors with q [b,n,h,d], k [b,n,h_kv,d], v [b,n,h_kv,d_v], optional do [b,n,h,d_v].
     #[arg(long)]
@@ -87,9 +203,18 @@ struct AttnArgs {
     /// Output safetensors: o, and dq, dk, dv when `do` is given (input dtype).
     #[arg(long)]
     out: PathBuf,
-    /// Attention method.
+    /// Attention method: exact, poly or altgrad.
     #[arg(long, value_enum, default_value = "exact")]
     attention: Method,
+    /// Polynomial degree (even, ≥ 2) for poly/altgrad.
+    #[arg(long, default_value_t = 2)]
+    degree: usize,
+    /// Rows per chunk of the polynomial kernels.
+    #[arg(long, default_value_t = 64)]
+    chunk: usize,
+    /// Turn off the row shift (MATH §3).
+    #[arg(long)]
+    no_center: bool,
     /// Causal mask (j ≤ i).
     #[arg(long)]
     causal: bool,
@@ -118,6 +243,7 @@ fn main() {
     let res = match cmd {
         Cmd::Grad(a) => run_grad(&a),
         Cmd::Attn(a) => run_attn(&a),
+        Cmd::Inspect(a) => run_inspect(&a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -136,21 +262,7 @@ fn set_threads(t: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// What a gradient run produced, whatever the model family.
-struct GradRun<T> {
-    loss: f64,
-    loss_name: &'static str,
-    t_fwd: f64,
-    t_bwd: f64,
-    hidden: Vec<T>,
-    hidden_size: usize,
-    n_layers: usize,
-    n_heads: usize,
-    summary: String,
-    grads: Vec<(String, Vec<usize>, Vec<T>)>,
-}
-
-fn token_ids<T: Scalar>(a: &GradArgs, loaded: &Loaded<T>, max_len: usize) -> Result<Vec<u32>> {
+fn token_ids<T: Scalar>(a: &Inputs, loaded: &Loaded<T>, max_len: usize) -> Result<Vec<u32>> {
     let mut ids = if let Some(p) = &a.tokens {
         aio::read_tokens(p)?
     } else {
@@ -179,129 +291,97 @@ fn run_grad(a: &GradArgs) -> Result<()> {
     }
 }
 
-fn input_name(a: &GradArgs) -> String {
+/// Where the token ids come from (shared by grad and inspect).
+struct Inputs {
+    text: Option<PathBuf>,
+    tokens: Option<PathBuf>,
+    seq_len: Option<usize>,
+}
+
+fn input_name(a: &Inputs) -> String {
     a.tokens.as_ref().or(a.text.as_ref()).map(|p| p.display().to_string()).unwrap_or("built-in text".into())
 }
 
-fn run_llama<T: Scalar>(model: &Model<T>, ids: &[u32], input: &str) -> Result<GradRun<T>> {
-    model.check_ids(ids, input)?;
-    if ids.len() < 2 {
-        return Err(Error::bad(input, "the next-token loss needs at least 2 token ids").into());
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
+fn fmt_err(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2e}")
+    } else {
+        "none".into()
     }
-    let t0 = Instant::now();
-    let cache = model.forward(ids)?;
-    let mut grads = model.zero_grads(ids.len());
-    let (loss, dhidden) = model.lm_loss(&cache, &mut grads)?;
-    let t_fwd = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    model.backward_hidden_into(&cache, &dhidden, &mut grads)?;
-    let t_bwd = t1.elapsed().as_secs_f64();
-    let c = &model.cfg;
-    let summary = format!(
-        "{} (Llama: {} layers, hidden {}, {} heads / {} kv heads of {}, {:.1}M params, {})",
-        model.source,
-        c.num_layers,
-        c.hidden_size,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        model.weights.numel() as f64 / 1e6,
-        T::DTYPE.to_lowercase()
-    );
-    Ok(GradRun {
-        loss,
-        loss_name: "mean next-token cross-entropy",
-        t_fwd,
-        t_bwd,
-        hidden: cache.hidden,
-        hidden_size: c.hidden_size,
-        n_layers: c.num_layers,
-        n_heads: c.num_heads,
-        summary,
-        grads: named_grads(grads.weights.params(), grads.embeddings, c.hidden_size),
-    })
-}
-
-fn run_bert<T: Scalar>(model: &BertModel<T>, ids: &[u32], input: &str) -> Result<GradRun<T>> {
-    model.check_ids(ids, input)?;
-    let n = ids.len();
-    let t0 = Instant::now();
-    let cache = model.forward(ids)?;
-    let (loss, dhidden) = pooled_norm_loss(&cache.hidden, n);
-    let t_fwd = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let grads = model.backward_from_hidden(&cache, &dhidden)?;
-    let t_bwd = t1.elapsed().as_secs_f64();
-    let c = &model.cfg;
-    let summary = format!(
-        "{} (BERT: {} layers, hidden {}, {} heads of {}, {:.1}M params, {})",
-        model.source,
-        c.num_layers,
-        c.hidden_size,
-        c.num_heads,
-        c.head_dim,
-        model.weights.numel() as f64 / 1e6,
-        T::DTYPE.to_lowercase()
-    );
-    Ok(GradRun {
-        loss,
-        loss_name: "0.5·‖mean-pooled final hidden‖²",
-        t_fwd,
-        t_bwd,
-        hidden: cache.hidden,
-        hidden_size: c.hidden_size,
-        n_layers: c.num_layers,
-        n_heads: c.num_heads,
-        summary,
-        grads: named_grads(grads.weights.params(), grads.embeddings, c.hidden_size),
-    })
-}
-
-fn named_grads<T: Scalar>(
-    params: Vec<&altgrad::model::Param<T>>,
-    embeddings: Vec<T>,
-    hidden: usize,
-) -> Vec<(String, Vec<usize>, Vec<T>)> {
-    let mut v: Vec<_> = params.into_iter().map(|p| (p.name.clone(), p.shape.clone(), p.data.clone())).collect();
-    v.push(("embeddings_grad".into(), vec![embeddings.len() / hidden, hidden], embeddings));
-    v
 }
 
 fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
+    let policy = a.method.policy()?;
+    let pb = spinner("loading model");
     let loaded = aio::load_model::<T>(&a.model, a.seed)?;
-    let max_len = match &loaded.model {
-        AnyModel::Llama(m) => m.cfg.max_seq_len,
-        AnyModel::Bert(m) => m.cfg.max_position_embeddings,
+    let (max_len, summary, n_layers) = match &loaded.model {
+        AnyModel::Llama(m) => {
+            let c = &m.cfg;
+            (
+                c.max_seq_len,
+                format!(
+                    "{} (Llama: {} layers, hidden {}, {} heads / {} kv heads of {}, {:.1}M params, {})",
+                    m.source,
+                    c.num_layers,
+                    c.hidden_size,
+                    c.num_heads,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    m.weights.numel() as f64 / 1e6,
+                    T::DTYPE.to_lowercase()
+                ),
+                c.num_layers,
+            )
+        }
+        AnyModel::Bert(m) => {
+            let c = &m.cfg;
+            (
+                c.max_position_embeddings,
+                format!(
+                    "{} (BERT: {} layers, hidden {}, {} heads of {}, {:.1}M params, {})",
+                    m.source,
+                    c.num_layers,
+                    c.hidden_size,
+                    c.num_heads,
+                    c.head_dim,
+                    m.weights.numel() as f64 / 1e6,
+                    T::DTYPE.to_lowercase()
+                ),
+                c.num_layers,
+            )
+        }
     };
-    let ids = token_ids(a, &loaded, max_len)?;
-    let input = input_name(a);
-    let r = match &loaded.model {
-        AnyModel::Llama(m) => run_llama(m, &ids, &input)?,
-        AnyModel::Bert(m) => run_bert(m, &ids, &input)?,
-    };
+    let inputs = Inputs { text: a.text.clone(), tokens: a.tokens.clone(), seq_len: a.seq_len };
+    let ids = token_ids(&inputs, &loaded, max_len)?;
+    let input = input_name(&inputs);
     let n = ids.len();
-    let heads = (0..r.n_layers)
-        .flat_map(|layer| {
-            (0..r.n_heads).map(move |head| HeadReport {
-                layer,
-                head,
-                method: "exact".into(),
-                bound: None,
-                degree: None,
-                rank: None,
-                predicted_rel_err: 0.0,
-            })
-        })
-        .collect();
+    pb.set_message(format!("forward + backward ({}, {n} tokens)", policy.name()));
+    let r = job::run_pass(&loaded.model, &ids, &input, &policy)?;
+    let exact = if a.compare {
+        pb.set_message(format!("exact forward + backward for --compare ({n} tokens)"));
+        Some(job::run_pass(&loaded.model, &ids, &input, &AttentionPolicy::EXACT)?)
+    } else {
+        None
+    };
+    pb.finish_and_clear();
+    let compare = exact.as_ref().map(|e| job::compare(&r, e));
     let report = GradReport {
         model: loaded.source().to_string(),
         seq_len: n,
-        n_layers: r.n_layers,
-        attention: format!("{:?}", a.attention).to_lowercase(),
+        n_layers,
+        attention: a.method.attention.name().to_string(),
         loss: r.loss,
-        heads,
-        timing_s: Timing { forward: r.t_fwd, backward: r.t_bwd, exact_backward: None },
-        compare: None,
+        heads: job::head_reports(&r),
+        timing_s: Timing { forward: r.t_fwd, backward: r.t_bwd, exact_backward: exact.as_ref().map(|e| e.t_bwd) },
+        compare: compare.clone(),
     };
     if let Some(p) = &a.out {
         aio::write_safetensors(p, &r.grads)?;
@@ -312,16 +392,129 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     if a.json.as_deref() != Some("-") {
         let gnorm: f64 =
             r.grads.iter().filter(|g| g.0 != "embeddings_grad").map(|g| norm(&g.2).powi(2)).sum::<f64>().sqrt();
-        println!("model        {}", r.summary);
+        println!("model        {summary}");
         println!("tokens       {n} ({input})");
-        println!("attention    {}", report.attention);
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for h in &report.heads {
+            let key = match h.degree {
+                Some(g) => format!("{} g={g}", h.method),
+                None => h.method.clone(),
+            };
+            *counts.entry(key).or_default() += 1;
+        }
+        let heads: Vec<String> = counts.iter().map(|(k, c)| format!("{c} {k}")).collect();
+        println!("attention    {} ({} heads: {})", report.attention, report.heads.len(), heads.join(", "));
         println!("loss         {:.6} ({}; exp = {:.2})", r.loss, r.loss_name, r.loss.exp());
         println!("grad norm    {gnorm:.6e}");
         println!("forward      {:.3} s ({:.0} tokens/s)", r.t_fwd, n as f64 / r.t_fwd);
         println!("backward     {:.3} s ({:.0} tokens/s)", r.t_bwd, n as f64 / r.t_bwd);
+        if let (Some(c), Some(e)) = (&compare, &exact) {
+            println!(
+                "exact        loss {:.6}, backward {:.3} s; speed-up of the backward {:.2}×",
+                c.loss_exact, e.t_bwd, c.speedup
+            );
+            println!();
+            println!("layer  methods                    max pred. err  rel_err_dx  rel_err_dw");
+            for (l, lc) in c.layers.iter().enumerate() {
+                let mut m = std::collections::BTreeMap::<String, usize>::new();
+                let mut worst = 0.0f64;
+                for d in &r.decisions[l] {
+                    let key = match d.plan.degree() {
+                        Some(g) => format!("{} g={g}", d.plan.method_name()),
+                        None => d.plan.method_name().to_string(),
+                    };
+                    *m.entry(key).or_default() += 1;
+                    worst = worst.max(d.predicted_rel_err);
+                }
+                let methods: Vec<String> = m.iter().map(|(k, c)| format!("{c} {k}")).collect();
+                println!(
+                    "{l:>5}  {:<26} {:>13}  {:>10.3e}  {:>10.3e}",
+                    methods.join(", "),
+                    fmt_err(worst),
+                    lc.rel_err_dx,
+                    lc.rel_err_dw
+                );
+            }
+            println!("total  relative error of all parameter gradients: {:.3e}", c.rel_err_total);
+        }
         if let Some(p) = &a.out {
             println!("gradients -> {}", p.display());
         }
+    }
+    if let Some(j) = &a.json {
+        let s = serde_json::to_string_pretty(&report)?;
+        if j == "-" {
+            println!("{s}");
+        } else {
+            aio::write_file_atomic(Path::new(j), s.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+fn run_inspect(a: &InspectArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    if !(a.tol.is_finite() && a.tol > 0.0) {
+        return Err(Error::bad("--tol", format!("must be a positive number, got {}", a.tol)).into());
+    }
+    let pb = spinner("loading model");
+    let loaded = aio::load_model::<f32>(&a.model, a.seed)?;
+    let ga = Inputs { text: a.text.clone(), tokens: a.tokens.clone(), seq_len: a.seq_len };
+    let max_len = match &loaded.model {
+        AnyModel::Llama(m) => m.cfg.max_seq_len,
+        AnyModel::Bert(m) => m.cfg.max_position_embeddings,
+    };
+    let ids = token_ids(&ga, &loaded, max_len)?;
+    let input = input_name(&ga);
+    pb.set_message(format!("forward and score census ({} tokens)", ids.len()));
+    let heads = job::inspect(&loaded.model, &ids, &input, a.tol, a.max_rank)?;
+    pb.finish_and_clear();
+    let n_layers = heads.iter().map(|h| h.layer + 1).max().unwrap_or(0);
+    let n_heads = heads.iter().map(|h| h.head + 1).max().unwrap_or(0);
+    let mut values = vec![vec![None; n_heads]; n_layers];
+    let mut text = vec![vec![String::new(); n_heads]; n_layers];
+    for h in &heads {
+        values[h.layer][h.head] = h.degree.map(|g| g as f64);
+        text[h.layer][h.head] = match (h.degree, h.method.as_str()) {
+            (Some(g), "poly") => format!("{g}"),
+            (Some(g), _) => format!("{g}*"),
+            (None, _) => "-".into(),
+        };
+    }
+    let title = format!("degree for ε_A ≤ {:e}, n = {} (* = exact is cheaper, - = none ≤ 8)", a.tol, ids.len());
+    altgrad::plot::heatmap(
+        &a.plot,
+        &altgrad::plot::Heatmap { title: &title, row_label: "layer", col_label: "head", values, cell_text: text },
+    )?;
+    let report = serde_json::json!({
+        "model": loaded.source(),
+        "seq_len": ids.len(),
+        "tol": a.tol,
+        "heads": heads,
+    });
+    if a.json.as_deref() != Some("-") {
+        println!("model {} · {} tokens ({input}) · tol {:e}", loaded.source(), ids.len(), a.tol);
+        println!("layer  head  max|score|  R shifted  R raw    degree  rank     auto");
+        for h in &heads {
+            println!(
+                "{:>5}  {:>4}  {:>10.3}  {:>9.3}  {:>7.3}  {:>6}  {:>7}  {}",
+                h.layer,
+                h.head,
+                h.max_abs_score,
+                h.bound,
+                h.bound_unshifted,
+                h.degree.map_or("-".to_string(), |g| g.to_string()),
+                h.rank.map_or("-".to_string(), |r| r.to_string()),
+                h.method
+            );
+        }
+        let bounded = heads.iter().filter(|h| h.degree.is_some()).count();
+        let poly = heads.iter().filter(|h| h.method == "poly").count();
+        println!(
+            "{bounded} of {} heads have a degree ≤ 8 meeting the tolerance; auto would use poly for {poly}",
+            heads.len()
+        );
+        println!("heatmap -> {}.png, {}.svg", a.plot.display(), a.plot.display());
     }
     if let Some(j) = &a.json {
         let s = serde_json::to_string_pretty(&report)?;
@@ -397,11 +590,22 @@ fn attn_typed<T: Scalar>(
     let (n, h, hkv, d, dv) = (s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
     let (sq, sk, sv, so) = (n * h * d, n * hkv * d, n * hkv * dv, n * h * dv);
     let (mut o, mut dq, mut dk, mut dvv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let p = PolyOptions { degree: a.degree, center: !a.no_center, chunk: a.chunk };
+    let plan = match a.attention {
+        Method::Exact => HeadPlan::Exact,
+        Method::Poly => HeadPlan::Poly(p),
+        Method::Altgrad => HeadPlan::AltGrad(p),
+        Method::Auto => return Err(Error::bad("--attention", "attn takes exact, poly or altgrad").into()),
+    };
+    if a.attention != Method::Exact {
+        p.validate().map_err(|e| Error::bad("--degree/--chunk", e.to_string()))?;
+    }
+    let plans = vec![plan; h];
     for bi in 0..b {
         let (qb, kb, vb) = (&q[bi * sq..(bi + 1) * sq], &k[bi * sk..(bi + 1) * sk], &v[bi * sv..(bi + 1) * sv]);
-        let fwd = attention::forward_exact(qb, kb, vb, s, opts)?;
+        let fwd = attention::mixed::forward_mixed(qb, kb, vb, s, opts, &plans)?;
         if let Some(g) = &g {
-            let gr = attention::backward_exact(qb, kb, vb, &fwd, &g[bi * so..(bi + 1) * so], s, opts)?;
+            let gr = attention::mixed::backward_mixed(qb, kb, vb, &fwd, &g[bi * so..(bi + 1) * so], s, opts, &plans)?;
             dq.extend(gr.dq);
             dk.extend(gr.dk);
             dvv.extend(gr.dv);

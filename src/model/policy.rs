@@ -1,7 +1,7 @@
 //! Per-head choice of attention method for a whole model (MATH §3 "Bound and degree", §6), shared
 //! by the decoder and the encoder.
 
-use crate::attention::bound::{output_bound, Policy};
+use crate::attention::bound::{choose_degree, eps_a, output_bound, Policy, MAX_AUTO_DEGREE};
 use crate::attention::features::feature_dim;
 use crate::attention::mixed::HeadPlan;
 use crate::attention::{head_bounds, AttnOptions, AttnShape, PolyOptions};
@@ -25,6 +25,20 @@ pub enum AttentionPolicy {
         /// Chunk size of the polynomial kernels.
         chunk: usize,
     },
+    /// Every head uses the polynomial method (or ALTGrad when `altgrad`), each with the smallest
+    /// even degree whose `ε_A(R, g)` meets `tol` (capped at
+    /// [`crate::attention::bound::MAX_AUTO_DEGREE`], in which case the predicted error says so).
+    /// `--attention poly|altgrad --tol EPS` without `--degree`.
+    PerHeadDegree {
+        /// Use ALTGrad instead of the polynomial method's exact gradient.
+        altgrad: bool,
+        /// Tolerance on `ε_A`.
+        tol: f64,
+        /// Chunk size.
+        chunk: usize,
+        /// Row shift on (MATH §3).
+        center: bool,
+    },
 }
 
 impl AttentionPolicy {
@@ -36,6 +50,8 @@ impl AttentionPolicy {
         match self {
             AttentionPolicy::Fixed(p) => p.method_name(),
             AttentionPolicy::Auto { .. } => "auto",
+            AttentionPolicy::PerHeadDegree { altgrad: true, .. } => "altgrad",
+            AttentionPolicy::PerHeadDegree { altgrad: false, .. } => "poly",
         }
     }
 }
@@ -66,7 +82,12 @@ pub fn decide<T: Scalar>(
     shape: &AttnShape,
     opts: &AttnOptions,
 ) -> Result<Vec<HeadDecision>> {
-    let bounds = head_bounds(q, k, shape, opts, true)?;
+    let center = match policy {
+        AttentionPolicy::Fixed(HeadPlan::Poly(p)) | AttentionPolicy::Fixed(HeadPlan::AltGrad(p)) => p.center,
+        AttentionPolicy::PerHeadDegree { center, .. } => *center,
+        _ => true,
+    };
+    let bounds = head_bounds(q, k, shape, opts, center)?;
     let (d, dv, n) = (shape.head_dim, shape.head_dim_v, shape.seq_len);
     Ok(bounds
         .into_iter()
@@ -77,6 +98,17 @@ pub fn decide<T: Scalar>(
                     None => (None, 0.0, "forced by --attention".to_string()),
                 };
                 HeadDecision { plan: *plan, bound: r, rank, predicted_rel_err: pred, reason }
+            }
+            AttentionPolicy::PerHeadDegree { altgrad, tol, chunk, center } => {
+                let g = choose_degree(r, *tol, MAX_AUTO_DEGREE).unwrap_or(MAX_AUTO_DEGREE);
+                let p = PolyOptions { degree: g, center: *center, chunk: *chunk };
+                let plan = if *altgrad { HeadPlan::AltGrad(p) } else { HeadPlan::Poly(p) };
+                let reason = if eps_a(r, g) <= *tol {
+                    format!("smallest even degree with ε_A(R = {r:.3}, g) ≤ {tol:e}")
+                } else {
+                    format!("no even degree ≤ {MAX_AUTO_DEGREE} meets ε_A ≤ {tol:e} at R = {r:.3}; forced g = {g}")
+                };
+                HeadDecision { plan, bound: r, rank: feature_dim(d, g), predicted_rel_err: output_bound(r, g), reason }
             }
             AttentionPolicy::Auto { tol, max_rank, chunk } => {
                 let p = Policy::choose(n, d, dv, opts.causal, r, *tol, *max_rank);

@@ -1,0 +1,253 @@
+//! Benchmarks and the paper-claims report (`altgrad bench`, issue 7), plus the measurement helpers
+//! `benches/` use: the machine's GEMM peak, FLOP counts (MATH §7), median wall-clock timing and
+//! memory.
+//!
+//! - [`run_bench`] runs everything given [`BenchOptions`]: the sweep method × n × head_dim ×
+//!   degree × causal (f32, median of repeated fwd+bwd runs after a warm-up, FLOPs, GFLOP/s, ratio
+//!   to the f32 GEMM peak measured in the same run, per-point peak memory, relative error against
+//!   exact on bounded inputs), the fitted exponents of time in n, the paper-claims data
+//!   ([`Claims`]: exponents, error against n at the degree chosen for ε = 1/n, multi-layer
+//!   gradient error against depth, crossover lengths), the stage breakdown of the largest poly and
+//!   exact cases ([`StageProfile`]), and writes `bench.json`, `bench.csv`, `bench.md` and the
+//!   plots (PNG + SVG) to the output directory.
+//! - Memory: each point's `peak_rss_bytes` is measured, not computed: the process's peak RSS
+//!   (`VmHWM`) is reset before the point by writing `5` to `/proc/self/clear_refs` (Linux), the
+//!   heap is trimmed, and the point reports `VmHWM − VmRSS(before)`, i.e. the extra resident
+//!   memory of its forward + backward over what was resident before (inputs included in the
+//!   baseline). Where the reset is unavailable the process-wide `VmHWM` is reported instead and
+//!   `memory_method` in the JSON says so. The analytic working memory of the kernels is reported
+//!   beside it as `state_bytes`.
+
+mod claims;
+mod profile;
+mod report;
+mod sweep;
+
+pub use claims::{Crossover, ErrorClaim, ErrorClaimPoint, ExponentClaim, MultiLayerClaim, MultiLayerPoint};
+pub use profile::{profile_exact_stages, profile_poly_stages, Stage, StageProfile};
+pub use report::{BenchReport, BenchRun, Claims, Fit, Skipped};
+pub use sweep::{run_bench, BenchOptions};
+
+use crate::attention::{self, AttnOptions, AttnShape, Method};
+use crate::linalg::{matmul, par_all, rm, rm_mut};
+use faer::Par;
+use std::time::Instant;
+
+/// Median wall-clock seconds of `reps` runs of `f` after one warm-up run.
+pub fn median_time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut ts: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&mut ts)
+}
+
+/// Median of `xs` (sorted in place; the upper median for even lengths); NaN when empty.
+pub fn median(xs: &mut [f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn gemm_rate(m: usize, k: usize, n: usize, reps: usize, par: Par) -> f64 {
+    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 11.0).collect();
+    let mut c = vec![0.0f32; m * n];
+    let t = median_time(reps, || matmul(rm_mut(&mut c, m, n), false, rm(&a, m, k), rm(&b, k, n), 1.0, par));
+    2.0 * (m * k * n) as f64 / t / 1e9
+}
+
+/// Measured f32 GEMM rate of `faer` on this machine in GFLOP/s: the median of `reps` products
+/// `[m, k] · [k, n]` (2mkn FLOPs each) using all rayon threads.
+pub fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    gemm_rate(m, k, n, reps, par_all())
+}
+
+/// [`gemm_gflops`] on one thread (`Par::Seq`): the peak a single head's kernel can reach, since
+/// each head runs sequentially.
+pub fn gemm_gflops_seq(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    gemm_rate(m, k, n, reps, Par::Seq)
+}
+
+/// FLOPs of exact attention forward + backward for all heads (MATH §7): per head
+/// `4n²d` (fwd) + `10n²d` (bwd with recompute), halved when causal (d = d_v assumed).
+pub fn exact_attention_flops(s: &AttnShape, causal: bool) -> f64 {
+    let n = s.seq_len as f64;
+    let per_head = 14.0 * n * n * s.head_dim as f64;
+    let f = per_head * s.num_heads as f64;
+    if causal {
+        f / 2.0
+    } else {
+        f
+    }
+}
+
+/// FLOPs of ALTGrad forward + backward for one head as `attention::altgrad` does them (MATH §5,
+/// §7), with `e = d_v + 1`, `w = d` (Q/K/V form) and chunk `C = min(chunk, n)`:
+///
+/// - forward (the polynomial forward): GEMMs `4nre`; causal adds the diagonal blocks `2nC(d + e)`;
+/// - backward: four Kronecker GEMMs `8·n·r·e·d` (the key-side state `(Φ_K ⊘ V')ᵀK`, `p K` through
+///   it, the query-side state `(D̃⁻¹Φ_Q ⊘ G')ᵀQ`, `pᵀQ` through it), `f̃ᵀG` `4nr·d_v`, the
+///   denominators `2nr`, the row contractions `4n·e·d`; causal adds the diagonal blocks
+///   `2nC(e + 3d + d_v)` and the scores `2nCd`;
+/// - feature work ≈ `13nr` (non-causal) or `22nr` (causal): the feature passes, row weights and
+///   normalizations.
+///
+/// The backward is ≈ `8·n·r·(d_v+1)·d` (MATH §7's `4·n·r·d_v·d` counts multiply-adds).
+pub fn altgrad_flops(n: usize, d: usize, dv: usize, r: usize, causal: bool, chunk: usize) -> f64 {
+    let (nf, rf, e, df, dvf) = (n as f64, r as f64, (dv + 1) as f64, d as f64, dv as f64);
+    let c = chunk.max(1).min(n.max(1)) as f64;
+    let fwd = 4.0 * nf * rf * e + if causal { 2.0 * nf * c * (df + e) } else { 0.0 };
+    let bwd = 8.0 * nf * rf * e * df
+        + 4.0 * nf * rf * dvf
+        + 2.0 * nf * rf
+        + 4.0 * nf * e * df
+        + if causal { 2.0 * nf * c * (e + 4.0 * df + dvf) } else { 0.0 };
+    let features = if causal { 22.0 } else { 13.0 } * nf * rf;
+    fwd + bwd + features
+}
+
+/// FLOPs of forward + backward of one head for `method` (exact: [`attention::bound::exact_flops`];
+/// poly: [`attention::bound::poly_flops`]; altgrad: [`altgrad_flops`]); `r` is ignored for exact.
+pub fn method_flops(method: Method, n: usize, d: usize, r: usize, causal: bool, chunk: usize) -> f64 {
+    match method {
+        Method::Exact => attention::bound::exact_flops(n, d, d, causal),
+        Method::Poly => attention::bound::poly_flops(n, d, d, r, causal, chunk),
+        Method::AltGrad => altgrad_flops(n, d, d, r, causal, chunk),
+    }
+}
+
+/// One timed exact-attention configuration.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExactRun {
+    /// Sequence length.
+    pub n: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Query heads (= key/value heads here).
+    pub num_heads: usize,
+    /// Causal mask.
+    pub causal: bool,
+    /// Median forward seconds.
+    pub fwd_s: f64,
+    /// Median backward seconds.
+    pub bwd_s: f64,
+    /// FLOPs of forward + backward (MATH §7).
+    pub flops: f64,
+    /// Achieved GFLOP/s of forward + backward.
+    pub gflops: f64,
+}
+
+/// Times exact attention forward and backward (f32, random inputs) for one configuration.
+pub fn time_exact(n: usize, head_dim: usize, num_heads: usize, causal: bool, reps: usize) -> ExactRun {
+    let s = AttnShape::new(n, num_heads, num_heads, head_dim);
+    let opts = AttnOptions::standard(head_dim, causal);
+    let len = n * num_heads * head_dim;
+    let gen = |seed: usize| -> Vec<f32> {
+        (0..len).map(|i| (((i * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0).collect()
+    };
+    let (q, k, v, g) = (gen(1), gen(2), gen(3), gen(4));
+    let mut fwd = None;
+    let fwd_s = median_time(reps, || fwd = Some(attention::forward_exact(&q, &k, &v, &s, &opts).unwrap()));
+    let fwd = fwd.unwrap();
+    let bwd_s = median_time(reps, || {
+        std::hint::black_box(attention::backward_exact(&q, &k, &v, &fwd, &g, &s, &opts).unwrap());
+    });
+    let flops = exact_attention_flops(&s, causal);
+    ExactRun { n, head_dim, num_heads, causal, fwd_s, bwd_s, flops, gflops: flops / (fwd_s + bwd_s) / 1e9 }
+}
+
+fn status_kb(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Peak resident set size of this process so far, in bytes (`VmHWM` from `/proc/self/status`);
+/// `None` where that file does not exist. Since [`reset_peak_rss`]: the peak since the reset.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kb("VmHWM:")
+}
+
+/// Current resident set size in bytes (`VmRSS`); `None` where `/proc/self/status` does not exist.
+pub fn current_rss_bytes() -> Option<u64> {
+    status_kb("VmRSS:")
+}
+
+/// Resets the process's peak RSS (`VmHWM`) to the current RSS by writing `5` to
+/// `/proc/self/clear_refs` (Linux ≥ 4.0). Returns whether the reset worked.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", b"5").is_ok()
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" {
+    fn malloc_trim(pad: usize) -> i32;
+}
+
+/// Returns freed heap memory to the operating system (glibc `malloc_trim(0)`), so that the next
+/// RSS baseline does not count memory the allocator merely kept. No-op elsewhere.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of/inside the heap; it takes no
+    // pointers and is thread-safe in glibc.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
+/// Least-squares slope of `ln y` against `ln x` over `pts` (points with non-positive or
+/// non-finite coordinates are ignored); NaN with fewer than two usable points.
+pub fn loglog_slope(pts: &[(f64, f64)]) -> f64 {
+    let p: Vec<(f64, f64)> = pts
+        .iter()
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0 && *y > 0.0)
+        .map(|(x, y)| (x.ln(), y.ln()))
+        .collect();
+    if p.len() < 2 {
+        return f64::NAN;
+    }
+    let k = p.len() as f64;
+    let (mx, my) = (p.iter().map(|a| a.0).sum::<f64>() / k, p.iter().map(|a| a.1).sum::<f64>() / k);
+    let num: f64 = p.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let den: f64 = p.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    if den == 0.0 {
+        f64::NAN
+    } else {
+        num / den
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slope_of_power_law() {
+        let pts: Vec<(f64, f64)> = [1.0f64, 2.0, 4.0, 8.0].iter().map(|&x| (x, 3.0 * x.powf(1.5))).collect();
+        assert!((loglog_slope(&pts) - 1.5).abs() < 1e-12);
+        assert!(loglog_slope(&pts[..1]).is_nan());
+    }
+
+    #[test]
+    fn altgrad_flops_backward_dominant_term() {
+        // n r (d_v+1) d dominates for large r: ratio to 8·n·r·(d_v+1)·d tends to 1 (plus forward)
+        let (n, d, r) = (4096, 16, 4845);
+        let f = altgrad_flops(n, d, d, r, false, 64);
+        let main = 8.0 * (n * r * (d + 1) * d) as f64;
+        assert!(f > main && f < 1.1 * main, "{f} vs {main}");
+    }
+
+    #[test]
+    fn median_is_middle() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert!(median(&mut []).is_nan());
+    }
+}

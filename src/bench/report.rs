@@ -1,0 +1,494 @@
+//! The bench report: JSON types, the CSV, the markdown summary and the plots.
+
+use super::claims::{Crossover, ErrorClaim, ExponentClaim, MultiLayerClaim};
+use super::profile::StageProfile;
+use crate::plot::{line_chart, LineChart, Series};
+use crate::Result;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One measured point of the sweep (f32, all heads, forward + backward).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BenchRun {
+    /// `exact`, `poly` or `altgrad`.
+    pub method: String,
+    /// Sequence length.
+    pub n: usize,
+    /// Head width `d` (= `d_v`).
+    pub head_dim: usize,
+    /// Polynomial degree `g`; `null` for exact.
+    pub degree: Option<usize>,
+    /// Feature width `r = C(d+g, g)`; `null` for exact.
+    pub rank: Option<usize>,
+    /// Causal mask.
+    pub causal: bool,
+    /// Query heads (= key/value heads).
+    pub heads: usize,
+    /// Chunk `C` of the polynomial kernels; `null` for exact.
+    pub chunk: Option<usize>,
+    /// Timed repetitions (after the warm-up).
+    pub reps: usize,
+    /// Whether a warm-up run of this very point preceded the timed runs (skipped only for points
+    /// predicted to take longer than the warm-up limit; smaller sizes of the same series ran before).
+    pub warmup: bool,
+    /// Median seconds of forward + backward.
+    pub median_s: f64,
+    /// Median forward seconds.
+    pub fwd_s: f64,
+    /// Median backward seconds.
+    pub bwd_s: f64,
+    /// FLOPs of forward + backward, all heads (MATH §7; see `bench::method_flops`).
+    pub flops: f64,
+    /// `flops / median_s / 1e9`.
+    pub gflops: f64,
+    /// `gflops / gemm_peak_gflops`.
+    pub frac_of_peak: f64,
+    /// Extra resident memory of this point (see `memory_method` in the report), bytes.
+    pub peak_rss_bytes: u64,
+    /// Analytic working memory of the kernels, all heads, excluding inputs, outputs and O(n)
+    /// per-head buffers (exact: the score tiles; poly: `bound::poly_state_bytes`; altgrad: the two
+    /// Kronecker states plus chunk scratch), bytes.
+    pub state_bytes: u64,
+    /// Exact time / this time at the same `(n, head_dim, causal)`, when exact ran.
+    pub speedup_vs_exact: Option<f64>,
+    /// Relative error of `o` against exact (bounded inputs), when exact ran.
+    pub err_o: Option<f64>,
+    /// Relative error of `dq`.
+    pub err_dq: Option<f64>,
+    /// Relative error of `dk`.
+    pub err_dk: Option<f64>,
+    /// Relative error of `dv`.
+    pub err_dv: Option<f64>,
+    /// Relative error of `dq, dk, dv` concatenated.
+    pub err_grad: Option<f64>,
+}
+
+/// A point the sweep did not run, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Skipped {
+    /// Method.
+    pub method: String,
+    /// Sequence length.
+    pub n: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Degree (approximate methods).
+    pub degree: Option<usize>,
+    /// Causal mask.
+    pub causal: bool,
+    /// Why (predicted time above the limit, a size limit of the kernel, …).
+    pub reason: String,
+}
+
+/// Least-squares exponent of time in n for one series.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Fit {
+    /// Method.
+    pub method: String,
+    /// Head width.
+    pub head_dim: usize,
+    /// Degree (approximate methods).
+    pub degree: Option<usize>,
+    /// Causal mask.
+    pub causal: bool,
+    /// Slope of `ln median_s` against `ln n` over the largest measured sizes.
+    pub exponent: f64,
+    /// Smallest n of the fit.
+    pub n_min: usize,
+    /// Largest n of the fit.
+    pub n_max: usize,
+    /// Number of points fitted.
+    pub points: usize,
+}
+
+/// The paper-claims data (`claims` in `bench.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    /// (a) time `n^{1+o(1)}`: fitted exponents per method.
+    pub time_exponent: Vec<ExponentClaim>,
+    /// (b) error `1/poly(n)` at the degree chosen for ε = 1/n on bounded inputs.
+    pub error_vs_n: Option<ErrorClaim>,
+    /// (c) whole-model gradient error against the number of layers.
+    pub multi_layer: Option<MultiLayerClaim>,
+    /// (d) crossover lengths and the largest speed-ups.
+    pub crossover: Vec<Crossover>,
+    /// The claims table as markdown (claim — what we measured — command).
+    pub markdown: String,
+}
+
+/// Everything `run_bench` measured; serialized as `bench.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BenchReport {
+    /// The command that reproduces this report.
+    pub command: String,
+    /// `--quick`.
+    pub quick: bool,
+    /// rayon threads (= the threads of every GEMM peak and kernel).
+    pub threads: usize,
+    /// CPU model from `/proc/cpuinfo`.
+    pub cpu: String,
+    /// `/proc/loadavg` (1, 5, 15 min) at the start: above ~0.3 the machine was shared.
+    pub loadavg_start: Vec<f64>,
+    /// `/proc/loadavg` at the end.
+    pub loadavg_end: Vec<f64>,
+    /// Element type of the sweep (`f32`).
+    pub dtype: String,
+    /// Query heads of every sweep point.
+    pub heads: usize,
+    /// f32 GEMM 2048³ (quick: 1024³) on all threads, GFLOP/s: the peak every ratio uses.
+    pub gemm_peak_gflops: f64,
+    /// f32 GEMM with inner dimension 64 (`4096×64×4096`), all threads, GFLOP/s.
+    pub gemm_k64_gflops: f64,
+    /// f32 GEMM 1024³ on one thread, GFLOP/s (the ceiling of one head's sequential kernel).
+    pub gemm_peak_1thread_gflops: f64,
+    /// How `peak_rss_bytes` was measured.
+    pub memory_method: String,
+    /// Every measured point.
+    pub runs: Vec<BenchRun>,
+    /// Points not run, and why.
+    pub skipped: Vec<Skipped>,
+    /// Exponent of time in n per series.
+    pub fits: Vec<Fit>,
+    /// The paper-claims data.
+    pub claims: Claims,
+    /// Stage breakdowns of the largest poly and exact cases (one head, one thread).
+    pub roofline: Vec<StageProfile>,
+    /// Files written (relative to the output directory).
+    pub files: Vec<String>,
+    /// Wall-clock seconds of the whole run.
+    pub elapsed_s: f64,
+}
+
+/// Header of `bench.csv` (one row per [`BenchRun`], same field names).
+pub const CSV_HEADER: &str = "method,n,head_dim,degree,rank,causal,heads,chunk,reps,warmup,median_s,fwd_s,bwd_s,flops,gflops,frac_of_peak,peak_rss_bytes,state_bytes,speedup_vs_exact,err_o,err_dq,err_dk,err_dv,err_grad";
+
+fn opt<T: std::fmt::Display>(x: Option<T>) -> String {
+    x.map_or(String::new(), |v| v.to_string())
+}
+
+fn fopt(x: Option<f64>) -> String {
+    x.map_or(String::new(), |v| format!("{v:.6e}"))
+}
+
+pub(crate) fn series_label(method: &str, d: usize, g: Option<usize>) -> String {
+    match g {
+        Some(g) => format!("{method} d={d} g={g}"),
+        None => format!("{method} d={d}"),
+    }
+}
+
+/// `1.23e-4`-style with 2 significant digits, or `—`.
+pub(crate) fn sci(x: Option<f64>) -> String {
+    match x {
+        Some(v) if v.is_finite() => format!("{v:.2e}"),
+        _ => "—".into(),
+    }
+}
+
+impl BenchReport {
+    /// `bench.csv`: [`CSV_HEADER`] and one line per run.
+    pub fn csv(&self) -> String {
+        let mut s = String::from(CSV_HEADER);
+        s.push('\n');
+        for r in &self.runs {
+            let _ = writeln!(
+                s,
+                "{},{},{},{},{},{},{},{},{},{},{:.6e},{:.6e},{:.6e},{:.6e},{:.3},{:.4},{},{},{},{},{},{},{},{}",
+                r.method,
+                r.n,
+                r.head_dim,
+                opt(r.degree),
+                opt(r.rank),
+                r.causal,
+                r.heads,
+                opt(r.chunk),
+                r.reps,
+                r.warmup,
+                r.median_s,
+                r.fwd_s,
+                r.bwd_s,
+                r.flops,
+                r.gflops,
+                r.frac_of_peak,
+                r.peak_rss_bytes,
+                r.state_bytes,
+                r.speedup_vs_exact.map_or(String::new(), |v| format!("{v:.4}")),
+                fopt(r.err_o),
+                fopt(r.err_dq),
+                fopt(r.err_dk),
+                fopt(r.err_dv),
+                fopt(r.err_grad),
+            );
+        }
+        s
+    }
+
+    /// The whole report as markdown: machine, sweep table, fits, claims table, crossovers,
+    /// roofline (`bench.md`).
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# altgrad bench\n");
+        let _ = writeln!(s, "Command: `{}`\n", self.command);
+        let _ = writeln!(
+            s,
+            "Machine: {} — {} rayon threads; load average at start {:?}, at end {:?} (above ~0.3: shared, timings noisy). \
+             f32 GEMM peak {:.1} GFLOP/s (inner dim 64: {:.1}; one thread: {:.1}). Memory: {}. Elapsed {:.0} s.\n",
+            self.cpu,
+            self.threads,
+            self.loadavg_start,
+            self.loadavg_end,
+            self.gemm_peak_gflops,
+            self.gemm_k64_gflops,
+            self.gemm_peak_1thread_gflops,
+            self.memory_method,
+            self.elapsed_s
+        );
+        let _ = writeln!(s, "## Sweep ({} heads, f32, fwd+bwd, median)\n", self.heads);
+        let _ = writeln!(
+            s,
+            "| method | causal | d | g | r | n | median s | GFLOP | GFLOP/s | % peak | speed-up | err o | err grad | peak RSS MiB |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for r in &self.runs {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {:.4} | {:.2} | {:.1} | {:.0}% | {} | {} | {} | {:.1} |",
+                r.method,
+                r.causal,
+                r.head_dim,
+                opt(r.degree),
+                opt(r.rank),
+                r.n,
+                r.median_s,
+                r.flops / 1e9,
+                r.gflops,
+                100.0 * r.frac_of_peak,
+                r.speedup_vs_exact.map_or("—".into(), |v| format!("{v:.2}×")),
+                sci(r.err_o),
+                sci(r.err_grad),
+                r.peak_rss_bytes as f64 / (1u64 << 20) as f64
+            );
+        }
+        if !self.skipped.is_empty() {
+            let _ = writeln!(s, "\nSkipped:\n");
+            for k in &self.skipped {
+                let _ = writeln!(
+                    s,
+                    "- {} causal={} n={}: {}",
+                    series_label(&k.method, k.head_dim, k.degree),
+                    k.causal,
+                    k.n,
+                    k.reason
+                );
+            }
+        }
+        let _ = writeln!(s, "\n## Exponent of time in n (least squares over the largest sizes)\n");
+        let _ = writeln!(s, "| series | causal | exponent | n range |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for f in &self.fits {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {}–{} ({} pts) |",
+                series_label(&f.method, f.head_dim, f.degree),
+                f.causal,
+                f.exponent,
+                f.n_min,
+                f.n_max,
+                f.points
+            );
+        }
+        let _ = writeln!(s, "\n{}", self.claims.markdown);
+        if !self.roofline.is_empty() {
+            let _ = writeln!(s, "\n## Roofline (one head, one thread; stage breakdown)\n");
+            for p in &self.roofline {
+                s.push_str(&p.markdown());
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    /// Draws the plots into `dir`; returns the file names written.
+    pub(crate) fn plots(&self, dir: &Path) -> Result<Vec<String>> {
+        let mut files = Vec::new();
+        let mut draw = |stem: &str, chart: LineChart, series: Vec<Series>| -> Result<()> {
+            if series.iter().all(|s| s.points.is_empty()) {
+                return Ok(());
+            }
+            line_chart(&dir.join(stem), &chart, &series)?;
+            files.push(format!("{stem}.png"));
+            files.push(format!("{stem}.svg"));
+            Ok(())
+        };
+        for causal in [false, true] {
+            let tag = if causal { "causal" } else { "noncausal" };
+            let keys = self.series_keys(causal);
+            // time vs n, with fitted slopes in the legend
+            let series: Vec<Series> = keys
+                .iter()
+                .map(|(m, d, g)| {
+                    let slope = self
+                        .fits
+                        .iter()
+                        .find(|f| &f.method == m && f.head_dim == *d && f.degree == *g && f.causal == causal)
+                        .map_or("—".into(), |f| format!("{:.2}", f.exponent));
+                    Series {
+                        label: format!("{} (slope {slope})", series_label(m, *d, *g)),
+                        points: self.points(m, *d, *g, causal, |r| Some(r.median_s)),
+                    }
+                })
+                .collect();
+            let title = format!("fwd+bwd time vs n ({tag}, {} heads, f32)", self.heads);
+            draw(
+                &format!("time_vs_n_{tag}"),
+                LineChart { title: &title, x_label: "n", y_label: "seconds", log_x: true, log_y: true },
+                series,
+            )?;
+            // speed-up vs n
+            let approx: Vec<_> = keys.iter().filter(|k| k.0 != "exact").collect();
+            let series: Vec<Series> = approx
+                .iter()
+                .map(|(m, d, g)| Series {
+                    label: series_label(m, *d, *g),
+                    points: self.points(m, *d, *g, causal, |r| r.speedup_vs_exact),
+                })
+                .collect();
+            let title = format!("speed-up over exact vs n ({tag})");
+            draw(
+                &format!("speedup_vs_n_{tag}"),
+                LineChart {
+                    title: &title,
+                    x_label: "n",
+                    y_label: "exact time / method time",
+                    log_x: true,
+                    log_y: true,
+                },
+                series,
+            )?;
+            // errors vs n
+            for (what, get) in
+                [("o", (|r: &BenchRun| r.err_o) as fn(&BenchRun) -> Option<f64>), ("grad", |r: &BenchRun| r.err_grad)]
+            {
+                let series: Vec<Series> = approx
+                    .iter()
+                    .map(|(m, d, g)| Series {
+                        label: series_label(m, *d, *g),
+                        points: self.points(m, *d, *g, causal, get),
+                    })
+                    .collect();
+                let title = if what == "o" {
+                    format!("relative error of o vs exact ({tag}, R = 1)")
+                } else {
+                    format!("relative error of dq,dk,dv vs exact ({tag}, R = 1)")
+                };
+                draw(
+                    &format!("error_{what}_vs_n_{tag}"),
+                    LineChart { title: &title, x_label: "n", y_label: "relative error", log_x: true, log_y: true },
+                    series,
+                )?;
+            }
+        }
+        if let Some(b) = &self.claims.error_vs_n {
+            let mut series = Vec::new();
+            for m in ["poly", "altgrad"] {
+                for (what, get) in [
+                    ("o", (|p: &super::ErrorClaimPoint| p.err_o) as fn(&super::ErrorClaimPoint) -> f64),
+                    ("grad", |p: &super::ErrorClaimPoint| p.err_grad),
+                ] {
+                    let pts: Vec<(f64, f64)> =
+                        b.points.iter().filter(|p| p.method == m).map(|p| (p.n as f64, get(p))).collect();
+                    if !pts.is_empty() {
+                        series.push(Series { label: format!("{m} {what}"), points: pts });
+                    }
+                }
+            }
+            let mut ns: Vec<usize> = b.points.iter().map(|p| p.n).collect();
+            ns.dedup();
+            series.push(Series {
+                label: "1/n (target)".into(),
+                points: ns.iter().map(|&n| (n as f64, 1.0 / n as f64)).collect(),
+            });
+            let eps: Vec<(f64, f64)> =
+                b.points.iter().filter(|p| p.method == "poly").map(|p| (p.n as f64, p.eps_a)).collect();
+            series.push(Series { label: "ε_A(R, g) bound".into(), points: eps });
+            let title = format!("claim (b): error at g chosen for ε = 1/n (d={}, R={:.2}, f64)", b.head_dim, b.r_bound);
+            draw(
+                "claim_error_vs_n",
+                LineChart { title: &title, x_label: "n", y_label: "relative error", log_x: true, log_y: true },
+                series,
+            )?;
+        }
+        if let Some(c) = &self.claims.multi_layer {
+            let mut labels: Vec<String> = Vec::new();
+            for p in &c.points {
+                let l = p.label();
+                if !labels.contains(&l) {
+                    labels.push(l);
+                }
+            }
+            let series: Vec<Series> = labels
+                .iter()
+                .map(|l| Series {
+                    label: l.clone(),
+                    points: c
+                        .points
+                        .iter()
+                        .filter(|p| &p.label() == l)
+                        .map(|p| (p.layers as f64, p.rel_err_grad))
+                        .collect(),
+                })
+                .collect();
+            let title =
+                format!("claim (c): whole-model gradient error vs layers (n={}, R≈{:.1}, f64)", c.seq_len, c.r_target);
+            draw(
+                "claim_multilayer",
+                LineChart {
+                    title: &title,
+                    x_label: "layers m",
+                    y_label: "relative error of all grads",
+                    log_x: false,
+                    log_y: true,
+                },
+                series,
+            )?;
+        }
+        Ok(files)
+    }
+
+    /// The distinct `(method, head_dim, degree)` of the runs with this mask, in first-seen order.
+    fn series_keys(&self, causal: bool) -> Vec<(String, usize, Option<usize>)> {
+        let mut keys = Vec::new();
+        for r in self.runs.iter().filter(|r| r.causal == causal) {
+            let k = (r.method.clone(), r.head_dim, r.degree);
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        keys.sort_by(|a, b| (method_rank(&a.0), a.1, a.2).cmp(&(method_rank(&b.0), b.1, b.2)));
+        keys
+    }
+
+    fn points(
+        &self,
+        m: &str,
+        d: usize,
+        g: Option<usize>,
+        causal: bool,
+        get: impl Fn(&BenchRun) -> Option<f64>,
+    ) -> Vec<(f64, f64)> {
+        self.runs
+            .iter()
+            .filter(|r| r.method == m && r.head_dim == d && r.degree == g && r.causal == causal)
+            .filter_map(|r| get(r).map(|y| (r.n as f64, y)))
+            .collect()
+    }
+}
+
+fn method_rank(m: &str) -> u8 {
+    match m {
+        "exact" => 0,
+        "poly" => 1,
+        _ => 2,
+    }
+}
