@@ -10,6 +10,12 @@ use crate::report::{Compare, HeadReport, LayerCompare};
 use crate::{Error, Result};
 use std::time::Instant;
 
+/// A named tensor `(name, shape, values)`, as written to safetensors.
+pub type NamedTensor<T> = (String, Vec<usize>, Vec<T>);
+
+/// Per-layer `(q, k)` of a forward pass.
+type LayerQk<T> = Vec<(Vec<T>, Vec<T>)>;
+
 /// What one forward + backward pass produced.
 #[derive(Clone, Debug)]
 pub struct Pass<T> {
@@ -26,7 +32,7 @@ pub struct Pass<T> {
     /// Model width.
     pub hidden_size: usize,
     /// Every parameter's gradient `(name, shape, values)`, then `embeddings_grad [n, hidden]`.
-    pub grads: Vec<(String, Vec<usize>, Vec<T>)>,
+    pub grads: Vec<NamedTensor<T>>,
     /// For each layer, the indices into `grads` of its parameters.
     pub layer_params: Vec<Vec<usize>>,
     /// `dL/d(input of layer l) [n, hidden]`, first to last layer.
@@ -40,7 +46,7 @@ fn collect<T: Scalar>(
     layer_names: Vec<Vec<String>>,
     embeddings: Vec<T>,
     hidden: usize,
-) -> (Vec<(String, Vec<usize>, Vec<T>)>, Vec<Vec<usize>>) {
+) -> (Vec<NamedTensor<T>>, Vec<Vec<usize>>) {
     let mut grads: Vec<_> = params.into_iter().map(|p| (p.name.clone(), p.shape.clone(), p.data.clone())).collect();
     let index: std::collections::HashMap<&str, usize> =
         grads.iter().enumerate().map(|(i, g)| (g.0.as_str(), i)).collect();
@@ -199,7 +205,7 @@ pub fn inspect<T: Scalar>(
     use crate::attention::bound::{choose_degree, Policy, MAX_AUTO_DEGREE};
     use crate::attention::features::feature_dim;
     use crate::attention::{head_bounds, head_max_scores, AttnOptions, AttnShape};
-    let (qk, shape, causal): (Vec<(Vec<T>, Vec<T>)>, AttnShape, bool) = match model {
+    let (qk, shape, causal): (LayerQk<T>, AttnShape, bool) = match model {
         AnyModel::Llama(m) => {
             let c = m.forward(ids).map_err(|e| relabel(e, input))?;
             let s = AttnShape::new(ids.len(), m.cfg.num_heads, m.cfg.num_kv_heads, m.cfg.head_dim);
