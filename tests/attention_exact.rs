@@ -126,3 +126,23 @@ fn exact_rejects_bad_shapes() {
     let err = forward_exact(&x, &x[..10], &x, &s, &AttnOptions::standard(8, false)).unwrap_err();
     assert!(err.to_string().starts_with("q:") || err.to_string().starts_with("k:"), "{err}");
 }
+
+#[test]
+fn max_abs_score_matches_a_direct_loop() {
+    use altgrad::attention::bound::max_abs_score;
+    for (n, causal) in [(1usize, true), (300, true), (300, false), (517, true)] {
+        let d = 8;
+        let q = randn(n * d, 5 + n as u64, 1.0);
+        let k = randn(n * d, 6 + n as u64, 1.0);
+        let mut want = 0.0f64;
+        for i in 0..n {
+            let jmax = if causal { i + 1 } else { n };
+            for j in 0..jmax {
+                let s: f64 = (0..d).map(|c| q[i * d + c] * k[j * d + c]).sum::<f64>() * 0.3;
+                want = want.max(s.abs());
+            }
+        }
+        let got = max_abs_score(&q, &k, n, d, 0.3, causal);
+        assert!((got - want).abs() <= 1e-12 * want, "n={n} causal={causal}: {got} vs {want}");
+    }
+}

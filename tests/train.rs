@@ -205,7 +205,9 @@ fn bad_options_and_data_name_the_input() {
         (TrainOptions { stop_at: Some(3), ..ok.clone() }, "--stop-at", "--checkpoint"),
         (TrainOptions { resume: true, ..ok.clone() }, "--resume", "--checkpoint"),
         (TrainOptions { warmup: Some(41), ..ok.clone() }, "--warmup", "exceeds"),
-        (TrainOptions { tiny: TinySize { hidden: 30, ..small().tiny }, ..ok.clone() }, "--hidden", "multiple"),
+        (TrainOptions { tiny: TinySize { hidden: 33, ..small().tiny }, ..ok.clone() }, "--hidden", "multiple"),
+        (TrainOptions { tiny: TinySize { hidden: 30, ..small().tiny }, ..ok.clone() }, "--hidden", "even"),
+        (TrainOptions { tiny: TinySize { layers: 0, ..small().tiny }, ..ok.clone() }, "--layers", "positive"),
         (TrainOptions { vocab: Some(300), ..ok.clone() }, "--vocab", "256"),
         (
             TrainOptions { text: vec![], task: Some(Task::Mqar), mqar_pairs: Some(20), ..ok.clone() },

@@ -278,6 +278,39 @@ impl Policy {
     }
 }
 
+/// The largest `|s_ij| = τ |q_i·k_j|` over the pairs the mask allows (`j ≤ i` when `causal`), for
+/// one head: `q [n, d]`, `k [n, d]`. Exact, O(n²·d) by tiles of 256 query rows (one GEMM each),
+/// O(256·n) memory. For reports (`altgrad inspect`), not for the kernels.
+pub fn max_abs_score<T: Scalar>(q: &[T], k: &[T], n: usize, d: usize, scale: f64, causal: bool) -> f64 {
+    use crate::linalg::{matmul, rm, rm_mut};
+    const TILE: usize = 256;
+    let mut s = vec![T::zero(); TILE * n];
+    let mut best = 0.0f64;
+    let mut i0 = 0;
+    while i0 < n {
+        let br = TILE.min(n - i0);
+        let cols = if causal { i0 + br } else { n };
+        let st = &mut s[..br * cols];
+        matmul(
+            rm_mut(st, br, cols),
+            false,
+            rm(&q[i0 * d..(i0 + br) * d], br, d),
+            rm(&k[..cols * d], cols, d).transpose(),
+            T::from_f64(scale),
+            faer::Par::Seq,
+        );
+        for r in 0..br {
+            let lim = if causal { i0 + r + 1 } else { cols };
+            for x in &st[r * cols..r * cols + lim] {
+                best = best.max(x.as_f64().abs());
+            }
+        }
+        i0 += br;
+    }
+    best
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,36 +384,4 @@ mod tests {
         assert_eq!(p.method, Method::Exact);
         assert!(p.reason.contains("max_rank"));
     }
-}
-
-/// The largest `|s_ij| = τ |q_i·k_j|` over the pairs the mask allows (`j ≤ i` when `causal`), for
-/// one head: `q [n, d]`, `k [n, d]`. Exact, O(n²·d) by tiles of 256 query rows (one GEMM each),
-/// O(256·n) memory. For reports (`altgrad inspect`), not for the kernels.
-pub fn max_abs_score<T: Scalar>(q: &[T], k: &[T], n: usize, d: usize, scale: f64, causal: bool) -> f64 {
-    use crate::linalg::{matmul, rm, rm_mut};
-    const TILE: usize = 256;
-    let mut s = vec![T::zero(); TILE * n];
-    let mut best = 0.0f64;
-    let mut i0 = 0;
-    while i0 < n {
-        let br = TILE.min(n - i0);
-        let cols = if causal { i0 + br } else { n };
-        let st = &mut s[..br * cols];
-        matmul(
-            rm_mut(st, br, cols),
-            false,
-            rm(&q[i0 * d..(i0 + br) * d], br, d),
-            rm(&k[..cols * d], cols, d).transpose(),
-            T::from_f64(scale),
-            faer::Par::Seq,
-        );
-        for r in 0..br {
-            let lim = if causal { i0 + r + 1 } else { cols };
-            for x in &st[r * cols..r * cols + lim] {
-                best = best.max(x.as_f64().abs());
-            }
-        }
-        i0 += br;
-    }
-    best
 }

@@ -23,9 +23,9 @@ mod profile;
 mod report;
 mod sweep;
 
-pub use claims::{Crossover, ErrorClaim, ErrorClaimPoint, ExponentClaim, MultiLayerClaim, MultiLayerPoint};
+pub use claims::{Crossover, ErrorClaim, ErrorClaimPoint, ErrorSlope, ExponentClaim, MultiLayerClaim, MultiLayerPoint};
 pub use profile::{profile_exact_stages, profile_poly_stages, Stage, StageProfile};
-pub use report::{BenchReport, BenchRun, Claims, Fit, Skipped};
+pub use report::{BenchReport, BenchRun, Claims, Fit, Skipped, CSV_HEADER};
 pub use sweep::{run_bench, BenchOptions};
 
 use crate::attention::{self, AttnOptions, AttnShape, Method};

@@ -633,7 +633,7 @@ fn cpu_name() -> String {
 /// Runs the benchmarks and the paper-claims measurements described by `opts` and writes into
 /// `opts.out_dir`: `bench.json` ([`BenchReport`]; keys `gemm_peak_gflops`, `runs`, `fits`,
 /// `claims`, `roofline`, …), `bench.csv` (one row per run, header
-/// [`super::report::CSV_HEADER`]), `bench.md` ([`BenchReport::markdown`]) and the plots
+/// [`super::CSV_HEADER`]), `bench.md` ([`BenchReport::markdown`]) and the plots
 /// `time_vs_n_{noncausal,causal}`, `speedup_vs_n_*`, `error_o_vs_n_*`, `error_grad_vs_n_*`,
 /// `claim_error_vs_n`, `claim_multilayer` (each `.png` and `.svg`).
 ///

@@ -108,6 +108,12 @@ impl TinySize {
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(Error::bad("--kv-heads", format!("{} does not divide --heads {}", self.kv_heads, self.heads)));
         }
+        if !head_dim.is_multiple_of(2) {
+            return Err(Error::bad(
+                "--hidden",
+                format!("head_dim = hidden / heads = {head_dim} must be even (RoPE pairs coordinates)"),
+            ));
+        }
         let cfg = LlamaConfig {
             vocab_size: vocab,
             hidden_size: self.hidden,
@@ -119,7 +125,7 @@ impl TinySize {
             rope_layout: RopeLayout::RotateHalf,
             ..LlamaConfig::tiny()
         };
-        cfg.validate("tiny")?;
+        cfg.validate("tiny (--layers/--hidden/--heads/--kv-heads/--vocab)")?;
         Ok(cfg)
     }
 }
