@@ -28,7 +28,9 @@ fn tiny_bench_writes_json_csv_and_plots() {
 
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).expect("bench.json parses");
-    for k in ["gemm_peak_gflops", "runs", "fits", "claims", "skipped", "roofline", "threads", "memory_method", "command"] {
+    for k in
+        ["gemm_peak_gflops", "runs", "fits", "claims", "skipped", "roofline", "threads", "memory_method", "command"]
+    {
         assert!(v.get(k).is_some(), "bench.json lacks {k}");
     }
     assert!(v["gemm_peak_gflops"].as_f64().unwrap() > 0.0);
@@ -102,7 +104,12 @@ fn bad_options_are_user_errors() {
 
 fn env_list<T: std::str::FromStr>(key: &str, parse: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {
     let v = std::env::var(key).ok()?;
-    Some(v.split(',').filter(|s| !s.trim().is_empty()).map(|s| parse(s.trim()).unwrap_or_else(|| panic!("{key}: bad item {s}"))).collect())
+    Some(
+        v.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| parse(s.trim()).unwrap_or_else(|| panic!("{key}: bad item {s}")))
+            .collect(),
+    )
 }
 
 fn pair(s: &str) -> Option<(usize, usize)> {

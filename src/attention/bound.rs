@@ -310,7 +310,6 @@ pub fn max_abs_score<T: Scalar>(q: &[T], k: &[T], n: usize, d: usize, scale: f64
     best
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -124,7 +124,8 @@ enum Dtype {
 
 #[derive(clap::Args)]
 struct GradArgs {
-    /// Model: `tiny` (built-in, seeded), a `.gguf` file (Llama), or an HF directory (Llama or BERT).
+    /// Model: `tiny` or `tiny-bounded` (built-in, seeded), a `.gguf` file (Llama), or an HF
+    /// directory (Llama or BERT).
     #[arg(long, default_value = "tiny")]
     model: String,
     /// Text file, tokenized with the model's own tokenizer (bytes for `tiny`).
@@ -436,6 +437,20 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
                 );
             }
             println!("total  relative error of all parameter gradients: {:.3e}", c.rel_err_total);
+        }
+        // Why each method was chosen: the head with the smallest bound speaks for its method.
+        let mut why = std::collections::BTreeMap::<&str, (f64, &str)>::new();
+        for d in r.decisions.iter().flatten() {
+            let e = why.entry(d.plan.method_name()).or_insert((f64::INFINITY, ""));
+            if d.bound < e.0 {
+                *e = (d.bound, d.reason.as_str());
+            }
+        }
+        let bounds: Vec<f64> = r.decisions.iter().flatten().map(|d| d.bound).collect();
+        let (bmin, bmax) = bounds.iter().fold((f64::INFINITY, 0.0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+        println!("bounds       R (after the row shift) from {bmin:.2} to {bmax:.2} over the heads");
+        for (m, (_, reason)) in &why {
+            println!("why {m:<8} e.g. {reason}");
         }
         if let Some(p) = &a.out {
             println!("gradients -> {}", p.display());

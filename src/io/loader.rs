@@ -87,7 +87,8 @@ pub fn gguf_tokenizer_parts(g: &GgufFile) -> Result<GgufTokenizerParts> {
     })
 }
 
-/// Loads `spec`: `tiny` (built-in, weights from `seed`), a `.gguf` file (Llama architecture, its
+/// Loads `spec`: `tiny` (built-in, weights from `seed`), `tiny-bounded` (the same with q/k
+/// projections scaled by 1/4, so attention scores are bounded), a `.gguf` file (Llama architecture, its
 /// BPE tokenizer), or an HF directory whose `config.json` says `model_type` `llama` or `bert`
 /// (tokenizer from `tokenizer.json` when present).
 ///
@@ -95,6 +96,9 @@ pub fn gguf_tokenizer_parts(g: &GgufFile) -> Result<GgufTokenizerParts> {
 pub fn load_model<T: Scalar>(spec: &str, seed: u64) -> Result<Loaded<T>> {
     if spec == "tiny" {
         return Ok(Loaded { model: AnyModel::Llama(Model::tiny(seed)), tokenizer: None });
+    }
+    if spec == "tiny-bounded" {
+        return Ok(Loaded { model: AnyModel::Llama(Model::tiny_bounded(seed)), tokenizer: None });
     }
     let path = Path::new(spec);
     if !path.exists() {

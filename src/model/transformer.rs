@@ -101,6 +101,19 @@ impl<T: Scalar> Model<T> {
         Model { cfg, weights, source: "tiny".into() }
     }
 
+    /// `tiny` with its q and k projections scaled by 1/4, so attention scores stay small (score
+    /// bound R ≈ 1): the regime where the polynomial method applies (MATH §3). Source `tiny-bounded`.
+    pub fn tiny_bounded(seed: u64) -> Self {
+        let mut m = Self::tiny(seed);
+        for l in &mut m.weights.layers {
+            for x in l.q_proj.weight.data.iter_mut().chain(l.k_proj.weight.data.iter_mut()) {
+                *x *= T::from_f64(0.25);
+            }
+        }
+        m.source = "tiny-bounded".into();
+        m
+    }
+
     /// Builds a model from parts, checking the config and that every weight is finite.
     pub fn new(cfg: LlamaConfig, weights: LlamaWeights<T>, source: impl Into<String>) -> Result<Self> {
         let source = source.into();
