@@ -102,7 +102,7 @@ fn bad_options_are_user_errors() {
     assert!(run_bench(&o).unwrap_err().is_user_error());
 }
 
-fn env_list<T: std::str::FromStr>(key: &str, parse: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {
+fn env_list<T>(key: &str, parse: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {
     let v = std::env::var(key).ok()?;
     Some(
         v.split(',')

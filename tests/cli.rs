@@ -187,3 +187,76 @@ fn existing_output_survives_a_failed_run() {
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(std::fs::read(&out).unwrap(), b"previous results");
 }
+
+#[test]
+fn inspect_writes_table_json_and_heatmap() {
+    let d = tmpdir("inspect");
+    let stem = d.join("deg");
+    let json = d.join("i.json");
+    let o = altgrad(&[
+        "inspect",
+        "--model",
+        "tiny-bounded",
+        "--seq-len",
+        "200",
+        "--tol",
+        "0.1",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        stem.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let heads = v["heads"].as_array().unwrap();
+    assert_eq!(heads.len(), 4 * 4);
+    for k in ["layer", "head", "max_abs_score", "bound", "bound_unshifted", "degree", "rank", "method"] {
+        assert!(heads[0].get(k).is_some(), "inspect head lacks {k}: {}", heads[0]);
+    }
+    // the shifted bound bounds every actual shifted score, hence is at least half the max |score|
+    // minus the shift; at minimum it is finite and positive here
+    assert!(heads.iter().all(|h| h["bound"].as_f64().unwrap() > 0.0));
+    for ext in ["png", "svg"] {
+        assert!(stem.with_extension(ext).exists(), "heatmap .{ext}");
+    }
+}
+
+#[test]
+fn grad_poly_compare_reports_every_layer() {
+    let o = altgrad(&[
+        "grad",
+        "--model",
+        "tiny-bounded",
+        "--seq-len",
+        "128",
+        "--attention",
+        "poly",
+        "--degree",
+        "4",
+        "--compare",
+        "--json",
+        "-",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = &v["compare"];
+    for k in ["loss_exact", "speedup", "rel_err_total", "layers"] {
+        assert!(c.get(k).is_some(), "compare lacks {k}");
+    }
+    let layers = c["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    for l in layers {
+        let (dx, dw) = (l["rel_err_dx"].as_f64().unwrap(), l["rel_err_dw"].as_f64().unwrap());
+        assert!(dx > 0.0 && dx < 0.05 && dw > 0.0 && dw < 0.05, "bounded model, degree 4: {l}");
+    }
+    assert!(v["heads"].as_array().unwrap().iter().all(|h| h["method"] == "poly" && h["degree"] == 4));
+    assert!(v["timing_s"]["exact_backward"].as_f64().is_some());
+}
+
+#[test]
+fn odd_degree_and_bad_flags_are_rejected() {
+    assert_user_error(&["grad", "--attention", "poly", "--degree", "3"], "degree must be even");
+    assert_user_error(&["grad", "--attention", "auto", "--degree", "2"], "--degree");
+    assert_user_error(&["grad", "--attention", "poly", "--tol=-1"], "--tol");
+    assert_user_error(&["grad", "--attention", "poly", "--chunk", "0"], "--chunk");
+}

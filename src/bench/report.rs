@@ -465,7 +465,7 @@ impl BenchReport {
                 keys.push(k);
             }
         }
-        keys.sort_by(|a, b| (method_rank(&a.0), a.1, a.2).cmp(&(method_rank(&b.0), b.1, b.2)));
+        keys.sort_by_key(|a| (method_rank(&a.0), a.1, a.2));
         keys
     }
 

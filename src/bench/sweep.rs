@@ -299,7 +299,7 @@ impl Plan {
             p.exact_dims = e.clone();
         }
         if let Some(l) = o.limit_s {
-            if !(l > 0.0) {
+            if l.is_nan() || l <= 0.0 {
                 return bad("--limit must be positive".into());
             }
             p.limit_s = l;
@@ -673,7 +673,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     tick("GEMM peak (all threads)");
     let peak = gemm_gflops(plan.gemm_n, plan.gemm_n, plan.gemm_n, 3);
     tick("GEMM k = 64");
-    let kn = plan.gemm_n.min(4096).max(256) * 2;
+    let kn = plan.gemm_n.clamp(256, 4096) * 2;
     let peak_k64 = gemm_gflops(kn, 64, kn, 3);
     tick("GEMM peak (one thread)");
     let p1n = plan.gemm_n.min(1024);
@@ -687,15 +687,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     .to_string();
 
     let (mut runs, skipped) = sweep(&plan, peak, &tick)?;
-    runs.sort_by(|a, b| {
-        (a.causal, a.head_dim, method_rank(&a.method), a.degree, a.n).cmp(&(
-            b.causal,
-            b.head_dim,
-            method_rank(&b.method),
-            b.degree,
-            b.n,
-        ))
-    });
+    runs.sort_by_key(|a| (a.causal, a.head_dim, method_rank(&a.method), a.degree, a.n));
     let fits = fits(&runs);
 
     let command = opts.command_line();

@@ -144,7 +144,7 @@ pub struct TrainOptions {
     pub text: Vec<PathBuf>,
     /// Synthetic task instead of text.
     pub task: Option<Task>,
-    /// MQAR key–value pairs per sequence (default `max(1, seq_len/16)`).
+    /// MQAR key–value pairs per sequence (default `seq_len/16`, at most `vocab/2 − 1`, at least 1).
     pub mqar_pairs: Option<usize>,
     /// Number of updates.
     pub steps: usize,
@@ -448,7 +448,7 @@ fn build_data(opts: &TrainOptions, model: &Model<f32>, tok: Option<&TextTokenize
     }
     if opts.task == Some(Task::Mqar) {
         let vocab = opts.vocab.unwrap_or(model.cfg.vocab_size);
-        let pairs = opts.mqar_pairs.unwrap_or((opts.seq_len / 16).max(1));
+        let pairs = opts.mqar_pairs.unwrap_or((opts.seq_len / 16).min(vocab / 2 - 1).max(1));
         return Ok(Data::Mqar(Mqar::new(vocab, opts.seq_len, pairs)?));
     }
     let mut files = Vec::new();
