@@ -224,6 +224,26 @@ impl BenchReport {
         s
     }
 
+    /// What the CLI prints: one line on the machine and the peak, the fitted exponents, the
+    /// claims table with its detail tables, the roofline and the files written (everything of
+    /// [`BenchReport::markdown`] but the long per-point table, which is in `bench.md`/`bench.csv`).
+    pub fn summary_markdown(&self) -> String {
+        let full = self.markdown();
+        let start = full.find("## Exponent of time").unwrap_or(0);
+        let mut s = format!(
+            "altgrad bench: {} points in {:.0} s; {} threads, f32 GEMM peak {:.1} GFLOP/s; load average {:?} → {:?}\n\n",
+            self.runs.len(),
+            self.elapsed_s,
+            self.threads,
+            self.gemm_peak_gflops,
+            self.loadavg_start,
+            self.loadavg_end
+        );
+        s.push_str(&full[start..]);
+        let _ = writeln!(s, "\nFiles: {}", self.files.join(", "));
+        s
+    }
+
     /// The whole report as markdown: machine, sweep table, fits, claims table, crossovers,
     /// roofline (`bench.md`).
     pub fn markdown(&self) -> String {
