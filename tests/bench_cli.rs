@@ -134,3 +134,54 @@ fn bench_driver() {
     let r = run_bench(&o).expect("bench");
     println!("{}", r.markdown());
 }
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    Bench(altgrad::bench::BenchArgs),
+}
+
+#[test]
+fn bench_args_parse_into_options() {
+    use clap::Parser;
+    let Cmd::Bench(a) = Cli::try_parse_from(["altgrad", "bench", "--quick", "--out", "/tmp/x"]).unwrap().cmd;
+    let o = a.options();
+    assert!(o.quick && o.claims && o.roofline && o.progress);
+    assert_eq!(o.out_dir, PathBuf::from("/tmp/x"));
+    assert_eq!((o.heads, o.ns.clone(), o.poly_configs.clone()), (4, None, None));
+    assert_eq!(o.command_line(), "altgrad bench --quick --out /tmp/x");
+    let Cmd::Bench(a) = Cli::try_parse_from([
+        "altgrad",
+        "bench",
+        "--ns",
+        "256,512",
+        "--poly",
+        "16:2,64:4",
+        "--altgrad",
+        "none",
+        "--exact",
+        "16",
+        "--limit",
+        "2.5",
+        "--no-claims",
+        "--no-roofline",
+        "--no-progress",
+    ])
+    .unwrap()
+    .cmd;
+    let o = a.options();
+    assert_eq!(o.ns, Some(vec![256, 512]));
+    assert_eq!(o.poly_configs, Some(vec![(16, 2), (64, 4)]));
+    assert_eq!(o.altgrad_configs, Some(vec![]));
+    assert_eq!(o.exact_dims, Some(vec![16]));
+    assert_eq!(o.limit_s, Some(2.5));
+    assert!(!o.claims && !o.roofline && !o.progress && !o.quick);
+    assert_eq!(o.out_dir, PathBuf::from("bench-out"));
+    assert!(Cli::try_parse_from(["altgrad", "bench", "--poly", "16-2"]).is_err());
+    assert!(Cli::try_parse_from(["altgrad", "bench", "--ns", "1k"]).is_err());
+}

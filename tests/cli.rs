@@ -260,3 +260,23 @@ fn odd_degree_and_bad_flags_are_rejected() {
     assert_user_error(&["grad", "--attention", "poly", "--tol=-1"], "--tol");
     assert_user_error(&["grad", "--attention", "poly", "--chunk", "0"], "--chunk");
 }
+
+#[test]
+fn tokenize_prints_the_models_ids() {
+    let d = tmpdir("tok");
+    let t = d.join("t.txt");
+    std::fs::write(&t, "Hi!").unwrap();
+    let o = altgrad(&["tokenize", "--model", "tiny", "--text", t.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "72 105 33");
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if gguf.exists() {
+        std::fs::write(&t, "The GNU General Public License 3").unwrap();
+        let o = altgrad(&["tokenize", "--model", gguf.to_str().unwrap(), "--text", t.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let ids: Vec<u32> = String::from_utf8_lossy(&o.stdout).split_whitespace().map(|x| x.parse().unwrap()).collect();
+        // digits are split one by one (smollm pre-tokenizer); no BOS (add_bos_token = false)
+        assert!(ids.len() >= 5 && ids[0] != 1, "{ids:?}");
+    }
+    assert_user_error(&["tokenize", "--model", "tiny", "--text", "/nonexistent.txt"], "/nonexistent.txt");
+}

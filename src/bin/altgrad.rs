@@ -33,6 +33,8 @@ enum Cmd {
     Attn(AttnArgs),
     /// Per layer and head: max score, bound R, degree needed for a tolerance, rank, auto choice.
     Inspect(InspectArgs),
+    /// Print the token ids of a text as the model's own tokenizer produces them.
+    Tokenize(TokenizeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -163,6 +165,16 @@ struct GradArgs {
 }
 
 #[derive(clap::Args)]
+struct TokenizeArgs {
+    /// Model: `tiny` (bytes), a `.gguf` file, or an HF directory with tokenizer.json.
+    #[arg(long)]
+    model: String,
+    /// Text file.
+    #[arg(long)]
+    text: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct InspectArgs {
     /// Model: `tiny`, a `.gguf` file, or an HF directory (Llama or BERT).
     #[arg(long, default_value = "tiny")]
@@ -245,6 +257,7 @@ fn main() {
         Cmd::Grad(a) => run_grad(&a),
         Cmd::Attn(a) => run_attn(&a),
         Cmd::Inspect(a) => run_inspect(&a),
+        Cmd::Tokenize(a) => run_tokenize(&a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -464,6 +477,18 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
             aio::write_file_atomic(Path::new(j), s.as_bytes())?;
         }
     }
+    Ok(())
+}
+
+fn run_tokenize(a: &TokenizeArgs) -> Result<()> {
+    let loaded = aio::load_model::<f32>(&a.model, 0)?;
+    if loaded.tokenizer.is_none() && loaded.source() != "tiny" && loaded.source() != "tiny-bounded" {
+        return Err(Error::bad(&a.model, "this model directory has no tokenizer.json").into());
+    }
+    let text = std::fs::read_to_string(&a.text).map_err(|e| Error::io(a.text.display().to_string(), e))?;
+    let ids = loaded.encode(&text)?;
+    let s: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    println!("{}", s.join(" "));
     Ok(())
 }
 
