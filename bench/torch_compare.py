@@ -21,7 +21,7 @@ shapes as the altgrad sweep (d in {16, 64}, causal and not, n = 512 ... 8192 wit
   like altgrad's chunked kernel. Backward by autograd (through the shift too, as `poly` does).
 
 Then the altgrad side of the same run: by default it runs `target/release/altgrad bench --quick
---ns ... --poly 16:2,64:2 --exact 16,64 --altgrad "" --no-claims --no-roofline --out DIR/altgrad`
+--ns ... --poly 16:2,64:2 --exact 16,64 --altgrad none --no-claims --no-roofline --out DIR/altgrad`
 right after the PyTorch timings (same machine state, same thread count: RAYON_NUM_THREADS = the
 --threads value, torch.set_num_threads the same). When the binary has no `bench` subcommand it
 falls back to the crate's test driver (`cargo test --release --test bench_cli -- --ignored
@@ -227,7 +227,7 @@ def run_altgrad(args, ns, dims, out_dir, limit):
         r = subprocess.run([binary, "bench", "--help"], capture_output=True, text=True)
         have_cli = r.returncode == 0 and "--ns" in r.stdout
     if have_cli:
-        cmd = [binary, "bench", "--ns", ns_s, "--poly", poly, "--exact", exact, "--altgrad", "",
+        cmd = [binary, "bench", "--ns", ns_s, "--poly", poly, "--exact", exact, "--altgrad", "none",
                "--no-claims", "--no-roofline", "--limit", str(limit), "--out", out_dir]
         if args.quick:
             cmd.insert(2, "--quick")

@@ -4,6 +4,7 @@
 
 use crate::{Error, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
@@ -197,22 +198,34 @@ where
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
     let span = if hi > lo { hi - lo } else { 1.0 };
     let mut chart = ChartBuilder::on(&root)
-        .caption(h.title, ("sans-serif", 20))
-        .margin(12)
+        .caption(h.title, ("sans-serif", 15))
+        .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(0i32..cols as i32, rows as i32..0i32)
+        .build_cartesian_2d(0f64..cols as f64, rows as f64..0f64)
         .map_err(|e| e.to_string())?;
+    // Ticks at cell centres, labelled with the row / column index.
+    let centre = |v: &f64| {
+        let f = v - v.floor();
+        if (f - 0.5).abs() < 1e-6 {
+            format!("{}", v.floor() as i64)
+        } else {
+            String::new()
+        }
+    };
     chart
         .configure_mesh()
         .disable_mesh()
         .x_desc(h.col_label)
         .y_desc(h.row_label)
-        .x_labels(cols.min(32))
-        .y_labels(rows.min(40))
+        .x_labels(2 * cols + 1)
+        .y_labels(2 * rows + 1)
+        .x_label_formatter(&centre)
+        .y_label_formatter(&centre)
         .label_style(("sans-serif", 12))
         .draw()
         .map_err(|e| e.to_string())?;
+    let style = TextStyle::from(("sans-serif", 11).into_font()).pos(Pos::new(HPos::Center, VPos::Center));
     for (r, row) in h.values.iter().enumerate() {
         for (cidx, v) in row.iter().enumerate() {
             let color = match v {
@@ -223,13 +236,13 @@ where
                 }
                 None => RGBColor(200, 200, 200),
             };
-            let (x, y) = (cidx as i32, r as i32);
+            let (x, y) = (cidx as f64, r as f64);
             chart
-                .draw_series(std::iter::once(Rectangle::new([(x, y), (x + 1, y + 1)], color.filled())))
+                .draw_series(std::iter::once(Rectangle::new([(x, y), (x + 1.0, y + 1.0)], color.filled())))
                 .map_err(|e| e.to_string())?;
             if let Some(text) = h.cell_text.get(r).and_then(|t| t.get(cidx)) {
                 chart
-                    .draw_series(std::iter::once(Text::new(text.clone(), (x, y), ("sans-serif", 11).into_font())))
+                    .draw_series(std::iter::once(Text::new(text.clone(), (x + 0.5, y + 0.5), style.clone())))
                     .map_err(|e| e.to_string())?;
             }
         }
@@ -244,7 +257,7 @@ pub fn heatmap(stem: &Path, h: &Heatmap) -> Result<()> {
     register_font();
     let rows = h.values.len().max(1) as u32;
     let cols = h.values.iter().map(|r| r.len()).max().unwrap_or(1).max(1) as u32;
-    let size = ((120 + 36 * cols).max(400), (110 + 22 * rows).max(300));
+    let size = ((140 + 40 * cols).max(760), (120 + 22 * rows).max(320));
     for ext in ["png", "svg"] {
         let path = stem.with_extension(ext);
         let tmp = tmp_path(&path);

@@ -595,6 +595,10 @@ pub(crate) fn forward<T: Scalar>(
     check_popts(popts)?;
     let s = *shape;
     let n = s.seq_len;
+    // Fail before any work when the backward's Kronecker state would be too large.
+    if let Some(r) = crate::attention::features::feature_dim(s.head_dim, popts.degree) {
+        check_kron(r, s.head_dim_v, s.head_dim, popts.degree)?;
+    }
     let fm = FeatureMap::<T>::new(s.head_dim, popts.degree)?;
     let kern = Kernel { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
     let kvs = gather_kv(k, v, &s, opts.causal);

@@ -261,6 +261,7 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
     // (method, causal) → last (n, seconds), to skip points predicted above the limit
     let mut last: Vec<((Method, bool), (usize, f64))> = Vec::new();
     for causal in [false, true] {
+        let mut last_exact: Option<(usize, f64)> = None;
         for &n in &plan.b_ns {
             tick(&format!("claim (b) n={n} causal={causal}"));
             let inp = bounded_inputs::<f64>(n, heads, d, causal, r_target, plan.seed ^ 0xb)?;
@@ -272,8 +273,18 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
                 continue;
             };
             let rank = feature_dim(d, g).unwrap_or(usize::MAX);
+            let exact_pred = last_exact.map_or(0.0, |(m, t): (usize, f64)| t * (n as f64 / m as f64).powi(2));
+            if exact_pred > plan.limit_s {
+                skipped.push(format!(
+                    "n={n} causal={causal}: exact reference predicted {exact_pred:.0} s > limit {:.0} s",
+                    plan.limit_s
+                ));
+                continue;
+            }
             let smax = max_shifted_score(&inp);
+            let t = Instant::now();
             let (_, _, o_ref, g_ref) = run_method(Method::Exact, &inp, &PolyOptions::new(2))?;
+            last_exact = Some((n, t.elapsed().as_secs_f64()));
             for method in [Method::Poly, Method::AltGrad] {
                 let predicted = last.iter().find(|(k, _)| *k == (method, causal)).map_or(0.0, |(_, (m, t))| {
                     t * n as f64 / *m as f64 * (rank as f64 / rank_at(d, &points, method, causal, *m))

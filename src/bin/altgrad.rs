@@ -328,7 +328,7 @@ fn fmt_err(x: f64) -> String {
     if x.is_finite() {
         format!("{x:.2e}")
     } else {
-        "none".into()
+        "no bound".into()
     }
 }
 
@@ -377,6 +377,26 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let ids = token_ids(&inputs, &loaded, max_len)?;
     let input = input_name(&inputs);
     let n = ids.len();
+    if let (Some(g), AnyModel::Llama(_) | AnyModel::Bert(_)) = (a.method.degree, &loaded.model) {
+        let d = match &loaded.model {
+            AnyModel::Llama(m) => m.cfg.head_dim,
+            AnyModel::Bert(m) => m.cfg.head_dim,
+        };
+        let causal = matches!(loaded.model, AnyModel::Llama(_));
+        if let Some(r) = altgrad::attention::features::feature_dim(d, g) {
+            let pf = altgrad::attention::bound::poly_flops(n, d, d, r, causal, a.method.chunk);
+            let ef = altgrad::attention::bound::exact_flops(n, d, d, causal);
+            if pf > 10.0 * ef {
+                eprintln!(
+                    "warning: degree {g} at head_dim {d} has feature width r = {r}: about {:.0}× the FLOPs of exact \
+                     attention at n = {n} ({:.1} vs {:.1} GFLOP per head); this will be slow",
+                    pf / ef,
+                    pf / 1e9,
+                    ef / 1e9
+                );
+            }
+        }
+    }
     pb.set_message(format!("forward + backward ({}, {n} tokens)", policy.name()));
     let r = job::run_pass(&loaded.model, &ids, &input, &policy)?;
     let exact = if a.compare {
@@ -428,7 +448,9 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
                 c.loss_exact, e.t_bwd, c.speedup
             );
             println!();
-            println!("layer  methods                    max pred. err  rel_err_dx  rel_err_dw");
+            println!("(bound o: the largest predicted bound on a head's output error, ‖Õ−O‖∞/‖V‖∞, MATH §3;");
+            println!(" 'no bound' where ε_A ≥ 1. The errors are measured against the exact backward.)");
+            println!("layer  methods                    bound o        rel_err_dx  rel_err_dw");
             for (l, lc) in c.layers.iter().enumerate() {
                 let mut m = std::collections::BTreeMap::<String, usize>::new();
                 let mut worst = 0.0f64;
@@ -461,7 +483,8 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         }
         let bounds: Vec<f64> = r.decisions.iter().flatten().map(|d| d.bound).collect();
         let (bmin, bmax) = bounds.iter().fold((f64::INFINITY, 0.0f64), |(a, b), x| (a.min(*x), b.max(*x)));
-        println!("bounds       R (after the row shift) from {bmin:.2} to {bmax:.2} over the heads");
+        let shift = if a.method.no_center && a.method.attention != Method::Auto { "without" } else { "after" };
+        println!("bounds       R ({shift} the row shift) from {bmin:.2} to {bmax:.2} over the heads");
         for (m, (_, reason)) in &why {
             println!("why {m:<8} e.g. {reason}");
         }
@@ -521,7 +544,11 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
             (None, _) => "-".into(),
         };
     }
-    let title = format!("degree for ε_A ≤ {:e}, n = {} (* = exact is cheaper, - = none ≤ 8)", a.tol, ids.len());
+    let title = format!(
+        "degree for ε_A ≤ {:e}, n = {} (* = auto uses exact: cheaper or r > max_rank; - = none ≤ 8)",
+        a.tol,
+        ids.len()
+    );
     altgrad::plot::heatmap(
         &a.plot,
         &altgrad::plot::Heatmap { title: &title, row_label: "layer", col_label: "head", values, cell_text: text },

@@ -254,7 +254,7 @@ mod tests {
             keys.dedup();
             assert_eq!(keys.len(), 8);
             for (&p, &t) in s.positions.iter().zip(&s.targets) {
-                assert!(p >= 16 && p < 63 && (p - 16) % 2 == 0);
+                assert!((16..63).contains(&p) && (p - 16) % 2 == 0);
                 let key = s.ids[p];
                 assert_eq!(kv.iter().find(|x| x.0 == key).unwrap().1, t, "query answers its key's value");
             }

@@ -624,6 +624,9 @@ pub fn run_train(opts: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         }
     }
     let end = opts.stop_at.unwrap_or(opts.steps);
+    if start >= end {
+        notes.push(format!("the checkpoint is already at update {start}: nothing to do"));
+    }
     let (mut log, mut records) = JsonLog::open(opts.json.as_deref(), opts.resume.then_some(start))?;
     let eval_set = data.eval_set(opts.seed, opts.seq_len, opts.eval_seqs);
     let warmup = opts.warmup_steps();
@@ -779,7 +782,12 @@ fn plot_records(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str) ->
             acc.push(Series { label: format!("{label} held-out"), points: a });
         }
     }
-    let chart = LineChart { title, x_label: "update", y_label: "loss (nats/token)", log_x: false, log_y: true };
+    // Log scale only when the losses span more than a factor 20 (MQAR heading to 0); otherwise
+    // a linear axis keeps its tick labels.
+    let ys = || loss.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|y| y.is_finite() && *y > 0.0);
+    let (lo, hi) = (ys().fold(f64::INFINITY, f64::min), ys().fold(0.0f64, f64::max));
+    let log_y = lo.is_finite() && hi / lo > 20.0;
+    let chart = LineChart { title, x_label: "update", y_label: "loss (nats/token)", log_x: false, log_y };
     line_chart(stem, &chart, &loss)?;
     if !acc.is_empty() {
         let name = format!("{}-accuracy", stem.file_name().map(|s| s.to_string_lossy()).unwrap_or_default());
@@ -796,8 +804,8 @@ fn plot_records(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str) ->
 }
 
 /// Draws the loss curves of several runs from their JSON-lines logs (`--json` files) into
-/// `<out_stem>.png` / `.svg` (training loss per update and held-out loss where measured, log
-/// scale) and, when any run measured MQAR accuracy, `<out_stem>-accuracy.png` / `.svg`. Each
+/// `<out_stem>.png` / `.svg` (training loss per update and held-out loss where measured; log
+/// scale when the losses span more than a factor 20) and, when any run measured MQAR accuracy, `<out_stem>-accuracy.png` / `.svg`. Each
 /// run is labelled by its file name without extension.
 ///
 /// Errors: `BadInput` naming a file that cannot be read, has a line that is not a step record,
