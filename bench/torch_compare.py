@@ -90,7 +90,8 @@ def quad_index(torch, d, device):
 def features2(torch, x, iu):
     """phi(x) for degree 2 on the symmetric basis: [1, x, x_i x_j (i<j), x_i^2 / sqrt 2]."""
     ones = torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)
-    cross = x[..., iu[0]] * x[..., iu[1]]
+    # index_select (backward: index_add) is faster on CPU than advanced indexing (index_put)
+    cross = torch.index_select(x, -1, iu[0]) * torch.index_select(x, -1, iu[1])
     sq = x * x * (1.0 / math.sqrt(2.0))
     return torch.cat([ones, x, cross, sq], dim=-1)
 

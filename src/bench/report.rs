@@ -136,11 +136,16 @@ pub struct BenchReport {
     pub dtype: String,
     /// Query heads of every sweep point.
     pub heads: usize,
-    /// f32 GEMM 2048³ (quick: 1024³) on all threads, GFLOP/s: the peak every ratio uses.
+    /// f32 GEMM 2048³ on all threads, GFLOP/s: the peak every ratio uses, the larger of
+    /// `gemm_peak_start_gflops` and `gemm_peak_end_gflops` (each the fastest of 5 runs).
     pub gemm_peak_gflops: f64,
-    /// f32 GEMM with inner dimension 64 (`4096×64×4096`), all threads, GFLOP/s.
+    /// The peak measured before the sweep.
+    pub gemm_peak_start_gflops: f64,
+    /// The peak measured after the sweep (a large difference means the machine was shared).
+    pub gemm_peak_end_gflops: f64,
+    /// f32 GEMM with inner dimension 64 (`4096×64×4096`), all threads, GFLOP/s (fastest of 5).
     pub gemm_k64_gflops: f64,
-    /// f32 GEMM 1024³ on one thread, GFLOP/s (the ceiling of one head's sequential kernel).
+    /// f32 GEMM 1024³ on one thread, GFLOP/s, fastest of 5 (the ceiling of one head's sequential kernel).
     pub gemm_peak_1thread_gflops: f64,
     /// How `peak_rss_bytes` was measured.
     pub memory_method: String,
@@ -253,12 +258,14 @@ impl BenchReport {
         let _ = writeln!(
             s,
             "Machine: {} — {} rayon threads; load average at start {:?}, at end {:?} (above ~0.3: shared, timings noisy). \
-             f32 GEMM peak {:.1} GFLOP/s (inner dim 64: {:.1}; one thread: {:.1}). Memory: {}. Elapsed {:.0} s.\n",
+             f32 GEMM peak {:.1} GFLOP/s (before/after the sweep {:.1}/{:.1}; inner dim 64: {:.1}; one thread: {:.1}). Memory: {}. Elapsed {:.0} s.\n",
             self.cpu,
             self.threads,
             self.loadavg_start,
             self.loadavg_end,
             self.gemm_peak_gflops,
+            self.gemm_peak_start_gflops,
+            self.gemm_peak_end_gflops,
             self.gemm_k64_gflops,
             self.gemm_peak_1thread_gflops,
             self.memory_method,
@@ -411,27 +418,38 @@ impl BenchReport {
         }
         if let Some(b) = &self.claims.error_vs_n {
             let mut series = Vec::new();
-            for m in ["poly", "altgrad"] {
-                for (what, get) in [
-                    ("o", (|p: &super::ErrorClaimPoint| p.err_o) as fn(&super::ErrorClaimPoint) -> f64),
-                    ("grad", |p: &super::ErrorClaimPoint| p.err_grad),
+            for causal in [false, true] {
+                let tag = if causal { " causal" } else { "" };
+                let pick = |m: &str, get: fn(&super::ErrorClaimPoint) -> f64| -> Vec<(f64, f64)> {
+                    b.points
+                        .iter()
+                        .filter(|p| p.method == m && p.causal == causal)
+                        .map(|p| (p.n as f64, get(p)))
+                        .collect()
+                };
+                // the forward is the same function for poly and altgrad: one output series
+                for (label, pts) in [
+                    (format!("o (poly = altgrad){tag}"), pick("poly", |p| p.err_o)),
+                    (format!("poly grad{tag}"), pick("poly", |p| p.err_grad)),
+                    (format!("altgrad grad{tag}"), pick("altgrad", |p| p.err_grad)),
                 ] {
-                    let pts: Vec<(f64, f64)> =
-                        b.points.iter().filter(|p| p.method == m).map(|p| (p.n as f64, get(p))).collect();
                     if !pts.is_empty() {
-                        series.push(Series { label: format!("{m} {what}"), points: pts });
+                        series.push(Series { label, points: pts });
                     }
                 }
             }
-            let mut ns: Vec<usize> = b.points.iter().map(|p| p.n).collect();
-            ns.dedup();
+            let first: Vec<&super::ErrorClaimPoint> = {
+                let causal0 = b.points.first().is_some_and(|p| p.causal);
+                b.points.iter().filter(|p| p.method == "poly" && p.causal == causal0).collect()
+            };
             series.push(Series {
                 label: "1/n (target)".into(),
-                points: ns.iter().map(|&n| (n as f64, 1.0 / n as f64)).collect(),
+                points: first.iter().map(|p| (p.n as f64, 1.0 / p.n as f64)).collect(),
             });
-            let eps: Vec<(f64, f64)> =
-                b.points.iter().filter(|p| p.method == "poly").map(|p| (p.n as f64, p.eps_a)).collect();
-            series.push(Series { label: "ε_A(R, g) bound".into(), points: eps });
+            series.push(Series {
+                label: "ε_A(R, g) bound".into(),
+                points: first.iter().map(|p| (p.n as f64, p.eps_a)).collect(),
+            });
             let title = format!("claim (b): error at g chosen for ε = 1/n (d={}, R={:.2}, f64)", b.head_dim, b.r_bound);
             draw(
                 "claim_error_vs_n",

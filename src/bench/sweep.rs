@@ -3,9 +3,7 @@
 use super::claims::{claims_markdown, crossovers, error_claim, exponent_claims, multilayer_claim};
 use super::profile::{profile_exact_stages, profile_poly_stages, StageProfile};
 use super::report::{BenchReport, BenchRun, Claims, Fit, Skipped};
-use super::{
-    current_rss_bytes, gemm_gflops, gemm_gflops_seq, median, method_flops, peak_rss_bytes, reset_peak_rss, trim_heap,
-};
+use super::{current_rss_bytes, gemm_peak_gflops, median, method_flops, peak_rss_bytes, reset_peak_rss, trim_heap};
 use crate::attention::bound::poly_state_bytes;
 use crate::attention::exact::{BLOCK_K, BLOCK_Q};
 use crate::attention::features::feature_dim;
@@ -641,8 +639,8 @@ fn cpu_name() -> String {
 /// inputs (`q` rescaled so the largest head bound `R` is 1), then exact (the reference), poly and
 /// altgrad at each configured degree: a warm-up run and the median of repeated forward + backward
 /// runs, FLOPs (MATH §7, [`super::method_flops`]), GFLOP/s and the ratio to the f32 GEMM peak
-/// measured at the start of the same run, the point's peak memory, the speed-up over exact and
-/// the relative errors of `o`, `dq`, `dk`, `dv` against exact. Points whose predicted time
+/// measured in the same run (the faster of before and after the sweep), the point's peak memory,
+/// the speed-up over exact and the relative errors of `o`, `dq`, `dk`, `dv` against exact. Points whose predicted time
 /// exceeds the limit are listed in `skipped` with the reason. A progress bar goes to stderr when
 /// `opts.progress`; nothing is printed to stdout (print [`BenchReport::markdown`] or
 /// `report.claims.markdown`).
@@ -657,7 +655,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     let load_start = loadavg();
     let claim_points = if plan.claims { 2 * plan.b_ns.len() + 2 * plan.c_layers } else { 0 };
     let roof_points = if plan.roofline { 6 } else { 0 };
-    let total = (3 + plan.sweep_points() + claim_points + roof_points) as u64;
+    let total = (4 + plan.sweep_points() + claim_points + roof_points) as u64;
     let pb = if opts.progress {
         ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
     } else {
@@ -670,14 +668,15 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         pb.set_message(msg.to_string());
         pb.inc(1);
     };
+    let gn = plan.gemm_n;
     tick("GEMM peak (all threads)");
-    let peak = gemm_gflops(plan.gemm_n, plan.gemm_n, plan.gemm_n, 3);
+    let peak_start = gemm_peak_gflops(gn, gn, gn, 5, false);
     tick("GEMM k = 64");
-    let kn = plan.gemm_n.clamp(256, 4096) * 2;
-    let peak_k64 = gemm_gflops(kn, 64, kn, 3);
+    let kn = gn.clamp(256, 4096) * 2;
+    let peak_k64 = gemm_peak_gflops(kn, 64, kn, 5, false);
     tick("GEMM peak (one thread)");
-    let p1n = plan.gemm_n.min(1024);
-    let peak1 = gemm_gflops_seq(p1n, p1n, p1n, 3);
+    let p1n = gn.min(1024);
+    let peak1 = gemm_peak_gflops(p1n, p1n, p1n, 5, true);
     let memory_method = if reset_peak_rss() {
         "per point: VmHWM reset through /proc/self/clear_refs before the point, heap trimmed (malloc_trim), \
          peak_rss_bytes = VmHWM after − VmRSS before (inputs and the exact reference are in the baseline)"
@@ -686,7 +685,13 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     }
     .to_string();
 
-    let (mut runs, skipped) = sweep(&plan, peak, &tick)?;
+    let (mut runs, skipped) = sweep(&plan, peak_start, &tick)?;
+    tick("GEMM peak again (all threads)");
+    let peak_end = gemm_peak_gflops(gn, gn, gn, 5, false);
+    let peak = peak_start.max(peak_end);
+    for r in &mut runs {
+        r.frac_of_peak = r.gflops / peak;
+    }
     runs.sort_by_key(|a| (a.causal, a.head_dim, method_rank(&a.method), a.degree, a.n));
     let fits = fits(&runs);
 
@@ -745,6 +750,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         dtype: "f32".into(),
         heads: plan.heads,
         gemm_peak_gflops: peak,
+        gemm_peak_start_gflops: peak_start,
+        gemm_peak_end_gflops: peak_end,
         gemm_k64_gflops: peak_k64,
         gemm_peak_1thread_gflops: peak1,
         memory_method,

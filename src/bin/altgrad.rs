@@ -35,6 +35,10 @@ enum Cmd {
     Inspect(InspectArgs),
     /// Print the token ids of a text as the model's own tokenizer produces them.
     Tokenize(TokenizeArgs),
+    /// Train (or fine-tune) with exact, polynomial or ALTGrad attention gradients.
+    Train(Box<TrainArgs>),
+    /// Plot loss (and accuracy) curves of `train --json` logs.
+    TrainPlot(TrainPlotArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -165,6 +169,119 @@ struct GradArgs {
 }
 
 #[derive(clap::Args)]
+struct TrainArgs {
+    /// `tiny` (from scratch) or a loadable Llama model (fine-tuning).
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// tiny: decoder layers.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// tiny: model width.
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// tiny: query heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// tiny: key/value heads.
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    /// tiny vocabulary (256 with --text: bytes); MQAR token range.
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Text file to train on (repeatable; each split 90/10 into training and held-out).
+    #[arg(long, conflicts_with = "task")]
+    text: Vec<PathBuf>,
+    /// Synthetic task: `mqar` (multi-query associative recall).
+    #[arg(long)]
+    task: Option<String>,
+    /// MQAR key–value pairs per sequence (default seq_len/16).
+    #[arg(long)]
+    mqar_pairs: Option<usize>,
+    /// Number of updates.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Sequences per update.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Final learning rate of the cosine, as a fraction of --lr.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    /// Warm-up updates (default steps/10).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// AdamW decoupled weight decay (matrices only).
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// AdamW β₁.
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    /// AdamW β₂.
+    #[arg(long, default_value_t = 0.95)]
+    beta2: f64,
+    /// AdamW ε.
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    /// Maximum global gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Attention: exact, poly or altgrad.
+    #[arg(long, default_value = "exact")]
+    attention: String,
+    /// Degree of poly/altgrad (even, ≥ 2).
+    #[arg(long, default_value_t = 2)]
+    degree: usize,
+    /// Chunk size of the polynomial kernels.
+    #[arg(long, default_value_t = 64)]
+    chunk: usize,
+    /// Seed of the tiny weights and of every batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Validation every N updates (0 = only after the last).
+    #[arg(long, default_value_t = 50)]
+    eval_every: usize,
+    /// Held-out sequences per validation.
+    #[arg(long, default_value_t = 16)]
+    eval_seqs: usize,
+    /// Checkpoint directory.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Checkpoint every N updates (0 = at the end or at --stop-at only).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue the run in --checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// End after update K with a checkpoint, as an interruption would.
+    #[arg(long)]
+    stop_at: Option<usize>,
+    /// One JSON object per update to FILE (`-` = stdout).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Loss-curve plot: STEM.png and STEM.svg.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Worker threads (default: all cores; resuming bit-identically needs the same number).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct TrainPlotArgs {
+    /// Output stem: STEM.png and STEM.svg.
+    #[arg(long)]
+    out: PathBuf,
+    /// `train --json` logs to compare.
+    #[arg(required = true)]
+    logs: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
 struct TokenizeArgs {
     /// Model: `tiny` (bytes), a `.gguf` file, or an HF directory with tokenizer.json.
     #[arg(long)]
@@ -258,6 +375,8 @@ fn main() {
         Cmd::Attn(a) => run_attn(&a),
         Cmd::Inspect(a) => run_inspect(&a),
         Cmd::Tokenize(a) => run_tokenize(&a),
+        Cmd::Train(a) => run_train_cmd(&a),
+        Cmd::TrainPlot(a) => altgrad::train::plot_runs(&a.logs, &a.out).map_err(Into::into),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -498,6 +617,69 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
             println!("{s}");
         } else {
             aio::write_file_atomic(Path::new(j), s.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+fn run_train_cmd(a: &TrainArgs) -> Result<()> {
+    use altgrad::train::{run_train, TinySize, TrainOptions};
+    use std::io::IsTerminal;
+    set_threads(a.threads)?;
+    let opts = TrainOptions {
+        model: a.model.clone(),
+        tiny: TinySize { layers: a.layers, hidden: a.hidden, heads: a.heads, kv_heads: a.kv_heads },
+        vocab: a.vocab,
+        text: a.text.clone(),
+        task: a.task.as_deref().map(str::parse).transpose()?,
+        mqar_pairs: a.mqar_pairs,
+        steps: a.steps,
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        lr: a.lr,
+        min_lr_ratio: a.min_lr_ratio,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        eps: a.eps,
+        grad_clip: a.grad_clip,
+        attention: a.attention.parse()?,
+        degree: a.degree,
+        chunk: a.chunk,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        eval_seqs: a.eval_seqs,
+        checkpoint: a.checkpoint.clone(),
+        save_every: a.save_every,
+        resume: a.resume,
+        stop_at: a.stop_at,
+        json: a.json.clone(),
+        plot: a.plot.clone(),
+    };
+    let to_stdout = a.json.as_deref() == Some(Path::new("-"));
+    let sum = run_train(&opts, std::io::stderr().is_terminal())?;
+    if !to_stdout {
+        println!("model        {} ({:.2}M params), attention {}", sum.model, sum.n_params as f64 / 1e6, sum.attention);
+        println!(
+            "updates      {}..{}{}",
+            sum.first_step,
+            sum.last_step,
+            if sum.stopped_early { " (stopped early)" } else { "" }
+        );
+        println!("final loss   {:.4} (training batch)", sum.final_loss);
+        if let Some(v) = sum.val_loss {
+            println!("val loss     {v:.4}");
+        }
+        if let Some(acc) = sum.accuracy {
+            println!("accuracy     {acc:.3} (answer positions)");
+        }
+        println!("speed        {:.3} s/update, {:.0} tokens/s", sum.mean_step_s, sum.tokens_per_s);
+        if let Some(c) = &sum.checkpoint {
+            println!("checkpoint   {}", c.display());
+        }
+        for note in &sum.notes {
+            println!("note         {note}");
         }
     }
     Ok(())

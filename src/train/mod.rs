@@ -43,7 +43,8 @@ pub enum TrainAttention {
     /// Polynomial attention of degree `--degree` (causal prefix-mean centering) and the exact
     /// gradient of that model.
     Poly,
-    /// Exact forward, the paper's Algorithm 1 (degree `--degree`) for the attention gradient.
+    /// The paper's ALTGrad: the same polynomial forward as `poly`, with Algorithm 1's gradient
+    /// formula (degree `--degree`) in place of that forward's exact gradient.
     Altgrad,
 }
 
@@ -766,15 +767,28 @@ fn policy_label(opts: &TrainOptions) -> String {
 }
 
 fn plot_records(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str) -> Result<()> {
+    // One run: raw training loss and held-out loss. Several: the training loss as a moving
+    // average over 10 updates, and the held-out loss only while the palette (8 colours) suffices.
+    let single = runs.len() == 1;
+    let with_val = runs.len() * 2 <= 8;
     let mut loss = Vec::new();
     let mut acc = Vec::new();
     for (label, recs) in runs {
-        loss.push(Series {
-            label: format!("{label} train"),
-            points: recs.iter().map(|r| (r.step as f64, r.loss)).collect(),
-        });
+        let raw: Vec<(f64, f64)> = recs.iter().map(|r| (r.step as f64, r.loss)).collect();
+        if single {
+            loss.push(Series { label: format!("{label} train"), points: raw });
+        } else {
+            let w = 10usize;
+            let pts = (0..raw.len())
+                .map(|i| {
+                    let lo = i.saturating_sub(w - 1);
+                    (raw[i].0, raw[lo..=i].iter().map(|p| p.1).sum::<f64>() / (i + 1 - lo) as f64)
+                })
+                .collect();
+            loss.push(Series { label: format!("{label} train (mean of 10)"), points: pts });
+        }
         let val: Vec<(f64, f64)> = recs.iter().filter_map(|r| r.val_loss.map(|v| (r.step as f64, v))).collect();
-        if !val.is_empty() {
+        if !val.is_empty() && with_val {
             loss.push(Series { label: format!("{label} held-out"), points: val });
         }
         let a: Vec<(f64, f64)> = recs.iter().filter_map(|r| r.accuracy.map(|v| (r.step as f64, v))).collect();
@@ -804,8 +818,9 @@ fn plot_records(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str) ->
 }
 
 /// Draws the loss curves of several runs from their JSON-lines logs (`--json` files) into
-/// `<out_stem>.png` / `.svg` (training loss per update and held-out loss where measured; log
-/// scale when the losses span more than a factor 20) and, when any run measured MQAR accuracy, `<out_stem>-accuracy.png` / `.svg`. Each
+/// `<out_stem>.png` / `.svg` (training loss as a moving average over 10 updates, and the
+/// held-out loss where measured for up to 4 runs; log scale when the losses span more than a
+/// factor 20) and, when any run measured MQAR accuracy, `<out_stem>-accuracy.png` / `.svg`. Each
 /// run is labelled by its file name without extension.
 ///
 /// Errors: `BadInput` naming a file that cannot be read, has a line that is not a step record,
