@@ -1,4 +1,4 @@
-//! Produces the numbers of docs/RESULTS_TRAINING.md by calling `altgrad::train::run_train`.
+//! Produces the training numbers of docs/RESULTS.md by calling `altgrad::train::run_train`.
 //!
 //! - `run key=value ...`: one configuration (keys are `TrainOptions` fields, `tiny.hidden=64` for
 //!   the nested size, `text=A,B` for several files); prints a one-line summary.
