@@ -10,11 +10,12 @@
 //!   gradient error against depth, crossover lengths), the stage breakdown of the largest poly and
 //!   exact cases ([`StageProfile`]), and writes `bench.json`, `bench.csv`, `bench.md` and the
 //!   plots (PNG + SVG) to the output directory.
-//! - Memory: each point's `peak_rss_bytes` is measured, not computed: the process's peak RSS
-//!   (`VmHWM`) is reset before the point by writing `5` to `/proc/self/clear_refs` (Linux), the
-//!   heap is trimmed, and the point reports `VmHWM − VmRSS(before)`, i.e. the extra resident
-//!   memory of its forward + backward over what was resident before (inputs included in the
-//!   baseline). Where the reset is unavailable the process-wide `VmHWM` is reported instead and
+//! - Memory: each point's `peak_rss_bytes` is measured, not computed: the heap is trimmed, the
+//!   process's peak RSS (`VmHWM`) is reset before the point by writing `5` to
+//!   `/proc/self/clear_refs` (Linux), a helper thread samples the RSS every 2 ms during the point
+//!   (the kernel's high-water mark alone misses memory returned to the allocator), and the point
+//!   reports `max(VmHWM, sampled RSS) − VmRSS(before)`, i.e. the extra resident memory of its
+//!   forward + backward over what was resident before (inputs included in the baseline). Where the reset is unavailable the process-wide `VmHWM` is reported instead and
 //!   `memory_method` in the JSON says so. The analytic working memory of the kernels is reported
 //!   beside it as `state_bytes`.
 

@@ -420,6 +420,7 @@ fn measure(method: Method, inp: &Inputs<f32>, popts: &PolyOptions, plan: &Plan, 
     trim_heap();
     let base = current_rss_bytes().unwrap_or(0);
     let reset = reset_peak_rss();
+    let sampler = RssSampler::start();
     let warmup = predicted < plan.warmup_limit_s;
     let mut first = None;
     if warmup {
@@ -437,7 +438,8 @@ fn measure(method: Method, inp: &Inputs<f32>, popts: &PolyOptions, plan: &Plan, 
         tot.push(f + b);
         out = Some((o, g));
     }
-    let peak = peak_rss_bytes().unwrap_or(0);
+    let sampled = sampler.stop();
+    let peak = peak_rss_bytes().unwrap_or(0).max(sampled);
     Ok(Measured {
         fwd_s: median(&mut fw),
         bwd_s: median(&mut bw),
@@ -447,6 +449,54 @@ fn measure(method: Method, inp: &Inputs<f32>, popts: &PolyOptions, plan: &Plan, 
         peak_rss: if reset { peak.saturating_sub(base) } else { peak },
         out: out.expect("at least one repetition"),
     })
+}
+
+/// Samples the resident set size every 2 ms on a helper thread and keeps the largest value.
+/// `VmHWM` alone can miss peaks: the kernel updates the high-water mark only on some unmap
+/// paths, so memory freed back to the allocator's heap may never be recorded.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(AtomicU64::new(statm_rss().unwrap_or(0)));
+        let (s, m) = (stop.clone(), max.clone());
+        let handle = std::thread::Builder::new()
+            .name("rss-sampler".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    if let Some(r) = statm_rss() {
+                        m.fetch_max(r, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            })
+            .ok();
+        RssSampler { stop, max, handle }
+    }
+
+    /// Stops the thread; returns the largest RSS seen (bytes), including one last sample.
+    fn stop(mut self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.max.load(Ordering::Relaxed).max(statm_rss().unwrap_or(0))
+    }
+}
+
+/// Resident set size from `/proc/self/statm` (second field, pages of 4 KiB).
+fn statm_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 /// Analytic working memory of one point, all heads (see [`BenchRun::state_bytes`]).
@@ -678,8 +728,9 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     let p1n = gn.min(1024);
     let peak1 = gemm_peak_gflops(p1n, p1n, p1n, 5, true);
     let memory_method = if reset_peak_rss() {
-        "per point: VmHWM reset through /proc/self/clear_refs before the point, heap trimmed (malloc_trim), \
-         peak_rss_bytes = VmHWM after − VmRSS before (inputs and the exact reference are in the baseline)"
+        "per point: heap trimmed (malloc_trim), VmHWM reset through /proc/self/clear_refs, RSS sampled every 2 ms \
+         during the point; peak_rss_bytes = max(VmHWM, sampled RSS) − VmRSS before the point (inputs and the exact \
+         reference are in the baseline)"
     } else {
         "process-wide VmHWM (no reset available): peak_rss_bytes is the process peak so far"
     }

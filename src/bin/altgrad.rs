@@ -39,6 +39,8 @@ enum Cmd {
     Train(Box<TrainArgs>),
     /// Plot loss (and accuracy) curves of `train --json` logs.
     TrainPlot(TrainPlotArgs),
+    /// Benchmarks: exact/poly/altgrad × n × head_dim × degree × causal, GEMM peak, fits, claims.
+    Bench(BenchCmd),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -272,6 +274,15 @@ struct TrainArgs {
 }
 
 #[derive(clap::Args)]
+struct BenchCmd {
+    #[command(flatten)]
+    args: altgrad::bench::BenchArgs,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
 struct TrainPlotArgs {
     /// Output stem: STEM.png and STEM.svg.
     #[arg(long)]
@@ -376,6 +387,7 @@ fn main() {
         Cmd::Inspect(a) => run_inspect(&a),
         Cmd::Tokenize(a) => run_tokenize(&a),
         Cmd::Train(a) => run_train_cmd(&a),
+        Cmd::Bench(a) => run_bench_cmd(&a),
         Cmd::TrainPlot(a) => altgrad::train::plot_runs(&a.logs, &a.out).map_err(Into::into),
     };
     if let Err(e) = res {
@@ -619,6 +631,18 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
             aio::write_file_atomic(Path::new(j), s.as_bytes())?;
         }
     }
+    Ok(())
+}
+
+fn run_bench_cmd(a: &BenchCmd) -> Result<()> {
+    set_threads(a.threads)?;
+    let mut o = a.args.options();
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        o.progress = false;
+    }
+    let r = altgrad::bench::run_bench(&o)?;
+    println!("{}", r.markdown());
+    println!("wrote {}/bench.json, bench.csv, bench.md and plots", a.args.out.display());
     Ok(())
 }
 
