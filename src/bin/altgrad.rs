@@ -402,6 +402,14 @@ fn set_threads(t: Option<usize>) -> Result<()> {
         if t == 0 {
             return Err(Error::bad("--threads", "must be at least 1").into());
         }
+        let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+        if t > 8 * cores.max(8) {
+            return Err(Error::bad(
+                "--threads",
+                format!("{t} threads on {cores} cores would only thrash; use at most {}", 8 * cores.max(8)),
+            )
+            .into());
+        }
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting up the thread pool")?;
     }
     Ok(())
