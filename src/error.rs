@@ -15,13 +15,12 @@ pub enum Error {
         msg: String,
     },
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file.
         path: String,
-        /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        /// The operating system's error (shown in the message, so not also chained as a source).
+        err: std::io::Error,
     },
     /// A condition the code should never reach.
     #[error("internal error: {0}")]
@@ -35,7 +34,7 @@ impl Error {
     }
     /// Shorthand for [`Error::Io`].
     pub fn io(path: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), err: source }
     }
     /// True for errors caused by the user's input (exit code 2).
     pub fn is_user_error(&self) -> bool {

@@ -274,10 +274,10 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
             };
             let rank = feature_dim(d, g).unwrap_or(usize::MAX);
             let exact_pred = last_exact.map_or(0.0, |(m, t): (usize, f64)| t * (n as f64 / m as f64).powi(2));
-            if exact_pred > plan.limit_s {
+            if exact_pred > plan.b_limit_s {
                 skipped.push(format!(
                     "n={n} causal={causal}: exact reference predicted {exact_pred:.0} s > limit {:.0} s",
-                    plan.limit_s
+                    plan.b_limit_s
                 ));
                 continue;
             }
@@ -289,10 +289,10 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
                 let predicted = last.iter().find(|(k, _)| *k == (method, causal)).map_or(0.0, |(_, (m, t))| {
                     t * n as f64 / *m as f64 * (rank as f64 / rank_at(d, &points, method, causal, *m))
                 });
-                if predicted > plan.limit_s {
+                if predicted > plan.b_limit_s {
                     skipped.push(format!(
                         "{method} n={n} g={g} causal={causal}: predicted {predicted:.0} s > limit {:.0} s",
-                        plan.limit_s
+                        plan.b_limit_s
                     ));
                     continue;
                 }

@@ -154,6 +154,8 @@ pub(crate) struct Plan {
     pub b_heads: usize,
     pub b_r: f64,
     pub b_max_degree: usize,
+    /// Skip limit of claim (b) (seconds per run, exact f64 reference ∝ n², others ∝ n).
+    pub b_limit_s: f64,
     // claim (c)
     pub c_n: usize,
     pub c_layers: usize,
@@ -195,6 +197,7 @@ impl Plan {
                 b_heads: 1,
                 b_r: 1.0,
                 b_max_degree: 8,
+                b_limit_s: 5.0,
                 c_n: 16,
                 c_layers: 2,
                 c_hidden: 32,
@@ -227,6 +230,7 @@ impl Plan {
                 b_heads: 2,
                 b_r: 1.0,
                 b_max_degree: 10,
+                b_limit_s: 10.0,
                 c_n: 256,
                 c_layers: 8,
                 c_hidden: 64,
@@ -259,6 +263,7 @@ impl Plan {
                 b_heads: 2,
                 b_r: 1.0,
                 b_max_degree: 10,
+                b_limit_s: 300.0,
                 c_n: 512,
                 c_layers: 8,
                 c_hidden: 64,
@@ -301,6 +306,7 @@ impl Plan {
                 return bad("--limit must be positive".into());
             }
             p.limit_s = l;
+            p.b_limit_s = l;
         }
         Ok(p)
     }

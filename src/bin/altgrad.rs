@@ -455,6 +455,22 @@ fn input_name(a: &Inputs) -> String {
     a.tokens.as_ref().or(a.text.as_ref()).map(|p| p.display().to_string()).unwrap_or("built-in text".into())
 }
 
+/// Fails early (before any computation) when `path` cannot be an output file: its directory
+/// must exist and `path` must not be a directory.
+fn check_output_path(flag: &str, path: &Path) -> Result<()> {
+    let shown = path.display().to_string();
+    if path.is_dir() {
+        return Err(Error::bad(format!("{flag} {shown}"), "is a directory, expected a file path").into());
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(
+            Error::bad(format!("{flag} {shown}"), format!("directory {} does not exist", parent.display())).into()
+        );
+    }
+    Ok(())
+}
+
 fn spinner(msg: &str) -> ProgressBar {
     let pb = ProgressBar::new_spinner();
     pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
@@ -516,7 +532,8 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let ids = token_ids(&inputs, &loaded, max_len)?;
     let input = input_name(&inputs);
     let n = ids.len();
-    if let (Some(g), AnyModel::Llama(_) | AnyModel::Bert(_)) = (a.method.degree, &loaded.model) {
+    let forced = matches!(a.method.attention, Method::Poly | Method::Altgrad);
+    if let (Some(g), true) = (a.method.degree, forced) {
         let d = match &loaded.model {
             AnyModel::Llama(m) => m.cfg.head_dim,
             AnyModel::Bert(m) => m.cfg.head_dim,
@@ -525,7 +542,7 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         if let Some(r) = altgrad::attention::features::feature_dim(d, g) {
             let pf = altgrad::attention::bound::poly_flops(n, d, d, r, causal, a.method.chunk);
             let ef = altgrad::attention::bound::exact_flops(n, d, d, causal);
-            if pf > 10.0 * ef {
+            if pf > 10.0 * ef && r <= altgrad::attention::features::MAX_FEATURE_DIM {
                 eprintln!(
                     "warning: degree {g} at head_dim {d} has feature width r = {r}: about {:.0}× the FLOPs of exact \
                      attention at n = {n} ({:.1} vs {:.1} GFLOP per head); this will be slow",
@@ -535,6 +552,19 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
                 );
             }
         }
+    }
+    for (flag, path) in [("--out", a.out.as_deref()), ("--hidden-out", a.hidden_out.as_deref())]
+        .into_iter()
+        .chain(std::iter::once(("--json", a.json.as_deref().filter(|j| *j != "-").map(Path::new))))
+    {
+        if let Some(p) = path {
+            check_output_path(flag, p)?;
+        }
+    }
+    if a.compare {
+        // Warm-up (threads, allocator) on a short prefix so neither timed pass pays it.
+        let warm = &ids[..ids.len().min(128)];
+        let _ = job::run_pass(&loaded.model, warm, &input, &AttentionPolicy::EXACT);
     }
     pb.set_message(format!("forward + backward ({}, {n} tokens)", policy.name()));
     let r = job::run_pass(&loaded.model, &ids, &input, &policy)?;
@@ -577,7 +607,11 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         }
         let heads: Vec<String> = counts.iter().map(|(k, c)| format!("{c} {k}")).collect();
         println!("attention    {} ({} heads: {})", report.attention, report.heads.len(), heads.join(", "));
-        println!("loss         {:.6} ({}; exp = {:.2})", r.loss, r.loss_name, r.loss.exp());
+        if r.loss_name.contains("cross-entropy") {
+            println!("loss         {:.6} ({}; perplexity {:.2})", r.loss, r.loss_name, r.loss.exp());
+        } else {
+            println!("loss         {:.6} ({})", r.loss, r.loss_name);
+        }
         println!("grad norm    {gnorm:.6e}");
         println!("forward      {:.3} s ({:.0} tokens/s)", r.t_fwd, n as f64 / r.t_fwd);
         println!("backward     {:.3} s ({:.0} tokens/s)", r.t_bwd, n as f64 / r.t_bwd);

@@ -100,10 +100,23 @@ pub fn decide<T: Scalar>(
                 HeadDecision { plan: *plan, bound: r, rank, predicted_rel_err: pred, reason }
             }
             AttentionPolicy::PerHeadDegree { altgrad, tol, chunk, center } => {
-                let g = choose_degree(r, *tol, MAX_AUTO_DEGREE).unwrap_or(MAX_AUTO_DEGREE);
+                let wanted = choose_degree(r, *tol, MAX_AUTO_DEGREE).unwrap_or(MAX_AUTO_DEGREE);
+                // Largest even degree ≤ wanted whose state fits (feature width; ALTGrad's Kronecker state).
+                let fits = |g: usize| match feature_dim(d, g) {
+                    Some(rk) if rk <= crate::attention::features::MAX_FEATURE_DIM => {
+                        !*altgrad || rk.saturating_mul(dv + 1).saturating_mul(d) <= crate::attention::altgrad::MAX_KRON_STATE
+                    }
+                    _ => false,
+                };
+                let mut g = wanted;
+                while g > 2 && !fits(g) {
+                    g -= 2;
+                }
                 let p = PolyOptions { degree: g, center: *center, chunk: *chunk };
                 let plan = if *altgrad { HeadPlan::AltGrad(p) } else { HeadPlan::Poly(p) };
-                let reason = if eps_a(r, g) <= *tol {
+                let reason = if g < wanted {
+                    format!("degree {wanted} would meet ε_A ≤ {tol:e} at R = {r:.3} but its state is too large; capped at g = {g}")
+                } else if eps_a(r, g) <= *tol {
                     format!("smallest even degree with ε_A(R = {r:.3}, g) ≤ {tol:e}")
                 } else {
                     format!("no even degree ≤ {MAX_AUTO_DEGREE} meets ε_A ≤ {tol:e} at R = {r:.3}; forced g = {g}")
