@@ -158,7 +158,13 @@ def time_point(torch, step, n, d, causal, reps_target, predicted, limit, seed=0)
 
     warm = predicted < 1.0
     first = run() if warm else None
-    reps = 1 if first is None else max(1, min(5, int(reps_target / max(first, 1e-9))))
+    # at least 3 timed runs unless one run takes over 2 s; at most 7
+    if first is None:
+        reps = 1
+    elif first > 2.0:
+        reps = 1
+    else:
+        reps = max(3, min(7, int(reps_target / max(first, 1e-9))))
     ts = [run() for _ in range(reps)]
     return {"median_s": statistics.median(ts), "reps": reps, "warmup": warm}
 
