@@ -556,26 +556,6 @@ fn shifts<T: Scalar>(q: &[T], kbar: &[T], n: usize, d: usize, scale: f64, center
     }
 }
 
-/// One key/value head: contiguous `k [n, d]`, `v [n, dv]` and the key means of [`bound::key_means`].
-struct Kv<T> {
-    k: Vec<T>,
-    v: Vec<T>,
-    kbar: Vec<T>,
-}
-
-fn gather_kv<T: Scalar>(k: &[T], v: &[T], s: &AttnShape, causal: bool) -> Vec<Kv<T>> {
-    let n = s.seq_len;
-    (0..s.num_kv_heads)
-        .into_par_iter()
-        .map(|h| {
-            let k = gather_head(k, n, s.num_kv_heads, s.head_dim, h);
-            let v = gather_head(v, n, s.num_kv_heads, s.head_dim_v, h);
-            let kbar = bound::key_means(&k, n, s.head_dim, causal);
-            Kv { k, v, kbar }
-        })
-        .collect()
-}
-
 fn scale_in_place<T: Scalar>(x: &mut [T], s: T) {
     for v in x {
         *v *= s;
@@ -601,7 +581,7 @@ pub(crate) fn forward<T: Scalar>(
     }
     let fm = FeatureMap::<T>::new(s.head_dim, popts.degree)?;
     let kern = Kernel { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = gather_kv(k, v, &s, opts.causal);
+    let kvs = super::poly_kv(k, v, &s, opts.causal);
     let states: Vec<Vec<T>> =
         if opts.causal { Vec::new() } else { kvs.par_iter().map(|kv| kern.kv_state(&kv.k, &kv.v)).collect() };
     let per_head: Vec<(Vec<T>, Vec<T>)> = (0..s.num_heads)
@@ -650,7 +630,7 @@ pub(crate) fn backward<T: Scalar>(
     check_kron(fm.dim(), dv, d, popts.degree)?;
     let kern = Kernel { fm: &fm, n, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
     let tau = T::from_f64(opts.scale);
-    let kvs = gather_kv(k, v, &s, opts.causal);
+    let kvs = super::poly_kv(k, v, &s, opts.causal);
     let query = |h: usize| {
         let kv = &kvs[h / s.group()];
         let qh = gather_head(q, n, s.num_heads, d, h);

@@ -243,13 +243,14 @@ pub use poly::{PolyOptions, PolyOutput};
 
 /// One key/value head's inputs for the polynomial kernels: contiguous `k [n, d]`, `v [n, dv]`,
 /// and the key means `kbar` of [`bound::key_means`] (`[1, d]` or `[n, d]` causal).
-struct PolyKv<T> {
-    k: Vec<T>,
-    v: Vec<T>,
-    kbar: Vec<T>,
+pub(crate) struct PolyKv<T> {
+    pub(crate) k: Vec<T>,
+    pub(crate) v: Vec<T>,
+    pub(crate) kbar: Vec<T>,
 }
 
-fn poly_kv<T: Scalar>(k: &[T], v: &[T], s: &AttnShape, causal: bool) -> Vec<PolyKv<T>> {
+/// Gathers every key/value head and its key means (shared by the poly and ALTGrad kernels).
+pub(crate) fn poly_kv<T: Scalar>(k: &[T], v: &[T], s: &AttnShape, causal: bool) -> Vec<PolyKv<T>> {
     let n = s.seq_len;
     (0..s.num_kv_heads)
         .into_par_iter()
