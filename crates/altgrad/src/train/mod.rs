@@ -7,8 +7,9 @@
 //! - [`loss`]: next-token cross-entropy on selected rows (MQAR answers) through the model's
 //!   general-loss entry `backward_hidden_into`.
 //! - [`checkpoint`]: atomic checkpoint directories (weights, AdamW moments, step, config).
-//! - [`run_train`]: the whole run (model, data, loop, validation, checkpoints, JSON lines, plot);
-//!   [`plot_runs`] compares runs from their JSON-lines logs.
+//! - [`run_train`]: the whole run (model, data, loop, validation, checkpoints, JSON lines);
+//!   [`TrainSummary::charts`] its loss curve, [`run_charts`] the curves of several runs from their
+//!   JSON-lines logs (chart data; the CLI draws them).
 //!
 //! Determinism: the same options and the same rayon thread count give the same losses bit for
 //! bit, and a run stopped at step K and resumed reproduces the uninterrupted run exactly.
@@ -20,11 +21,11 @@ pub mod optim;
 
 use crate::attention::mixed::HeadPlan;
 use crate::attention::PolyOptions;
+use crate::chart::{ChartSpec, Series};
 use crate::io::tokenizer::TextTokenizer;
 use crate::io::{load_model, AnyModel};
 use crate::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, RopeLayout};
-use crate::plot::{line_chart, LineChart, Series};
-use crate::{Error, Result};
+use crate::{Error, Progress, Result};
 use checkpoint::{checkpoint_exists, load_checkpoint, save_checkpoint, TrainState};
 use data::{Mqar, Rng, Sequence, TextData, STREAM_EVAL, STREAM_TRAIN};
 use loss::{accumulate_masked_grads, masked_lm_loss};
@@ -191,8 +192,6 @@ pub struct TrainOptions {
     pub stop_at: Option<usize>,
     /// One JSON object per update to this file (`-` = stdout).
     pub json: Option<PathBuf>,
-    /// Loss-curve plot of this run: `<stem>.png` and `<stem>.svg`.
-    pub plot: Option<PathBuf>,
 }
 
 impl Default for TrainOptions {
@@ -226,7 +225,6 @@ impl Default for TrainOptions {
             resume: false,
             stop_at: None,
             json: None,
-            plot: None,
         }
     }
 }
@@ -385,6 +383,15 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     /// Remarks (e.g. a different thread count on resume).
     pub notes: Vec<String>,
+    /// Label of the run for charts: model and attention (`tiny exact`, `tiny poly g=2`).
+    pub label: String,
+}
+
+impl TrainSummary {
+    /// This run's loss chart (and accuracy chart for MQAR), to be drawn as `<stem>.png`/`.svg`.
+    pub fn charts(&self, stem: &Path) -> Vec<ChartSpec> {
+        loss_charts(&[(self.label.clone(), self.records.clone())], stem, "training loss")
+    }
 }
 
 enum Data {
@@ -576,14 +583,14 @@ impl JsonLog {
 /// Runs a whole training job: builds or loads the model, prepares the data, trains with AdamW
 /// (clipping, warm-up + cosine), validates every `eval_every` updates and after the last,
 /// checkpoints (every `save_every`, at `stop_at` and at the end), logs one JSON line per update
-/// and draws the loss curve. With `progress`, an indicatif bar on stderr shows the loss and
-/// tokens/s.
+/// and reports each update to `on_progress` (`message`: the loss and tokens/s). The loss
+/// curve is [`TrainSummary::charts`] (drawn by the CLI).
 ///
 /// Errors: `BadInput` naming the flag or file for bad options, unreadable or too-short data, a
 /// checkpoint directory that already exists without `resume`, options that differ from the
 /// checkpoint's on `resume`, or a loss that becomes non-finite (lower `--lr`); `Io` for write
 /// failures.
-pub fn run_train(opts: &TrainOptions, progress: bool) -> Result<TrainSummary> {
+pub fn run_train(opts: &TrainOptions, on_progress: &dyn Fn(Progress)) -> Result<TrainSummary> {
     opts.validate()?;
     let policy = opts.policy()?;
     if let (Some(dir), false) = (&opts.checkpoint, opts.resume) {
@@ -634,19 +641,6 @@ pub fn run_train(opts: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     let min_lr = opts.lr * opts.min_lr_ratio;
     let step_tokens = (opts.batch_size * opts.seq_len) as f64;
 
-    let bar = if progress {
-        let b = indicatif::ProgressBar::new(opts.steps as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-        ) {
-            b.set_style(style);
-        }
-        b.set_position(start as u64);
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-
     let mut grads = model.zero_grads(opts.seq_len);
     let (mut losses, mut train_time) = (Vec::new(), 0.0f64);
     let (mut val_loss, mut accuracy) = (None, None);
@@ -685,7 +679,6 @@ pub fn run_train(opts: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         let loss = nll / count as f64;
         let norm = global_norm(&grads.weights);
         if !loss.is_finite() || !norm.is_finite() {
-            bar.abandon();
             return Err(Error::bad(
                 "--lr",
                 format!(
@@ -719,21 +712,17 @@ pub fn run_train(opts: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         }
         log.write(&rec)?;
         records.push(rec);
-        bar.set_position(done as u64);
-        bar.set_message(format!(
+        let msg = format!(
             "loss {loss:.4}{} | {:.0} tok/s",
             val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
             step_tokens / dt.max(1e-12)
-        ));
+        );
+        on_progress(Progress { done: done as u64, total: opts.steps as u64, message: &msg });
         if (opts.save_every > 0 && done.is_multiple_of(opts.save_every)) || done == end {
             last_ckpt = save(&model, &opt, done, tokens_seen, loss)?;
         }
     }
-    bar.finish();
-    if let Some(stem) = &opts.plot {
-        let label = format!("{} {}", cfg_label(&model), policy_label(opts));
-        plot_records(&[(label, records.clone())], stem, "training loss")?;
-    }
+    let label = format!("{} {}", cfg_label(&model), policy_label(opts));
     let n = losses.len();
     Ok(TrainSummary {
         model: model.source.clone(),
@@ -752,6 +741,7 @@ pub fn run_train(opts: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         tokens_per_s: if train_time > 0.0 { n as f64 * step_tokens / train_time } else { 0.0 },
         checkpoint: last_ckpt,
         notes,
+        label,
     })
 }
 
@@ -766,7 +756,9 @@ fn policy_label(opts: &TrainOptions) -> String {
     }
 }
 
-fn plot_records(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str) -> Result<()> {
+/// The loss chart (`<stem>`) and, when any run measured MQAR accuracy, the accuracy chart
+/// (`<stem>-accuracy`) of labelled runs (see [`run_charts`] for what they show).
+pub fn loss_charts(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str) -> Vec<ChartSpec> {
     // One run: raw training loss and held-out loss. Several: the training loss as a moving
     // average over 10 updates, and the held-out loss only while the palette (8 colours) suffices.
     let single = runs.len() == 1;
@@ -801,33 +793,41 @@ fn plot_records(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str) ->
     let ys = || loss.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|y| y.is_finite() && *y > 0.0);
     let (lo, hi) = (ys().fold(f64::INFINITY, f64::min), ys().fold(0.0f64, f64::max));
     let log_y = lo.is_finite() && hi / lo > 20.0;
-    let chart = LineChart { title, x_label: "update", y_label: "loss (nats/token)", log_x: false, log_y };
-    line_chart(stem, &chart, &loss)?;
+    let mut charts = vec![ChartSpec {
+        stem: stem.display().to_string(),
+        title: title.to_string(),
+        x_label: "update".into(),
+        y_label: "loss (nats/token)".into(),
+        log_x: false,
+        log_y,
+        series: loss,
+    }];
     if !acc.is_empty() {
         let name = format!("{}-accuracy", stem.file_name().map(|s| s.to_string_lossy()).unwrap_or_default());
-        let chart = LineChart {
-            title: "MQAR answer accuracy",
-            x_label: "update",
-            y_label: "accuracy",
+        charts.push(ChartSpec {
+            stem: stem.with_file_name(name).display().to_string(),
+            title: "MQAR answer accuracy".into(),
+            x_label: "update".into(),
+            y_label: "accuracy".into(),
             log_x: false,
             log_y: false,
-        };
-        line_chart(&stem.with_file_name(name), &chart, &acc)?;
+            series: acc,
+        });
     }
-    Ok(())
+    charts
 }
 
-/// Draws the loss curves of several runs from their JSON-lines logs (`--json` files) into
+/// The loss charts of several runs from their JSON-lines logs (`--json` files), for
 /// `<out_stem>.png` / `.svg` (training loss as a moving average over 10 updates, and the
 /// held-out loss where measured for up to 4 runs; log scale when the losses span more than a
 /// factor 20) and, when any run measured MQAR accuracy, `<out_stem>-accuracy.png` / `.svg`. Each
 /// run is labelled by its file name without extension.
 ///
 /// Errors: `BadInput` naming a file that cannot be read, has a line that is not a step record,
-/// or has no records; plot write errors.
-pub fn plot_runs(jsonl_files: &[PathBuf], out_stem: &Path) -> Result<()> {
+/// or has no records.
+pub fn run_charts(jsonl_files: &[PathBuf], out_stem: &Path) -> Result<Vec<ChartSpec>> {
     if jsonl_files.is_empty() {
-        return Err(Error::bad("plot", "no JSON-lines files given"));
+        return Err(Error::bad("runs", "no JSON-lines files given"));
     }
     let mut runs = Vec::new();
     for f in jsonl_files {
@@ -846,5 +846,5 @@ pub fn plot_runs(jsonl_files: &[PathBuf], out_stem: &Path) -> Result<()> {
         let label = f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or(shown);
         runs.push((label, recs));
     }
-    plot_records(&runs, out_stem, "training loss")
+    Ok(loss_charts(&runs, out_stem, "training loss"))
 }

@@ -97,7 +97,7 @@ fn naive_backward_matches_finite_differences() {
 
 #[test]
 fn exact_matches_pytorch_sdpa_fixture() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/attention");
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/fixtures/attention");
     let inp = altgrad::io::read_safetensors(&dir.join("input.safetensors")).unwrap();
     let exp = altgrad::io::read_safetensors(&dir.join("expected.safetensors")).unwrap();
     let get = |ts: &Vec<altgrad::io::TensorF64>, name: &str| ts.iter().find(|t| t.name == name).unwrap().clone();

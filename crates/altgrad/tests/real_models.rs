@@ -14,7 +14,7 @@ const MINILM: &str = "models/minilm";
 const GPL3: &str = "/usr/share/common-licenses/GPL-3";
 
 fn root(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(p)
 }
 
 fn present(p: &str) -> Option<String> {

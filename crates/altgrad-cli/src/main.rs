@@ -17,6 +17,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
+mod bench_args;
+mod plot;
+
 /// Loss and gradients of multi-layer transformers, exact or in almost linear time.
 #[derive(Parser)]
 #[command(name = "altgrad", version, about, long_about = None)]
@@ -276,7 +279,7 @@ struct TrainArgs {
 #[derive(clap::Args)]
 struct BenchCmd {
     #[command(flatten)]
-    args: altgrad::bench::BenchArgs,
+    args: bench_args::BenchArgs,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -388,7 +391,7 @@ fn main() {
         Cmd::Tokenize(a) => run_tokenize(&a),
         Cmd::Train(a) => run_train_cmd(&a),
         Cmd::Bench(a) => run_bench_cmd(&a),
-        Cmd::TrainPlot(a) => altgrad::train::plot_runs(&a.logs, &a.out).map_err(Into::into),
+        Cmd::TrainPlot(a) => run_train_plot(&a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -678,11 +681,18 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
 
 fn run_bench_cmd(a: &BenchCmd) -> Result<()> {
     set_threads(a.threads)?;
-    let mut o = a.args.options();
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        o.progress = false;
+    let o = a.args.options();
+    let show = !a.args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = progress_bar(show, "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}");
+    let r = altgrad::bench::run_bench(&o, &|p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        bar.set_message(p.message.to_string());
+    })?;
+    bar.finish_and_clear();
+    for spec in r.charts() {
+        plot::draw_spec(&a.args.out, &spec)?;
     }
-    let r = altgrad::bench::run_bench(&o)?;
     println!("{}", r.markdown());
     println!("wrote {}/bench.json, bench.csv, bench.md and plots", a.args.out.display());
     Ok(())
@@ -721,10 +731,27 @@ fn run_train_cmd(a: &TrainArgs) -> Result<()> {
         resume: a.resume,
         stop_at: a.stop_at,
         json: a.json.clone(),
-        plot: a.plot.clone(),
     };
     let to_stdout = a.json.as_deref() == Some(Path::new("-"));
-    let sum = run_train(&opts, std::io::stderr().is_terminal())?;
+    let bar = progress_bar(
+        std::io::stderr().is_terminal(),
+        "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+    );
+    let res = run_train(&opts, &|p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        bar.set_message(p.message.to_string());
+    });
+    match &res {
+        Ok(_) => bar.finish(),
+        Err(_) => bar.abandon(),
+    }
+    let sum = res?;
+    if let Some(stem) = &a.plot {
+        for spec in sum.charts(stem) {
+            plot::draw_spec(Path::new(""), &spec)?;
+        }
+    }
     if !to_stdout {
         println!("model        {} ({:.2}M params), attention {}", sum.model, sum.n_params as f64 / 1e6, sum.attention);
         println!(
@@ -749,6 +776,22 @@ fn run_train_cmd(a: &TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn run_train_plot(a: &TrainPlotArgs) -> Result<()> {
+    for spec in altgrad::train::run_charts(&a.logs, &a.out)? {
+        plot::draw_spec(Path::new(""), &spec)?;
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr with `template`, or a hidden one when `show` is false.
+fn progress_bar(show: bool, template: &str) -> ProgressBar {
+    let b = if show { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b
 }
 
 fn run_tokenize(a: &TokenizeArgs) -> Result<()> {
@@ -797,9 +840,9 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
         a.tol,
         ids.len()
     );
-    altgrad::plot::heatmap(
+    plot::heatmap(
         &a.plot,
-        &altgrad::plot::Heatmap { title: &title, row_label: "layer", col_label: "head", values, cell_text: text },
+        &plot::Heatmap { title: &title, row_label: "layer", col_label: "head", values, cell_text: text },
     )?;
     let report = serde_json::json!({
         "model": loaded.source(),

@@ -2,11 +2,9 @@
 
 use super::claims::{Crossover, ErrorClaim, ExponentClaim, MultiLayerClaim};
 use super::profile::StageProfile;
-use crate::plot::{line_chart, LineChart, Series};
-use crate::Result;
+use crate::chart::{ChartSpec, LineChart, Series};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// One measured point of the sweep (f32, all heads, forward + backward).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -336,17 +334,24 @@ impl BenchReport {
         s
     }
 
-    /// Draws the plots into `dir`; returns the file names written.
-    pub(crate) fn plots(&self, dir: &Path) -> Result<Vec<String>> {
+    /// The report's charts (time, speed-up and error against n, the claims), as data for the CLI
+    /// to draw (`<stem>.png` / `<stem>.svg` in the output directory); charts without points are
+    /// left out.
+    pub fn charts(&self) -> Vec<ChartSpec> {
         let mut files = Vec::new();
-        let mut draw = |stem: &str, chart: LineChart, series: Vec<Series>| -> Result<()> {
+        let mut draw = |stem: &str, chart: LineChart, series: Vec<Series>| {
             if series.iter().all(|s| s.points.is_empty()) {
-                return Ok(());
+                return;
             }
-            line_chart(&dir.join(stem), &chart, &series)?;
-            files.push(format!("{stem}.png"));
-            files.push(format!("{stem}.svg"));
-            Ok(())
+            files.push(ChartSpec {
+                stem: stem.to_string(),
+                title: chart.title.to_string(),
+                x_label: chart.x_label.to_string(),
+                y_label: chart.y_label.to_string(),
+                log_x: chart.log_x,
+                log_y: chart.log_y,
+                series,
+            });
         };
         for causal in [false, true] {
             let tag = if causal { "causal" } else { "noncausal" };
@@ -371,7 +376,7 @@ impl BenchReport {
                 &format!("time_vs_n_{tag}"),
                 LineChart { title: &title, x_label: "n", y_label: "seconds", log_x: true, log_y: true },
                 series,
-            )?;
+            );
             // speed-up vs n
             let approx: Vec<_> = keys.iter().filter(|k| k.0 != "exact").collect();
             let series: Vec<Series> = approx
@@ -392,7 +397,7 @@ impl BenchReport {
                     log_y: true,
                 },
                 series,
-            )?;
+            );
             // errors vs n
             for (what, get) in
                 [("o", (|r: &BenchRun| r.err_o) as fn(&BenchRun) -> Option<f64>), ("grad", |r: &BenchRun| r.err_grad)]
@@ -413,7 +418,7 @@ impl BenchReport {
                     &format!("error_{what}_vs_n_{tag}"),
                     LineChart { title: &title, x_label: "n", y_label: "relative error", log_x: true, log_y: true },
                     series,
-                )?;
+                );
             }
         }
         if let Some(b) = &self.claims.error_vs_n {
@@ -455,7 +460,7 @@ impl BenchReport {
                 "claim_error_vs_n",
                 LineChart { title: &title, x_label: "n", y_label: "relative error", log_x: true, log_y: true },
                 series,
-            )?;
+            );
         }
         if let Some(c) = &self.claims.multi_layer {
             let mut labels: Vec<String> = Vec::new();
@@ -489,9 +494,9 @@ impl BenchReport {
                     log_y: true,
                 },
                 series,
-            )?;
+            );
         }
-        Ok(files)
+        files
     }
 
     /// The distinct `(method, head_dim, degree)` of the runs with this mask, in first-seen order.

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 const CHUNK: usize = 5;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_bounded")
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/fixtures/llama_bounded")
 }
 
 fn variants() -> Vec<(&'static str, AttentionPolicy)> {

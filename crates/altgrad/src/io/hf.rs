@@ -439,7 +439,7 @@ mod tests {
     #[test]
     fn loads_transformers_fixtures() {
         // Written by transformers 5 (tests/fixtures/make_llama_fixture.py): `rope_parameters`.
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/fixtures");
         for (dir, tied, bias, layers, kv) in
             [("llama_tiny", false, false, 2, 2), ("llama_tiny_tied_bias", true, true, 3, 4)]
         {

@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn model() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p =
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.is_file() {
         Some(p)
     } else {
@@ -73,7 +74,8 @@ fn smollm2_loads_and_matches_gguf_py() {
     assert_eq!(w.layers[29].down_proj.weight.name, "blk.29.ffn_down.weight");
     assert_eq!(w.layers[0].k_proj.weight.shape, vec![192, 576]);
 
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_dequant.safetensors");
+    let fixture =
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/fixtures/smollm2_dequant.safetensors");
     let refs = read_safetensors(&fixture).unwrap();
     let params: HashMap<&str, &[f32]> = w.params().into_iter().map(|p| (p.name.as_str(), &p.data[..])).collect();
     let mut types = Vec::new();

@@ -1565,7 +1565,8 @@ mod tests {
     /// (tests/fixtures/make_gguf_dequant_fixture.py): bit-identical.
     #[test]
     fn random_blocks_match_gguf_py() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml_blocks_dequant.safetensors");
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+            .join("tests/fixtures/ggml_blocks_dequant.safetensors");
         let bytes = std::fs::read(&p).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut checked = 0;

@@ -1,8 +1,8 @@
 //! The `altgrad bench` arguments (clap), so the CLI wires the subcommand in one line:
-//! `Bench(altgrad::bench::BenchArgs)` → `run_bench(&args.options())`.
+//! `Bench(bench_args::BenchArgs)` → `run_bench(&args.options(), progress)`.
 
-use super::sweep::BenchOptions;
-use crate::{Error, Result};
+use altgrad::bench::BenchOptions;
+use altgrad::{Error, Result};
 use std::path::PathBuf;
 
 /// Arguments of `altgrad bench` (ARCHITECTURE "CLI contract": `altgrad bench [--quick] [--out DIR]`;
@@ -34,7 +34,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4)]
     pub heads: usize,
     /// Causal chunk C of poly/altgrad.
-    #[arg(long, default_value_t = crate::attention::poly::DEFAULT_CHUNK)]
+    #[arg(long, default_value_t = altgrad::attention::poly::DEFAULT_CHUNK)]
     pub chunk: usize,
     /// Non-causal streaming chunk of poly/altgrad.
     #[arg(long, default_value_t = 256)]
@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A seconds-long sweep (n ≤ 256) for tests of the report's files.
+    #[arg(long, hide = true)]
+    pub tiny: bool,
 }
 
 impl BenchArgs {
@@ -68,8 +71,8 @@ impl BenchArgs {
         o.stream_chunk = self.stream_chunk;
         o.claims = !self.no_claims;
         o.roofline = !self.no_roofline;
-        o.progress = !self.no_progress;
         o.seed = self.seed;
+        o.tiny = self.tiny;
         o
     }
 }
@@ -107,4 +110,60 @@ pub fn parse_pairs(s: &str) -> Result<Vec<(usize, usize)>> {
             Ok((d.trim().parse().map_err(|_| bad())?, g.trim().parse().map_err(|_| bad())?))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Cmd {
+        Bench(BenchArgs),
+    }
+
+    #[test]
+    fn bench_args_parse_into_options() {
+        use clap::Parser;
+        let Cmd::Bench(a) = Cli::try_parse_from(["altgrad", "bench", "--quick", "--out", "/tmp/x"]).unwrap().cmd;
+        let o = a.options();
+        assert!(o.quick && o.claims && o.roofline && !a.no_progress);
+        assert_eq!(o.out_dir, PathBuf::from("/tmp/x"));
+        assert_eq!((o.heads, o.ns.clone(), o.poly_configs.clone()), (4, None, None));
+        assert_eq!(o.command_line(), "altgrad bench --quick --out /tmp/x");
+        let Cmd::Bench(a) = Cli::try_parse_from([
+            "altgrad",
+            "bench",
+            "--ns",
+            "256,512",
+            "--poly",
+            "16:2,64:4",
+            "--altgrad",
+            "none",
+            "--exact",
+            "16",
+            "--limit",
+            "2.5",
+            "--no-claims",
+            "--no-roofline",
+            "--no-progress",
+        ])
+        .unwrap()
+        .cmd;
+        let o = a.options();
+        assert_eq!(o.ns, Some(vec![256, 512]));
+        assert_eq!(o.poly_configs, Some(vec![(16, 2), (64, 4)]));
+        assert_eq!(o.altgrad_configs, Some(vec![]));
+        assert_eq!(o.exact_dims, Some(vec![16]));
+        assert_eq!(o.limit_s, Some(2.5));
+        assert!(!o.claims && !o.roofline && a.no_progress && !o.quick);
+        assert_eq!(o.out_dir, PathBuf::from("bench-out"));
+        assert!(Cli::try_parse_from(["altgrad", "bench", "--poly", "16-2"]).is_err());
+        assert!(Cli::try_parse_from(["altgrad", "bench", "--ns", "1k"]).is_err());
+    }
 }

@@ -2,7 +2,7 @@
 //! with the bundled DejaVu Sans font (`assets/fonts/`, Bitstream Vera / DejaVu licence).
 //! Files are written to a temporary name and renamed.
 
-use crate::{Error, Result};
+use altgrad::{Error, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::{Path, PathBuf};
@@ -28,29 +28,7 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_extension(format!("tmp-{}.{ext}", std::process::id()))
 }
 
-/// One named series of `(x, y)` points.
-#[derive(Clone, Debug)]
-pub struct Series {
-    /// Legend label.
-    pub label: String,
-    /// Points, in drawing order. Non-finite or (on log axes) non-positive points are skipped.
-    pub points: Vec<(f64, f64)>,
-}
-
-/// Axes and title of a line chart.
-#[derive(Clone, Debug)]
-pub struct LineChart<'a> {
-    /// Title above the chart.
-    pub title: &'a str,
-    /// X-axis label.
-    pub x_label: &'a str,
-    /// Y-axis label.
-    pub y_label: &'a str,
-    /// Logarithmic x axis.
-    pub log_x: bool,
-    /// Logarithmic y axis.
-    pub log_y: bool,
-}
+pub use altgrad::chart::{ChartSpec, LineChart, Series};
 
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -269,6 +247,18 @@ pub fn heatmap(stem: &Path, h: &Heatmap) -> Result<()> {
         finish(&tmp, &path, res)?;
     }
     Ok(())
+}
+
+/// Draws a [`ChartSpec`] into `dir/<stem>.png` and `dir/<stem>.svg` (nothing when it has no
+/// points); returns the file names written.
+///
+/// Errors: as [`line_chart`].
+pub fn draw_spec(dir: &Path, spec: &ChartSpec) -> Result<Vec<String>> {
+    if spec.is_empty() {
+        return Ok(Vec::new());
+    }
+    line_chart(&dir.join(&spec.stem), &spec.axes(), &spec.series)?;
+    Ok(vec![format!("{}.png", spec.stem), format!("{}.svg", spec.stem)])
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //!   the nested size, `text=A,B` for several files); prints a one-line summary.
 //! - `gradcheck CKPT_DIR|init key=value ...`: relative error and cosine of poly/altgrad gradients
 //!   against exact on 16 MQAR sequences at a checkpoint's weights (or at initialization).
-//! - `plot OUT_STEM RUN.jsonl ...`: loss (and accuracy) curves of several runs.
+//!
+//! Loss curves of several runs: `altgrad train-plot --out STEM RUN.jsonl ...`.
 //! - `timing [key=value ...]`: seconds per update of exact, poly and altgrad at n = 256…2048.
 use altgrad::attention::mixed::HeadPlan;
 use altgrad::attention::PolyOptions;
@@ -13,7 +14,7 @@ use altgrad::train::checkpoint::load_checkpoint;
 use altgrad::train::data::{Mqar, Rng};
 use altgrad::train::loss::accumulate_masked_grads;
 use altgrad::train::optim::{AdamW, AdamWConfig};
-use altgrad::train::{plot_runs, run_train, TrainOptions};
+use altgrad::train::{run_train, TrainOptions};
 
 fn options(kv: &[String]) -> TrainOptions {
     let mut v = serde_json::to_value(TrainOptions::default()).unwrap();
@@ -38,7 +39,13 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("run") => {
             let o = options(&args[1..]);
-            let s = run_train(&o, std::env::var("PROGRESS").is_ok()).unwrap();
+            let show = std::env::var("PROGRESS").is_ok();
+            let s = run_train(&o, &|p| {
+                if show {
+                    eprint!("\r{}/{} {}", p.done, p.total, p.message)
+                }
+            })
+            .unwrap();
             let tail = s.losses.len().min(10);
             let last = s.losses[s.losses.len() - tail..].iter().sum::<f64>() / tail as f64;
             println!(
@@ -95,11 +102,6 @@ fn main() {
                 );
             }
         }
-        Some("plot") => {
-            // plot OUT_STEM RUN.jsonl...
-            let files: Vec<std::path::PathBuf> = args[2..].iter().map(Into::into).collect();
-            plot_runs(&files, std::path::Path::new(&args[1])).unwrap();
-        }
         Some("timing") => {
             // timing: seconds per update (batch 1, 4 updates, best of 2 interleaved rounds) of
             // exact, poly g=2 and altgrad g=2 at n = 256…2048 on the head_dim-16 tiny.
@@ -125,7 +127,7 @@ fn main() {
                             eval_seqs: 1,
                             ..base.clone()
                         };
-                        best[i] = best[i].min(run_train(&o, false).unwrap().mean_step_s);
+                        best[i] = best[i].min(run_train(&o, &|_| {}).unwrap().mean_step_s);
                     }
                 }
                 println!("| {n} | {:.4} | {:.4} | {:.4} | {:.2} |", best[0], best[1], best[2], best[0] / best[1]);

@@ -15,7 +15,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 fn fixture(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p).display().to_string()
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/fixtures").join(p).display().to_string()
 }
 
 fn stderr(o: &Output) -> String {
@@ -269,7 +269,8 @@ fn tokenize_prints_the_models_ids() {
     let o = altgrad(&["tokenize", "--model", "tiny", "--text", t.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "72 105 33");
-    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf =
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if gguf.exists() {
         std::fs::write(&t, "The GNU General Public License 3").unwrap();
         let o = altgrad(&["tokenize", "--model", gguf.to_str().unwrap(), "--text", t.to_str().unwrap()]);
@@ -279,4 +280,39 @@ fn tokenize_prints_the_models_ids() {
         assert!(ids.len() >= 5 && ids[0] != 1, "{ids:?}");
     }
     assert_user_error(&["tokenize", "--model", "tiny", "--text", "/nonexistent.txt"], "/nonexistent.txt");
+}
+
+#[test]
+fn train_plot_and_train_plot_subcommand_draw_files() {
+    let d = tmpdir("trainplot");
+    let (log, stem) = (d.join("run.jsonl"), d.join("loss"));
+    let o = altgrad(&[
+        "train",
+        "--task",
+        "mqar",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--vocab",
+        "32",
+        "--seq-len",
+        "32",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--json",
+        log.to_str().unwrap(),
+        "--plot",
+        stem.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["loss.png", "loss.svg", "loss-accuracy.png", "loss-accuracy.svg"] {
+        assert!(d.join(f).metadata().map(|m| m.len()).unwrap_or(0) > 1000, "{f} missing");
+    }
+    let cmp = d.join("cmp");
+    let o = altgrad(&["train-plot", "--out", cmp.to_str().unwrap(), log.to_str().unwrap(), log.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.join("cmp.png").metadata().map(|m| m.len()).unwrap_or(0) > 1000);
 }

@@ -21,14 +21,27 @@
 
 pub mod attention;
 pub mod bench;
+pub mod chart;
 pub mod error;
 pub(crate) mod fastmath;
 pub mod io;
 pub mod job;
 pub mod linalg;
 pub mod model;
-pub mod plot;
 pub mod report;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// One step of long work (a bench sweep, a training run), passed to the caller's progress
+/// callback: `done` of `total` steps, and what the step was. The library never draws progress
+/// itself; the CLI turns these into a progress bar.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress<'a> {
+    /// Steps finished so far (1-based after the first step).
+    pub done: u64,
+    /// Steps in all.
+    pub total: u64,
+    /// What the step was, or the latest loss for training.
+    pub message: &'a str,
+}

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 const GPL3: &str = "/usr/share/common-licenses/GPL-3";
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
 fn fixture() -> Value {

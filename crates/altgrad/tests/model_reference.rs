@@ -11,7 +11,7 @@ use common::rel;
 use std::path::{Path, PathBuf};
 
 fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/fixtures").join(name)
 }
 
 fn check<T: Scalar>(name: &str, tol: f64) {

@@ -8,7 +8,7 @@ use altgrad::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, RopeLayo
 use altgrad::train::checkpoint::{load_checkpoint, prev_dir, save_checkpoint_interrupted, TrainState};
 use altgrad::train::loss::{accumulate_masked_grads, masked_lm_loss};
 use altgrad::train::optim::{AdamW, AdamWConfig};
-use altgrad::train::{plot_runs, run_train, Task, TinySize, TrainAttention, TrainOptions};
+use altgrad::train::{run_charts, run_train, Task, TinySize, TrainAttention, TrainOptions};
 use altgrad::Error;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -73,7 +73,7 @@ fn loss_falls_on_text_and_mqar() {
     let d = TempDir::new("falls");
     let text = write_text(&d.0);
     let o = TrainOptions { text: vec![text], ..small() };
-    let s = run_train(&o, false).unwrap();
+    let s = run_train(&o, &|_| {}).unwrap();
     let first = s.losses[0];
     let last: f64 = s.losses[35..].iter().sum::<f64>() / 5.0;
     eprintln!("text: first {first:.3}, last-5 mean {last:.3}, val {:?}", s.val_loss);
@@ -82,7 +82,7 @@ fn loss_falls_on_text_and_mqar() {
     assert!(s.val_loss.unwrap() < first - 1.0);
 
     let o = TrainOptions { task: Some(Task::Mqar), vocab: Some(32), mqar_pairs: Some(4), seq_len: 32, ..small() };
-    let s = run_train(&o, false).unwrap();
+    let s = run_train(&o, &|_| {}).unwrap();
     let first = s.losses[0];
     let last: f64 = s.losses[35..].iter().sum::<f64>() / 5.0;
     eprintln!("mqar: first {first:.3}, last-5 mean {last:.3}, acc {:?}", s.accuracy);
@@ -110,7 +110,7 @@ fn resume_is_bit_identical_and_survives_interrupted_writes() {
     // Uninterrupted reference.
     let full = run_train(
         &TrainOptions { checkpoint: Some(d.0.join("a")), json: Some(d.0.join("a.jsonl")), ..base.clone() },
-        false,
+        &|_| {},
     )
     .unwrap();
     assert_eq!(full.losses.len(), 12);
@@ -118,7 +118,7 @@ fn resume_is_bit_identical_and_survives_interrupted_writes() {
     // Stopped after update 6, as an interruption would.
     let ck = d.0.join("b");
     let opts_b = TrainOptions { checkpoint: Some(ck.clone()), json: Some(d.0.join("b.jsonl")), ..base.clone() };
-    let part = run_train(&TrainOptions { stop_at: Some(6), ..opts_b.clone() }, false).unwrap();
+    let part = run_train(&TrainOptions { stop_at: Some(6), ..opts_b.clone() }, &|_| {}).unwrap();
     assert!(part.stopped_early);
     assert_eq!(part.losses.len(), 6);
     let before = load_checkpoint(&ck).unwrap();
@@ -144,11 +144,11 @@ fn resume_is_bit_identical_and_survives_interrupted_writes() {
     assert_eq!(load_checkpoint(&ck).unwrap().state.step, 6);
 
     // Resuming must not accept changed options.
-    let e = run_train(&TrainOptions { resume: true, lr: 2e-3, ..opts_b.clone() }, false).unwrap_err();
+    let e = run_train(&TrainOptions { resume: true, lr: 2e-3, ..opts_b.clone() }, &|_| {}).unwrap_err();
     let (input, msg) = bad_input(e);
     assert!(input.contains("b.prev") && msg.contains("lr"), "{input}: {msg}");
 
-    let rest = run_train(&TrainOptions { resume: true, ..opts_b.clone() }, false).unwrap();
+    let rest = run_train(&TrainOptions { resume: true, ..opts_b.clone() }, &|_| {}).unwrap();
     assert_eq!(rest.first_step, 7);
     let joined: Vec<u64> = part.losses.iter().chain(&rest.losses).map(|x| x.to_bits()).collect();
     let reference: Vec<u64> = full.losses.iter().map(|x| x.to_bits()).collect();
@@ -176,16 +176,18 @@ fn resume_is_bit_identical_and_survives_interrupted_writes() {
     assert!(fifth["val_loss"].is_f64() && fifth["accuracy"].is_f64());
 
     // A finished run cannot be started again into the same directory without --resume.
-    let (input, msg) = bad_input(run_train(&opts_b, false).unwrap_err());
+    let (input, msg) = bad_input(run_train(&opts_b, &|_| {}).unwrap_err());
     assert!(input.ends_with('b') && msg.contains("--resume"), "{input}: {msg}");
 
-    // Plots comparing the two runs.
+    // Charts comparing the two runs (drawn by the CLI: tests/cli.rs).
     let stem = d.0.join("curves");
-    plot_runs(&[d.0.join("a.jsonl"), d.0.join("b.jsonl")], &stem).unwrap();
-    for f in ["curves.png", "curves.svg", "curves-accuracy.png", "curves-accuracy.svg"] {
-        assert!(d.0.join(f).metadata().unwrap().len() > 1000, "{f}");
+    let charts = run_charts(&[d.0.join("a.jsonl"), d.0.join("b.jsonl")], &stem).unwrap();
+    assert_eq!(charts.len(), 2, "loss and accuracy charts");
+    assert!(charts[1].stem.ends_with("curves-accuracy"));
+    for c in &charts {
+        assert!(c.series.iter().filter(|s| !s.points.is_empty()).count() >= 2, "{}", c.stem);
     }
-    let (input, _) = bad_input(plot_runs(&[d.0.join("nope.jsonl")], &stem).unwrap_err());
+    let (input, _) = bad_input(run_charts(&[d.0.join("nope.jsonl")], &stem).unwrap_err());
     assert!(input.ends_with("nope.jsonl"));
 }
 
@@ -224,18 +226,18 @@ fn bad_options_and_data_name_the_input() {
         ),
     ];
     for (o, input, needle) in cases {
-        let (i, m) = bad_input(run_train(&o, false).unwrap_err());
+        let (i, m) = bad_input(run_train(&o, &|_| {}).unwrap_err());
         assert!(i.contains(input) && m.contains(needle), "expected `{input}` / `{needle}`, got `{i}: {m}`");
     }
     std::fs::write(d.0.join("empty.txt"), b"").unwrap();
     let (i, m) =
-        bad_input(run_train(&TrainOptions { text: vec![d.0.join("empty.txt")], ..ok.clone() }, false).unwrap_err());
+        bad_input(run_train(&TrainOptions { text: vec![d.0.join("empty.txt")], ..ok.clone() }, &|_| {}).unwrap_err());
     assert!(i.ends_with("empty.txt") && m.contains("empty"), "{i}: {m}");
     // A directory that is not a checkpoint is never replaced.
     let other = d.0.join("other");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("keep.txt"), b"x").unwrap();
-    let (i, _) = bad_input(run_train(&TrainOptions { checkpoint: Some(other.clone()), ..ok }, false).unwrap_err());
+    let (i, _) = bad_input(run_train(&TrainOptions { checkpoint: Some(other.clone()), ..ok }, &|_| {}).unwrap_err());
     assert!(i.ends_with("other") && other.join("keep.txt").exists());
     assert!("sgd".parse::<TrainAttention>().is_err() && "altgrad".parse::<TrainAttention>().is_ok());
 }

@@ -20,13 +20,11 @@
 //!   beside it as `state_bytes`.
 
 mod claims;
-mod cli;
 mod profile;
 mod report;
 mod sweep;
 
 pub use claims::{Crossover, ErrorClaim, ErrorClaimPoint, ErrorSlope, ExponentClaim, MultiLayerClaim, MultiLayerPoint};
-pub use cli::{parse_pairs, parse_usize_list, BenchArgs};
 pub use profile::{profile_exact_stages, profile_poly_stages, Stage, StageProfile};
 pub use report::{BenchReport, BenchRun, Claims, Fit, Skipped, CSV_HEADER};
 pub use sweep::{run_bench, BenchOptions};

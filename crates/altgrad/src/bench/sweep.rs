@@ -10,8 +10,8 @@ use crate::attention::features::feature_dim;
 use crate::attention::{self, head_bounds, AttnGrads, AttnOptions, AttnShape, Method, PolyOptions};
 use crate::io::write_file_atomic;
 use crate::linalg::Scalar;
+use crate::Progress;
 use crate::{Error, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::collections::HashMap;
@@ -50,8 +50,6 @@ pub struct BenchOptions {
     pub claims: bool,
     /// Run the roofline stage breakdown (default true).
     pub roofline: bool,
-    /// Draw a progress bar on stderr (default true).
-    pub progress: bool,
     /// Seed of every random input.
     pub seed: u64,
 }
@@ -73,7 +71,6 @@ impl BenchOptions {
             stream_chunk: 256,
             claims: true,
             roofline: true,
-            progress: true,
             seed: 0,
         }
     }
@@ -697,13 +694,13 @@ fn cpu_name() -> String {
 /// runs, FLOPs (MATH §7, [`super::method_flops`]), GFLOP/s and the ratio to the f32 GEMM peak
 /// measured in the same run (the faster of before and after the sweep), the point's peak memory,
 /// the speed-up over exact and the relative errors of `o`, `dq`, `dk`, `dv` against exact. Points whose predicted time
-/// exceeds the limit are listed in `skipped` with the reason. A progress bar goes to stderr when
-/// `opts.progress`; nothing is printed to stdout (print [`BenchReport::markdown`] or
+/// exceeds the limit are listed in `skipped` with the reason. Each step is reported to
+/// `on_progress` (the CLI draws a progress bar); nothing is printed to stdout (print [`BenchReport::markdown`] or
 /// `report.claims.markdown`).
 ///
 /// Errors: [`Error::BadInput`] for invalid options, [`Error::Io`] when the directory or a file
 /// cannot be written.
-pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
+pub fn run_bench(opts: &BenchOptions, on_progress: &dyn Fn(Progress)) -> Result<BenchReport> {
     let start = Instant::now();
     let plan = Plan::new(opts)?;
     let dir = &opts.out_dir;
@@ -712,17 +709,10 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     let claim_points = if plan.claims { 2 * plan.b_ns.len() + 2 * plan.c_layers } else { 0 };
     let roof_points = if plan.roofline { 6 } else { 0 };
     let total = (4 + plan.sweep_points() + claim_points + roof_points) as u64;
-    let pb = if opts.progress {
-        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}") {
-        pb.set_style(style.progress_chars("=> "));
-    }
+    let done = std::cell::Cell::new(0u64);
     let tick = |msg: &str| {
-        pb.set_message(msg.to_string());
-        pb.inc(1);
+        done.set(done.get() + 1);
+        on_progress(Progress { done: done.get(), total, message: msg });
     };
     let gn = plan.gemm_n;
     tick("GEMM peak (all threads)");
@@ -795,7 +785,6 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             }
         }
     }
-    pb.finish_and_clear();
 
     let mut report = BenchReport {
         command,
@@ -820,7 +809,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         files: Vec::new(),
         elapsed_s: 0.0,
     };
-    let mut files = report.plots(dir)?;
+    let mut files: Vec<String> =
+        report.charts().iter().flat_map(|c| [format!("{}.png", c.stem), format!("{}.svg", c.stem)]).collect();
     files.extend(["bench.json", "bench.csv", "bench.md"].map(String::from));
     report.files = files;
     report.elapsed_s = start.elapsed().as_secs_f64();
