@@ -8,6 +8,7 @@
 
 pub mod altgrad;
 pub mod bound;
+pub mod estimate;
 pub mod exact;
 pub mod features;
 pub mod mixed;
