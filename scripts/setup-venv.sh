@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the git-ignored virtual environment .venv/ with what the Python tests need:
-# torch (CPU use; the PyPI wheel brings CUDA libraries, ~5.6 GB on a fresh machine), numpy,
-# maturin, pytest. Idempotent: a complete environment is only verified.
+# Creates (or reuses) the git-ignored virtual environment .venv/ with scripts/requirements-dev.txt
+# (torch, numpy, maturin, pytest, transformers, …). Idempotent: an environment made from the same
+# requirements file (its sha256 is stamped in .venv/.ok) is only verified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
-if [ -f "$VENV/.ok" ] && "$VENV/bin/python" -c "import torch, numpy, pytest" 2>/dev/null; then
+REQ=scripts/requirements-dev.txt
+stamp=$(sha256sum "$REQ" | cut -d' ' -f1)
+if [ -f "$VENV/.ok" ] && [ "$(cat "$VENV/.ok")" = "$stamp" ] \
+   && "$VENV/bin/python" -c "import torch, numpy, pytest, transformers" 2>/dev/null; then
   exit 0
 fi
-python3 -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "torch>=2.4" "numpy>=1.24" "maturin>=1.5,<2" "pytest>=7"
-"$VENV/bin/python" -c "import torch, numpy, pytest; print('setup-venv: torch', torch.__version__, 'numpy', numpy.__version__)"
-touch "$VENV/.ok"
+"$VENV/bin/python" -m pip install --quiet -r "$REQ"
+"$VENV/bin/python" -c "import torch, numpy, transformers; print('setup-venv: torch', torch.__version__, 'numpy', numpy.__version__, 'transformers', transformers.__version__)"
+echo "$stamp" > "$VENV/.ok"
