@@ -87,7 +87,8 @@ impl Call {
         let io = (self.q_len() + self.k_len() + self.v_len() + 2 * self.o_len() + 2 * self.lse_len()) as f64;
         let mut total = 2.0 * b * io;
         if self.method != Method::Exact {
-            if let Some(r) = self.rank() {
+            // A feature width above the library's limit is refused by the library itself.
+            if let Some(r) = self.rank().filter(|&r| r <= features::MAX_FEATURE_DIM) {
                 let per_head = at::bound::poly_state_bytes(s.head_dim, s.head_dim_v, r, self.popts.chunk, elem) as f64;
                 total += threads * per_head / elem as f64 + (s.num_kv_heads * r * (s.head_dim_v + 1)) as f64 * b;
                 if backward && self.method == Method::AltGrad {
