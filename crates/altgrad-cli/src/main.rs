@@ -1,6 +1,5 @@
 //! The `altgrad` command line: parses, calls the library, prints. No math here.
 
-use altgrad::attention::bound::validate_degree;
 use altgrad::attention::mixed::HeadPlan;
 use altgrad::attention::PolyOptions;
 use altgrad::attention::{self, AttnOptions, AttnShape};
@@ -10,7 +9,6 @@ use altgrad::job;
 use altgrad::linalg::norm;
 use altgrad::linalg::Scalar;
 use altgrad::model::AttentionPolicy;
-use altgrad::report::{GradReport, Timing};
 use altgrad::Error;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -95,35 +93,19 @@ struct AttnMethodArgs {
 
 impl AttnMethodArgs {
     fn policy(&self) -> Result<AttentionPolicy> {
-        if !(self.tol.is_finite() && self.tol > 0.0) {
-            return Err(Error::bad("--tol", format!("must be a positive number, got {}", self.tol)).into());
+        let a = self;
+        job::attention_policy(a.attention.name(), a.degree, a.tol, a.chunk, !a.no_center, a.max_rank)
+            .map_err(|e| flag_error(e).into())
+    }
+}
+
+/// Renames a library error's input `x` to the flag `--x` that carries it (`degree` → `--degree`).
+fn flag_error(e: Error) -> Error {
+    match e {
+        Error::BadInput { input, msg } if ["attention", "degree", "tol", "chunk"].contains(&input.as_str()) => {
+            Error::BadInput { input: format!("--{input}"), msg }
         }
-        if self.chunk == 0 {
-            return Err(Error::bad("--chunk", "must be at least 1").into());
-        }
-        if let Some(g) = self.degree {
-            validate_degree(g).map_err(|e| Error::bad("--degree", e.to_string()))?;
-        }
-        let center = !self.no_center;
-        Ok(match (self.attention, self.degree) {
-            (Method::Exact, _) => AttentionPolicy::EXACT,
-            (Method::Auto, Some(_)) => {
-                return Err(
-                    Error::bad("--degree", "auto chooses degrees itself; use --attention poly --degree G").into()
-                )
-            }
-            (Method::Auto, None) => AttentionPolicy::Auto { tol: self.tol, max_rank: self.max_rank, chunk: self.chunk },
-            (m, Some(g)) => {
-                let p = PolyOptions { degree: g, center, chunk: self.chunk };
-                AttentionPolicy::Fixed(if m == Method::Poly { HeadPlan::Poly(p) } else { HeadPlan::AltGrad(p) })
-            }
-            (m, None) => AttentionPolicy::PerHeadDegree {
-                altgrad: m == Method::Altgrad,
-                tol: self.tol,
-                chunk: self.chunk,
-                center,
-            },
-        })
+        other => other,
     }
 }
 
@@ -493,8 +475,8 @@ fn fmt_err(x: f64) -> String {
 fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let policy = a.method.policy()?;
     let pb = spinner("loading model");
-    let loaded = aio::load_model::<T>(&a.model, a.seed)?;
-    let (max_len, summary, n_layers) = match &loaded.model {
+    let loaded = job::load_model::<T>(&a.model, a.seed)?;
+    let (max_len, summary) = match &loaded.model {
         AnyModel::Llama(m) => {
             let c = &m.cfg;
             (
@@ -510,7 +492,6 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
                     m.weights.numel() as f64 / 1e6,
                     T::DTYPE.to_lowercase()
                 ),
-                c.num_layers,
             )
         }
         AnyModel::Bert(m) => {
@@ -527,7 +508,6 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
                     m.weights.numel() as f64 / 1e6,
                     T::DTYPE.to_lowercase()
                 ),
-                c.num_layers,
             )
         }
     };
@@ -564,31 +544,12 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
             check_output_path(flag, p)?;
         }
     }
-    if a.compare {
-        // Warm-up (threads, allocator) on a short prefix so neither timed pass pays it.
-        let warm = &ids[..ids.len().min(128)];
-        let _ = job::run_pass(&loaded.model, warm, &input, &AttentionPolicy::EXACT);
-    }
-    pb.set_message(format!("forward + backward ({}, {n} tokens)", policy.name()));
-    let r = job::run_pass(&loaded.model, &ids, &input, &policy)?;
-    let exact = if a.compare {
-        pb.set_message(format!("exact forward + backward for --compare ({n} tokens)"));
-        Some(job::run_pass(&loaded.model, &ids, &input, &AttentionPolicy::EXACT)?)
-    } else {
-        None
-    };
+    let run = job::grad_run(&loaded, &ids, &input, &policy, a.method.attention.name(), a.compare, &|m| {
+        pb.set_message(m.to_string())
+    })?;
     pb.finish_and_clear();
-    let compare = exact.as_ref().map(|e| job::compare(&r, e));
-    let report = GradReport {
-        model: loaded.source().to_string(),
-        seq_len: n,
-        n_layers,
-        attention: a.method.attention.name().to_string(),
-        loss: r.loss,
-        heads: job::head_reports(&r),
-        timing_s: Timing { forward: r.t_fwd, backward: r.t_bwd, exact_backward: exact.as_ref().map(|e| e.t_bwd) },
-        compare: compare.clone(),
-    };
+    let (r, exact, report) = (&run.pass, &run.exact, &run.report);
+    let compare = &report.compare;
     if let Some(p) = &a.out {
         aio::write_safetensors(p, &r.grads)?;
     }
@@ -618,7 +579,7 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         println!("grad norm    {gnorm:.6e}");
         println!("forward      {:.3} s ({:.0} tokens/s)", r.t_fwd, n as f64 / r.t_fwd);
         println!("backward     {:.3} s ({:.0} tokens/s)", r.t_bwd, n as f64 / r.t_bwd);
-        if let (Some(c), Some(e)) = (&compare, &exact) {
+        if let (Some(c), Some(e)) = (compare, exact) {
             println!(
                 "exact        loss {:.6}, backward {:.3} s; speed-up of the backward {:.2}×",
                 c.loss_exact, e.t_bwd, c.speedup
@@ -669,7 +630,7 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         }
     }
     if let Some(j) = &a.json {
-        let s = serde_json::to_string_pretty(&report)?;
+        let s = serde_json::to_string_pretty(report)?;
         if j == "-" {
             println!("{s}");
         } else {
@@ -812,7 +773,7 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
         return Err(Error::bad("--tol", format!("must be a positive number, got {}", a.tol)).into());
     }
     let pb = spinner("loading model");
-    let loaded = aio::load_model::<f32>(&a.model, a.seed)?;
+    let loaded = job::load_model::<f32>(&a.model, a.seed)?;
     let ga = Inputs { text: a.text.clone(), tokens: a.tokens.clone(), seq_len: a.seq_len };
     let max_len = match &loaded.model {
         AnyModel::Llama(m) => m.cfg.max_seq_len,
@@ -821,13 +782,14 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
     let ids = token_ids(&ga, &loaded, max_len)?;
     let input = input_name(&ga);
     pb.set_message(format!("forward and score census ({} tokens)", ids.len()));
-    let heads = job::inspect(&loaded.model, &ids, &input, a.tol, a.max_rank)?;
+    let report = job::inspect_report(&loaded, &ids, &input, a.tol, a.max_rank).map_err(flag_error)?;
     pb.finish_and_clear();
+    let heads = &report.heads;
     let n_layers = heads.iter().map(|h| h.layer + 1).max().unwrap_or(0);
     let n_heads = heads.iter().map(|h| h.head + 1).max().unwrap_or(0);
     let mut values = vec![vec![None; n_heads]; n_layers];
     let mut text = vec![vec![String::new(); n_heads]; n_layers];
-    for h in &heads {
+    for h in heads {
         values[h.layer][h.head] = h.degree.map(|g| g as f64);
         text[h.layer][h.head] = match (h.degree, h.method.as_str()) {
             (Some(g), "poly") => format!("{g}"),
@@ -844,16 +806,10 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
         &a.plot,
         &plot::Heatmap { title: &title, row_label: "layer", col_label: "head", values, cell_text: text },
     )?;
-    let report = serde_json::json!({
-        "model": loaded.source(),
-        "seq_len": ids.len(),
-        "tol": a.tol,
-        "heads": heads,
-    });
     if a.json.as_deref() != Some("-") {
         println!("model {} · {} tokens ({input}) · tol {:e}", loaded.source(), ids.len(), a.tol);
         println!("layer  head  max|score|  R shifted  R raw    degree  rank     auto");
-        for h in &heads {
+        for h in heads {
             println!(
                 "{:>5}  {:>4}  {:>10.3}  {:>9.3}  {:>7.3}  {:>6}  {:>7}  {}",
                 h.layer,

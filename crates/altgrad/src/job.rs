@@ -1,14 +1,21 @@
 //! The main job as a library: one forward + backward pass of any loaded model with a given
-//! attention policy, and the per-layer comparison of two passes (approximate vs exact) that
-//! `altgrad grad --compare` reports (ARCHITECTURE "grad --json keys").
+//! attention policy, the per-layer comparison of two passes (approximate vs exact) that
+//! `altgrad grad --compare` reports (ARCHITECTURE "grad --json keys"), and the assembly of the
+//! `grad` and `inspect` reports ([`grad_run`], [`inspect_report`]) shared by the CLI and the
+//! Python package, so both produce the same objects.
 
-use crate::io::AnyModel;
+use crate::attention::bound::validate_degree;
+use crate::attention::mixed::HeadPlan;
+use crate::attention::PolyOptions;
+use crate::io::{AnyModel, Loaded};
 use crate::linalg::{rel_err, Scalar};
 use crate::model::bert::pooled_norm_loss;
 use crate::model::{AttentionPolicy, HeadDecision};
-use crate::report::{Compare, HeadReport, LayerCompare};
+use crate::report::{Compare, GradReport, HeadReport, InspectReport, LayerCompare, Timing};
 use crate::{Error, Result};
 use std::time::Instant;
+
+pub use crate::report::InspectHead;
 
 /// A named tensor `(name, shape, values)`, as written to safetensors.
 pub type NamedTensor<T> = (String, Vec<usize>, Vec<T>);
@@ -168,33 +175,10 @@ pub fn compare<T: Scalar>(approx: &Pass<T>, exact: &Pass<T>) -> Compare {
     }
 }
 
-/// One head's census line (`altgrad inspect`).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct InspectHead {
-    /// Layer index, from 0.
-    pub layer: usize,
-    /// Query head index.
-    pub head: usize,
-    /// Largest `|τ q_i·k_j|` over allowed pairs (measured exactly, O(n²d)).
-    pub max_abs_score: f64,
-    /// Score bound R after the row shift (MATH §3).
-    pub bound: f64,
-    /// Score bound R without the row shift.
-    pub bound_unshifted: f64,
-    /// Smallest even degree with `ε_A(R, g) ≤ tol`; `null` when none ≤ 8 does.
-    pub degree: Option<usize>,
-    /// Feature width `r = C(d+g, g)` of that degree.
-    pub rank: Option<usize>,
-    /// What `--attention auto` would use: `poly` or `exact`.
-    pub method: String,
-    /// Why.
-    pub reason: String,
-}
-
 /// The census of every head of a model on `ids` (exact forward): scores, bounds, the degree a
 /// tolerance needs, and the `auto` choice.
 ///
-/// Errors: bad ids (naming `input`).
+/// Errors: bad ids (naming `input`); a `tol` that is not a positive number (naming `tol`).
 pub fn inspect<T: Scalar>(
     model: &AnyModel<T>,
     ids: &[u32],
@@ -205,6 +189,7 @@ pub fn inspect<T: Scalar>(
     use crate::attention::bound::{choose_degree, Policy, MAX_AUTO_DEGREE};
     use crate::attention::features::feature_dim;
     use crate::attention::{head_bounds, head_max_scores, AttnOptions, AttnShape};
+    check_tol(tol)?;
     let (qk, shape, causal): (LayerQk<T>, AttnShape, bool) = match model {
         AnyModel::Llama(m) => {
             let c = m.forward(ids).map_err(|e| relabel(e, input))?;
@@ -247,4 +232,146 @@ fn relabel(e: Error, input: &str) -> Error {
         Error::BadInput { input: i, msg } if i == "tokens" => Error::BadInput { input: input.to_string(), msg },
         other => other,
     }
+}
+
+fn check_tol(tol: f64) -> Result<()> {
+    if !(tol.is_finite() && tol > 0.0) {
+        return Err(Error::bad("tol", format!("must be a positive number, got {tol}")));
+    }
+    Ok(())
+}
+
+/// The attention policy of a `grad` run from its request (the CLI's `--attention`, `--degree`,
+/// `--tol`, `--chunk`, `--no-center`, `--max-rank`; the Python `Model.loss_and_grads` arguments):
+///
+/// - `exact`: every head exact (the other arguments are ignored);
+/// - `poly` / `altgrad` with a degree: every head with that degree (MATH §3–5);
+/// - `poly` / `altgrad` without one: per head the smallest even degree meeting `tol`;
+/// - `auto`: per head poly where the bound meets `tol`, `r ≤ max_rank` and it is cheaper, else exact.
+///
+/// Errors: [`Error::BadInput`] naming `attention` (unknown method), `degree` (odd or zero, or given
+/// with `auto`), `tol` (not a positive number) or `chunk` (zero). The CLI prefixes the names with `--`.
+pub fn attention_policy(
+    method: &str,
+    degree: Option<usize>,
+    tol: f64,
+    chunk: usize,
+    center: bool,
+    max_rank: usize,
+) -> Result<AttentionPolicy> {
+    check_tol(tol)?;
+    if chunk == 0 {
+        return Err(Error::bad("chunk", "must be at least 1"));
+    }
+    if let Some(g) = degree {
+        validate_degree(g)?;
+    }
+    let altgrad = match method {
+        "exact" => return Ok(AttentionPolicy::EXACT),
+        "auto" => {
+            if degree.is_some() {
+                return Err(Error::bad("degree", "auto chooses degrees itself; use attention poly with a degree"));
+            }
+            return Ok(AttentionPolicy::Auto { tol, max_rank, chunk });
+        }
+        "poly" => false,
+        "altgrad" => true,
+        other => return Err(Error::bad("attention", format!("expected exact, poly, altgrad or auto, got `{other}`"))),
+    };
+    Ok(match degree {
+        Some(g) => {
+            let p = PolyOptions { degree: g, center, chunk };
+            AttentionPolicy::Fixed(if altgrad { HeadPlan::AltGrad(p) } else { HeadPlan::Poly(p) })
+        }
+        None => AttentionPolicy::PerHeadDegree { altgrad, tol, chunk, center },
+    })
+}
+
+/// Number of transformer layers of a loaded model.
+pub fn num_layers<T>(model: &AnyModel<T>) -> usize {
+    match model {
+        AnyModel::Llama(m) => m.cfg.num_layers,
+        AnyModel::Bert(m) => m.cfg.num_layers,
+    }
+}
+
+/// What [`grad_run`] produced: the pass with the requested policy, the exact pass when
+/// comparing, and the `grad --json` report of both.
+#[derive(Clone, Debug)]
+pub struct GradRun<T> {
+    /// The pass with the requested policy (loss, gradients, decisions).
+    pub pass: Pass<T>,
+    /// The exact pass (`compare` only).
+    pub exact: Option<Pass<T>>,
+    /// The report, exactly what `altgrad grad --json` writes.
+    pub report: GradReport,
+}
+
+/// The whole `grad` job on `ids`: (with `compare`, a short exact warm-up so neither timed pass
+/// pays for thread start-up), the pass with `policy`, the exact pass when `compare`, and the
+/// report (`attention` is the requested method's name: `exact`, `poly`, `altgrad` or `auto`).
+/// `phase` is told what runs next (for a spinner); the library prints nothing.
+///
+/// Errors: those of [`run_pass`].
+#[allow(clippy::too_many_arguments)]
+pub fn grad_run<T: Scalar>(
+    loaded: &Loaded<T>,
+    ids: &[u32],
+    input: &str,
+    policy: &AttentionPolicy,
+    attention: &str,
+    compare: bool,
+    phase: &dyn Fn(&str),
+) -> Result<GradRun<T>> {
+    let n = ids.len();
+    if compare {
+        let warm = &ids[..n.min(128)];
+        let _ = run_pass(&loaded.model, warm, input, &AttentionPolicy::EXACT);
+    }
+    phase(&format!("forward + backward ({}, {n} tokens)", policy.name()));
+    let pass = run_pass(&loaded.model, ids, input, policy)?;
+    let exact = if compare {
+        phase(&format!("exact forward + backward for --compare ({n} tokens)"));
+        Some(run_pass(&loaded.model, ids, input, &AttentionPolicy::EXACT)?)
+    } else {
+        None
+    };
+    let report = GradReport {
+        model: loaded.source().to_string(),
+        seq_len: n,
+        n_layers: num_layers(&loaded.model),
+        attention: attention.to_string(),
+        loss: pass.loss,
+        heads: head_reports(&pass),
+        timing_s: Timing { forward: pass.t_fwd, backward: pass.t_bwd, exact_backward: exact.as_ref().map(|e| e.t_bwd) },
+        compare: exact.as_ref().map(|e| crate::job::compare(&pass, e)),
+    };
+    Ok(GradRun { pass, exact, report })
+}
+
+/// The `inspect --json` report: [`inspect`]'s census with the model source, length and tolerance.
+///
+/// Errors: those of [`inspect`].
+pub fn inspect_report<T: Scalar>(
+    loaded: &Loaded<T>,
+    ids: &[u32],
+    input: &str,
+    tol: f64,
+    max_rank: usize,
+) -> Result<InspectReport> {
+    let heads = inspect(&loaded.model, ids, input, tol, max_rank)?;
+    Ok(InspectReport { model: loaded.source().to_string(), seq_len: ids.len(), tol, heads })
+}
+
+/// Loads `spec` as the CLI's `--model` does ([`crate::io::load_model`]: `tiny`, `tiny-bounded`, a
+/// `.gguf` file, an HF directory), or a training checkpoint directory written by `altgrad train
+/// --checkpoint` ([`crate::train::checkpoint::load_checkpoint_model`]).
+///
+/// Errors: those of the two loaders.
+pub fn load_model<T: Scalar>(spec: &str, seed: u64) -> Result<Loaded<T>> {
+    let path = std::path::Path::new(spec);
+    if spec != "tiny" && spec != "tiny-bounded" && crate::train::checkpoint::checkpoint_exists(path) {
+        return crate::train::checkpoint::load_checkpoint_model(path, seed);
+    }
+    crate::io::load_model(spec, seed)
 }

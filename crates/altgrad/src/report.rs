@@ -1,5 +1,7 @@
-//! JSON report types (serde) shared by the CLI's subcommands. Key names are the stable contract
-//! of ARCHITECTURE.md ("`grad --json` keys").
+//! JSON report types (serde) shared by the CLI's subcommands and the Python package. Key names
+//! are the stable contract of ARCHITECTURE.md ("`grad --json` keys"); the reports are assembled
+//! in [`crate::job`] ([`crate::job::grad_run`], [`crate::job::inspect_report`]), so the CLI and
+//! the bindings produce the same objects.
 
 use serde::{Deserialize, Serialize};
 
@@ -76,4 +78,40 @@ pub struct GradReport {
     pub timing_s: Timing,
     /// Comparison with the exact backward, when requested.
     pub compare: Option<Compare>,
+}
+
+/// One head's census line (`altgrad inspect`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InspectHead {
+    /// Layer index, from 0.
+    pub layer: usize,
+    /// Query head index.
+    pub head: usize,
+    /// Largest `|τ q_i·k_j|` over allowed pairs (measured exactly, O(n²d)).
+    pub max_abs_score: f64,
+    /// Score bound R after the row shift (MATH §3).
+    pub bound: f64,
+    /// Score bound R without the row shift.
+    pub bound_unshifted: f64,
+    /// Smallest even degree with `ε_A(R, g) ≤ tol`; `null` when none ≤ 8 does.
+    pub degree: Option<usize>,
+    /// Feature width `r = C(d+g, g)` of that degree.
+    pub rank: Option<usize>,
+    /// What `--attention auto` would use: `poly` or `exact`.
+    pub method: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The report of `altgrad inspect --json`: the census of every head on one input.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InspectReport {
+    /// Model source (path or `tiny`).
+    pub model: String,
+    /// Number of tokens.
+    pub seq_len: usize,
+    /// Tolerance on ε_A used for `degree` and `method`.
+    pub tol: f64,
+    /// One line per (layer, head), layer-major.
+    pub heads: Vec<InspectHead>,
 }

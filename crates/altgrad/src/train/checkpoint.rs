@@ -13,9 +13,9 @@
 //! temporary directory that loading ignores and the next save of the same process replaces.
 
 use super::optim::AdamW;
-use crate::io::{read_safetensors, write_file_atomic, write_safetensors, TensorF64};
+use crate::io::{load_model, read_safetensors, write_file_atomic, write_safetensors, AnyModel, Loaded, TensorF64};
 use crate::linalg::Scalar;
-use crate::model::{LlamaWeights, Param};
+use crate::model::{LlamaConfig, LlamaWeights, Model, Param};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -226,6 +226,17 @@ pub fn load_checkpoint(dir: &Path) -> Result<LoadedCheckpoint> {
 }
 
 fn fill<T: Scalar>(dst: &mut Param<T>, src: Option<&TensorF64>, file: &Path, name: &str) -> Result<()> {
+    fill_as(dst, src, file, name, true)
+}
+
+/// [`fill`], converting the dtype when `same_dtype` is false (loading a model for inference).
+fn fill_as<T: Scalar>(
+    dst: &mut Param<T>,
+    src: Option<&TensorF64>,
+    file: &Path,
+    name: &str,
+    same_dtype: bool,
+) -> Result<()> {
     let shown = file.display().to_string();
     let t = src.ok_or_else(|| Error::bad(&shown, format!("tensor {name} is missing")))?;
     if t.shape != dst.shape {
@@ -234,7 +245,7 @@ fn fill<T: Scalar>(dst: &mut Param<T>, src: Option<&TensorF64>, file: &Path, nam
             format!("tensor {name} has shape {:?}, the model needs {:?}", t.shape, dst.shape),
         ));
     }
-    if t.dtype != T::DTYPE {
+    if same_dtype && t.dtype != T::DTYPE {
         return Err(Error::bad(&shown, format!("tensor {name} is {}, expected {}", t.dtype, T::DTYPE)));
     }
     for (d, &s) in dst.data.iter_mut().zip(&t.data) {
@@ -267,4 +278,37 @@ impl LoadedCheckpoint {
         opt.t = self.state.step as u64;
         Ok(())
     }
+}
+
+/// The model of the checkpoint in `dir` (or `<dir>.prev`, as [`load_checkpoint`]), for gradients
+/// or inspection rather than resuming: the configuration from `train_config.json` (`model`), the
+/// weights from `weights.safetensors` (converted to `T`; the optimizer moments are not read into
+/// the model). The tokenizer and the parameter names come from the run's base model
+/// (`options.model`): none (bytes) and HF names for `tiny`; otherwise the base model is loaded
+/// again (with `seed`) when it is still at its path, for its tokenizer and names.
+///
+/// Errors: those of [`load_checkpoint`]; `BadInput` naming `train_config.json` when it has no
+/// valid `model` configuration, or naming `weights.safetensors` for a missing tensor or a shape
+/// mismatch (e.g. when the base model has moved and its parameter names are not HF names).
+pub fn load_checkpoint_model<T: Scalar>(dir: &Path, seed: u64) -> Result<Loaded<T>> {
+    let ck = load_checkpoint(dir)?;
+    let cfg_file = ck.dir.join("train_config.json").display().to_string();
+    let cfg: LlamaConfig = serde_json::from_value(ck.config.get("model").cloned().unwrap_or_default())
+        .map_err(|e| Error::bad(&cfg_file, format!("no valid model configuration (`model`): {e}")))?;
+    let base = ck.config.get("options").and_then(|o| o.get("model")).and_then(|m| m.as_str()).unwrap_or("tiny");
+    let (mut weights, tokenizer) = match base {
+        "tiny" => (LlamaWeights::zeros_hf(&cfg), None),
+        spec => match load_model::<T>(spec, seed) {
+            Ok(Loaded { model: AnyModel::Llama(m), tokenizer }) if m.cfg == cfg => (m.weights, tokenizer),
+            _ => (LlamaWeights::zeros_hf(&cfg), None),
+        },
+    };
+    let wf = ck.dir.join("weights.safetensors");
+    for p in weights.params_mut() {
+        let name = p.name.clone();
+        let t = ck.weights.iter().find(|t| t.name == name);
+        fill_as(p, t, &wf, &name, false)?;
+    }
+    let model = Model::new(cfg, weights, dir.display().to_string())?;
+    Ok(Loaded { model: AnyModel::Llama(model), tokenizer })
 }

@@ -1,0 +1,46 @@
+"""altgrad: transformer attention and its gradients, exact or by the polynomial method, in Rust.
+
+- :func:`attention`: exact, polynomial or ALTGrad attention on ``[B, T, H, D]`` CPU tensors, a
+  ``torch.autograd.Function`` whose backward runs in Rust (MATH §2–5).
+- :func:`load` → :class:`Model`: a whole model's loss and gradients (``Model.loss_and_grads``,
+  the same report as ``altgrad grad --json``) and the per-head census (``Model.inspect``).
+- :func:`set_num_threads` / :func:`get_num_threads`: altgrad's own worker threads (separate from
+  torch's).
+"""
+
+from . import _core
+from .attention import METHODS, AltGradAttention, ExactAttention, PolyAttention, attention
+from .model import Model, load
+
+__version__ = _core.__version__
+
+__all__ = [
+    "attention",
+    "METHODS",
+    "ExactAttention",
+    "PolyAttention",
+    "AltGradAttention",
+    "load",
+    "Model",
+    "set_num_threads",
+    "get_num_threads",
+    "__version__",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of worker threads altgrad's Rust kernels use from now on (its own rayon
+    pool; torch's threads are unaffected). Default: ``RAYON_NUM_THREADS``, else every core.
+
+    Raises:
+        TypeError: ``n`` is not an int.
+        ValueError: ``n < 1`` or absurdly many for this machine.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The number of worker threads altgrad's Rust kernels use."""
+    return _core.get_num_threads()

@@ -1,0 +1,185 @@
+"""altgrad.attention against naive torch references (reference.py) and torch SDPA; gradcheck."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import altgrad
+import reference as ref
+from conftest import randn
+
+CASES = [  # (B, T, H, H_kv, D, D_v)
+    (2, 7, 4, 2, 4, 3),
+    (1, 1, 2, 1, 3, 2),
+    (3, 5, 2, 2, 2, 4),
+]
+
+
+def small_inputs(b, t, h, hkv, d, dv, dtype=torch.float64):
+    return randn(b, t, h, d, dtype=dtype), randn(b, t, hkv, d, dtype=dtype), randn(b, t, hkv, dv, dtype=dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_gradcheck_exact(case, causal):
+    q, k, v = small_inputs(*case)
+    fn = lambda q, k, v: altgrad.attention(q, k, v, method="exact", causal=causal)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_gradcheck_poly(case, causal, center):
+    q, k, v = small_inputs(*case)
+    for degree, chunk in [(2, 3), (4, None)]:
+        fn = lambda q, k, v: altgrad.attention(  # noqa: E731
+            q, k, v, method="poly", causal=causal, degree=degree, center=center, chunk=chunk
+        )
+        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def grads_of(fn, q, k, v, g):
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(g)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES + [(2, 70, 4, 1, 8, 8)])
+def test_exact_matches_naive_reference(case, causal):
+    q, k, v = small_inputs(*case)
+    g = torch.randn(case[0], case[1], case[2], case[5], dtype=torch.float64)
+    mine = grads_of(lambda q, k, v: altgrad.attention(q, k, v, causal=causal, scale=0.3), q, k, v, g)
+    want = grads_of(lambda q, k, v: ref.exact_attention(q, k, v, causal=causal, scale=0.3), q, k, v, g)
+    for a, b in zip(mine, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES + [(2, 70, 4, 1, 8, 8)])
+def test_poly_matches_naive_reference(case, causal, center):
+    q, k, v = small_inputs(*case)
+    g = torch.randn(case[0], case[1], case[2], case[5], dtype=torch.float64)
+    for degree in (2, 4):
+        kw = dict(causal=causal, degree=degree, center=center)
+        mine = grads_of(lambda q, k, v: altgrad.attention(q, k, v, method="poly", chunk=16, **kw), q, k, v, g)
+        want = grads_of(lambda q, k, v: ref.poly_attention(q, k, v, **kw), q, k, v, g)
+        for a, b in zip(mine, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES + [(2, 70, 4, 1, 8, 8)])
+def test_altgrad_matches_the_papers_formula(case, causal, center):
+    q, k, v = small_inputs(*case)
+    g = torch.randn(case[0], case[1], case[2], case[5], dtype=torch.float64)
+    for degree in (2, 4):
+        kw = dict(causal=causal, degree=degree, center=center)
+        o, dq, dk, dv = grads_of(lambda q, k, v: altgrad.attention(q, k, v, method="altgrad", chunk=16, **kw), q, k, v, g)
+        torch.testing.assert_close(o, ref.poly_attention(q, k, v, **kw).detach(), rtol=1e-9, atol=1e-11)
+        for a, b in zip((dq, dk, dv), ref.altgrad_gradients(q, k, v, g, **kw)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_altgrad_is_not_the_gradient_of_its_forward():
+    # The paper's formula: close to poly's true gradient for small scores, but not equal.
+    q, k, v = small_inputs(*CASES[0])
+    g = torch.randn(2, 7, 4, 3, dtype=torch.float64)
+    _, *alt = grads_of(lambda q, k, v: altgrad.attention(q, k, v, method="altgrad"), q, k, v, g)
+    _, *pol = grads_of(lambda q, k, v: altgrad.attention(q, k, v, method="poly"), q, k, v, g)
+    assert ref.rel_err(alt[0], pol[0]) > 1e-4
+    fn = lambda q, k, v: altgrad.attention(q, k, v, method="altgrad")  # noqa: E731
+    assert not torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6, raise_exception=False)
+
+
+def test_altgrad_tends_to_the_exact_gradient_with_the_degree():
+    q, k, v = (0.5 * x.detach() for x in small_inputs(2, 33, 2, 1, 8, 8))
+    g = torch.randn(2, 33, 2, 8, dtype=torch.float64)
+    _, *exact = grads_of(lambda q, k, v: ref.exact_attention(q, k, v, causal=True), q, k, v, g)
+    errs = []
+    for degree in (2, 4, 6):
+        _, *alt = grads_of(
+            lambda q, k, v: altgrad.attention(q, k, v, method="altgrad", causal=True, degree=degree), q, k, v, g
+        )
+        errs.append(max(ref.rel_err(a, b) for a, b in zip(alt, exact)))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-4, errs
+
+
+def sdpa(q, k, v, causal):
+    """torch SDPA in [B, T, H, D] with GQA through repeat_interleave."""
+    qh, kh, vh = ref.heads_first(q, k, v)
+    return F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 130, 4, 2, 16, 16), (1, 257, 8, 1, 64, 64), (2, 65, 6, 3, 32, 32)])
+def test_exact_equals_torch_sdpa(shape, causal, dtype, tol):
+    b, t, h, hkv, d, dv = shape
+    q, k, v = small_inputs(b, t, h, hkv, d, dv, dtype)
+    g = torch.randn(b, t, h, dv, dtype=dtype)
+    mine = grads_of(lambda q, k, v: altgrad.attention(q, k, v, causal=causal), q, k, v, g)
+    want = grads_of(lambda q, k, v: sdpa(q, k, v, causal), q, k, v, g)
+    for a, b_ in zip(mine, want):
+        assert a.dtype == dtype
+        assert ref.rel_err(a, b_) < tol
+
+
+@pytest.mark.parametrize("method", ["exact", "poly", "altgrad"])
+def test_float32_close_to_float64(method):
+    q, k, v = small_inputs(2, 100, 4, 2, 16, 16)
+    g = torch.randn(2, 100, 4, 16, dtype=torch.float64)
+    kw = dict(method=method, causal=True)
+    hi = grads_of(lambda q, k, v: altgrad.attention(q, k, v, **kw), q, k, v, g)
+    lo = grads_of(lambda q, k, v: altgrad.attention(q, k, v, **kw), q.float(), k.float(), v.float(), g.float())
+    for a, b in zip(lo, hi):
+        assert a.dtype == torch.float32
+        assert ref.rel_err(a.double(), b) < 1e-4
+
+
+def test_non_contiguous_inputs_are_made_contiguous():
+    # [B, H, T, D] tensors viewed as [B, T, H, D]: strided views, gradients flow back to them.
+    qh, kh, vh = (torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (x.transpose(1, 2) for x in (qh, kh, vh))
+    assert not q.is_contiguous()
+    o = altgrad.attention(q, k, v, method="poly", causal=True)
+    o.sum().backward()
+    want = ref.poly_attention(*(x.detach().transpose(1, 2).contiguous() for x in (qh, kh, vh)), causal=True)
+    torch.testing.assert_close(o, want, rtol=1e-10, atol=1e-12)
+    assert qh.grad is not None and qh.grad.shape == qh.shape
+
+
+def test_gradient_only_where_required():
+    q = torch.randn(1, 5, 2, 4, dtype=torch.float64, requires_grad=True)
+    k, v = torch.randn(1, 5, 2, 4, dtype=torch.float64), torch.randn(1, 5, 2, 4, dtype=torch.float64)
+    altgrad.attention(q, k, v).sum().backward()
+    assert q.grad is not None and k.grad is None and v.grad is None
+
+
+def test_no_grad_and_inference_mode():
+    q, k, v = small_inputs(1, 6, 2, 1, 4, 4)
+    with torch.no_grad():
+        o = altgrad.attention(q, k, v, method="poly")
+    assert not o.requires_grad
+    with torch.inference_mode():
+        o2 = altgrad.attention(q, k, v, method="poly")
+    torch.testing.assert_close(o, o2)
+
+
+def test_output_is_zero_copy_from_rust():
+    q, k, v = small_inputs(1, 6, 2, 1, 4, 4, dtype=torch.float32)
+    o = altgrad.attention(q, k, v)
+    assert o.is_contiguous() and o.shape == (1, 6, 2, 4) and o.dtype == torch.float32
+    assert o.grad_fn is not None and "ExactAttention" in type(o.grad_fn).__name__
+
+
+def test_scale_and_default_scale():
+    q, k, v = small_inputs(2, 9, 2, 2, 5, 5)
+    torch.testing.assert_close(altgrad.attention(q, k, v), altgrad.attention(q, k, v, scale=5 ** -0.5))
+    torch.testing.assert_close(
+        altgrad.attention(q, k, v, scale=0.7, method="poly"), ref.poly_attention(q, k, v, scale=0.7)
+    )

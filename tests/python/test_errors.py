@@ -1,0 +1,155 @@
+"""Every bad input raises TypeError / ValueError / NotImplementedError naming the argument; a Rust
+panic arrives as RuntimeError; nothing crashes the interpreter."""
+
+import math
+
+import pytest
+import torch
+
+import altgrad
+from altgrad import _core
+
+
+def qkv(b=1, t=5, h=2, hkv=1, d=4, dv=4, dtype=torch.float64):
+    return torch.randn(b, t, h, d, dtype=dtype), torch.randn(b, t, hkv, d, dtype=dtype), torch.randn(b, t, hkv, dv, dtype=dtype)
+
+
+def raises(exc, match, **kw):
+    q, k, v = kw.pop("tensors", qkv())
+    with pytest.raises(exc, match=match):
+        altgrad.attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize(
+    "which,value,exc,match",
+    [
+        ("q", [[1.0]], TypeError, "^q: expected a torch.Tensor"),
+        ("k", None, TypeError, "^k: expected a torch.Tensor"),
+        ("v", torch.zeros(1, 5, 1, 4, dtype=torch.int64), TypeError, "^v: dtype must be"),
+        ("q", torch.zeros(1, 5, 2, 4, dtype=torch.float16), TypeError, "^q: dtype must be"),
+        ("k", torch.zeros(1, 5, 1, 4, dtype=torch.float32), TypeError, "^k: dtype .* differs from q"),
+        ("q", torch.zeros(1, 5, 2, 4, dtype=torch.float64, device="meta"), ValueError, "^q: altgrad runs on the CPU"),
+        ("q", torch.zeros(5, 2, 4, dtype=torch.float64), ValueError, "^q: expected a 4-D tensor"),
+        ("k", torch.zeros(1, 6, 1, 4, dtype=torch.float64), ValueError, "^k: shape"),
+        ("k", torch.zeros(1, 5, 1, 3, dtype=torch.float64), ValueError, "^k: shape"),
+        ("k", torch.zeros(2, 5, 1, 4, dtype=torch.float64), ValueError, "^k: shape"),
+        ("v", torch.zeros(1, 5, 2, 4, dtype=torch.float64), ValueError, "^v: shape"),
+        ("v", torch.zeros(1, 4, 1, 4, dtype=torch.float64), ValueError, "^v: shape"),
+        ("q", torch.zeros(1, 5, 3, 4, dtype=torch.float64), ValueError, "not a multiple"),
+        ("q", torch.zeros(1, 0, 2, 4, dtype=torch.float64), ValueError, "^q: every dimension"),
+        ("q", torch.zeros(1, 5, 2, 4, dtype=torch.float64).to_sparse(), TypeError, "^q: expected a dense"),
+    ],
+)
+def test_bad_tensors(which, value, exc, match):
+    q, k, v = qkv()
+    args = dict(q=q, k=k, v=v)
+    args[which] = value
+    if which == "q" and isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[2] == 3:
+        args["k"], args["v"] = torch.zeros(1, 5, 2, 4, dtype=torch.float64), torch.zeros(1, 5, 2, 4, dtype=torch.float64)
+    if which == "q" and isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] == 0:
+        args["k"], args["v"] = torch.zeros(1, 0, 1, 4, dtype=torch.float64), torch.zeros(1, 0, 1, 4, dtype=torch.float64)
+    with pytest.raises(exc, match=match):
+        altgrad.attention(args["q"], args["k"], args["v"])
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("method", ["exact", "poly", "altgrad"])
+def test_non_finite_inputs(which, bad, method):
+    t = dict(zip("qkv", qkv()))
+    t[which].view(-1)[7] = bad
+    with pytest.raises(ValueError, match=f"^{which}: has a non-finite value .* at flat index 7"):
+        altgrad.attention(t["q"], t["k"], t["v"], method=method)
+
+
+def test_non_finite_grad_output():
+    q, k, v = (x.requires_grad_(True) for x in qkv())
+    o = altgrad.attention(q, k, v, method="poly")
+    g = torch.ones_like(o)
+    g[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="^grad_output: has a non-finite value"):
+        o.backward(g)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(method="softmax"), ValueError, "^method: expected one of"),
+        (dict(method=1), TypeError, "^method: expected a str"),
+        (dict(method="poly", degree=3), ValueError, "^degree: must be even"),
+        (dict(method="altgrad", degree=0), ValueError, "^degree: must be even"),
+        (dict(method="poly", degree=-2), ValueError, "^degree: must be even"),
+        (dict(method="poly", degree=2.0), TypeError, "^degree: expected an int"),
+        (dict(method="poly", degree=True), TypeError, "^degree: expected an int"),
+        (dict(scale=0.0), ValueError, "^scale: must be finite and positive"),
+        (dict(scale=-1.0), ValueError, "^scale: must be finite and positive"),
+        (dict(scale=math.nan), ValueError, "^scale: must be finite and positive"),
+        (dict(scale=math.inf), ValueError, "^scale: must be finite and positive"),
+        (dict(scale="1"), TypeError, "^scale: expected a float"),
+        (dict(causal=1), TypeError, "^causal: expected a bool"),
+        (dict(center=None), TypeError, "^center: expected a bool"),
+        (dict(method="poly", chunk=0), ValueError, "^chunk: must be at least 1"),
+        (dict(method="poly", chunk=1.5), TypeError, "^chunk: expected an int"),
+        (dict(initial_state=torch.zeros(1)), NotImplementedError, "^initial_state/output_final_state"),
+        (dict(method="poly", output_final_state=True), NotImplementedError, "^initial_state/output_final_state"),
+    ],
+)
+def test_bad_options(kw, exc, match):
+    raises(exc, match, **kw)
+
+
+def test_altgrad_kron_state_too_large():
+    # d = 16, g = 6: r = C(22, 6) = 74613; the backward's Kronecker state r·(d_v+1)·d = 77.6e6
+    # values is above its cap (MAX_KRON_STATE = 2^25); the forward alone is fine.
+    # The forward refuses already, before any work.
+    q, k, v = (x.requires_grad_(True) for x in qkv(t=3, d=16, dv=64, dtype=torch.float32))
+    with pytest.raises(ValueError, match="^degree: altgrad's Kronecker state"):
+        altgrad.attention(q, k, v, method="altgrad", degree=6)
+
+
+@pytest.mark.parametrize("method", ["poly", "altgrad"])
+def test_feature_width_too_large(method):
+    # d = 16, g = 16: r = C(32, 16) ≈ 6e8 features, above MAX_FEATURE_DIM.
+    q, k, v = qkv(t=3, d=16, dv=4)
+    with pytest.raises(ValueError, match="^degree: (feature dimension r = C|altgrad.s Kronecker state)"):
+        altgrad.attention(q, k, v, method=method, degree=16)
+
+
+def test_core_checks_stand_on_their_own():
+    import numpy as np
+
+    q = np.zeros((1, 4, 2, 3))
+    kw = dict(causal=False, scale=None, degree=2, center=True, chunk=64)
+    with pytest.raises(TypeError, match="^q: expected a numpy array"):
+        _core.attention_forward("exact", [1.0], q, q, **kw)
+    with pytest.raises(TypeError, match="^k: expected a float64 array"):
+        _core.attention_forward("exact", q, q.astype(np.float32), q, **kw)
+    with pytest.raises(TypeError, match="^q: expected a float32 or float64 array"):
+        _core.attention_forward("exact", q.astype(np.int32), q, q, **kw)
+    with pytest.raises(ValueError, match="^q: must be C-contiguous"):
+        _core.attention_forward("exact", np.zeros((1, 2, 4, 3)).transpose(0, 2, 1, 3), q, q, **kw)
+    out = _core.attention_forward("poly", q, q, q, **kw)
+    with pytest.raises(ValueError, match="^saved: missing `den`"):
+        _core.attention_backward("poly", q, q, q, {"o": out["o"], "lse": out["lse"]}, out["o"], **kw)
+    with pytest.raises(ValueError, match="^grad_output: shape"):
+        _core.attention_backward("poly", q, q, q, out, out["o"][:, :2], **kw)
+    with pytest.raises(ValueError, match="^kv_state: expected"):
+        bad = dict(out, kv_state=np.ascontiguousarray(out["kv_state"][:, :, :3]))
+        _core.attention_backward("poly", q, q, q, bad, out["o"], **kw)
+
+
+def test_panic_is_a_runtime_error_not_a_crash():
+    with pytest.raises(RuntimeError, match="a Rust panic"):
+        _core._panic_for_tests()
+    # the pool survives: later calls work
+    q, k, v = qkv()
+    assert altgrad.attention(q, k, v).shape == (1, 5, 2, 4)
+
+
+def test_set_num_threads_checks():
+    with pytest.raises(ValueError, match="^n: the number of threads"):
+        altgrad.set_num_threads(0)
+    with pytest.raises(ValueError, match="^n: the number of threads"):
+        altgrad.set_num_threads(10**6)
+    with pytest.raises(TypeError, match="^n: expected an int"):
+        altgrad.set_num_threads("2")
