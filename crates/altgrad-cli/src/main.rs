@@ -3,8 +3,8 @@
 use altgrad::attention::mixed::HeadPlan;
 use altgrad::attention::PolyOptions;
 use altgrad::attention::{self, AttnOptions, AttnShape};
+use altgrad::io::Loaded;
 use altgrad::io::{self as aio, TensorF64};
-use altgrad::io::{AnyModel, Loaded};
 use altgrad::job;
 use altgrad::linalg::norm;
 use altgrad::linalg::Scalar;
@@ -476,52 +476,16 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let policy = a.method.policy()?;
     let pb = spinner("loading model");
     let loaded = job::load_model::<T>(&a.model, a.seed)?;
-    let (max_len, summary) = match &loaded.model {
-        AnyModel::Llama(m) => {
-            let c = &m.cfg;
-            (
-                c.max_seq_len,
-                format!(
-                    "{} (Llama: {} layers, hidden {}, {} heads / {} kv heads of {}, {:.1}M params, {})",
-                    m.source,
-                    c.num_layers,
-                    c.hidden_size,
-                    c.num_heads,
-                    c.num_kv_heads,
-                    c.head_dim,
-                    m.weights.numel() as f64 / 1e6,
-                    T::DTYPE.to_lowercase()
-                ),
-            )
-        }
-        AnyModel::Bert(m) => {
-            let c = &m.cfg;
-            (
-                c.max_position_embeddings,
-                format!(
-                    "{} (BERT: {} layers, hidden {}, {} heads of {}, {:.1}M params, {})",
-                    m.source,
-                    c.num_layers,
-                    c.hidden_size,
-                    c.num_heads,
-                    c.head_dim,
-                    m.weights.numel() as f64 / 1e6,
-                    T::DTYPE.to_lowercase()
-                ),
-            )
-        }
-    };
+    let shape = loaded.model.summary();
+    let max_len = shape.max_seq_len;
+    let summary = format!("{} ({shape}, {})", loaded.source(), T::DTYPE.to_lowercase());
     let inputs = Inputs { text: a.text.clone(), tokens: a.tokens.clone(), seq_len: a.seq_len };
     let ids = token_ids(&inputs, &loaded, max_len)?;
     let input = input_name(&inputs);
     let n = ids.len();
     let forced = matches!(a.method.attention, Method::Poly | Method::Altgrad);
     if let (Some(g), true) = (a.method.degree, forced) {
-        let d = match &loaded.model {
-            AnyModel::Llama(m) => m.cfg.head_dim,
-            AnyModel::Bert(m) => m.cfg.head_dim,
-        };
-        let causal = matches!(loaded.model, AnyModel::Llama(_));
+        let (d, causal) = (shape.head_dim, shape.family.causal());
         if let Some(r) = altgrad::attention::features::feature_dim(d, g) {
             let pf = altgrad::attention::bound::poly_flops(n, d, d, r, causal, a.method.chunk);
             let ef = altgrad::attention::bound::exact_flops(n, d, d, causal);
@@ -775,10 +739,7 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
     let pb = spinner("loading model");
     let loaded = job::load_model::<f32>(&a.model, a.seed)?;
     let ga = Inputs { text: a.text.clone(), tokens: a.tokens.clone(), seq_len: a.seq_len };
-    let max_len = match &loaded.model {
-        AnyModel::Llama(m) => m.cfg.max_seq_len,
-        AnyModel::Bert(m) => m.cfg.max_position_embeddings,
-    };
+    let max_len = loaded.model.summary().max_seq_len;
     let ids = token_ids(&ga, &loaded, max_len)?;
     let input = input_name(&ga);
     pb.set_message(format!("forward and score census ({} tokens)", ids.len()));

@@ -9,7 +9,7 @@
 //! - `timing [key=value ...]`: seconds per update of exact, poly and altgrad at n = 256…2048.
 use altgrad::attention::mixed::HeadPlan;
 use altgrad::attention::PolyOptions;
-use altgrad::model::{AttentionPolicy, LlamaWeights, Model};
+use altgrad::model::{AttentionPolicy, LlamaWeights, Model, Network};
 use altgrad::train::checkpoint::load_checkpoint;
 use altgrad::train::data::{Mqar, Rng};
 use altgrad::train::loss::accumulate_masked_grads;

@@ -9,8 +9,7 @@ use crate::attention::mixed::HeadPlan;
 use crate::attention::PolyOptions;
 use crate::io::{AnyModel, Loaded};
 use crate::linalg::{rel_err, Scalar};
-use crate::model::bert::pooled_norm_loss;
-use crate::model::{AttentionPolicy, HeadDecision};
+use crate::model::{Activations, AttentionPolicy, HeadDecision, Network, ParamSet};
 use crate::report::{Compare, GradReport, HeadReport, InspectReport, LayerCompare, Timing};
 use crate::{Error, Result};
 use std::time::Instant;
@@ -19,9 +18,6 @@ pub use crate::report::InspectHead;
 
 /// A named tensor `(name, shape, values)`, as written to safetensors.
 pub type NamedTensor<T> = (String, Vec<usize>, Vec<T>);
-
-/// Per-layer `(q, k)` of a forward pass.
-type LayerQk<T> = Vec<(Vec<T>, Vec<T>)>;
 
 /// What one forward + backward pass produced.
 #[derive(Clone, Debug)]
@@ -48,85 +44,58 @@ pub struct Pass<T> {
     pub decisions: Vec<Vec<HeadDecision>>,
 }
 
-fn collect<T: Scalar>(
-    params: Vec<&crate::model::Param<T>>,
-    layer_names: Vec<Vec<String>>,
-    embeddings: Vec<T>,
-    hidden: usize,
-) -> (Vec<NamedTensor<T>>, Vec<Vec<usize>>) {
-    let mut grads: Vec<_> = params.into_iter().map(|p| (p.name.clone(), p.shape.clone(), p.data.clone())).collect();
-    let index: std::collections::HashMap<&str, usize> =
-        grads.iter().enumerate().map(|(i, g)| (g.0.as_str(), i)).collect();
-    let layer_params = layer_names.iter().map(|names| names.iter().map(|n| index[n.as_str()]).collect()).collect();
-    grads.push(("embeddings_grad".into(), vec![embeddings.len() / hidden, hidden], embeddings));
-    (grads, layer_params)
-}
-
 /// Runs forward (with `policy`), the model's default loss, and backward over `ids`.
 ///
 /// Errors: bad ids (naming `input`), fewer than 2 tokens for decoders, invalid plans.
 pub fn run_pass<T: Scalar>(model: &AnyModel<T>, ids: &[u32], input: &str, policy: &AttentionPolicy) -> Result<Pass<T>> {
     match model {
-        AnyModel::Llama(m) => {
-            m.check_ids(ids, input)?;
-            if ids.len() < 2 {
-                return Err(Error::bad(input, "the next-token loss needs at least 2 token ids"));
-            }
-            let t0 = Instant::now();
-            let cache = m.forward_with(ids, policy)?;
-            let mut grads = m.zero_grads(ids.len());
-            grads.layer_dx = Some(Vec::new());
-            let (loss, dhidden) = m.lm_loss(&cache, &mut grads)?;
-            let t_fwd = t0.elapsed().as_secs_f64();
-            let t1 = Instant::now();
-            m.backward_hidden_into(&cache, &dhidden, &mut grads)?;
-            let t_bwd = t1.elapsed().as_secs_f64();
-            let layer_names =
-                grads.weights.layers.iter().map(|l| l.params().iter().map(|p| p.name.clone()).collect()).collect();
-            let layer_dx = grads.layer_dx.take().unwrap_or_default();
-            let (g, layer_params) =
-                collect(grads.weights.params(), layer_names, grads.embeddings.clone(), m.cfg.hidden_size);
-            Ok(Pass {
-                loss,
-                loss_name: "mean next-token cross-entropy",
-                t_fwd,
-                t_bwd,
-                hidden: cache.hidden.clone(),
-                hidden_size: m.cfg.hidden_size,
-                grads: g,
-                layer_params,
-                layer_dx,
-                decisions: cache.layers.iter().map(|l| l.decisions.clone()).collect(),
-            })
-        }
-        AnyModel::Bert(m) => {
-            m.check_ids(ids, input)?;
-            let t0 = Instant::now();
-            let cache = m.forward_with(ids, policy)?;
-            let (loss, dhidden) = pooled_norm_loss(&cache.hidden, ids.len());
-            let t_fwd = t0.elapsed().as_secs_f64();
-            let t1 = Instant::now();
-            let mut grads = m.backward_from_hidden(&cache, &dhidden)?;
-            let t_bwd = t1.elapsed().as_secs_f64();
-            let layer_names =
-                grads.weights.layers.iter().map(|l| l.params().iter().map(|p| p.name.clone()).collect()).collect();
-            let layer_dx = std::mem::take(&mut grads.layer_dx);
-            let (g, layer_params) =
-                collect(grads.weights.params(), layer_names, grads.embeddings.clone(), m.cfg.hidden_size);
-            Ok(Pass {
-                loss,
-                loss_name: "0.5·‖mean-pooled final hidden‖²",
-                t_fwd,
-                t_bwd,
-                hidden: cache.hidden.clone(),
-                hidden_size: m.cfg.hidden_size,
-                grads: g,
-                layer_params,
-                layer_dx,
-                decisions: cache.layers.iter().map(|l| l.decisions.clone()).collect(),
-            })
-        }
+        AnyModel::Llama(m) => run_pass_on(m, ids, input, policy),
+        AnyModel::Bert(m) => run_pass_on(m, ids, input, policy),
     }
+}
+
+/// [`run_pass`] on any [`Network`]: forward with `policy` and the family's default loss (timed as
+/// `t_fwd`), then the backward recording each layer's input gradient (timed as `t_bwd`).
+///
+/// Errors: bad ids (naming `input`), fewer than 2 tokens for decoders, invalid plans.
+pub fn run_pass_on<T: Scalar, N: Network<T>>(
+    model: &N,
+    ids: &[u32],
+    input: &str,
+    policy: &AttentionPolicy,
+) -> Result<Pass<T>> {
+    model.check_loss_ids(ids, input)?;
+    let summary = model.summary();
+    let t0 = Instant::now();
+    let cache = model.forward_with(ids, policy)?;
+    let mut grads = model.zero_grads(ids.len());
+    grads.layer_dx = Some(Vec::new());
+    let (loss, dhidden) = model.default_loss(&cache, &mut grads)?;
+    let t_fwd = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    model.backward_hidden_into(&cache, &dhidden, &mut grads)?;
+    let t_bwd = t1.elapsed().as_secs_f64();
+    let layer_dx = grads.layer_dx.take().unwrap_or_default();
+    let mut named: Vec<NamedTensor<T>> =
+        grads.weights.params().into_iter().map(|p| (p.name.clone(), p.shape.clone(), p.data.clone())).collect();
+    let index: std::collections::HashMap<&str, usize> =
+        named.iter().enumerate().map(|(i, g)| (g.0.as_str(), i)).collect();
+    let layer_params =
+        grads.weights.layer_params().iter().map(|ps| ps.iter().map(|p| index[p.name.as_str()]).collect()).collect();
+    let h = summary.hidden_size;
+    named.push(("embeddings_grad".into(), vec![grads.embeddings.len() / h, h], grads.embeddings));
+    Ok(Pass {
+        loss,
+        loss_name: summary.family.loss_name(),
+        t_fwd,
+        t_bwd,
+        hidden: cache.hidden().to_vec(),
+        hidden_size: h,
+        grads: named,
+        layer_params,
+        layer_dx,
+        decisions: cache.attention().iter().map(|a| a.decisions.clone()).collect(),
+    })
 }
 
 /// Every head's decision in report form (`heads` of the JSON contract).
@@ -186,31 +155,38 @@ pub fn inspect<T: Scalar>(
     tol: f64,
     max_rank: usize,
 ) -> Result<Vec<InspectHead>> {
+    match model {
+        AnyModel::Llama(m) => inspect_on(m, ids, input, tol, max_rank),
+        AnyModel::Bert(m) => inspect_on(m, ids, input, tol, max_rank),
+    }
+}
+
+/// [`inspect`] on any [`Network`]: an exact forward, then every layer's `q`, `k` (after RoPE for
+/// decoders) measured head by head.
+///
+/// Errors: bad ids (naming `input`).
+pub fn inspect_on<T: Scalar, N: Network<T>>(
+    model: &N,
+    ids: &[u32],
+    input: &str,
+    tol: f64,
+    max_rank: usize,
+) -> Result<Vec<InspectHead>> {
     use crate::attention::bound::{choose_degree, Policy, MAX_AUTO_DEGREE};
     use crate::attention::features::feature_dim;
-    use crate::attention::{head_bounds, head_max_scores, AttnOptions, AttnShape};
+    use crate::attention::{head_bounds, head_max_scores};
     check_tol(tol)?;
-    let (qk, shape, causal): (LayerQk<T>, AttnShape, bool) = match model {
-        AnyModel::Llama(m) => {
-            let c = m.forward(ids).map_err(|e| relabel(e, input))?;
-            let s = AttnShape::new(ids.len(), m.cfg.num_heads, m.cfg.num_kv_heads, m.cfg.head_dim);
-            (c.layers.into_iter().map(|l| (l.q, l.k)).collect(), s, true)
-        }
-        AnyModel::Bert(m) => {
-            let c = m.forward(ids).map_err(|e| relabel(e, input))?;
-            let s = AttnShape::new(ids.len(), m.cfg.num_heads, m.cfg.num_heads, m.cfg.head_dim);
-            (c.layers.into_iter().map(|l| (l.q, l.k)).collect(), s, false)
-        }
-    };
-    let opts = AttnOptions::standard(shape.head_dim, causal);
+    let cache = model.forward(ids).map_err(|e| relabel(e, input))?;
     let mut out = Vec::new();
-    for (layer, (q, k)) in qk.iter().enumerate() {
-        let maxs = head_max_scores(q, k, &shape, &opts)?;
-        let r_shift = head_bounds(q, k, &shape, &opts, true)?;
-        let r_raw = head_bounds(q, k, &shape, &opts, false)?;
+    for (layer, a) in cache.attention().into_iter().enumerate() {
+        let (q, k, shape, opts) = (&a.q, &a.k, &a.shape, &a.opts);
+        let maxs = head_max_scores(q, k, shape, opts)?;
+        let r_shift = head_bounds(q, k, shape, opts, true)?;
+        let r_raw = head_bounds(q, k, shape, opts, false)?;
         for head in 0..shape.num_heads {
             let g = choose_degree(r_shift[head], tol, MAX_AUTO_DEGREE);
-            let p = Policy::choose(ids.len(), shape.head_dim, shape.head_dim_v, causal, r_shift[head], tol, max_rank);
+            let p =
+                Policy::choose(ids.len(), shape.head_dim, shape.head_dim_v, opts.causal, r_shift[head], tol, max_rank);
             out.push(InspectHead {
                 layer,
                 head,

@@ -9,8 +9,8 @@
 //! - [`linalg`]: the [`linalg::Scalar`] trait (f32, f64) and thin helpers over `faer`.
 //! - [`attention`]: the core. Exact tiled attention (MATH §2) with GQA, causal or not,
 //!   forward saving `O` and `lse`, backward recomputing `P` block by block.
-//! - [`model`]: Llama-family decoder (config, named weights, layers with hand-written backward,
-//!   the transformer, the loss).
+//! - [`model`]: the Llama-family decoder and the BERT encoder behind one interface,
+//!   [`model::Network`] (config, named weights, layers with hand-written backward, the losses).
 //! - [`io`]: loading HF directories (`config.json` + `model.safetensors`), token files, writing
 //!   safetensors atomically (temporary file, then rename).
 //! - [`report`]: the JSON report types shared by the CLI's subcommands.

@@ -11,7 +11,7 @@ use altgrad::attention::{
     backward_altgrad, backward_exact, backward_poly, forward_altgrad, forward_exact, forward_poly, head_bounds, naive,
     AttnOptions, AttnShape, PolyOptions,
 };
-use common::{randn, rel, to_f32};
+use common::{dot, fd_grad, randn, rel, to_f32};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -49,22 +49,8 @@ fn flat(f: &[Vec<f64>]) -> Vec<f64> {
     f.concat()
 }
 
-/// Central differences of `loss` at `x` (f64, step 1e-6).
-fn fd(x: &[f64], loss: impl Fn(&[f64]) -> f64) -> Vec<f64> {
-    let eps = 1e-6;
-    (0..x.len())
-        .map(|i| {
-            let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
-            xp[i] += eps;
-            xm[i] -= eps;
-            (loss(&xp) - loss(&xm)) / (2.0 * eps)
-        })
-        .collect()
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
+/// Finite-difference step of [`fd_grad`].
+const FD_STEP: f64 = 1e-6;
 
 // ---------------------------------------------------------------------------------------------
 // 1. fast vs naive
@@ -513,7 +499,7 @@ fn setup(causal: bool, tau: f64) -> (Exact, Layer, Vec<f64>) {
 fn correction_1_dwv_needs_f_transposed() {
     let (e, l, w) = setup(true, 0.5);
     let (n, hd, dv) = (e.n, e.hdim, e.dv);
-    let want = fd(&l.wv, |wv| e.loss(&l.x, &w, wv, &l.g));
+    let want = fd_grad(&l.wv, FD_STEP, |wv| e.loss(&l.x, &w, wv, &l.g));
     let t = terms(&e, &l.x, &w, &l.wv, &l.g);
     let xt = tr(&l.x, n, hd);
     let printed = mm(&xt, &mm(&t.f, &l.g, n, n, dv), hd, n, dv);
@@ -543,7 +529,7 @@ fn correction_1_dwv_needs_f_transposed() {
 fn correction_2_d17_terms() {
     let (e, l, w) = setup(true, 0.5);
     let (n, hd, dv, tau) = (e.n, e.hdim, e.dv, e.tau);
-    let want = fd(&l.x, |x| e.loss(x, &w, &l.wv, &l.g));
+    let want = fd_grad(&l.x, FD_STEP, |x| e.loss(x, &w, &l.wv, &l.g));
     let t = terms(&e, &l.x, &w, &l.wv, &l.g);
     let wt = tr(&w, hd, hd);
     let ft = tr(&t.f, n, n);
@@ -647,7 +633,7 @@ fn correction_3_causal_transposed_products_need_suffix_sums() {
         }
         out
     };
-    let want = fd(&v, |vv| dot(&forward_altgrad(&q, &k, vv, &s, &opts, &popts).unwrap().o, &g));
+    let want = fd_grad(&v, FD_STEP, |vv| dot(&forward_altgrad(&q, &k, vv, &s, &opts, &popts).unwrap().o, &g));
     let (ea_pre, ea_suf) = (rel(&scan(false), &want), rel(&scan(true), &want));
     let fwd = forward_altgrad(&q, &k, &v, &s, &opts, &popts).unwrap();
     let lib = rel(&backward_altgrad(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap().dv, &want);
@@ -681,7 +667,7 @@ fn correction_3_causal_transposed_products_need_suffix_sums() {
     let p1: Vec<f64> =
         (0..n * n).map(|t| f[t / n][t % n] * dot(&g[t / n * dv..][..dv], &v[t % n * dv..][..dv])).collect();
     assert!(rel(&p1_times(&y0), &mm(&p1, &y0, n, n, w)) < 1e-12);
-    let want_b = fd(&y0, |y| dot(&bmat, &p1_times(y)));
+    let want_b = fd_grad(&y0, FD_STEP, |y| dot(&bmat, &p1_times(y)));
     let scan_t = |suffix: bool| -> Vec<f64> {
         let mut out = vec![0.0; n * w];
         let mut state = vec![0.0; rk * w];
@@ -716,7 +702,7 @@ fn correction_4_restore_tau() {
         let (e, l, w) = setup(true, tau);
         let (n, hd, d, dv) = (e.n, e.hdim, l.d, e.dv);
         // dL/dW, W = W_Q W_Kᵀ
-        let want_w = fd(&w, |ww| e.loss(&l.x, ww, &l.wv, &l.g));
+        let want_w = fd_grad(&w, FD_STEP, |ww| e.loss(&l.x, ww, &l.wv, &l.g));
         let t = terms(&e, &l.x, &w, &l.wv, &l.g);
         let p: Vec<f64> = t.p1.iter().zip(&t.p2).map(|(a, b)| a - b).collect();
         let xpx = mm(&tr(&l.x, n, hd), &mm(&p, &l.x, n, n, hd), hd, n, hd);
@@ -724,7 +710,7 @@ fn correction_4_restore_tau() {
         // dQ on Q/K/V inputs: FD of the materialized exact forward (library naive) in q
         let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: d, head_dim_v: dv };
         let (q, k) = (mm(&l.x, &l.wq, n, hd, d), mm(&l.x, &l.wk, n, hd, d));
-        let want_q = fd(&q, |qq| dot(&naive::forward(qq, &k, &t.v, &s, true, tau), &l.g));
+        let want_q = fd_grad(&q, FD_STEP, |qq| dot(&naive::forward(qq, &k, &t.v, &s, true, tau), &l.g));
         let pk = mm(&p, &k, n, n, d);
         let (eq_p, eq_c) = (rel(&pk, &want_q), rel(&scaled(&pk, tau), &want_q));
         eprintln!(

@@ -3,7 +3,7 @@
 
 mod common;
 use altgrad::attention::{backward_exact, forward_exact, naive, AttnOptions, AttnShape};
-use common::{randn, rel, to_f32};
+use common::{fd_grad, randn, rel, to_f32};
 
 fn case(n: usize, h: usize, hkv: usize, d: usize, causal: bool, seed: u64) {
     let s = AttnShape::new(n, h, hkv, d);
@@ -74,20 +74,11 @@ fn naive_backward_matches_finite_differences() {
         let (dq, dk, dv) = naive::backward(&q, &k, &v, &g, &s, causal, scale);
         let eps = 1e-6;
         let fd = |x: &[f64], which: usize| -> Vec<f64> {
-            (0..x.len())
-                .map(|i| {
-                    let mut xp = x.to_vec();
-                    let mut xm = x.to_vec();
-                    xp[i] += eps;
-                    xm[i] -= eps;
-                    let (lp, lm) = match which {
-                        0 => (loss(&xp, &k, &v), loss(&xm, &k, &v)),
-                        1 => (loss(&q, &xp, &v), loss(&q, &xm, &v)),
-                        _ => (loss(&q, &k, &xp), loss(&q, &k, &xm)),
-                    };
-                    (lp - lm) / (2.0 * eps)
-                })
-                .collect()
+            fd_grad(x, eps, |xx| match which {
+                0 => loss(xx, &k, &v),
+                1 => loss(&q, xx, &v),
+                _ => loss(&q, &k, xx),
+            })
         };
         assert!(rel(&dq, &fd(&q, 0)) < 1e-8);
         assert!(rel(&dk, &fd(&k, 1)) < 1e-8);

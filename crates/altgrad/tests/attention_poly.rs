@@ -9,12 +9,8 @@ use altgrad::attention::features::{feature_dim, FeatureMap};
 use altgrad::attention::{
     backward_poly, forward_poly, head_bounds, naive, AttnOptions, AttnShape, PolyOptions, PolyOutput,
 };
-use common::{randn, rel, to_f32};
+use common::{dot, fd_grad, randn, rel, to_f32};
 use proptest::prelude::*;
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
 
 #[test]
 fn features_reproduce_truncated_exponential() {
@@ -57,14 +53,7 @@ fn feature_vjp_matches_finite_differences() {
         let mut dx = vec![0.0; d];
         fm.vjp(&x, &phi, &mut du, &mut dx);
         let eps = 1e-6;
-        let fd: Vec<f64> = (0..d)
-            .map(|c| {
-                let (mut xp, mut xm) = (x.clone(), x.clone());
-                xp[c] += eps;
-                xm[c] -= eps;
-                (f(&xp) - f(&xm)) / (2.0 * eps)
-            })
-            .collect();
+        let fd = fd_grad(&x, eps, f);
         let e = rel(&dx, &fd);
         assert!(e < 1e-8, "d={d} g={g}: vjp rel err {e:e}");
     }
@@ -240,19 +229,11 @@ fn poly_backward_matches_finite_differences() {
                 let gr = backward_poly(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap();
                 let eps = 1e-6;
                 let fd = |x: &[f64], which: usize| -> Vec<f64> {
-                    (0..x.len())
-                        .map(|i| {
-                            let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
-                            xp[i] += eps;
-                            xm[i] -= eps;
-                            let (lp, lm) = match which {
-                                0 => (loss(&xp, &k, &v), loss(&xm, &k, &v)),
-                                1 => (loss(&q, &xp, &v), loss(&q, &xm, &v)),
-                                _ => (loss(&q, &k, &xp), loss(&q, &k, &xm)),
-                            };
-                            (lp - lm) / (2.0 * eps)
-                        })
-                        .collect()
+                    fd_grad(x, eps, |xx| match which {
+                        0 => loss(xx, &k, &v),
+                        1 => loss(&q, xx, &v),
+                        _ => loss(&q, &k, xx),
+                    })
                 };
                 let tag = format!("g={degree} causal={causal} center={center}");
                 for (name, got, want) in
@@ -287,19 +268,11 @@ fn naive_poly_backward_matches_finite_differences() {
         let (dq, dk, dv_) = naive::poly_backward(&q, &k, &v, &g, &s, causal, scale, degree, center);
         let eps = 1e-6;
         let fd = |x: &[f64], which: usize| -> Vec<f64> {
-            (0..x.len())
-                .map(|i| {
-                    let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
-                    xp[i] += eps;
-                    xm[i] -= eps;
-                    let (lp, lm) = match which {
-                        0 => (loss(&xp, &k, &v), loss(&xm, &k, &v)),
-                        1 => (loss(&q, &xp, &v), loss(&q, &xm, &v)),
-                        _ => (loss(&q, &k, &xp), loss(&q, &k, &xm)),
-                    };
-                    (lp - lm) / (2.0 * eps)
-                })
-                .collect()
+            fd_grad(x, eps, |xx| match which {
+                0 => loss(xx, &k, &v),
+                1 => loss(&q, xx, &v),
+                _ => loss(&q, &k, xx),
+            })
         };
         let tag = format!("g={degree} causal={causal} center={center}");
         assert!(rel(&dq, &fd(&q, 0)) < 1e-8, "naive dq {tag}");

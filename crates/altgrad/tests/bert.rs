@@ -11,6 +11,7 @@
 use altgrad::io::{load_hf_bert, read_safetensors, TensorF64};
 use altgrad::linalg::Scalar;
 use altgrad::model::bert::{BertGrads, BertModel};
+use altgrad::model::Network;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -1,10 +1,14 @@
-//! The whole model's gradient by central finite differences in f64 (every parameter and the input
-//! embeddings), for several configurations, and the general-loss entry points.
+//! The whole decoder's gradient by central finite differences in f64 ([`common::fd_params`]:
+//! every parameter; [`common::fd_grad`]: the input embeddings), for several configurations, and
+//! the general-loss entry points.
 
 mod common;
 use altgrad::model::loss::lm_logits;
-use altgrad::model::{LlamaConfig, LlamaWeights, Model, RopeLayout};
-use common::{randn, rel};
+use altgrad::model::{LlamaConfig, LlamaWeights, Model, Network, RopeLayout};
+use common::{fd_grad, fd_params, randn, rel};
+
+/// Finite-difference step.
+const H: f64 = 1e-5;
 
 fn small_cfg(layout: RopeLayout, tied: bool, bias: bool) -> LlamaConfig {
     LlamaConfig {
@@ -38,32 +42,12 @@ fn model(cfg: LlamaConfig, seed: u64) -> Model<f64> {
     Model::new(cfg, w, "test").unwrap()
 }
 
-/// Central differences of `f` at every entry of every parameter, in the order of `params()`.
-fn fd_all(m: &Model<f64>, f: &dyn Fn(&Model<f64>) -> f64) -> Vec<Vec<f64>> {
-    let eps = 1e-5;
-    let mut out = Vec::new();
-    let np = m.weights.params().len();
-    for pi in 0..np {
-        let len = m.weights.params()[pi].data.len();
-        let mut g = vec![0.0; len];
-        for (i, gi) in g.iter_mut().enumerate() {
-            let mut mp = m.clone();
-            mp.weights.params_mut()[pi].data[i] += eps;
-            let mut mm = m.clone();
-            mm.weights.params_mut()[pi].data[i] -= eps;
-            *gi = (f(&mp) - f(&mm)) / (2.0 * eps);
-        }
-        out.push(g);
-    }
-    out
-}
-
 fn check_ce_gradients(cfg: LlamaConfig, seed: u64) {
     let m = model(cfg, seed);
     let ids: Vec<u32> = vec![3, 7, 1, 12, 0, 7, 5];
     let (_, grads, _) = m.loss_and_grads(&ids).unwrap();
     let loss = |mm: &Model<f64>| mm.loss_and_grads(&ids).unwrap().0;
-    let fd = fd_all(&m, &loss);
+    let fd = fd_params(&m, H, loss);
     for (p, g) in grads.weights.params().iter().zip(&fd) {
         let e = rel(&p.data, g);
         assert!(e < 1e-7, "{}: rel err {e:e} against finite differences", p.name);
@@ -91,19 +75,11 @@ fn general_loss_entry_points_match_finite_differences() {
     let r = randn(n * h, 12, 1.0);
     let cache = m.forward_embeddings(x0.clone(), n).unwrap();
     let grads = m.backward_from_hidden(&cache, &r).unwrap();
-    let eps = 1e-5;
     let l_hidden = |x: &[f64]| -> f64 {
         let c = m.forward_embeddings(x.to_vec(), n).unwrap();
         c.hidden.iter().zip(&r).map(|(a, b)| a * b).sum()
     };
-    let fd: Vec<f64> = (0..x0.len())
-        .map(|i| {
-            let (mut xp, mut xm) = (x0.clone(), x0.clone());
-            xp[i] += eps;
-            xm[i] -= eps;
-            (l_hidden(&xp) - l_hidden(&xm)) / (2.0 * eps)
-        })
-        .collect();
+    let fd = fd_grad(&x0, H, l_hidden);
     let e = rel(&grads.embeddings, &fd);
     assert!(e < 1e-7, "dL/d embeddings via hidden: {e:e}");
     assert!(grads.weights.lm_head.as_ref().unwrap().weight.data.iter().all(|x| *x == 0.0));
@@ -116,7 +92,7 @@ fn general_loss_entry_points_match_finite_differences() {
         let hw = mm.weights.head_weight();
         lm_logits(&c.hidden, h, &hw.data, cfg.vocab_size).iter().zip(&rl).map(|(a, b)| a * b).sum()
     };
-    let fd = fd_all(&m, &l_logits);
+    let fd = fd_params(&m, H, l_logits);
     for (p, g) in grads.weights.params().iter().zip(&fd) {
         if p.name == "model.embed_tokens.weight" {
             // forward from embeddings: the table is unused
@@ -166,7 +142,7 @@ fn forced_poly_model_gradient_matches_finite_differences_of_the_approximate_mode
     for center in [true, false] {
         let policy = AttentionPolicy::Fixed(HeadPlan::Poly(PolyOptions { degree: 2, center, chunk: 4 }));
         let (_, grads, _) = m.loss_and_grads_with(&ids, &policy).unwrap();
-        let fd = fd_all(&m, &|mm: &Model<f64>| mm.loss_and_grads_with(&ids, &policy).unwrap().0);
+        let fd = fd_params(&m, H, |mm: &Model<f64>| mm.loss_and_grads_with(&ids, &policy).unwrap().0);
         for (p, g) in grads.weights.params().iter().zip(&fd) {
             let e = rel(&p.data, g);
             assert!(e < 1e-7, "center={center} {}: rel err {e:e}", p.name);

@@ -16,7 +16,7 @@ use altgrad::attention::mixed::HeadPlan;
 use altgrad::attention::PolyOptions;
 use altgrad::io::{load_hf_llama, read_safetensors, read_tokens, TensorF64};
 use altgrad::linalg::Scalar;
-use altgrad::model::{AttentionPolicy, Model};
+use altgrad::model::{AttentionPolicy, Model, Network};
 use common::rel;
 use std::path::{Path, PathBuf};
 

@@ -6,7 +6,7 @@ mod common;
 use altgrad::io::{load_hf_llama, read_safetensors, read_tokens, TensorF64};
 use altgrad::linalg::Scalar;
 use altgrad::model::loss::lm_logits;
-use altgrad::model::Model;
+use altgrad::model::{Model, Network};
 use common::rel;
 use std::path::{Path, PathBuf};
 

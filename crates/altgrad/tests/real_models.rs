@@ -6,6 +6,7 @@
 mod common;
 use altgrad::io::{load_model, read_safetensors, AnyModel};
 use altgrad::model::loss::lm_cross_entropy;
+use altgrad::model::Network;
 use common::rel;
 use std::path::{Path, PathBuf};
 

@@ -161,7 +161,8 @@ fn row_errors<T: Scalar>(
         let keys = if spec.causal { i + 1 } else { n };
         let qi: Vec<f64> = q.row(i).iter().map(|x| x.as_f64()).collect();
         let m = if spec.center {
-            let (sum, cnt) = if spec.causal { (&prefix[i * d..(i + 1) * d], (i + 1) as f64) } else { (&ksum[..], n as f64) };
+            let (sum, cnt) =
+                if spec.causal { (&prefix[i * d..(i + 1) * d], (i + 1) as f64) } else { (&ksum[..], n as f64) };
             tau * qi.iter().zip(sum).map(|(a, b)| a * b / cnt).sum::<f64>()
         } else {
             0.0
@@ -247,7 +248,8 @@ fn combine(n: usize, rows: &[(usize, bool)], e: &[f64], y: &[f64]) -> (f64, f64)
     };
     let (me, my) = (mean(&eu), mean(&yu));
     let exhaustive = tops + m == n;
-    let (se, sy) = if exhaustive { (0.0, 0.0) } else { (sd(&eu, me) / (m as f64).sqrt(), sd(&yu, my) / (m as f64).sqrt()) };
+    let (se, sy) =
+        if exhaustive { (0.0, 0.0) } else { (sd(&eu, me) / (m as f64).sqrt(), sd(&yu, my) / (m as f64).sqrt()) };
     let point_y = yt + rest * my;
     let point = if point_y > 0.0 { ((et + rest * me) / point_y).sqrt() } else { 0.0 };
     let up_y = (yt + rest * (my - Z * sy)).max(yt);
@@ -320,7 +322,10 @@ mod tests {
                     &[g],
                 )[0];
                 assert_eq!(est.rows, n);
-                assert!((est.rel_err_o - truth).abs() <= 1e-12 * truth.max(1e-300), "{causal} g={g}: {est:?} vs {truth}");
+                assert!(
+                    (est.rel_err_o - truth).abs() <= 1e-12 * truth.max(1e-300),
+                    "{causal} g={g}: {est:?} vs {truth}"
+                );
                 assert!(est.upper >= est.rel_err_o);
             }
         }

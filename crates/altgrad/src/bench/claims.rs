@@ -13,7 +13,7 @@ use crate::attention::mixed::HeadPlan;
 use crate::attention::{Method, PolyOptions};
 use crate::linalg::rel_err;
 use crate::linalg::{matmul, par_all, rm, rm_mut};
-use crate::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, RopeLayout};
+use crate::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, Network, RopeLayout};
 use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -432,7 +432,7 @@ pub(crate) fn multilayer_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<Multi
     for l in 0..cfg.num_layers {
         tick(&format!("claim (c) scaling layer {l}"));
         let cache = model.forward_with(&ids, &AttentionPolicy::EXACT)?;
-        let r = cache.layers[l].decisions.iter().map(|d| d.bound).fold(0.0, f64::max);
+        let r = cache.layers[l].attn.decisions.iter().map(|d| d.bound).fold(0.0, f64::max);
         if r > 0.0 && r.is_finite() {
             let s = (plan.c_r / r).sqrt();
             let lw = &mut model.weights.layers[l];
@@ -443,7 +443,7 @@ pub(crate) fn multilayer_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<Multi
     }
     let cache = model.forward_with(&ids, &AttentionPolicy::EXACT)?;
     let layer_bounds: Vec<f64> =
-        cache.layers.iter().map(|c| c.decisions.iter().map(|d| d.bound).fold(0.0, f64::max)).collect();
+        cache.layers.iter().map(|c| c.attn.decisions.iter().map(|d| d.bound).fold(0.0, f64::max)).collect();
     drop(cache);
     let flat = |g: &crate::model::Grads<f64>| -> Vec<f64> {
         g.weights.params().iter().flat_map(|p| p.data.iter().copied()).collect()

@@ -5,7 +5,7 @@ use super::gguf::{load_gguf_llama, GgufFile};
 use super::tokenizer::{GgufTokenizerParts, TextTokenizer};
 use crate::linalg::Scalar;
 use crate::model::bert::BertModel;
-use crate::model::Model;
+use crate::model::{Model, Network, NetworkSummary};
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -16,6 +16,23 @@ pub enum AnyModel<T> {
     Llama(Model<T>),
     /// Encoder (loss: `0.5·‖mean-pooled final hidden‖²`).
     Bert(BertModel<T>),
+}
+
+impl<T: Scalar> AnyModel<T> {
+    /// The model's shape ([`Network::summary`]).
+    pub fn summary(&self) -> NetworkSummary {
+        match self {
+            AnyModel::Llama(m) => m.summary(),
+            AnyModel::Bert(m) => m.summary(),
+        }
+    }
+    /// Where the model came from ([`Network::source`]).
+    pub fn source(&self) -> &str {
+        match self {
+            AnyModel::Llama(m) => m.source(),
+            AnyModel::Bert(m) => m.source(),
+        }
+    }
 }
 
 /// A model and the tokenizer that came with it (`None` for `tiny`, which reads bytes).
@@ -36,10 +53,7 @@ impl<T: Scalar> Loaded<T> {
     }
     /// Where the model came from.
     pub fn source(&self) -> &str {
-        match &self.model {
-            AnyModel::Llama(m) => &m.source,
-            AnyModel::Bert(m) => &m.source,
-        }
+        self.model.source()
     }
 }
 

@@ -1,17 +1,24 @@
-//! Llama-family decoder with hand-written backward (MATH §6).
+//! The models: a Llama-family decoder ([`llama`]) and a BERT encoder ([`bert`]), both with a
+//! hand-written backward (MATH §6) behind one interface, [`Network`].
 //!
-//! Every non-attention part (embedding, RMSNorm, RoPE, linear, SwiGLU, residual adds, LM head,
-//! loss) is differentiated exactly; attention goes through [`crate::attention`].
+//! Every non-attention part (embedding, norms, RoPE, linear maps, activations, residual adds,
+//! LM head, loss) is differentiated exactly ([`layers`], [`loss`]); attention goes through
+//! [`crate::attention`], each head by the method an [`AttentionPolicy`] chooses ([`policy`],
+//! [`layers::attention`]). Parameters and gradients are named tensors ([`param`]).
+//!
+//! Dependencies inside `model` run one way: `param`, `policy` ← `layers` ← `network`, `loss` ←
+//! `llama`, `bert`.
 
 pub mod bert;
-pub mod config;
 pub mod layers;
+pub mod llama;
 pub mod loss;
+pub mod network;
+pub mod param;
 pub mod policy;
-pub mod transformer;
-pub mod weights;
 
-pub use config::{LlamaConfig, RopeLayout};
+pub use layers::{Linear, RopeLayout};
+pub use llama::{ForwardCache, Grads, LayerWeights, LlamaConfig, LlamaWeights, Model};
+pub use network::{Activations, Family, Gradients, LossAndGrads, Network, NetworkSummary};
+pub use param::{Param, ParamSet};
 pub use policy::{AttentionPolicy, HeadDecision};
-pub use transformer::{ForwardCache, Grads, Model};
-pub use weights::{LayerWeights, Linear, LlamaWeights, Param};

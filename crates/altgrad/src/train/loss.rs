@@ -1,11 +1,11 @@
 //! Next-token cross-entropy on selected rows only (MQAR answer positions; all rows for text),
 //! with its exact gradient, built on the model's general-loss entry
-//! [`Model::backward_hidden_into`]: this module computes `dL/d hidden` and the LM-head gradient,
+//! [`Network::backward_hidden_into`]: this module computes `dL/d hidden` and the LM-head gradient,
 //! the model does the rest.
 
 use crate::linalg::{matmul, par_all, rm, rm_mut, Scalar};
 use crate::model::loss::lm_logits;
-use crate::model::{ForwardCache, Grads, Model};
+use crate::model::{ForwardCache, Grads, Model, Network};
 use crate::{Error, Result};
 
 /// Rows of logits materialized at once (`[LOGIT_ROWS, vocab]`).
@@ -105,11 +105,8 @@ pub fn masked_lm_loss<T: Scalar>(
 
 /// The buffer the LM-head gradient goes to: `lm_head.weight`, or the token embedding when the
 /// head is tied to it.
-pub fn lm_head_grad<T>(grads: &mut Grads<T>) -> &mut [T] {
-    match &mut grads.weights.lm_head {
-        Some(l) => &mut l.weight.data,
-        None => &mut grads.weights.embed.data,
-    }
+pub fn lm_head_grad<T: Scalar>(grads: &mut Grads<T>) -> &mut [T] {
+    &mut grads.weights.head_weight_mut().data
 }
 
 /// Gradient of `scale · Σ_j CE(row positions[j], targets[j])` with respect to every parameter,

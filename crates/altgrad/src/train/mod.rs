@@ -24,7 +24,7 @@ use crate::attention::PolyOptions;
 use crate::chart::{ChartSpec, Series};
 use crate::io::tokenizer::TextTokenizer;
 use crate::io::{load_model, AnyModel};
-use crate::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, RopeLayout};
+use crate::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, Network, RopeLayout};
 use crate::{Error, Progress, Result};
 use checkpoint::{checkpoint_exists, load_checkpoint, save_checkpoint, TrainState};
 use data::{Mqar, Rng, Sequence, TextData, STREAM_EVAL, STREAM_TRAIN};

@@ -1,89 +1,10 @@
-//! Parameter containers: every tensor of a Llama-family decoder, each carrying the name it has in
-//! the model file, so gradients come out named as the user's checkpoint names them.
+//! The weights of a Llama-family decoder: every tensor, named as in the model file (HF names by
+//! default, GGUF names when loaded from GGUF), in one container that also holds the gradients.
 
 use super::config::LlamaConfig;
 use crate::linalg::Scalar;
-use rand::SeedableRng;
-use rand_distr::{Distribution, Normal};
-
-/// One named tensor, row-major.
-#[derive(Clone, Debug)]
-pub struct Param<T> {
-    /// Name as in the model file (e.g. `model.layers.0.self_attn.q_proj.weight`).
-    pub name: String,
-    /// Shape, outermost first (HF convention: linear weights are `[out, in]`).
-    pub shape: Vec<usize>,
-    /// `shape.iter().product()` values.
-    pub data: Vec<T>,
-}
-
-impl<T: Scalar> Param<T> {
-    /// A zero tensor of the given name and shape.
-    pub fn zeros(name: impl Into<String>, shape: &[usize]) -> Self {
-        Param { name: name.into(), shape: shape.to_vec(), data: vec![T::zero(); shape.iter().product()] }
-    }
-    /// A zero tensor shaped and named like `self`.
-    pub fn zeros_like(&self) -> Self {
-        Param { name: self.name.clone(), shape: self.shape.clone(), data: vec![T::zero(); self.data.len()] }
-    }
-    /// Number of elements.
-    pub fn numel(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// A linear layer `y = x Wᵀ + b`: `weight [out, in]`, optional `bias [out]`.
-#[derive(Clone, Debug)]
-pub struct Linear<T> {
-    /// `[out, in]`.
-    pub weight: Param<T>,
-    /// `[out]`, when the layer has a bias.
-    pub bias: Option<Param<T>>,
-}
-
-impl<T: Scalar> Linear<T> {
-    /// Output width.
-    pub fn out_dim(&self) -> usize {
-        self.weight.shape[0]
-    }
-    /// Input width.
-    pub fn in_dim(&self) -> usize {
-        self.weight.shape[1]
-    }
-    /// Applies the layer to `x [rows, in]`, returning `[rows, out]`.
-    pub fn forward(&self, x: &[T], rows: usize) -> Vec<T> {
-        crate::linalg::linear(
-            x,
-            rows,
-            &self.weight.data,
-            self.out_dim(),
-            self.in_dim(),
-            self.bias.as_ref().map(|b| &b.data[..]),
-        )
-    }
-    /// Backward: returns `dx [rows, in]`, accumulates into `grad`'s weight and bias.
-    pub fn backward(&self, x: &[T], rows: usize, dy: &[T], grad: &mut Linear<T>) -> Vec<T> {
-        crate::linalg::linear_backward(
-            x,
-            rows,
-            &self.weight.data,
-            self.out_dim(),
-            self.in_dim(),
-            dy,
-            &mut grad.weight.data,
-            grad.bias.as_mut().map(|b| &mut b.data[..]),
-        )
-    }
-    fn zeros_like(&self) -> Self {
-        Linear { weight: self.weight.zeros_like(), bias: self.bias.as_ref().map(|b| b.zeros_like()) }
-    }
-    fn params(&self) -> impl Iterator<Item = &Param<T>> {
-        std::iter::once(&self.weight).chain(self.bias.as_ref())
-    }
-    fn params_mut(&mut self) -> impl Iterator<Item = &mut Param<T>> {
-        std::iter::once(&mut self.weight).chain(self.bias.as_mut())
-    }
-}
+use crate::model::layers::Linear;
+use crate::model::param::{fill_normal, Param, ParamSet};
 
 /// One decoder layer: pre-norm attention and pre-norm SwiGLU MLP, both with residual adds.
 #[derive(Clone, Debug)]
@@ -162,13 +83,6 @@ pub struct LlamaWeights<T> {
     pub lm_head: Option<Linear<T>>,
 }
 
-fn hf_linear<T: Scalar>(name: &str, out: usize, inp: usize, bias: bool) -> Linear<T> {
-    Linear {
-        weight: Param::zeros(format!("{name}.weight"), &[out, inp]),
-        bias: bias.then(|| Param::zeros(format!("{name}.bias"), &[out])),
-    }
-}
-
 impl<T: Scalar> LlamaWeights<T> {
     /// Zero weights with HF names (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`,
     /// …, `model.norm.weight`, `lm_head.weight`) and the shapes `cfg` implies.
@@ -179,14 +93,14 @@ impl<T: Scalar> LlamaWeights<T> {
                 let p = format!("model.layers.{i}");
                 LayerWeights {
                     attn_norm: Param::zeros(format!("{p}.input_layernorm.weight"), &[h]),
-                    q_proj: hf_linear(&format!("{p}.self_attn.q_proj"), cfg.q_dim(), h, cfg.attention_bias),
-                    k_proj: hf_linear(&format!("{p}.self_attn.k_proj"), cfg.kv_dim(), h, cfg.attention_bias),
-                    v_proj: hf_linear(&format!("{p}.self_attn.v_proj"), cfg.kv_dim(), h, cfg.attention_bias),
-                    o_proj: hf_linear(&format!("{p}.self_attn.o_proj"), h, cfg.q_dim(), cfg.attention_bias),
+                    q_proj: Linear::zeros(&format!("{p}.self_attn.q_proj"), cfg.q_dim(), h, cfg.attention_bias),
+                    k_proj: Linear::zeros(&format!("{p}.self_attn.k_proj"), cfg.kv_dim(), h, cfg.attention_bias),
+                    v_proj: Linear::zeros(&format!("{p}.self_attn.v_proj"), cfg.kv_dim(), h, cfg.attention_bias),
+                    o_proj: Linear::zeros(&format!("{p}.self_attn.o_proj"), h, cfg.q_dim(), cfg.attention_bias),
                     mlp_norm: Param::zeros(format!("{p}.post_attention_layernorm.weight"), &[h]),
-                    gate_proj: hf_linear(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, cfg.mlp_bias),
-                    up_proj: hf_linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, cfg.mlp_bias),
-                    down_proj: hf_linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, cfg.mlp_bias),
+                    gate_proj: Linear::zeros(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, cfg.mlp_bias),
+                    up_proj: Linear::zeros(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, cfg.mlp_bias),
+                    down_proj: Linear::zeros(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, cfg.mlp_bias),
                 }
             })
             .collect();
@@ -194,7 +108,7 @@ impl<T: Scalar> LlamaWeights<T> {
             embed: Param::zeros("model.embed_tokens.weight", &[cfg.vocab_size, h]),
             layers,
             final_norm: Param::zeros("model.norm.weight", &[h]),
-            lm_head: (!cfg.tie_word_embeddings).then(|| hf_linear("lm_head", cfg.vocab_size, h, false)),
+            lm_head: (!cfg.tie_word_embeddings).then(|| Linear::zeros("lm_head", cfg.vocab_size, h, false)),
         }
     }
 
@@ -203,9 +117,8 @@ impl<T: Scalar> LlamaWeights<T> {
     /// Used by the built-in `tiny` model and by tests.
     pub fn random_hf(cfg: &LlamaConfig, seed: u64) -> Self {
         let mut w = Self::zeros_hf(cfg);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        for p in w.params_mut() {
-            let (mean, std) = if p.name.ends_with("norm.weight") {
+        fill_normal(w.params_mut(), seed, |p| {
+            if p.name.ends_with("norm.weight") {
                 (1.0, 0.1)
             } else if p.name.contains("embed_tokens") {
                 (0.0, 1.0)
@@ -213,12 +126,8 @@ impl<T: Scalar> LlamaWeights<T> {
                 (0.0, 0.02)
             } else {
                 (0.0, 1.0 / (p.shape[1] as f64).sqrt())
-            };
-            let dist = Normal::new(mean, std).expect("valid normal");
-            for x in p.data.iter_mut() {
-                *x = T::from_f64(dist.sample(&mut rng));
             }
-        }
+        });
         w
     }
 
@@ -263,8 +172,35 @@ impl<T: Scalar> LlamaWeights<T> {
         self.lm_head.as_ref().map(|h| &h.weight).unwrap_or(&self.embed)
     }
 
+    /// The LM head matrix, mutable: `lm_head.weight`, or the embedding when tied (in a gradient
+    /// buffer: where the LM head's gradient goes).
+    pub fn head_weight_mut(&mut self) -> &mut Param<T> {
+        match &mut self.lm_head {
+            Some(h) => &mut h.weight,
+            None => &mut self.embed,
+        }
+    }
+
     /// Total number of scalars.
     pub fn numel(&self) -> usize {
         self.params().iter().map(|p| p.numel()).sum()
+    }
+}
+
+impl<T: Scalar> ParamSet<T> for LlamaWeights<T> {
+    fn params(&self) -> Vec<&Param<T>> {
+        LlamaWeights::params(self)
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<T>> {
+        LlamaWeights::params_mut(self)
+    }
+    fn layer_params(&self) -> Vec<Vec<&Param<T>>> {
+        self.layers.iter().map(|l| l.params()).collect()
+    }
+    fn zeros_like(&self) -> Self {
+        LlamaWeights::zeros_like(self)
+    }
+    fn numel(&self) -> usize {
+        LlamaWeights::numel(self)
     }
 }

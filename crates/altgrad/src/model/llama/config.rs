@@ -1,16 +1,8 @@
-//! Model configuration (Llama family) and the built-in `tiny` model's shape.
+//! Configuration of a Llama-family decoder and the built-in `tiny` model's shape.
 
+use crate::model::layers::RopeLayout;
+use crate::model::network::check_sizes;
 use serde::{Deserialize, Serialize};
-
-/// How RoPE pairs up the coordinates of a head (MATH §6: part of the exactly differentiated
-/// non-attention layers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RopeLayout {
-    /// HF transformers: coordinate `i` pairs with `i + head_dim/2` ("rotate_half").
-    RotateHalf,
-    /// GGUF / original Meta checkpoints: coordinates `2i` and `2i+1` form a pair.
-    Interleaved,
-}
 
 /// Shape and hyper-parameters of a Llama-family decoder.
 ///
@@ -73,23 +65,19 @@ impl LlamaConfig {
     /// finite positive eps/θ). `source` names the input in the error.
     pub fn validate(&self, source: &str) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::bad(source, m));
-        for (name, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_layers),
-            ("num_attention_heads", self.num_heads),
-            ("num_key_value_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
-            ("max_position_embeddings", self.max_seq_len),
-        ] {
-            if v == 0 {
-                return bad(format!("{name} must be positive"));
-            }
-            if v > 1 << 24 {
-                return bad(format!("{name} = {v} is implausibly large"));
-            }
-        }
+        check_sizes(
+            source,
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_layers),
+                ("num_attention_heads", self.num_heads),
+                ("num_key_value_heads", self.num_kv_heads),
+                ("head_dim", self.head_dim),
+                ("max_position_embeddings", self.max_seq_len),
+            ],
+        )?;
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
