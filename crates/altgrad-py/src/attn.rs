@@ -190,6 +190,7 @@ fn data<'a, T: Element>(name: &str, x: &'a PyReadonlyArrayDyn<'_, T>, want: usiz
 /// `BadInput` naming `name` at the first NaN or infinity of `x`. The scan is branch-free and
 /// vectorizes (`v − v` is 0 for finite `v` and NaN for ±Inf and NaN, summed in 16 lanes); only a
 /// failing array is searched for the index.
+#[allow(clippy::eq_op)] // `v − v` on purpose: 0 exactly when `v` is finite
 fn check_finite<T: Scalar>(name: &str, x: &[T]) -> altgrad::Result<()> {
     const LANES: usize = 16;
     let mut acc = [T::zero(); LANES];
