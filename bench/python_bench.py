@@ -151,6 +151,17 @@ def one(fn, q, k, v, g):
     return wall, _core.kernel_seconds_total() - k0
 
 
+def gemm_gflops() -> float:
+    """Best of 5 torch float32 1024³ products, GFLOP/s: how busy the (shared) machine is."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best / 1e9
+
+
 def run(args):
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -220,10 +231,17 @@ def main():
     p.add_argument("--quadratic-budget-gb", type=float, default=4.0, help="memory for the T×T torch Taylor form")
     args = p.parse_args()
     model, isa = cpu_info()
+    load0 = os.getloadavg()
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    peak0 = gemm_gflops()
+    t0 = time.time()
     threads, rows = run(args)
+    peak1, load1 = gemm_gflops(), os.getloadavg()
     print(f"CPU: {model} ({isa}); {threads} threads for torch and for altgrad; torch {torch.__version__}, "
           f"altgrad {altgrad.__version__}; B=1, H=2, float32, forward + backward, medians of "
-          f"{args.reps} interleaved repetitions (fewer at n ≥ 8192)")
+          f"{args.reps} interleaved repetitions (fewer at n ≥ 8192); {time.time() - t0:.0f} s")
+    print(f"Machine state: torch f32 GEMM {peak0:.0f} → {peak1:.0f} GFLOP/s (start → end), "
+          f"load average {load0[0]:.1f} → {load1[0]:.1f} on {os.cpu_count()} cores")
     print()
     print(table(rows))
 
