@@ -126,6 +126,8 @@ _FUNCTIONS = {"exact": ExactAttention, "poly": PolyAttention, "altgrad": AltGrad
 
 
 def _check_tensor(name: str, x, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``x`` if it is a dense 4-D CPU tensor of float32/float64 (and of ``dtype`` when given), else
+    ``TypeError`` (type, layout, dtype) or ``ValueError`` (device, rank) naming ``name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.layout != torch.strided:
@@ -142,12 +144,14 @@ def _check_tensor(name: str, x, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def _check_bool(name: str, x) -> bool:
+    """``x`` if it is a bool, else ``TypeError`` naming ``name``."""
     if not isinstance(x, bool):
         raise TypeError(f"{name}: expected a bool, got {type(x).__name__}")
     return x
 
 
 def _check_int(name: str, x) -> int:
+    """``x`` as an int (anything with ``__index__`` but bool), else ``TypeError`` naming ``name``."""
     if isinstance(x, bool):
         raise TypeError(f"{name}: expected an int, got bool")
     try:
@@ -157,6 +161,8 @@ def _check_int(name: str, x) -> int:
 
 
 def _options(method, causal, scale, degree, center, chunk, output_final_state: bool) -> _Options:
+    """The checked options of one call (MATH §3: even degree ≥ 2; positive finite scale and chunk);
+    ``TypeError`` / ``ValueError`` naming the argument otherwise."""
     if not isinstance(method, str):
         raise TypeError(f"method: expected a str, got {type(method).__name__}")
     if method not in METHODS:

@@ -25,8 +25,10 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def cli():
-    """Path of the altgrad binary (built by `cargo build --release` / `cargo test --release`)."""
-    p = pathlib.Path(os.environ.get("ALTGRAD_BIN", ROOT / "target" / "release" / "altgrad"))
+    """Path of the altgrad binary (built by `cargo build --release` / `cargo test --release`):
+    $ALTGRAD_BIN, else $CARGO_TARGET_DIR/release/altgrad, else target/release/altgrad."""
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    p = pathlib.Path(os.environ.get("ALTGRAD_BIN", target / "release" / "altgrad"))
     if not p.is_file():
         pytest.skip(f"the altgrad binary is not built ({p}); run cargo build --release")
     return str(p)

@@ -153,3 +153,11 @@ def test_set_num_threads_checks():
         altgrad.set_num_threads(10**6)
     with pytest.raises(TypeError, match="^n: expected an int"):
         altgrad.set_num_threads("2")
+
+
+def test_memory_error_instead_of_an_abort():
+    # d = 32, g = 6: r = C(38, 6) ≈ 2.76e6 features; the non-causal states of 4096 batches need
+    # ~1.5 TB. A failed allocation would abort the process; altgrad refuses beforehand.
+    q = torch.randn(4096, 1, 1, 32)
+    with pytest.raises(MemoryError, match="needs about .* GiB of working memory"):
+        altgrad.attention(q, q, q, method="poly", degree=6)

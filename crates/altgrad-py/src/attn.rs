@@ -78,26 +78,27 @@ impl Call {
             _ => 0,
         }
     }
-    /// A rough upper estimate of the working memory in bytes (outputs, saved tensors, per-thread
-    /// scratch, ALTGrad's Kronecker states), for [`check_memory`].
+    /// A rough upper estimate of the working memory in bytes, for [`check_memory`]: outputs and
+    /// saved tensors (twice: the library's buffers and the stacked or copied ones), and for the
+    /// polynomial methods the per-thread scratch of [`at::bound::poly_state_bytes`], every batch's
+    /// non-causal state `H_kv·r·(D_v+1)` and, for ALTGrad's backward, two Kronecker states per
+    /// running head (at most 8 bytes per value, capped as the library caps them).
     fn memory_bytes(&self, elem: usize, backward: bool) -> f64 {
-        let s = &self.shape;
-        let b = self.batch as f64;
+        let (s, b, e) = (&self.shape, self.batch as f64, elem as f64);
         let threads = crate::runtime::num_threads().max(1).min(s.num_heads) as f64;
         let io = (self.q_len() + self.k_len() + self.v_len() + 2 * self.o_len() + 2 * self.lse_len()) as f64;
-        let mut total = 2.0 * b * io;
-        if self.method != Method::Exact {
-            // A feature width above the library's limit is refused by the library itself.
-            if let Some(r) = self.rank().filter(|&r| r <= features::MAX_FEATURE_DIM) {
-                let per_head = at::bound::poly_state_bytes(s.head_dim, s.head_dim_v, r, self.popts.chunk, elem) as f64;
-                total += threads * per_head / elem as f64 + (s.num_kv_heads * r * (s.head_dim_v + 1)) as f64 * b;
-                if backward && self.method == Method::AltGrad {
-                    let kron = at::altgrad::kron_state_len(r, s.head_dim_v, s.head_dim).unwrap_or(usize::MAX);
-                    total += threads * 2.0 * kron.min(at::altgrad::MAX_KRON_STATE) as f64 * 8.0 / elem as f64;
-                }
+        let mut bytes = 2.0 * b * io * e;
+        // A feature width above the library's limit is refused by the library itself.
+        let r = self.rank().filter(|&r| r <= features::MAX_FEATURE_DIM);
+        if let (true, Some(r)) = (self.method != Method::Exact, r) {
+            bytes += threads * at::bound::poly_state_bytes(s.head_dim, s.head_dim_v, r, self.popts.chunk, elem) as f64;
+            bytes += b * (s.num_kv_heads * r * (s.head_dim_v + 1)) as f64 * e;
+            if backward && self.method == Method::AltGrad {
+                let kron = at::altgrad::kron_state_len(r, s.head_dim_v, s.head_dim).unwrap_or(usize::MAX);
+                bytes += threads * 2.0 * kron.min(at::altgrad::MAX_KRON_STATE) as f64 * 8.0;
             }
         }
-        total * elem as f64
+        bytes
     }
 }
 
@@ -186,8 +187,23 @@ fn data<'a, T: Element>(name: &str, x: &'a PyReadonlyArrayDyn<'_, T>, want: usiz
     Ok(s)
 }
 
-/// `BadInput` naming `name` at the first NaN or infinity of `x`.
+/// `BadInput` naming `name` at the first NaN or infinity of `x`. The scan is branch-free and
+/// vectorizes (`v − v` is 0 for finite `v` and NaN for ±Inf and NaN, summed in 16 lanes); only a
+/// failing array is searched for the index.
+#[allow(clippy::eq_op)] // `v − v` on purpose: 0 exactly when `v` is finite
 fn check_finite<T: Scalar>(name: &str, x: &[T]) -> altgrad::Result<()> {
+    const LANES: usize = 16;
+    let mut acc = [T::zero(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] += c[j] - c[j];
+        }
+    }
+    if acc.iter().all(|a| *a == T::zero()) && tail.iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
     match x.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(Error::bad(name, format!("has a non-finite value (NaN or Inf) at flat index {i}"))),

@@ -123,10 +123,14 @@ pub fn run<R: Send>(py: Python<'_>, f: impl FnOnce() -> altgrad::Result<R> + Sen
 
 /// Refuses a call whose estimated working memory exceeds what the machine has free
 /// (`MemAvailable` of `/proc/meminfo`), since a failed allocation in Rust aborts the process.
-/// `what` says what needs it. No check where `/proc/meminfo` cannot be read.
+/// `what` says what needs it. No check below 1 GiB (the common case costs no file read) or where
+/// `/proc/meminfo` cannot be read.
 ///
 /// Errors: `MemoryError`.
 pub fn check_memory(bytes: f64, what: &str) -> PyResult<()> {
+    if bytes < f64::powi(2.0, 30) {
+        return Ok(());
+    }
     let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
         s.lines()
             .find(|l| l.starts_with("MemAvailable:"))

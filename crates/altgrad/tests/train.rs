@@ -304,3 +304,31 @@ fn masked_loss_gradient_matches_finite_differences() {
         }
     }
 }
+
+/// A checkpoint directory loads as a model (`job::load_model`, what `altgrad grad --model DIR` and
+/// the Python `altgrad.load(DIR)` use): the saved weights under their names, bytes as tokens, and
+/// the same loss as the trained weights give.
+#[test]
+fn checkpoint_loads_as_a_model() {
+    let d = TempDir::new("load");
+    let text = write_text(&d.0);
+    let ck = d.0.join("ck");
+    let o = TrainOptions { text: vec![text], steps: 3, checkpoint: Some(ck.clone()), ..small() };
+    run_train(&o, &|_| {}).unwrap();
+    let saved = load_checkpoint(&ck).unwrap();
+    let loaded = altgrad::job::load_model::<f32>(ck.to_str().unwrap(), 0).unwrap();
+    let altgrad::io::AnyModel::Llama(m) = &loaded.model else { panic!("a checkpoint holds a Llama model") };
+    assert_eq!((m.cfg.num_layers, m.cfg.hidden_size, m.cfg.num_kv_heads), (2, 32, 1));
+    for p in m.weights.params() {
+        let t = saved.weights.iter().find(|t| t.name == p.name).unwrap_or_else(|| panic!("{} not saved", p.name));
+        assert!(t.data.iter().zip(&p.data).all(|(a, b)| *a as f32 == *b), "{} differs", p.name);
+    }
+    assert_eq!(loaded.encode("ab").unwrap(), vec![97, 98]);
+    let ids: Vec<u32> = "the program is free".bytes().map(u32::from).collect();
+    let r = altgrad::job::grad_run(&loaded, &ids, "ids", &AttentionPolicy::EXACT, "exact", false, &|_| {}).unwrap();
+    assert_eq!(r.report.model, ck.display().to_string());
+    assert!(r.report.loss.is_finite() && r.report.n_layers == 2);
+    // a directory that is not a checkpoint is still an HF-directory error
+    let Err(e) = altgrad::job::load_model::<f32>(d.0.to_str().unwrap(), 0) else { panic!("not a model") };
+    assert!(e.to_string().contains("config.json"), "{e}");
+}
