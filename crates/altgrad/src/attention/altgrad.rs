@@ -15,8 +15,10 @@
 //! ```
 //!
 //! `Φ_Q` rows are `ψ_i = w(i) ∘ φ(√τ q_i)` with the row shift of MATH §3 (block `t` weighted by
-//! `T_{g−t}(−m_i)`, `m_i = τ q_i·k̄_i`) unless `center` is off, and `Φ_K` rows are `φ(√τ k_j)`, so
-//! `ψ_i·φ_j = T_g(s_ij − m_i)`. The shift is **not** differentiated: the formula is applied as
+//! `T_{g−t}(−m_i)`, `m_i = τ q_i·(k̄_i − c)`) unless `center` is off, and `Φ_K` rows are
+//! `φ(√τ (k_j − c))` with the reference point `c` of MATH §3 (0 without centering), so
+//! `ψ_i·φ_j = T_g(τ q_i·(k_j − k̄_i))`. `dQ = τ p (K − 1cᵀ)`, which equals `τ p K` because the rows
+//! of `p` sum to zero, without the cancellation of `τ p K` when the keys share a large vector. The shift is **not** differentiated: the formula is applied as
 //! is (for exact softmax the shift has no effect, so its chain-rule term vanishes in the limit).
 //!
 //! **Fact C.2 without the n × r·d_v factor.** `p₁ Y = ((D̃⁻¹Φ_Q) ⊘ G)·((Φ_K ⊘ V)ᵀ Y)` where
@@ -581,7 +583,7 @@ pub(crate) fn forward<T: Scalar>(
     }
     let fm = FeatureMap::<T>::new(s.head_dim, popts.degree)?;
     let kern = Kernel { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = super::poly_kv(k, v, &s, opts.causal);
+    let kvs = super::poly_kv(k, v, &s, opts.causal, popts.center, popts.chunk);
     let states: Vec<Vec<T>> =
         if opts.causal { Vec::new() } else { kvs.par_iter().map(|kv| kern.kv_state(&kv.k, &kv.v)).collect() };
     let per_head: Vec<(Vec<T>, Vec<T>)> = (0..s.num_heads)
@@ -596,7 +598,7 @@ pub(crate) fn forward<T: Scalar>(
             } else {
                 kern.forward_queries(&qh, &m, &states[kvh])
             };
-            let lse = m.iter().zip(&den).map(|(mi, di)| *mi + di.ln()).collect();
+            let lse = super::poly_lse(&qh, &kv.c, &m, &den, s.head_dim, opts.scale);
             (o, lse)
         })
         .collect();
@@ -630,7 +632,7 @@ pub(crate) fn backward<T: Scalar>(
     check_kron(fm.dim(), dv, d, popts.degree)?;
     let kern = Kernel { fm: &fm, n, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
     let tau = T::from_f64(opts.scale);
-    let kvs = super::poly_kv(k, v, &s, opts.causal);
+    let kvs = super::poly_kv(k, v, &s, opts.causal, popts.center, popts.chunk);
     let query = |h: usize| {
         let kv = &kvs[h / s.group()];
         let qh = gather_head(q, n, s.num_heads, d, h);
@@ -763,9 +765,9 @@ pub fn one_layer_w_form<T: Scalar>(
         matmul(rm_mut(&mut out, n, width), false, rm(x, n, hdim), rm(w, hdim, width), one, par);
         out
     };
-    let (q, k, v) = (proj(w_q, d), proj(w_k, d), proj(w_v, dv));
+    let (q, mut k, v) = (proj(w_q, d), proj(w_k, d), proj(w_v, dv));
     let kern = Kernel { fm: &fm, n, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kbar = bound::key_means(&k, n, d, opts.causal);
+    let (kbar, _) = super::center_keys(&mut k, n, d, opts.causal, popts.center, popts.chunk);
     let m = shifts(&q, &kbar, n, d, opts.scale, popts.center);
     let (px, ptx, dvv, o) = if opts.causal {
         let (o, _) = kern.forward_causal(&q, &k, &v, &m);

@@ -68,6 +68,9 @@ pub fn row_shift<T: Scalar>(q: &[T], kbar: &[T], n: usize, d: usize, scale: f64)
 ///   `R = τ · max_i ‖q_i‖ · (max_j ‖k_j − c‖ + max_i ‖k̄_i − c‖)` with `c` the global key mean and
 ///   `k̄_i` the means of [`key_means`] (the second term is 0 without a mask); it bounds
 ///   `τ ‖q_i‖ ‖k_j − k̄_i‖ ≥ |s_ij − m_i|` by Cauchy–Schwarz and the triangle inequality, in O(nd).
+///   This is the score the kernels approximate: they form it as `τ q_i·(k_j − c) − m'_i` with their
+///   reference point `c` and `m'_i = τ q_i·(k̄_i − c)` (MATH §3 "Reference point"), the same number
+///   for any `c`, so `R` bounds it whatever `c` they use.
 /// - `center = false` (unshifted): `R = τ · max_i ‖q_i‖ · max_j ‖k_j‖`.
 ///
 /// Panics if `q` or `k` is not `n·d` long.

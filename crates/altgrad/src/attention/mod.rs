@@ -241,35 +241,88 @@ pub(crate) fn combine_grads<T: Scalar>(per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)>, 
 pub use bound::{Method, Policy};
 pub use poly::{PolyOptions, PolyOutput};
 
-/// One key/value head's inputs for the polynomial kernels: contiguous `k [n, d]`, `v [n, dv]`,
-/// and the key means `kbar` of [`bound::key_means`] (`[1, d]` or `[n, d]` causal).
+/// One key/value head's inputs for the polynomial kernels (MATH §3 "Row shift"): with centering,
+/// keys relative to a reference point `c`, `k [n, d]` holding `k_j − c`, and the key means relative
+/// to it, `kbar` holding `k̄_i − c` (`[1, d]`, zero, without a mask, where `c` is the global mean;
+/// `[n, d]` prefix means under the causal mask, where `c` is the mean of the first chunk's keys);
+/// `v [n, dv]`. The function depends on the keys only through `k_j − k̄_i = (k_j − c) − (k̄_i − c)`,
+/// so no term of size `|c|` ever enters the kernels (features of `√τ (k_j − c)`, row shifts
+/// `m_i = τ q_i·(k̄_i − c)`), and `c` is a constant of the backward. Without centering `c = 0`.
 pub(crate) struct PolyKv<T> {
     pub(crate) k: Vec<T>,
     pub(crate) v: Vec<T>,
     pub(crate) kbar: Vec<T>,
+    /// The reference point `c [d]`.
+    pub(crate) c: Vec<T>,
 }
 
-/// Gathers every key/value head and its key means (shared by the poly and ALTGrad kernels).
-pub(crate) fn poly_kv<T: Scalar>(k: &[T], v: &[T], s: &AttnShape, causal: bool) -> Vec<PolyKv<T>> {
-    let n = s.seq_len;
+/// Gathers every key/value head, its reference point and its relative key means (shared by the
+/// poly and ALTGrad kernels; see [`PolyKv`]). `chunk` is the kernels' chunk (the causal reference
+/// point is the mean of the first `min(chunk, n)` keys: no look-ahead past the first chunk).
+pub(crate) fn poly_kv<T: Scalar>(
+    k: &[T],
+    v: &[T],
+    s: &AttnShape,
+    causal: bool,
+    center: bool,
+    chunk: usize,
+) -> Vec<PolyKv<T>> {
+    let (n, d) = (s.seq_len, s.head_dim);
     (0..s.num_kv_heads)
         .into_par_iter()
         .map(|h| {
-            let k = gather_head(k, n, s.num_kv_heads, s.head_dim, h);
+            let mut k = gather_head(k, n, s.num_kv_heads, d, h);
             let v = gather_head(v, n, s.num_kv_heads, s.head_dim_v, h);
-            let kbar = bound::key_means(&k, n, s.head_dim, causal);
-            PolyKv { k, v, kbar }
+            let (kbar, c) = center_keys(&mut k, n, d, causal, center, chunk);
+            PolyKv { k, v, kbar, c }
         })
         .collect()
 }
 
-/// Row shifts of one query head: `m_i = τ q_i·k̄_i` when centering, else zeros.
+/// Centers one key head in place, `k [n, d] ← k − c`, and returns `(k̄ − c, c)` as in [`PolyKv`]
+/// (zeros and `c = 0` without centering).
+pub(crate) fn center_keys<T: Scalar>(
+    k: &mut [T],
+    n: usize,
+    d: usize,
+    causal: bool,
+    center: bool,
+    chunk: usize,
+) -> (Vec<T>, Vec<T>) {
+    if !center {
+        return (vec![T::zero(); d], vec![T::zero(); d]);
+    }
+    let first = if causal { chunk.clamp(1, n) } else { n };
+    let c = bound::key_means(&k[..first * d], first, d, false);
+    for row in k.chunks_exact_mut(d) {
+        for (x, cv) in row.iter_mut().zip(&c) {
+            *x -= *cv;
+        }
+    }
+    let kbar = if causal { bound::key_means(k, n, d, true) } else { vec![T::zero(); d] };
+    (kbar, c)
+}
+
+/// Row shifts of one query head: `m_i = τ q_i·(k̄_i − c)` when centering, else zeros.
 fn poly_shift<T: Scalar>(qh: &[T], kv: &PolyKv<T>, s: &AttnShape, opts: &AttnOptions, center: bool) -> Vec<T> {
     if center {
         bound::row_shift(qh, &kv.kbar, s.seq_len, s.head_dim, opts.scale)
     } else {
         vec![T::zero(); s.seq_len]
     }
+}
+
+/// `lse_i = τ q_i·c + m_i + ln den_i` (in f64): the log of the polynomial model's normalizer of the
+/// unshifted scores `s_ij = τ q_i·k_j`, since the kernels' shifted score is
+/// `s_ij − τ q_i·k̄_i = τ q_i·(k_j − c) − m_i`.
+pub(crate) fn poly_lse<T: Scalar>(qh: &[T], c: &[T], m: &[T], den: &[T], d: usize, scale: f64) -> Vec<T> {
+    qh.chunks_exact(d)
+        .zip(m.iter().zip(den))
+        .map(|(qi, (mi, di))| {
+            let qc: f64 = qi.iter().zip(c).map(|(a, b)| a.as_f64() * b.as_f64()).sum();
+            T::from_f64(scale * qc + mi.as_f64() + di.as_f64().ln())
+        })
+        .collect()
 }
 
 /// Polynomial attention, forward (MATH §3–4; AS23 Lemma 3.4, LSSSZ Lemma I.3): the softmax
@@ -297,7 +350,7 @@ pub fn forward_poly<T: Scalar>(
     let n = s.seq_len;
     let fm = features::FeatureMap::<T>::new(s.head_dim, popts.degree)?;
     let head = poly::Head { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = poly_kv(k, v, &s, opts.causal);
+    let kvs = poly_kv(k, v, &s, opts.causal, popts.center, popts.chunk);
     let kv_state: Vec<Vec<T>> =
         if opts.causal { Vec::new() } else { kvs.par_iter().map(|kv| head.kv_state(&kv.k, &kv.v)).collect() };
     let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
@@ -312,7 +365,7 @@ pub fn forward_poly<T: Scalar>(
             } else {
                 head.forward_queries(&qh, &m, &kv_state[kvh])
             };
-            let lse = m.iter().zip(&den).map(|(mi, di)| *mi + di.ln()).collect();
+            let lse = poly_lse(&qh, &kv.c, &m, &den, s.head_dim, opts.scale);
             (o, lse, den)
         })
         .collect();
@@ -368,7 +421,7 @@ pub fn backward_poly<T: Scalar>(
         ));
     }
     let head = poly::Head { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = poly_kv(k, v, &s, opts.causal);
+    let kvs = poly_kv(k, v, &s, opts.causal, popts.center, popts.chunk);
     let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
         .into_par_iter()
         .map(|h| {

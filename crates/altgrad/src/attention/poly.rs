@@ -14,7 +14,9 @@
 //! - Causal: chunks of `C` rows. Inter-chunk through the running state `S' = Σ_{earlier} φ(k'_j) V'_jᵀ`,
 //!   intra-chunk directly `a_ij = T_g(s̃_ij)` from one `C×C` product. Backward: a forward scan for
 //!   `dQ` (and the intra-chunk terms), a reverse scan with `dS' = Σ_{later i} Ψ_i dY_iᵀ` for `dK`, `dV`.
-//! - Row shift (`center`): `m_i = τ q_i·k̄_i` ([`super::bound::row_shift`]); the gradient flows
+//! - Row shift (`center`): the keys `k` the methods receive are relative to a reference point `c`
+//!   (`k_j − c`, MATH §3 "Reference point") and `kbar` is `k̄_i − c`, so `m_i = τ q_i·(k̄_i − c)` is
+//!   small and nothing cancels ([`super::bound::row_shift`]); the gradient flows
 //!   through it: `dm_i = Σ_{t<g} −T_{g−t−1}(−m_i) ⟨φ_t(q'_i), dΨ_{i,t}⟩ − Σ_{j in chunk} dA_ij T_{g−1}(s̃_ij)`,
 //!   `dq_i += τ k̄_i dm_i`, and `τ q_i dm_i` flows to the keys through `k̄_i` (every key gets `1/n`
 //!   of the sum without a mask; key `j` gets `Σ_{i≥j} τ q_i dm_i/(i+1)` under the causal mask).
