@@ -2,8 +2,8 @@
 //! PyTorch's `scaled_dot_product_attention` (fixture), and its backward against finite differences.
 
 mod common;
-use altgrad::attention::{backward_exact, forward_exact, naive, AttnOptions, AttnShape};
-use common::{randn, rel, to_f32};
+use altgrad::attention::{backward_exact, forward_exact, naive, AttnOptions, AttnShape, Qkv};
+use common::{qkv, randn, rel, to_f32};
 
 fn case(n: usize, h: usize, hkv: usize, d: usize, causal: bool, seed: u64) {
     let s = AttnShape::new(n, h, hkv, d);
@@ -14,10 +14,10 @@ fn case(n: usize, h: usize, hkv: usize, d: usize, causal: bool, seed: u64) {
     let v = randn(n * hkv * d, seed + 2, 1.0);
     let g = randn(n * h * d, seed + 3, 1.0);
     let o_ref = naive::forward(&q, &k, &v, &s, causal, opts.scale);
-    let (dq_ref, dk_ref, dv_ref) = naive::backward(&q, &k, &v, &g, &s, causal, opts.scale);
+    let (dq_ref, dk_ref, dv_ref) = naive::backward(&qkv(&q, &k, &v, &s), &g, causal, opts.scale);
 
-    let fwd = forward_exact(&q, &k, &v, &s, &opts).unwrap();
-    let gr = backward_exact(&q, &k, &v, &fwd, &g, &s, &opts).unwrap();
+    let fwd = forward_exact(&qkv(&q, &k, &v, &s), &opts).unwrap();
+    let gr = backward_exact(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
     let tag = format!("n={n} h={h} hkv={hkv} d={d} causal={causal}");
     for (name, got, want) in
         [("o", &fwd.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)]
@@ -27,8 +27,8 @@ fn case(n: usize, h: usize, hkv: usize, d: usize, causal: bool, seed: u64) {
     }
 
     let (qf, kf, vf, gf) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&g));
-    let fwd = forward_exact(&qf, &kf, &vf, &s, &opts).unwrap();
-    let gr = backward_exact(&qf, &kf, &vf, &fwd, &gf, &s, &opts).unwrap();
+    let fwd = forward_exact(&qkv(&qf, &kf, &vf, &s), &opts).unwrap();
+    let gr = backward_exact(&qkv(&qf, &kf, &vf, &s), &fwd, &gf).unwrap();
     for (name, got, want) in
         [("o", &fwd.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)]
     {
@@ -71,7 +71,7 @@ fn naive_backward_matches_finite_differences() {
         let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
             naive::forward(q, k, v, &s, causal, scale).iter().zip(&g).map(|(a, b)| a * b).sum()
         };
-        let (dq, dk, dv) = naive::backward(&q, &k, &v, &g, &s, causal, scale);
+        let (dq, dk, dv) = naive::backward(&qkv(&q, &k, &v, &s), &g, causal, scale);
         let eps = 1e-6;
         let fd = |x: &[f64], which: usize| -> Vec<f64> {
             (0..x.len())
@@ -106,8 +106,8 @@ fn exact_matches_pytorch_sdpa_fixture() {
     let s = AttnShape::new(n, h, k.shape[2], d);
     for (causal, tag) in [(true, "causal"), (false, "full")] {
         let opts = AttnOptions::standard(d, causal);
-        let fwd = forward_exact(&q.data, &k.data, &v.data, &s, &opts).unwrap();
-        let gr = backward_exact(&q.data, &k.data, &v.data, &fwd, &g.data, &s, &opts).unwrap();
+        let fwd = forward_exact(&qkv(&q.data, &k.data, &v.data, &s), &opts).unwrap();
+        let gr = backward_exact(&qkv(&q.data, &k.data, &v.data, &s), &fwd, &g.data).unwrap();
         for (name, got) in [("o", &fwd.o), ("dq", &gr.dq), ("dk", &gr.dk), ("dv", &gr.dv)] {
             let want = get(&exp, &format!("{name}_{tag}"));
             let e = rel(got, &want.data);
@@ -120,10 +120,10 @@ fn exact_matches_pytorch_sdpa_fixture() {
 fn exact_rejects_bad_shapes() {
     let s = AttnShape::new(4, 3, 2, 8);
     let x = vec![0.0f64; 4 * 3 * 8];
-    let err = forward_exact(&x, &x, &x, &s, &AttnOptions::standard(8, false)).unwrap_err();
+    let err = Qkv::new(&x, &x, &x, &s).unwrap_err();
     assert!(err.to_string().contains("num_kv_heads"), "{err}");
     let s = AttnShape::new(4, 2, 2, 8);
-    let err = forward_exact(&x, &x[..10], &x, &s, &AttnOptions::standard(8, false)).unwrap_err();
+    let err = Qkv::new(&x, &x[..10], &x, &s).unwrap_err();
     assert!(err.to_string().starts_with("q:") || err.to_string().starts_with("k:"), "{err}");
 }
 

@@ -7,10 +7,8 @@
 //! at degrees 4 and 6), and of the f64 run with μ against the f64 run without it.
 
 mod common;
-use altgrad::attention::{
-    backward_altgrad, backward_poly, forward_altgrad, forward_poly, AttnOptions, AttnShape, PolyOptions,
-};
-use common::{randn, rel};
+use altgrad::attention::{backward_altgrad, backward_poly, forward_poly, AttnOptions, AttnShape, PolyOptions};
+use common::{qkv, randn, rel};
 
 /// `[o, lse, dq, dk, dv]` of one method in `T`, as f64.
 fn run<T: altgrad::linalg::Scalar>(
@@ -24,12 +22,12 @@ fn run<T: altgrad::linalg::Scalar>(
     let (q, k, v, g) = (conv(x[0]), conv(x[1]), conv(x[2]), conv(x[3]));
     let up = |a: &[T]| a.iter().map(|v| v.as_f64()).collect::<Vec<f64>>();
     if altgrad {
-        let f = forward_altgrad(&q, &k, &v, s, opts, popts).unwrap();
-        let gr = backward_altgrad(&q, &k, &v, &f, &g, s, opts, popts).unwrap();
+        let f = forward_poly(&qkv(&q, &k, &v, s), opts, popts).unwrap();
+        let gr = backward_altgrad(&qkv(&q, &k, &v, s), &f, &g).unwrap();
         [up(&f.o), up(&f.lse), up(&gr.dq), up(&gr.dk), up(&gr.dv)]
     } else {
-        let f = forward_poly(&q, &k, &v, s, opts, popts).unwrap();
-        let gr = backward_poly(&q, &k, &v, &f, &g, s, opts, popts).unwrap();
+        let f = forward_poly(&qkv(&q, &k, &v, s), opts, popts).unwrap();
+        let gr = backward_poly(&qkv(&q, &k, &v, s), &f, &g).unwrap();
         [up(&f.o), up(&f.lse), up(&gr.dq), up(&gr.dk), up(&gr.dv)]
     }
 }

@@ -5,6 +5,7 @@
 
 use super::features::feature_dim;
 use super::poly::DEFAULT_CHUNK;
+use super::view::Rows;
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 
@@ -50,13 +51,18 @@ pub fn key_means<T: Scalar>(k: &[T], n: usize, d: usize, causal: bool) -> Vec<T>
 /// Panics on inconsistent lengths.
 pub fn row_shift<T: Scalar>(q: &[T], kbar: &[T], n: usize, d: usize, scale: f64) -> Vec<T> {
     assert_eq!(q.len(), n * d, "row_shift: q has the wrong length");
+    row_shift_rows(Rows::contiguous(q, n, d), kbar, scale)
+}
+
+/// [`row_shift`] of a strided view `q [n, d]`.
+pub(crate) fn row_shift_rows<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64) -> Vec<T> {
+    let (n, d) = (q.rows(), q.cols());
     assert!(kbar.len() == d || kbar.len() == n * d, "row_shift: kbar has the wrong length");
     let per_row = kbar.len() == n * d && n > 1;
-    q.chunks_exact(d)
-        .enumerate()
-        .map(|(i, qi)| {
+    (0..n)
+        .map(|i| {
             let kb = if per_row { &kbar[i * d..(i + 1) * d] } else { &kbar[..d] };
-            T::from_f64(scale * qi.iter().zip(kb).map(|(a, b)| a.as_f64() * b.as_f64()).sum::<f64>())
+            T::from_f64(scale * q.row(i).iter().zip(kb).map(|(a, b)| a.as_f64() * b.as_f64()).sum::<f64>())
         })
         .collect()
 }

@@ -6,9 +6,12 @@
 //! `dQ += τ dS K`, `dK += τ dSᵀ Q`. Extra memory: one `BLOCK_Q × BLOCK_K` tile and O(n) vectors;
 //! no n×n buffer. Causal blocks above the diagonal are skipped.
 
-use super::AttnOptions;
+use super::view::{heads_mut, Rows, RowsMut};
+use super::{check_backward, query_head_grads, AttnGrads, AttnOptions, AttnOutput, Qkv};
 use crate::linalg::{matmul, rm, rm_mut, Scalar};
+use crate::Result;
 use faer::Par;
+use rayon::prelude::*;
 
 /// Query rows per tile.
 pub const BLOCK_Q: usize = 64;
@@ -32,28 +35,26 @@ fn mask_causal<T: Scalar>(s: &mut [T], rows: usize, cols: usize, i0: usize, j0: 
 
 // Scratch tiles live on the heap (clippy would put them on the stack).
 #[allow(clippy::useless_vec)]
-/// Forward of one head. `q [n, d]`, `k [n, d]`, `v [n, dv]` contiguous row-major; returns
-/// `(o [n, dv], lse [n])`.
+/// Forward of one head: `q [n, d]`, `k [n, d]`, `v [n, dv]` (strided views); writes `o [n, dv]`
+/// and `lse [n]`.
 pub fn forward_head<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    n: usize,
-    d: usize,
-    dv: usize,
+    q: Rows<'_, T>,
+    k: Rows<'_, T>,
+    v: Rows<'_, T>,
     opts: &AttnOptions,
-) -> (Vec<T>, Vec<T>) {
+    o: &mut RowsMut<'_, T>,
+    lse: &mut [T],
+) {
+    let n = q.rows();
     let tau = T::from_f64(opts.scale);
-    let mut o = vec![T::zero(); n * dv];
-    let mut lse = vec![T::zero(); n];
     let mut s = vec![T::zero(); BLOCK_Q * BLOCK_K];
     let mut m = vec![T::zero(); BLOCK_Q];
     let mut l = vec![T::zero(); BLOCK_Q];
     let mut i0 = 0;
     while i0 < n {
         let br = BLOCK_Q.min(n - i0);
-        let qb = rm(&q[i0 * d..(i0 + br) * d], br, d);
-        let acc = &mut o[i0 * dv..(i0 + br) * dv];
+        let qb = q.sub(i0, br).mat();
+        let mut acc = o.sub_mut(i0, br);
         m[..br].fill(T::neg_infinity());
         l[..br].fill(T::zero());
         let kend = if opts.causal { i0 + br } else { n };
@@ -61,7 +62,7 @@ pub fn forward_head<T: Scalar>(
         while j0 < kend {
             let bc = BLOCK_K.min(kend - j0);
             let st = &mut s[..br * bc];
-            matmul(rm_mut(st, br, bc), false, qb, rm(&k[j0 * d..(j0 + bc) * d], bc, d).transpose(), tau, Par::Seq);
+            matmul(rm_mut(st, br, bc), false, qb, k.sub(j0, bc).mat().transpose(), tau, Par::Seq);
             if opts.causal {
                 mask_causal(st, br, bc, i0, j0);
             }
@@ -79,70 +80,57 @@ pub fn forward_head<T: Scalar>(
                 l[r] = l[r] * rescale + sum;
                 m[r] = m_new;
                 if rescale != T::one() {
-                    for x in &mut acc[r * dv..(r + 1) * dv] {
+                    for x in acc.row_mut(r) {
                         *x *= rescale;
                     }
                 }
             }
-            matmul(
-                rm_mut(acc, br, dv),
-                true,
-                rm(st, br, bc),
-                rm(&v[j0 * dv..(j0 + bc) * dv], bc, dv),
-                T::one(),
-                Par::Seq,
-            );
+            matmul(acc.mat_mut(), true, rm(st, br, bc), v.sub(j0, bc).mat(), T::one(), Par::Seq);
             j0 += bc;
         }
         for r in 0..br {
             let inv = T::one() / l[r];
-            for x in &mut acc[r * dv..(r + 1) * dv] {
+            for x in acc.row_mut(r) {
                 *x *= inv;
             }
             lse[i0 + r] = m[r] + l[r].ln();
         }
         i0 += br;
     }
-    (o, lse)
 }
 
 #[allow(clippy::useless_vec)]
 /// Backward of one head. Inputs as in [`forward_head`] plus `o [n, dv]`, `lse [n]` from it and
-/// `g = dL/do [n, dv]`; returns `(dq [n, d], dk [n, d], dv [n, dv])`.
+/// `g = dL/do [n, dv]`; adds into `dq [n, d]`, `dk [n, d]`, `dv [n, dv]`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_head<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    o: &[T],
+    q: Rows<'_, T>,
+    k: Rows<'_, T>,
+    v: Rows<'_, T>,
+    o: Rows<'_, T>,
     lse: &[T],
-    g: &[T],
-    n: usize,
-    d: usize,
-    dv: usize,
+    g: Rows<'_, T>,
     opts: &AttnOptions,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+    dq: &mut RowsMut<'_, T>,
+    dk: &mut RowsMut<'_, T>,
+    dv: &mut RowsMut<'_, T>,
+) {
+    let n = q.rows();
     let tau = T::from_f64(opts.scale);
     // δ_i = Σ_c G_ic O_ic
-    let delta: Vec<T> =
-        g.chunks_exact(dv).zip(o.chunks_exact(dv)).map(|(a, b)| a.iter().zip(b).map(|(x, y)| *x * *y).sum()).collect();
-    let mut dq = vec![T::zero(); n * d];
-    let mut dk = vec![T::zero(); n * d];
-    let mut dvv = vec![T::zero(); n * dv];
+    let delta: Vec<T> = (0..n).map(|i| g.row(i).iter().zip(o.row(i)).map(|(x, y)| *x * *y).sum()).collect();
     let mut p = vec![T::zero(); BLOCK_Q * BLOCK_K];
     let mut dp = vec![T::zero(); BLOCK_Q * BLOCK_K];
     let mut j0 = 0;
     while j0 < n {
         let bc = BLOCK_K.min(n - j0);
-        let kb = rm(&k[j0 * d..(j0 + bc) * d], bc, d);
-        let vb = rm(&v[j0 * dv..(j0 + bc) * dv], bc, dv);
-        let (dk_b, dv_b) = (&mut dk[j0 * d..(j0 + bc) * d], &mut dvv[j0 * dv..(j0 + bc) * dv]);
+        let (kb, vb) = (k.sub(j0, bc).mat(), v.sub(j0, bc).mat());
+        let (mut dk_b, mut dv_b) = (dk.sub_mut(j0, bc), dv.sub_mut(j0, bc));
         // causal: query rows i ≥ j0 only; start at the query block containing j0
         let mut i0 = if opts.causal { (j0 / BLOCK_Q) * BLOCK_Q } else { 0 };
         while i0 < n {
             let br = BLOCK_Q.min(n - i0);
-            let qb = rm(&q[i0 * d..(i0 + br) * d], br, d);
-            let gb = rm(&g[i0 * dv..(i0 + br) * dv], br, dv);
+            let (qb, gb) = (q.sub(i0, br).mat(), g.sub(i0, br).mat());
             let pt = &mut p[..br * bc];
             let dpt = &mut dp[..br * bc];
             matmul(rm_mut(pt, br, bc), false, qb, kb.transpose(), tau, Par::Seq);
@@ -158,7 +146,7 @@ pub fn backward_head<T: Scalar>(
                 T::exp_inplace(row);
             }
             // dV_j += Pᵀ G_i
-            matmul(rm_mut(dv_b, bc, dv), true, rm(pt, br, bc).transpose(), gb, T::one(), Par::Seq);
+            matmul(dv_b.mat_mut(), true, rm(pt, br, bc).transpose(), gb, T::one(), Par::Seq);
             // dP = G_i V_jᵀ
             matmul(rm_mut(dpt, br, bc), false, gb, vb.transpose(), T::one(), Par::Seq);
             // dS = P ∘ (dP − δ)
@@ -169,11 +157,50 @@ pub fn backward_head<T: Scalar>(
                 }
             }
             // dQ_i += τ dS K_j ;  dK_j += τ dSᵀ Q_i
-            matmul(rm_mut(&mut dq[i0 * d..(i0 + br) * d], br, d), true, rm(dpt, br, bc), kb, tau, Par::Seq);
-            matmul(rm_mut(dk_b, bc, d), true, rm(dpt, br, bc).transpose(), qb, tau, Par::Seq);
+            matmul(dq.sub_mut(i0, br).mat_mut(), true, rm(dpt, br, bc), kb, tau, Par::Seq);
+            matmul(dk_b.mat_mut(), true, rm(dpt, br, bc).transpose(), qb, tau, Par::Seq);
             i0 += br;
         }
         j0 += bc;
     }
-    (dq, dk, dvv)
+}
+
+/// Exact softmax attention, forward (MATH §2, FA2 Alg. 1): tiled online softmax, O(n) extra
+/// memory per head, heads in parallel. Returns `o [seq_len, num_heads, head_dim_v]` and
+/// `lse [num_heads, seq_len]`.
+///
+/// Errors: [`crate::Error::BadInput`] for a non-positive scale.
+pub fn forward_exact<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions) -> Result<AttnOutput<T>> {
+    opts.validate()?;
+    let s = *x.shape();
+    let n = s.seq_len;
+    let mut o = vec![T::zero(); n * s.num_heads * s.head_dim_v];
+    let mut lse = vec![T::zero(); s.num_heads * n];
+    heads_mut(&mut o, 1, n, s.num_heads, s.head_dim_v).into_par_iter().zip(lse.par_chunks_mut(n)).enumerate().for_each(
+        |(h, (mut oh, lh))| {
+            let (qh, kh, vh) = x.head(h);
+            forward_head(qh, kh, vh, opts, &mut oh, lh);
+        },
+    );
+    Ok(AttnOutput { o, lse, shape: s, opts: *opts })
+}
+
+/// Exact softmax attention, backward (MATH §2, FA2 Alg. 2): recomputes `P` block by block from
+/// `fwd.lse`; `dout` is `dL/do [seq_len, num_heads, head_dim_v]`. Heads in parallel; GQA
+/// gradients of `k`, `v` are summed over each group.
+///
+/// Errors: [`crate::Error::BadInput`] when `fwd` was computed for another shape or `fwd`/`dout`
+/// have the wrong lengths.
+pub fn backward_exact<T: Scalar>(x: &Qkv<'_, T>, fwd: &AttnOutput<T>, dout: &[T]) -> Result<AttnGrads<T>> {
+    check_backward(x, &fwd.shape, &fwd.o, &fwd.lse, dout)?;
+    let s = *x.shape();
+    let n = s.seq_len;
+    let mut grads = AttnGrads::zeros(&s);
+    query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
+        let (qh, kh, vh) = x.head(h);
+        let lse = &fwd.lse[h * n..(h + 1) * n];
+        backward_head(qh, kh, vh, s.out(&fwd.o, h), lse, s.out(dout, h), &fwd.opts, dq, dk, dv);
+        Ok(())
+    })?;
+    Ok(grads)
 }

@@ -3,8 +3,11 @@
 //! Tensors use the flash-attn layout without batch: `q [seq_len, num_heads, head_dim]`,
 //! `k [seq_len, num_kv_heads, head_dim]`, `v [seq_len, num_kv_heads, head_dim_v]`,
 //! `o [seq_len, num_heads, head_dim_v]`, `lse [num_heads, seq_len]` (MATH §1). Query head `h`
-//! reads key/value head `h / (num_heads / num_kv_heads)` (GQA). Heads run in parallel (rayon);
-//! each head's kernel is sequential.
+//! reads key/value head `h / (num_heads / num_kv_heads)` (GQA). A call's inputs are one [`Qkv`]
+//! (the tensors and their [`AttnShape`], checked once); forward outputs keep the shape and options
+//! they were computed with, so a backward takes only the inputs, the saved forward and `dL/do`.
+//! Heads run in parallel (rayon) on strided views of the tensors ([`view`]); each head's kernel is
+//! sequential.
 
 pub mod altgrad;
 pub mod bound;
@@ -14,10 +17,17 @@ pub mod mixed;
 #[doc(hidden)]
 pub mod naive;
 pub mod poly;
+pub mod view;
 
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 use rayon::prelude::*;
+use view::{heads_mut, Rows, RowsMut};
+
+pub use altgrad::backward_altgrad;
+pub use bound::{Method, Policy};
+pub use exact::{backward_exact, forward_exact};
+pub use poly::{backward_poly, forward_poly, PolyOptions, PolyOutput};
 
 /// The sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +67,19 @@ impl AttnShape {
         }
         Ok(())
     }
-    fn check_len<T>(&self, name: &str, x: &[T], heads: usize, width: usize) -> Result<()> {
+    /// Query head `h` of `q [seq_len, num_heads, head_dim]` as a strided view.
+    pub(crate) fn query<'a, T>(&self, q: &'a [T], h: usize) -> Rows<'a, T> {
+        Rows::head(q, self.seq_len, self.num_heads, self.head_dim, 0, h)
+    }
+    /// Key/value head `h` of `k [seq_len, num_kv_heads, head_dim]` as a strided view.
+    pub(crate) fn key<'a, T>(&self, k: &'a [T], h: usize) -> Rows<'a, T> {
+        Rows::head(k, self.seq_len, self.num_kv_heads, self.head_dim, 0, h)
+    }
+    /// Query head `h` of an output-like tensor `[seq_len, num_heads, head_dim_v]` (`o`, `dL/do`).
+    pub(crate) fn out<'a, T>(&self, o: &'a [T], h: usize) -> Rows<'a, T> {
+        Rows::head(o, self.seq_len, self.num_heads, self.head_dim_v, 0, h)
+    }
+    pub(crate) fn check_len<T>(&self, name: &str, x: &[T], heads: usize, width: usize) -> Result<()> {
         let want = self.seq_len * heads * width;
         if x.len() != want {
             return Err(Error::bad(
@@ -66,6 +88,59 @@ impl AttnShape {
             ));
         }
         Ok(())
+    }
+}
+
+/// The inputs of one attention call: `q [seq_len, num_heads, head_dim]`,
+/// `k [seq_len, num_kv_heads, head_dim]`, `v [seq_len, num_kv_heads, head_dim_v]` (row-major,
+/// contiguous) and their [`AttnShape`], checked once by [`Qkv::new`].
+#[derive(Clone, Copy, Debug)]
+pub struct Qkv<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    shape: AttnShape,
+}
+
+impl<'a, T> Qkv<'a, T> {
+    /// Checks the shape and every length.
+    ///
+    /// Errors: [`Error::BadInput`] naming the input (`q`, `k`, `v`, or `attention shape`) whose
+    /// length or size is wrong.
+    pub fn new(q: &'a [T], k: &'a [T], v: &'a [T], shape: &AttnShape) -> Result<Self> {
+        let s = *shape;
+        s.validate()?;
+        s.check_len("q", q, s.num_heads, s.head_dim)?;
+        s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
+        s.check_len("v", v, s.num_kv_heads, s.head_dim_v)?;
+        Ok(Qkv { q, k, v, shape: s })
+    }
+    /// Queries.
+    pub fn q(&self) -> &'a [T] {
+        self.q
+    }
+    /// Keys.
+    pub fn k(&self) -> &'a [T] {
+        self.k
+    }
+    /// Values.
+    pub fn v(&self) -> &'a [T] {
+        self.v
+    }
+    /// The sizes.
+    pub fn shape(&self) -> &AttnShape {
+        &self.shape
+    }
+    /// Query head `h` and its key/value head, as views.
+    pub(crate) fn head(&self, h: usize) -> (Rows<'a, T>, Rows<'a, T>, Rows<'a, T>) {
+        let s = &self.shape;
+        let kv = h / s.group();
+        (s.query(self.q, h), s.key(self.k, kv), Rows::head(self.v, s.seq_len, s.num_kv_heads, s.head_dim_v, 0, kv))
+    }
+    /// Key/value head `h`, as views.
+    pub(crate) fn kv(&self, h: usize) -> (Rows<'a, T>, Rows<'a, T>) {
+        let s = &self.shape;
+        (s.key(self.k, h), Rows::head(self.v, s.seq_len, s.num_kv_heads, s.head_dim_v, 0, h))
     }
 }
 
@@ -83,16 +158,28 @@ impl AttnOptions {
     pub fn standard(head_dim: usize, causal: bool) -> Self {
         AttnOptions { causal, scale: 1.0 / (head_dim as f64).sqrt() }
     }
+    /// Errors: [`Error::BadInput`] (input `scale`) unless the scale is finite and positive.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(Error::bad("scale", format!("must be finite and positive, got {}", self.scale)));
+        }
+        Ok(())
+    }
 }
 
-/// Output of a forward pass: `o [seq_len, num_heads, head_dim_v]` and the per-row log-sum-exp
-/// `lse [num_heads, seq_len]` that the exact backward needs (MATH §2).
+/// Output of an exact forward pass: `o [seq_len, num_heads, head_dim_v]`, the per-row
+/// log-sum-exp `lse [num_heads, seq_len]` that the backward needs (MATH §2), and the shape and
+/// options it was computed with.
 #[derive(Clone, Debug)]
 pub struct AttnOutput<T> {
     /// Attention output.
     pub o: Vec<T>,
     /// `lse_i = m_i + log l_i` per head and row.
     pub lse: Vec<T>,
+    /// The shape of the inputs.
+    pub shape: AttnShape,
+    /// The options of the call.
+    pub opts: AttnOptions,
 }
 
 /// Gradients of the inputs, same layouts as `q`, `k`, `v`.
@@ -106,374 +193,114 @@ pub struct AttnGrads<T> {
     pub dv: Vec<T>,
 }
 
-/// Copies head `h` out of `x [seq, heads, width]` into a contiguous `[seq, width]` buffer.
-pub(crate) fn gather_head<T: Scalar>(x: &[T], seq: usize, heads: usize, width: usize, h: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(seq * width);
-    for i in 0..seq {
-        let base = (i * heads + h) * width;
-        out.extend_from_slice(&x[base..base + width]);
-    }
-    out
-}
-
-/// Writes per-head `[seq, width]` buffers into `[seq, heads, width]`.
-pub(crate) fn scatter_heads<T: Scalar>(per_head: &[Vec<T>], seq: usize, width: usize) -> Vec<T> {
-    let heads = per_head.len();
-    let mut out = vec![T::zero(); seq * heads * width];
-    for (i, row) in out.chunks_exact_mut(heads * width).enumerate() {
-        for (h, hb) in per_head.iter().enumerate() {
-            row[h * width..(h + 1) * width].copy_from_slice(&hb[i * width..(i + 1) * width]);
+impl<T: Scalar> AttnGrads<T> {
+    /// Zero gradients of the shape's layouts.
+    pub fn zeros(s: &AttnShape) -> Self {
+        let n = s.seq_len;
+        AttnGrads {
+            dq: vec![T::zero(); n * s.num_heads * s.head_dim],
+            dk: vec![T::zero(); n * s.num_kv_heads * s.head_dim],
+            dv: vec![T::zero(); n * s.num_kv_heads * s.head_dim_v],
         }
     }
-    out
 }
 
-fn check_inputs<T: Scalar>(q: &[T], k: &[T], v: &[T], s: &AttnShape, opts: &AttnOptions) -> Result<()> {
-    s.validate()?;
-    s.check_len("q", q, s.num_heads, s.head_dim)?;
-    s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
-    s.check_len("v", v, s.num_kv_heads, s.head_dim_v)?;
-    if !(opts.scale.is_finite() && opts.scale > 0.0) {
-        return Err(Error::bad("scale", format!("must be finite and positive, got {}", opts.scale)));
+/// Checks what every backward needs: the inputs' shape is the one `fwd` was computed with, and
+/// `o`, `dout` (`[seq_len, num_heads, head_dim_v]`) and `lse` (`[num_heads, seq_len]`) have
+/// their lengths.
+///
+/// Errors: [`Error::BadInput`] naming `fwd`, `o`, `do` or `lse`.
+pub(crate) fn check_backward<T>(x: &Qkv<'_, T>, fwd_shape: &AttnShape, o: &[T], lse: &[T], dout: &[T]) -> Result<()> {
+    let s = x.shape;
+    if *fwd_shape != s {
+        return Err(Error::bad(
+            "fwd",
+            format!(
+                "the forward was computed for {fwd_shape:?}, the inputs have {s:?}: pass the forward of these inputs"
+            ),
+        ));
+    }
+    s.check_len("o", o, s.num_heads, s.head_dim_v)?;
+    s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
+    if lse.len() != s.num_heads * s.seq_len {
+        return Err(Error::bad("lse", format!("expected {} values ([num_heads, seq_len])", s.num_heads * s.seq_len)));
     }
     Ok(())
 }
 
-/// Exact softmax attention, forward (MATH §2, FA2 Alg. 1): tiled online softmax, O(n) extra
-/// memory per head, heads in parallel.
-///
-/// Errors: [`Error::BadInput`] when a slice length disagrees with `shape` or the shape is invalid.
-pub fn forward_exact<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-) -> Result<AttnOutput<T>> {
-    check_inputs(q, k, v, shape, opts)?;
-    let s = *shape;
-    let n = s.seq_len;
-    let per_head: Vec<(Vec<T>, Vec<T>)> = (0..s.num_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kv = h / s.group();
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, kv);
-            let vh = gather_head(v, n, s.num_kv_heads, s.head_dim_v, kv);
-            exact::forward_head(&qh, &kh, &vh, n, s.head_dim, s.head_dim_v, opts)
-        })
-        .collect();
-    let (os, lses): (Vec<_>, Vec<_>) = per_head.into_iter().unzip();
-    let o = scatter_heads(&os, n, s.head_dim_v);
-    let lse = lses.concat();
-    Ok(AttnOutput { o, lse })
-}
-
-/// Exact softmax attention, backward (MATH §2, FA2 Alg. 2): recomputes `P` block by block from
-/// `lse`; `dout` is `dL/do [seq_len, num_heads, head_dim_v]`. Heads in parallel; GQA gradients
-/// of `k`, `v` are summed over each group.
-///
-/// Errors: [`Error::BadInput`] on length mismatches.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_exact<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    fwd: &AttnOutput<T>,
-    dout: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-) -> Result<AttnGrads<T>> {
-    check_inputs(q, k, v, shape, opts)?;
-    let s = *shape;
-    s.check_len("o", &fwd.o, s.num_heads, s.head_dim_v)?;
-    s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
-    if fwd.lse.len() != s.num_heads * s.seq_len {
-        return Err(Error::bad("lse", format!("expected {} values", s.num_heads * s.seq_len)));
+/// Runs `f(h, dq_h, dk_h, dv_h)` for every query head `h` in parallel, with `dq_h` the head's view
+/// of `grads.dq` and `dk_h`, `dv_h` views of its key/value head in `grads.dk`, `grads.dv` when
+/// there is one query head per key/value head, else per-head buffers summed over each GQA group
+/// afterwards (the one place where key/value gradients are summed over a group). `f` adds into
+/// the views; `grads` must start at zero.
+pub(crate) fn query_head_grads<T: Scalar, F>(s: &AttnShape, grads: &mut AttnGrads<T>, f: F) -> Result<()>
+where
+    F: Fn(usize, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>) -> Result<()> + Sync,
+{
+    let (n, d, dv, g) = (s.seq_len, s.head_dim, s.head_dim_v, s.group());
+    let dqs = heads_mut(&mut grads.dq, 1, n, s.num_heads, d);
+    let dks = heads_mut(&mut grads.dk, 1, n, s.num_kv_heads, d);
+    let dvs = heads_mut(&mut grads.dv, 1, n, s.num_kv_heads, dv);
+    if g == 1 {
+        return dqs
+            .into_par_iter()
+            .zip(dks.into_par_iter().zip(dvs))
+            .enumerate()
+            .map(|(h, (mut dqh, (mut dkh, mut dvh)))| f(h, &mut dqh, &mut dkh, &mut dvh))
+            .collect();
     }
-    let n = s.seq_len;
-    let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
+    let per_head: Vec<(Vec<T>, Vec<T>)> = dqs
         .into_par_iter()
-        .map(|h| {
-            let kv = h / s.group();
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, kv);
-            let vh = gather_head(v, n, s.num_kv_heads, s.head_dim_v, kv);
-            let oh = gather_head(&fwd.o, n, s.num_heads, s.head_dim_v, h);
-            let gh = gather_head(dout, n, s.num_heads, s.head_dim_v, h);
-            let lse = &fwd.lse[h * n..(h + 1) * n];
-            exact::backward_head(&qh, &kh, &vh, &oh, lse, &gh, n, s.head_dim, s.head_dim_v, opts)
+        .enumerate()
+        .map(|(h, mut dqh)| {
+            let (mut kb, mut vb) = (vec![T::zero(); n * d], vec![T::zero(); n * dv]);
+            f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, n, d), &mut RowsMut::contiguous(&mut vb, n, dv))?;
+            Ok((kb, vb))
         })
-        .collect();
-    Ok(combine_grads(per_head, &s))
+        .collect::<Result<_>>()?;
+    let sums = sum_groups(per_head, g);
+    dks.into_par_iter().zip(dvs).zip(sums.par_iter()).for_each(|((mut dkh, mut dvh), (kb, vb))| {
+        for i in 0..n {
+            dkh.row_mut(i).copy_from_slice(&kb[i * d..(i + 1) * d]);
+            dvh.row_mut(i).copy_from_slice(&vb[i * dv..(i + 1) * dv]);
+        }
+    });
+    Ok(())
 }
 
-/// Assembles per-query-head `(dq, dk, dv)` (each `[seq, width]`) into the public layouts,
-/// summing `dk`, `dv` over each GQA group.
-pub(crate) fn combine_grads<T: Scalar>(per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)>, s: &AttnShape) -> AttnGrads<T> {
-    let n = s.seq_len;
-    let g = s.group();
-    let mut dqs = Vec::with_capacity(s.num_heads);
-    let mut dks: Vec<Vec<T>> = Vec::with_capacity(s.num_kv_heads);
-    let mut dvs: Vec<Vec<T>> = Vec::with_capacity(s.num_kv_heads);
-    for (h, (dq, dk, dv)) in per_head.into_iter().enumerate() {
-        dqs.push(dq);
-        if h % g == 0 {
-            dks.push(dk);
-            dvs.push(dv);
+/// Values that add up element by element (per-head gradients and states summed over a group).
+pub(crate) trait AddAll {
+    /// `self += other`, element by element.
+    fn add_all(&mut self, other: &Self);
+}
+
+impl<T: Copy + std::ops::AddAssign> AddAll for Vec<T> {
+    fn add_all(&mut self, other: &Self) {
+        for (a, b) in self.iter_mut().zip(other) {
+            *a += *b;
+        }
+    }
+}
+
+impl<A: AddAll, B: AddAll> AddAll for (A, B) {
+    fn add_all(&mut self, other: &Self) {
+        self.0.add_all(&other.0);
+        self.1.add_all(&other.1);
+    }
+}
+
+/// Sums per-query-head values over each GQA group of `group` consecutive heads: one value per
+/// key/value head.
+pub(crate) fn sum_groups<A: AddAll>(per_head: Vec<A>, group: usize) -> Vec<A> {
+    let mut out: Vec<A> = Vec::with_capacity(per_head.len() / group.max(1));
+    for (h, x) in per_head.into_iter().enumerate() {
+        if h % group == 0 {
+            out.push(x);
         } else {
-            let kv = h / g;
-            for (a, b) in dks[kv].iter_mut().zip(&dk) {
-                *a += *b;
-            }
-            for (a, b) in dvs[kv].iter_mut().zip(&dv) {
-                *a += *b;
-            }
+            out.last_mut().expect("group leader pushed first").add_all(&x);
         }
     }
-    AttnGrads {
-        dq: scatter_heads(&dqs, n, s.head_dim),
-        dk: scatter_heads(&dks, n, s.head_dim),
-        dv: scatter_heads(&dvs, n, s.head_dim_v),
-    }
-}
-
-pub use bound::{Method, Policy};
-pub use poly::{PolyOptions, PolyOutput};
-
-/// One key/value head's inputs for the polynomial kernels (MATH §3 "Row shift"): with centering,
-/// keys relative to a reference point `c`, `k [n, d]` holding `k_j − c`, and the key means relative
-/// to it, `kbar` holding `k̄_i − c` (`[1, d]`, zero, without a mask, where `c` is the global mean;
-/// `[n, d]` prefix means under the causal mask, where `c` is the mean of the first chunk's keys);
-/// `v [n, dv]`. The function depends on the keys only through `k_j − k̄_i = (k_j − c) − (k̄_i − c)`,
-/// so no term of size `|c|` ever enters the kernels (features of `√τ (k_j − c)`, row shifts
-/// `m_i = τ q_i·(k̄_i − c)`), and `c` is a constant of the backward. Without centering `c = 0`.
-pub(crate) struct PolyKv<T> {
-    pub(crate) k: Vec<T>,
-    pub(crate) v: Vec<T>,
-    pub(crate) kbar: Vec<T>,
-    /// The reference point `c [d]`.
-    pub(crate) c: Vec<T>,
-}
-
-/// Gathers every key/value head, its reference point and its relative key means (shared by the
-/// poly and ALTGrad kernels; see [`PolyKv`]). `chunk` is the kernels' chunk (the causal reference
-/// point is the mean of the first `min(chunk, n)` keys: no look-ahead past the first chunk).
-pub(crate) fn poly_kv<T: Scalar>(
-    k: &[T],
-    v: &[T],
-    s: &AttnShape,
-    causal: bool,
-    center: bool,
-    chunk: usize,
-) -> Vec<PolyKv<T>> {
-    let (n, d) = (s.seq_len, s.head_dim);
-    (0..s.num_kv_heads)
-        .into_par_iter()
-        .map(|h| {
-            let mut k = gather_head(k, n, s.num_kv_heads, d, h);
-            let v = gather_head(v, n, s.num_kv_heads, s.head_dim_v, h);
-            let (kbar, c) = center_keys(&mut k, n, d, causal, center, chunk);
-            PolyKv { k, v, kbar, c }
-        })
-        .collect()
-}
-
-/// Centers one key head in place, `k [n, d] ← k − c`, and returns `(k̄ − c, c)` as in [`PolyKv`]
-/// (zeros and `c = 0` without centering).
-pub(crate) fn center_keys<T: Scalar>(
-    k: &mut [T],
-    n: usize,
-    d: usize,
-    causal: bool,
-    center: bool,
-    chunk: usize,
-) -> (Vec<T>, Vec<T>) {
-    if !center {
-        return (vec![T::zero(); d], vec![T::zero(); d]);
-    }
-    let first = if causal { chunk.clamp(1, n) } else { n };
-    let c = bound::key_means(&k[..first * d], first, d, false);
-    for row in k.chunks_exact_mut(d) {
-        for (x, cv) in row.iter_mut().zip(&c) {
-            *x -= *cv;
-        }
-    }
-    let kbar = if causal { bound::key_means(k, n, d, true) } else { vec![T::zero(); d] };
-    (kbar, c)
-}
-
-/// Row shifts of one query head: `m_i = τ q_i·(k̄_i − c)` when centering, else zeros.
-fn poly_shift<T: Scalar>(qh: &[T], kv: &PolyKv<T>, s: &AttnShape, opts: &AttnOptions, center: bool) -> Vec<T> {
-    if center {
-        bound::row_shift(qh, &kv.kbar, s.seq_len, s.head_dim, opts.scale)
-    } else {
-        vec![T::zero(); s.seq_len]
-    }
-}
-
-/// `lse_i = τ q_i·c + m_i + ln den_i` (in f64): the log of the polynomial model's normalizer of the
-/// unshifted scores `s_ij = τ q_i·k_j`, since the kernels' shifted score is
-/// `s_ij − τ q_i·k̄_i = τ q_i·(k_j − c) − m_i`.
-pub(crate) fn poly_lse<T: Scalar>(qh: &[T], c: &[T], m: &[T], den: &[T], d: usize, scale: f64) -> Vec<T> {
-    qh.chunks_exact(d)
-        .zip(m.iter().zip(den))
-        .map(|(qi, (mi, di))| {
-            let qc: f64 = qi.iter().zip(c).map(|(a, b)| a.as_f64() * b.as_f64()).sum();
-            T::from_f64(scale * qc + mi.as_f64() + di.as_f64().ln())
-        })
-        .collect()
-}
-
-/// Polynomial attention, forward (MATH §3–4; AS23 Lemma 3.4, LSSSZ Lemma I.3): the softmax
-/// weights `exp(s_ij)` are replaced by `T_g(s_ij − m_i)` (degree `popts.degree`, row shift
-/// `m_i = τ q_i·k̄_i` when `popts.center`). O(n·r·d_v) time and O(C·r + r·d_v) extra memory per
-/// head with `r = C(d+g, g)`; heads in parallel, each sequential. Shapes as [`forward_exact`].
-///
-/// Returns a [`PolyOutput`]: `o`, `lse = m_i + ln den_i`, the denominators and (non-causal) each
-/// key/value head's state `H' = Φ_Kᵀ [V 1]`, which [`backward_poly`] reuses.
-///
-/// Errors: [`Error::BadInput`] on length/shape mismatches, a non-positive scale, an odd or zero
-/// degree ("degree must be even: …"), a zero chunk, or a feature width above
-/// [`features::MAX_FEATURE_DIM`].
-pub fn forward_poly<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-    popts: &PolyOptions,
-) -> Result<PolyOutput<T>> {
-    check_inputs(q, k, v, shape, opts)?;
-    popts.validate()?;
-    let s = *shape;
-    let n = s.seq_len;
-    let fm = features::FeatureMap::<T>::new(s.head_dim, popts.degree)?;
-    let head = poly::Head { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = poly_kv(k, v, &s, opts.causal, popts.center, popts.chunk);
-    let kv_state: Vec<Vec<T>> =
-        if opts.causal { Vec::new() } else { kvs.par_iter().map(|kv| head.kv_state(&kv.k, &kv.v)).collect() };
-    let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / s.group();
-            let kv = &kvs[kvh];
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let m = poly_shift(&qh, kv, &s, opts, popts.center);
-            let (o, den) = if opts.causal {
-                head.forward_causal(&qh, &kv.k, &kv.v, &m)
-            } else {
-                head.forward_queries(&qh, &m, &kv_state[kvh])
-            };
-            let lse = poly_lse(&qh, &kv.c, &m, &den, s.head_dim, opts.scale);
-            (o, lse, den)
-        })
-        .collect();
-    let mut os = Vec::with_capacity(s.num_heads);
-    let (mut lse, mut den) = (Vec::with_capacity(n * s.num_heads), Vec::with_capacity(n * s.num_heads));
-    for (o, l, d) in per_head {
-        os.push(o);
-        lse.extend_from_slice(&l);
-        den.extend_from_slice(&d);
-    }
-    Ok(PolyOutput { o: scatter_heads(&os, n, s.head_dim_v), lse, den, kv_state })
-}
-
-/// Polynomial attention, backward: the exact gradient of [`forward_poly`]'s function (MATH §4),
-/// including the chain rule through the row shift `m_i` (which depends on `q_i` and the keys).
-/// `fwd` must come from [`forward_poly`] with the same inputs, shape, options and `popts`;
-/// `dout = dL/do [seq_len, num_heads, head_dim_v]`. Non-causal: per query head `dΨ`, `dQ` and
-/// `dH'`; then per key/value head `dK`, `dV` from the group's summed `dH'` (the state is shared
-/// by a GQA group). Causal: per query head a forward scan (`dQ`, intra-chunk terms) and a reverse
-/// scan (`dK`, `dV`), summed over each group.
-///
-/// Errors: [`Error::BadInput`] as [`forward_poly`], or when `fwd`/`dout` do not match the shape
-/// (including a state of the wrong size, e.g. from a different degree).
-#[allow(clippy::too_many_arguments)]
-pub fn backward_poly<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    fwd: &PolyOutput<T>,
-    dout: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-    popts: &PolyOptions,
-) -> Result<AttnGrads<T>> {
-    check_inputs(q, k, v, shape, opts)?;
-    popts.validate()?;
-    let s = *shape;
-    let n = s.seq_len;
-    s.check_len("o", &fwd.o, s.num_heads, s.head_dim_v)?;
-    s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
-    for (name, x) in [("lse", &fwd.lse), ("den", &fwd.den)] {
-        if x.len() != s.num_heads * n {
-            return Err(Error::bad(name, format!("expected {} values ([num_heads, seq_len])", s.num_heads * n)));
-        }
-    }
-    let fm = features::FeatureMap::<T>::new(s.head_dim, popts.degree)?;
-    let state_len = fm.dim() * (s.head_dim_v + 1);
-    if !opts.causal && (fwd.kv_state.len() != s.num_kv_heads || fwd.kv_state.iter().any(|x| x.len() != state_len)) {
-        return Err(Error::bad(
-            "fwd",
-            "key/value state does not match this shape and degree: pass the output of forward_poly called with \
-             the same shape, options and PolyOptions",
-        ));
-    }
-    let head = poly::Head { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = poly_kv(k, v, &s, opts.causal, popts.center, popts.chunk);
-    let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / s.group();
-            let kv = &kvs[kvh];
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let oh = gather_head(&fwd.o, n, s.num_heads, s.head_dim_v, h);
-            let gh = gather_head(dout, n, s.num_heads, s.head_dim_v, h);
-            let den = &fwd.den[h * n..(h + 1) * n];
-            let m = poly_shift(&qh, kv, &s, opts, popts.center);
-            if opts.causal {
-                head.backward_causal(&qh, &kv.k, &kv.v, &oh, den, &gh, &m, &kv.kbar)
-            } else {
-                let (dq, dstate, dkbar) = head.backward_queries(&qh, &oh, den, &gh, &m, &kv.kbar, &fwd.kv_state[kvh]);
-                let dkbar = dkbar.into_iter().map(T::from_f64).collect();
-                (dq, dstate, dkbar)
-            }
-        })
-        .collect();
-    if opts.causal {
-        return Ok(combine_grads(per_head, &s));
-    }
-    // Non-causal: sum each group's dH' and dk̄, then one key-side pass per key/value head.
-    let g = s.group();
-    let mut dqs = Vec::with_capacity(s.num_heads);
-    let mut sums: Vec<(Vec<T>, Vec<f64>)> = Vec::with_capacity(s.num_kv_heads);
-    for (h, (dq, dstate, dkbar)) in per_head.into_iter().enumerate() {
-        dqs.push(dq);
-        let dkbar: Vec<f64> = dkbar.iter().map(|x| x.as_f64()).collect();
-        if h % g == 0 {
-            sums.push((dstate, dkbar));
-        } else {
-            let (ds, dk) = sums.last_mut().expect("group leader pushed first");
-            for (a, b) in ds.iter_mut().zip(&dstate) {
-                *a += *b;
-            }
-            for (a, b) in dk.iter_mut().zip(&dkbar) {
-                *a += *b;
-            }
-        }
-    }
-    let kv_grads: Vec<(Vec<T>, Vec<T>)> = kvs
-        .par_iter()
-        .zip(sums.par_iter())
-        .map(|(kv, (dstate, dkbar))| head.backward_keys(&kv.k, &kv.v, dstate, dkbar))
-        .collect();
-    let (dks, dvs): (Vec<_>, Vec<_>) = kv_grads.into_iter().unzip();
-    Ok(AttnGrads {
-        dq: scatter_heads(&dqs, n, s.head_dim),
-        dk: scatter_heads(&dks, n, s.head_dim),
-        dv: scatter_heads(&dvs, n, s.head_dim_v),
-    })
+    out
 }
 
 /// The score bound `R` of every query head (MATH §3, [`bound::score_bound`]): shifted scores when
@@ -491,63 +318,15 @@ pub fn head_bounds<T: Scalar>(
     s.validate()?;
     s.check_len("q", q, s.num_heads, s.head_dim)?;
     s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
-    if !(opts.scale.is_finite() && opts.scale > 0.0) {
-        return Err(Error::bad("scale", format!("must be finite and positive, got {}", opts.scale)));
-    }
+    opts.validate()?;
     let n = s.seq_len;
     Ok((0..s.num_heads)
         .into_par_iter()
         .map(|h| {
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, h / s.group());
+            let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());
             bound::score_bound(&qh, &kh, n, s.head_dim, opts.scale, opts.causal, center)
         })
         .collect())
-}
-
-/// ALTGrad forward (MATH §5; LSSSZ Lemma C.13, I.1): `Õ = D̃⁻¹ Φ_Q Φ_Kᵀ V` with the degree-`g`
-/// features of [`features`] and the row shift of MATH §3 when `popts.center` (row `i`'s degree-`t`
-/// block weighted by `T_{g−t}(−m_i)`). The same function as [`forward_poly`]; returned as an
-/// [`AttnOutput`] with `lse_i = m_i + ln den_i`. Shapes as [`forward_exact`]; O(n·r·d_v) per head,
-/// heads in parallel.
-///
-/// Errors: [`Error::BadInput`] on length/shape mismatches, a non-positive scale, an odd or zero
-/// degree ([`bound::validate_degree`]), a zero chunk, or a feature width above
-/// [`features::MAX_FEATURE_DIM`].
-pub fn forward_altgrad<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-    popts: &PolyOptions,
-) -> Result<AttnOutput<T>> {
-    altgrad::forward(q, k, v, shape, opts, popts)
-}
-
-/// ALTGrad backward, the paper's Algorithm 1 for one layer in Q/K/V form (MATH §5; LSSSZ Def C.12,
-/// Fact C.2, Lemma C.16, Def D.16, Lemmas I.3–I.8, with MATH §5.4's corrections): the exact
-/// softmax-gradient formula with `f̃` in place of softmax, `p = f̃ ∘ (G Vᵀ) − diag(δ) f̃`,
-/// `dQ = τ p K`, `dK = τ pᵀ Q`, `dV = f̃ᵀ G`, no chain rule through the row shift. It is **not**
-/// the gradient of [`forward_altgrad`] (that is [`backward_poly`]); it tends to the exact
-/// gradient as the degree rises. `fwd` must come from [`forward_altgrad`] with the same inputs;
-/// `dout = dL/do [seq_len, num_heads, head_dim_v]`. O(n·r·d_v·d) per head; GQA `dk`, `dv` summed
-/// over each group.
-///
-/// Errors: [`Error::BadInput`] as [`forward_altgrad`], when `fwd`/`dout` do not match the shape,
-/// or when the Kronecker state `r·(d_v+1)·d` exceeds [`altgrad::MAX_KRON_STATE`].
-#[allow(clippy::too_many_arguments)]
-pub fn backward_altgrad<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    fwd: &AttnOutput<T>,
-    dout: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-    popts: &PolyOptions,
-) -> Result<AttnGrads<T>> {
-    altgrad::backward(q, k, v, fwd, dout, shape, opts, popts)
 }
 
 /// The largest `|τ q_i·k_j|` of every query head over the allowed pairs, `[num_heads]`
@@ -563,8 +342,7 @@ pub fn head_max_scores<T: Scalar>(q: &[T], k: &[T], shape: &AttnShape, opts: &At
     Ok((0..s.num_heads)
         .into_par_iter()
         .map(|h| {
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, h / s.group());
+            let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());
             bound::max_abs_score(&qh, &kh, n, s.head_dim, opts.scale, opts.causal)
         })
         .collect())

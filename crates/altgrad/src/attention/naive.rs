@@ -5,10 +5,41 @@
 //! `dK = τ dSᵀ Q`, one head at a time with GQA head mapping.
 #![allow(clippy::needless_range_loop)]
 
-use super::AttnShape;
+use super::{AttnShape, Qkv};
 
 fn idx(i: usize, h: usize, c: usize, heads: usize, w: usize) -> usize {
     (i * heads + h) * w + c
+}
+
+/// Zero `(dq, dk, dv)` in the layouts of `s`.
+fn zero_grads(s: &AttnShape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let n = s.seq_len;
+    (
+        vec![0.0; n * s.num_heads * s.head_dim],
+        vec![0.0; n * s.num_kv_heads * s.head_dim],
+        vec![0.0; n * s.num_kv_heads * s.head_dim_v],
+    )
+}
+
+/// The polynomial model of MATH §3–5 as the references take it: causal mask or not, score scale
+/// τ, degree `g` of `T_g`, row shift on or off.
+#[derive(Clone, Copy, Debug)]
+pub struct Poly {
+    /// Causal mask `j ≤ i`.
+    pub causal: bool,
+    /// Score scale τ.
+    pub scale: f64,
+    /// Degree `g`.
+    pub degree: usize,
+    /// Row shift `m_i = τ q_i·k̄_i`.
+    pub center: bool,
+}
+
+impl Poly {
+    /// `Poly { causal, scale, degree, center }`.
+    pub fn new(causal: bool, scale: f64, degree: usize, center: bool) -> Self {
+        Poly { causal, scale, degree, center }
+    }
 }
 
 /// Materialized softmax probabilities of query head `h`: `[n][n]` (masked entries 0).
@@ -56,20 +87,11 @@ pub fn forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, causal: bool, sca
 }
 
 /// Naive backward: returns `(dq, dk, dv)` for upstream `g = dL/do`.
-pub fn backward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    g: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn backward(x: &Qkv<'_, f64>, g: &[f64], causal: bool, scale: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
     let n = s.seq_len;
     let (d, dvw) = (s.head_dim, s.head_dim_v);
-    let mut dq = vec![0.0; n * s.num_heads * d];
-    let mut dk = vec![0.0; n * s.num_kv_heads * d];
-    let mut dv = vec![0.0; n * s.num_kv_heads * dvw];
+    let (mut dq, mut dk, mut dv) = zero_grads(s);
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
         let p = probs(q, k, s, causal, scale, h);
@@ -110,17 +132,14 @@ pub fn taylor_exp(g: usize, x: f64) -> f64 {
 /// for visible `j` (0 where masked), with `s_ij = scale·q_i·k_j`, `m_i = scale·q_i·k̄_i`, and `k̄_i`
 /// the mean of the keys row `i` sees (all keys, or `j ≤ i` under the causal mask); `m_i = 0`
 /// without `center`. Returns `(A [n][n], m [n], k̄ [n][d])`.
-#[allow(clippy::too_many_arguments)]
 pub fn poly_weights(
     q: &[f64],
     k: &[f64],
     s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
+    p: &Poly,
     h: usize,
 ) -> (Vec<Vec<f64>>, Vec<f64>, Vec<Vec<f64>>) {
+    let Poly { causal, scale, degree, center } = *p;
     let n = s.seq_len;
     let d = s.head_dim;
     let kv = h / (s.num_heads / s.num_kv_heads);
@@ -158,23 +177,13 @@ pub fn poly_weights(
 
 /// Naive polynomial-attention forward: `P = A / rowsum(A)`, `O = P V` with `A` from
 /// [`poly_weights`]; returns `o [n, num_heads, head_dim_v]`.
-#[allow(clippy::too_many_arguments)]
-pub fn poly_forward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-) -> Vec<f64> {
+pub fn poly_forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, p: &Poly) -> Vec<f64> {
     let n = s.seq_len;
     let dvw = s.head_dim_v;
     let mut o = vec![0.0; n * s.num_heads * dvw];
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let (a, _, _) = poly_weights(q, k, s, causal, scale, degree, center, h);
+        let (a, _, _) = poly_weights(q, k, s, p, h);
         for i in 0..n {
             let den: f64 = a[i].iter().sum();
             for c in 0..dvw {
@@ -195,26 +204,15 @@ pub fn poly_forward(
 /// `dS̃_ij = dA_ij T_{g−1}(s̃_ij)`, `dq_i += scale Σ_j dS̃_ij k_j`, `dk_j += scale dS̃_ij q_i`,
 /// `dm_i = −Σ_j dS̃_ij`; through `m_i = scale q_i·k̄_i`: `dq_i += scale dm_i k̄_i` and every key `j`
 /// row `i` sees gets `scale dm_i q_i / |{j visible}|`; `dv_j += P_ij g_i`.
-#[allow(clippy::too_many_arguments)]
-pub fn poly_backward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    g: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn poly_backward(x: &Qkv<'_, f64>, g: &[f64], p: &Poly) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
+    let Poly { causal, scale, degree, center } = *p;
     let n = s.seq_len;
     let (d, dvw) = (s.head_dim, s.head_dim_v);
-    let mut dq = vec![0.0; n * s.num_heads * d];
-    let mut dk = vec![0.0; n * s.num_kv_heads * d];
-    let mut dv = vec![0.0; n * s.num_kv_heads * dvw];
+    let (mut dq, mut dk, mut dv) = zero_grads(s);
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let (a, m, kbar) = poly_weights(q, k, s, causal, scale, degree, center, h);
+        let (a, m, kbar) = poly_weights(q, k, s, p, h);
         for i in 0..n {
             let jmax = if causal { i + 1 } else { n };
             let den: f64 = a[i].iter().sum();
@@ -263,18 +261,8 @@ pub fn poly_backward(
 
 /// LSSSZ's approximate attention matrix of query head `h` (MATH §5): `f̃ = D̃⁻¹ A` with `A` from
 /// [`poly_weights`] (`A_ij = T_g(s_ij − m_i)` = `Φ_Q Φ_Kᵀ` with the row shift; 0 where masked).
-#[allow(clippy::too_many_arguments)]
-pub fn altgrad_matrix(
-    q: &[f64],
-    k: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-    h: usize,
-) -> Vec<Vec<f64>> {
-    let (mut a, _, _) = poly_weights(q, k, s, causal, scale, degree, center, h);
+pub fn altgrad_matrix(q: &[f64], k: &[f64], s: &AttnShape, p: &Poly, h: usize) -> Vec<Vec<f64>> {
+    let (mut a, _, _) = poly_weights(q, k, s, p, h);
     for row in &mut a {
         let den: f64 = row.iter().sum();
         for x in row.iter_mut() {
@@ -353,23 +341,13 @@ fn head_of(x: &[f64], n: usize, heads: usize, w: usize, h: usize) -> Vec<f64> {
 
 /// Naive ALTGrad forward (MATH §5): `o = f̃ V` per head with [`altgrad_matrix`];
 /// returns `o [n, num_heads, head_dim_v]`.
-#[allow(clippy::too_many_arguments)]
-pub fn altgrad_forward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-) -> Vec<f64> {
+pub fn altgrad_forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, p: &Poly) -> Vec<f64> {
     let n = s.seq_len;
     let dvw = s.head_dim_v;
     let mut o = vec![0.0; n * s.num_heads * dvw];
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let f = altgrad_matrix(q, k, s, causal, scale, degree, center, h);
+        let f = altgrad_matrix(q, k, s, p, h);
         for i in 0..n {
             for c in 0..dvw {
                 o[idx(i, h, c, s.num_heads, dvw)] =
@@ -382,26 +360,15 @@ pub fn altgrad_forward(
 
 /// Naive ALTGrad backward (MATH §5 literally, [`grads_from_matrix`] with `f̃` per head, no chain
 /// rule through the row shift); GQA `dk`, `dv` summed over each group. Returns `(dq, dk, dv)`.
-#[allow(clippy::too_many_arguments)]
-pub fn altgrad_backward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    g: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn altgrad_backward(x: &Qkv<'_, f64>, g: &[f64], p: &Poly) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
+    let scale = p.scale;
     let n = s.seq_len;
     let (d, dvw) = (s.head_dim, s.head_dim_v);
-    let mut dq = vec![0.0; n * s.num_heads * d];
-    let mut dk = vec![0.0; n * s.num_kv_heads * d];
-    let mut dv = vec![0.0; n * s.num_kv_heads * dvw];
+    let (mut dq, mut dk, mut dv) = zero_grads(s);
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let f = altgrad_matrix(q, k, s, causal, scale, degree, center, h);
+        let f = altgrad_matrix(q, k, s, p, h);
         let mg = grads_from_matrix(
             &f,
             &head_of(q, n, s.num_heads, d, h),

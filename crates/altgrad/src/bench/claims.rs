@@ -8,8 +8,8 @@ use super::{loglog_slope, method_flops};
 use crate::attention::bound::{choose_degree, eps_a};
 use crate::attention::bound::{key_means, row_shift};
 use crate::attention::features::feature_dim;
-use crate::attention::gather_head;
 use crate::attention::mixed::HeadPlan;
+use crate::attention::view::Rows;
 use crate::attention::{Method, PolyOptions};
 use crate::linalg::rel_err;
 use crate::linalg::{matmul, par_all, rm, rm_mut};
@@ -364,8 +364,8 @@ fn max_shifted_score(inp: &Inputs<f64>) -> f64 {
     let mut best = 0.0f64;
     let mut tile = vec![0.0f64; TILE * n];
     for h in 0..s.num_heads {
-        let q = gather_head(&inp.q, n, s.num_heads, d, h);
-        let k = gather_head(&inp.k, n, s.num_kv_heads, d, h / s.group());
+        let q = Rows::head(&inp.q, n, s.num_heads, d, 0, h).to_vec();
+        let k = Rows::head(&inp.k, n, s.num_kv_heads, d, 0, h / s.group()).to_vec();
         let kbar = key_means(&k, n, d, causal);
         let m = row_shift(&q, &kbar, n, d, tau);
         let mut i0 = 0;

@@ -32,3 +32,13 @@ pub fn rel<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]) -> f64 {
         num / den
     }
 }
+
+/// The checked inputs of one attention call (panics on a length mismatch: test data is built to fit).
+pub fn qkv<'a, T>(
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    s: &altgrad::attention::AttnShape,
+) -> altgrad::attention::Qkv<'a, T> {
+    altgrad::attention::Qkv::new(q, k, v, s).unwrap()
+}
