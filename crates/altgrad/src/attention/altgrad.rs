@@ -439,7 +439,13 @@ pub fn backward_altgrad<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[
     let (s, opts, popts) = (fwd.shape, fwd.opts, fwd.popts);
     let (n, d, dv) = (s.seq_len, s.head_dim, s.head_dim_v);
     let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = poly::kv_heads(x, opts.causal, &popts);
+    if fwd.initial.is_some() {
+        return Err(Error::bad(
+            "fwd",
+            "ALTGrad's backward does not continue a state: run the sequence in one call (or use backward_poly_state)",
+        ));
+    }
+    let kvs = poly::kv_heads(x, opts.causal, &popts, Some(&fwd.reference), None);
     let mut grads = AttnGrads::zeros(&s);
     let view = |h: usize| (s.query(x.q(), h), s.out(&fwd.o, h), s.out(dout, h), &fwd.den[h * n..(h + 1) * n]);
     if opts.causal {

@@ -27,7 +27,10 @@ use view::{heads_mut, Rows, RowsMut};
 pub use altgrad::backward_altgrad;
 pub use bound::{Method, Policy};
 pub use exact::{backward_exact, forward_exact};
-pub use poly::{backward_poly, forward_poly, PolyOptions, PolyOutput};
+pub use poly::{
+    backward_poly, backward_poly_state, forward_poly, forward_poly_state, PolyOptions, PolyOutput, PolyState,
+    PolyStateGrad,
+};
 
 /// The sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,10 +235,10 @@ pub(crate) fn check_backward<T>(x: &Qkv<'_, T>, fwd_shape: &AttnShape, o: &[T], 
 /// of `grads.dq` and `dk_h`, `dv_h` views of its key/value head in `grads.dk`, `grads.dv` when
 /// there is one query head per key/value head, else per-head buffers summed over each GQA group
 /// afterwards (the one place where key/value gradients are summed over a group). `f` adds into
-/// the views; `grads` must start at zero.
-pub(crate) fn query_head_grads<T: Scalar, F>(s: &AttnShape, grads: &mut AttnGrads<T>, f: F) -> Result<()>
+/// the views; `grads` must start at zero. Returns `f`'s results in head order.
+pub(crate) fn query_head_grads<T: Scalar, R: Send, F>(s: &AttnShape, grads: &mut AttnGrads<T>, f: F) -> Result<Vec<R>>
 where
-    F: Fn(usize, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>) -> Result<()> + Sync,
+    F: Fn(usize, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>) -> Result<R> + Sync,
 {
     let (n, d, dv, g) = (s.seq_len, s.head_dim, s.head_dim_v, s.group());
     let dqs = heads_mut(&mut grads.dq, 1, n, s.num_heads, d);
@@ -249,23 +252,25 @@ where
             .map(|(h, (mut dqh, (mut dkh, mut dvh)))| f(h, &mut dqh, &mut dkh, &mut dvh))
             .collect();
     }
-    let per_head: Vec<(Vec<T>, Vec<T>)> = dqs
+    type KvBufs<T> = (Vec<T>, Vec<T>);
+    let per_head: Vec<(KvBufs<T>, R)> = dqs
         .into_par_iter()
         .enumerate()
         .map(|(h, mut dqh)| {
             let (mut kb, mut vb) = (vec![T::zero(); n * d], vec![T::zero(); n * dv]);
-            f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, n, d), &mut RowsMut::contiguous(&mut vb, n, dv))?;
-            Ok((kb, vb))
+            let r = f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, n, d), &mut RowsMut::contiguous(&mut vb, n, dv))?;
+            Ok(((kb, vb), r))
         })
         .collect::<Result<_>>()?;
-    let sums = sum_groups(per_head, g);
+    let (bufs, results): (Vec<_>, Vec<R>) = per_head.into_iter().unzip();
+    let sums = sum_groups(bufs, g);
     dks.into_par_iter().zip(dvs).zip(sums.par_iter()).for_each(|((mut dkh, mut dvh), (kb, vb))| {
         for i in 0..n {
             dkh.row_mut(i).copy_from_slice(&kb[i * d..(i + 1) * d]);
             dvh.row_mut(i).copy_from_slice(&vb[i * dv..(i + 1) * dv]);
         }
     });
-    Ok(())
+    Ok(results)
 }
 
 /// Values that add up element by element (per-head gradients and states summed over a group).

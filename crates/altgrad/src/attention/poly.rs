@@ -90,12 +90,58 @@ pub struct PolyOutput<T> {
     /// Non-causal: per key/value head the state `H' = Φ_Kᵀ [V 1]`, `[r, head_dim_v + 1]` row-major
     /// (reused by the backward); empty under the causal mask (the backward rescans).
     pub kv_state: Vec<Vec<T>>,
+    /// The reference point `c` of every key/value head, `[num_kv_heads, head_dim]` (MATH §3
+    /// "Reference point"; zeros without centering).
+    pub reference: Vec<T>,
+    /// Causal: the state the call started from ([`forward_poly_state`]'s `initial`; the backward
+    /// rescans from it). `None` for a sequence's first piece and without a mask.
+    pub initial: Option<PolyState<T>>,
+    /// Causal: the state after this piece, to continue the sequence ([`forward_poly_state`]);
+    /// `None` without a mask.
+    pub final_state: Option<PolyState<T>>,
     /// The shape of the inputs.
     pub shape: AttnShape,
     /// The options of the call.
     pub opts: AttnOptions,
     /// The polynomial options of the call.
     pub popts: PolyOptions,
+}
+
+/// The state of the causal polynomial scan after the keys of one piece of a sequence (MATH §4
+/// "Causal"; fla's `initial_state` / `final_state`), from which another call continues the
+/// sequence ([`forward_poly_state`]). Flat row-major buffers, one block per key/value head, with
+/// `r = C(head_dim + g, g)` ([`super::features::feature_dim`]):
+///
+/// - `s [num_kv_heads, r, head_dim_v + 1]`: `S' = Σ_j φ(√τ (k_j − c)) [v_j, 1]ᵀ` over every key so
+///   far (the numerator and denominator state, relative to the reference point `c`);
+/// - `key_sum [num_kv_heads, head_dim]`: `Σ_j k_j` (for the prefix means `k̄_i` of the row shift);
+/// - `reference [num_kv_heads, head_dim]`: `c` (MATH §3 "Reference point"; zeros without
+///   centering), a constant: no gradient flows to it, as the function does not depend on it;
+/// - `count`: keys so far, so the next piece's row `i` is position `count + i`.
+///
+/// A state belongs to one degree, scale, value width and centering: continue it with the same
+/// [`PolyOptions`] and [`AttnOptions`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolyState<T> {
+    /// `S'`, `[num_kv_heads, r, head_dim_v + 1]`.
+    pub s: Vec<T>,
+    /// `Σ_j k_j`, `[num_kv_heads, head_dim]`.
+    pub key_sum: Vec<T>,
+    /// `c`, `[num_kv_heads, head_dim]`.
+    pub reference: Vec<T>,
+    /// Keys so far (per sequence).
+    pub count: usize,
+}
+
+/// The gradient of a loss with respect to a [`PolyState`] (fla's `dht` / `dh0`): `ds` in the
+/// layout of [`PolyState::s`], `dkey_sum` in that of [`PolyState::key_sum`] (the reference point
+/// and the count have none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolyStateGrad<T> {
+    /// `dL/dS'`, `[num_kv_heads, r, head_dim_v + 1]`.
+    pub ds: Vec<T>,
+    /// `dL/d(Σ_j k_j)`, `[num_kv_heads, head_dim]`.
+    pub dkey_sum: Vec<T>,
 }
 
 impl<T> PolyOutput<T> {
@@ -126,7 +172,8 @@ pub struct KvHead<'a, T> {
 
 /// Builds the [`KvHead`] of keys `k [n, d]` and values `v`: with `center`, the reference point is
 /// `reference` if given, else the mean of the first `min(chunk, n)` keys (causal: no look-ahead
-/// past the first chunk) or of all keys (non-causal, where `k̄ − c` is then exactly 0). Causal
+/// past the first chunk) or of all keys (non-causal, where `k̄ − c` is then exactly 0, also when
+/// `reference` is that mean). Causal
 /// prefix means count an initial state: `k̄_i = (key_sum + Σ_{j≤i} k_j)/(offset + i + 1)` with
 /// `key_sum [d]` (zeros if `None`). Sums in f64. Without `center`, `c = k̄ − c = 0`.
 #[allow(clippy::too_many_arguments)]
@@ -155,10 +202,9 @@ pub fn kv_head<'a, T: Scalar>(
         }
         acc.iter().map(|a| a / rows.max(1) as f64).collect()
     };
-    let c: Vec<T> = match reference {
-        Some(r) => r.to_vec(),
-        None => mean(if causal { chunk.clamp(1, n.max(1)).min(n) } else { n }).into_iter().map(T::from_f64).collect(),
-    };
+    let default: Vec<T> =
+        mean(if causal { chunk.clamp(1, n.max(1)).min(n) } else { n }).into_iter().map(T::from_f64).collect();
+    let c: Vec<T> = reference.map_or_else(|| default.clone(), <[T]>::to_vec);
     let cf: Vec<f64> = c.iter().map(|x| x.as_f64()).collect();
     let kbar = if causal {
         // Σ_{j<offset} (k_j − c) = key_sum − offset·c, then the local keys relative to c
@@ -175,11 +221,10 @@ pub fn kv_head<'a, T: Scalar>(
             }
         }
         out
-    } else if reference.is_some() {
-        let m = mean(n);
-        m.iter().zip(&cf).map(|(a, b)| T::from_f64(a - b)).collect()
+    } else if c != default {
+        mean(n).iter().zip(&cf).map(|(a, b)| T::from_f64(a - b)).collect()
     } else {
-        zeros
+        zeros // c is the key mean: k̄ − c = 0 by definition (no rounding residue)
     };
     KvHead { k, v, c, kbar, offset }
 }
@@ -880,13 +925,84 @@ pub(crate) fn backward_one<T: Scalar>(
     }
 }
 
-/// Every key/value head's [`KvHead`] (default reference points, no initial state).
-pub(crate) fn kv_heads<'a, T: Scalar>(x: &Qkv<'a, T>, causal: bool, popts: &PolyOptions) -> Vec<KvHead<'a, T>> {
+/// Checks a state's buffers against the shape and feature width `r`.
+///
+/// Errors: [`Error::BadInput`] naming `name` when a buffer has the wrong length.
+fn check_state<T>(name: &str, st: &PolyState<T>, s: &AttnShape, r: usize) -> Result<()> {
+    let (hkv, d, e) = (s.num_kv_heads, s.head_dim, s.head_dim_v + 1);
+    for (field, len, want) in [
+        ("s", st.s.len(), hkv * r * e),
+        ("key_sum", st.key_sum.len(), hkv * d),
+        ("reference", st.reference.len(), hkv * d),
+    ] {
+        if len != want {
+            return Err(Error::bad(
+                name,
+                format!("{field} has {len} values, expected {want} ([num_kv_heads, …] for r = {r}): a state of another shape or degree"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The reference point of every key/value head (`[num_kv_heads, head_dim]`): `reference` if given,
+/// else the initial state's, else `None` (each head's default, [`kv_head`]).
+///
+/// Errors: [`Error::BadInput`] (input `reference`) for a wrong length, a reference without
+/// centering, or one that differs from the initial state's.
+fn resolve_reference<'a, T: Scalar>(
+    s: &AttnShape,
+    center: bool,
+    reference: Option<&'a [T]>,
+    initial: Option<&'a PolyState<T>>,
+) -> Result<Option<&'a [T]>> {
+    let want = s.num_kv_heads * s.head_dim;
+    if let Some(r) = reference {
+        if r.len() != want {
+            return Err(Error::bad(
+                "reference",
+                format!("expected {want} values ([num_kv_heads, head_dim]), got {}", r.len()),
+            ));
+        }
+        if !center {
+            return Err(Error::bad("reference", "a reference point needs centering (PolyOptions::center)"));
+        }
+    }
+    let from_state = initial.map(|st| st.reference.as_slice());
+    if !center {
+        if from_state.is_some_and(|c| c.iter().any(|x| *x != T::zero())) {
+            return Err(Error::bad("initial", "the state was computed with centering, this call has none"));
+        }
+        return Ok(None);
+    }
+    match (reference, from_state) {
+        (Some(r), Some(c)) if r != c => {
+            Err(Error::bad("reference", "differs from the initial state's reference point: a sequence keeps one"))
+        }
+        (Some(r), _) => Ok(Some(r)),
+        (None, c) => Ok(c),
+    }
+}
+
+/// Every key/value head's [`KvHead`]: reference points `reference` (`[num_kv_heads, head_dim]`,
+/// default per head when `None`) and, causal, the initial state's key sums and count.
+pub(crate) fn kv_heads<'a, T: Scalar>(
+    x: &Qkv<'a, T>,
+    causal: bool,
+    popts: &PolyOptions,
+    reference: Option<&[T]>,
+    initial: Option<&PolyState<T>>,
+) -> Vec<KvHead<'a, T>> {
+    let d = x.shape().head_dim;
+    let block = |v: &'_ [T], h: usize| -> Vec<T> { v[h * d..(h + 1) * d].to_vec() };
     (0..x.shape().num_kv_heads)
         .into_par_iter()
         .map(|h| {
             let (kh, vh) = x.kv(h);
-            kv_head(kh, vh, causal, popts.center, popts.chunk, None, None, 0)
+            let c = reference.map(|r| block(r, h));
+            let ks = initial.map(|st| block(&st.key_sum, h));
+            let offset = initial.map_or(0, |st| st.count);
+            kv_head(kh, vh, causal, popts.center, popts.chunk, c.as_deref(), ks.as_deref(), offset)
         })
         .collect()
 }
@@ -905,6 +1021,14 @@ pub(crate) fn kv_states<T: Scalar>(head: &Head<'_, T>, kvs: &[KvHead<'_, T>], ca
         .collect()
 }
 
+/// Polynomial attention, forward, starting a sequence (see [`forward_poly_state`], with no initial
+/// state and default reference points).
+///
+/// Errors: as [`forward_poly_state`].
+pub fn forward_poly<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions, popts: &PolyOptions) -> Result<PolyOutput<T>> {
+    forward_poly_state(x, opts, popts, None, None)
+}
+
 /// Polynomial attention, forward (MATH §3–4; AS23 Lemma 3.4, LSSSZ Lemma I.3); also ALTGrad's
 /// forward (MATH §5: the same `Õ = D̃⁻¹ Φ_Q Φ_Kᵀ V`). The softmax weights `exp(s_ij)` are replaced
 /// by `T_g(s_ij − τ q_i·k̄_i)` (degree `popts.degree`, row shift when `popts.center`, formed
@@ -912,41 +1036,108 @@ pub(crate) fn kv_states<T: Scalar>(head: &Head<'_, T>, kvs: &[KvHead<'_, T>], ca
 /// and O(C·r + r·d_v) extra memory per head with `r = C(d+g, g)`; heads in parallel, each
 /// sequential.
 ///
+/// Causal calls can continue a sequence: `initial` is the [`PolyOutput::final_state`] of the
+/// previous piece (row `i` is then position `initial.count + i`, and `k̄_i` counts the earlier
+/// keys), and the output's `final_state` continues this one. `reference`
+/// (`[num_kv_heads, head_dim]`) fixes the reference points, so that separate callers (processes)
+/// can agree on one; by default the initial state's, else the mean of the first
+/// `min(chunk, seq_len)` keys (causal) or of all keys (non-causal) of each key/value head.
+///
 /// Returns a [`PolyOutput`]: `o`, `lse = τ q_i·k̄_i + ln den_i`, the denominators, (non-causal)
-/// each key/value head's state `H' = Φ_Kᵀ [V 1]`, and the shape and options, which
-/// [`backward_poly`] and [`super::backward_altgrad`] reuse.
+/// each key/value head's `H' = Φ_Kᵀ [V 1]`, the reference points, (causal) the initial and final
+/// states, and the shape and options, which [`backward_poly`] and [`super::backward_altgrad`]
+/// reuse.
 ///
 /// Errors: [`Error::BadInput`] for a non-positive scale, an odd or zero degree ("degree must be
-/// even: …"), a zero chunk, or a feature width above [`super::features::MAX_FEATURE_DIM`].
-pub fn forward_poly<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions, popts: &PolyOptions) -> Result<PolyOutput<T>> {
+/// even: …"), a zero chunk, a feature width above [`super::features::MAX_FEATURE_DIM`], an
+/// `initial` state without the causal mask or of the wrong size, or a `reference` as
+/// [`resolve_reference`] rejects.
+pub fn forward_poly_state<T: Scalar>(
+    x: &Qkv<'_, T>,
+    opts: &AttnOptions,
+    popts: &PolyOptions,
+    initial: Option<&PolyState<T>>,
+    reference: Option<&[T]>,
+) -> Result<PolyOutput<T>> {
     opts.validate()?;
     popts.validate()?;
     let s = *x.shape();
-    let (n, dv, causal) = (s.seq_len, s.head_dim_v, opts.causal);
-    let fm = FeatureMap::<T>::new(s.head_dim, popts.degree)?;
+    let (n, d, dv, causal) = (s.seq_len, s.head_dim, s.head_dim_v, opts.causal);
+    let fm = FeatureMap::<T>::new(d, popts.degree)?;
     let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = kv_heads(x, causal, popts);
+    let len = head.r() * head.e();
+    if let Some(st) = initial {
+        if !causal {
+            return Err(Error::bad("initial", "a state continues a causal sequence: the call has no causal mask"));
+        }
+        check_state("initial", st, &s, head.r())?;
+    }
+    let reference = resolve_reference(&s, popts.center, reference, initial)?;
+    let kvs = kv_heads(x, causal, popts, reference, initial);
     let kv_state = kv_states(&head, &kvs, causal);
     let mut o = vec![T::zero(); n * s.num_heads * dv];
     let (mut lse, mut den) = (vec![T::zero(); s.num_heads * n], vec![T::zero(); s.num_heads * n]);
-    heads_mut(&mut o, 1, n, s.num_heads, dv)
+    let scans: Vec<Vec<T>> = heads_mut(&mut o, 1, n, s.num_heads, dv)
         .into_par_iter()
         .zip(lse.par_chunks_mut(n).zip(den.par_chunks_mut(n)))
         .enumerate()
-        .for_each(|(h, (mut oh, (lh, dh)))| {
+        .map(|(h, (mut oh, (lh, dh)))| {
             let kvh = h / s.group();
             let qh = s.query(x.q(), h);
-            let mut scan = if causal { vec![T::zero(); head.r() * head.e()] } else { Vec::new() };
-            let state = if causal { State::Scan(&mut scan) } else { State::Keys(&kv_state[kvh]) };
-            forward_one(&head, qh, &kvs[kvh], state, &mut oh, lh, dh);
-        });
-    Ok(PolyOutput { o, lse, den, kv_state, shape: s, opts: *opts, popts: *popts })
+            if !causal {
+                forward_one(&head, qh, &kvs[kvh], State::Keys(&kv_state[kvh]), &mut oh, lh, dh);
+                return Vec::new();
+            }
+            let mut scan = initial.map_or_else(|| vec![T::zero(); len], |st| st.s[kvh * len..(kvh + 1) * len].to_vec());
+            forward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), &mut oh, lh, dh);
+            // every query head of a group scans the same keys: keep the first one's final state
+            if h % s.group() == 0 {
+                scan
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    let reference: Vec<T> = kvs.iter().flat_map(|kv| kv.c.iter().copied()).collect();
+    let final_state = causal.then(|| {
+        let mut key_sum = Vec::with_capacity(s.num_kv_heads * d);
+        for (h, kv) in kvs.iter().enumerate() {
+            let mut acc: Vec<f64> = match initial {
+                Some(st) => st.key_sum[h * d..(h + 1) * d].iter().map(|x| x.as_f64()).collect(),
+                None => vec![0.0; d],
+            };
+            for i in 0..n {
+                for (a, x) in acc.iter_mut().zip(kv.k.row(i)) {
+                    *a += x.as_f64();
+                }
+            }
+            key_sum.extend(acc.into_iter().map(T::from_f64));
+        }
+        PolyState {
+            s: scans.concat(),
+            key_sum,
+            reference: reference.clone(),
+            count: initial.map_or(0, |st| st.count) + n,
+        }
+    });
+    Ok(PolyOutput {
+        o,
+        lse,
+        den,
+        kv_state,
+        reference,
+        initial: initial.cloned(),
+        final_state,
+        shape: s,
+        opts: *opts,
+        popts: *popts,
+    })
 }
 
 /// Checks a saved polynomial forward against the inputs and `dout`, and builds its feature map.
 ///
-/// Errors: [`Error::BadInput`] as [`super::check_backward`], for a `den` or key/value state of the
-/// wrong size, or invalid saved options.
+/// Errors: [`Error::BadInput`] as [`super::check_backward`], for a `den`, reference, state or
+/// key/value state of the wrong size, or invalid saved options.
 pub(crate) fn check_saved<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T]) -> Result<FeatureMap<T>> {
     super::check_backward(x, &fwd.shape, &fwd.o, &fwd.lse, dout)?;
     fwd.opts.validate()?;
@@ -954,6 +1145,12 @@ pub(crate) fn check_saved<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: 
     let s = fwd.shape;
     if fwd.den.len() != s.num_heads * s.seq_len {
         return Err(Error::bad("den", format!("expected {} values ([num_heads, seq_len])", s.num_heads * s.seq_len)));
+    }
+    if fwd.reference.len() != s.num_kv_heads * s.head_dim {
+        return Err(Error::bad(
+            "fwd",
+            format!("reference has {} values, expected [num_kv_heads, head_dim]", fwd.reference.len()),
+        ));
     }
     let fm = FeatureMap::<T>::new(s.head_dim, fwd.popts.degree)?;
     let state_len = fm.dim() * (s.head_dim_v + 1);
@@ -963,39 +1160,93 @@ pub(crate) fn check_saved<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: 
             format!("key/value state is not {} heads of [r, head_dim_v + 1] = {state_len} values", s.num_kv_heads),
         ));
     }
+    if let Some(st) = &fwd.initial {
+        check_state("fwd", st, &s, fm.dim())?;
+    }
     Ok(fm)
 }
 
-/// Polynomial attention, backward: the exact gradient of [`forward_poly`]'s function (MATH §4),
-/// including the chain rule through the row shift `m_i` (which depends on `q_i` and the keys; the
-/// reference point is a constant, as the function does not depend on it). `fwd` must come from
-/// [`forward_poly`] on the same inputs (its shape and options are used);
-/// `dout = dL/do [seq_len, num_heads, head_dim_v]`. Non-causal: per query head `dΨ`, `dQ` and
-/// `dH'`; then per key/value head `dK`, `dV` from the group's summed `dH'` (the state is shared
-/// by a GQA group). Causal: per query head a forward scan (`dQ`, intra-chunk terms) and a reverse
-/// scan (`dK`, `dV`), summed over each group.
+/// Polynomial attention, backward of a call without a loss on its final state (see
+/// [`backward_poly_state`]).
 ///
-/// Errors: [`Error::BadInput`] when `fwd` was computed for another shape, or `fwd`/`dout` have
-/// the wrong sizes.
+/// Errors: as [`backward_poly_state`].
 pub fn backward_poly<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T]) -> Result<AttnGrads<T>> {
+    Ok(backward_poly_state(x, fwd, dout, None)?.0)
+}
+
+/// Polynomial attention, backward: the exact gradient of [`forward_poly_state`]'s function
+/// (MATH §4), including the chain rule through the row shift `m_i` (which depends on `q_i` and the
+/// keys; the reference point is a constant, as the function does not depend on it). `fwd` must
+/// come from [`forward_poly_state`] on the same inputs (its shape, options, reference points and
+/// initial state are used); `dout = dL/do [seq_len, num_heads, head_dim_v]`; `dfinal` (causal) is
+/// `dL/d(final state)` when the final state feeds a later piece or a loss (fla's `dht`; zero when
+/// `None`).
+///
+/// Returns the gradients of `q`, `k`, `v` and, causal, the gradient of the initial state (fla's
+/// `dh0`; `dkey_sum` collects `Σ_i τ dm_i q_i/(count + i + 1)` from the prefix means, plus
+/// `dfinal`'s); chain pieces backwards by passing it as the previous piece's `dfinal`.
+/// Non-causal: per query head `dΨ`, `dQ` and `dH'`; then per key/value head `dK`, `dV` from the
+/// group's summed `dH'`. Causal: per query head a forward scan (`dQ`, intra-chunk terms) and a
+/// reverse scan from `dS'_final` (`dK`, `dV`, `dS'_initial`), summed over each group.
+///
+/// Errors: [`Error::BadInput`] when `fwd` was computed for another shape, `fwd`/`dout`/`dfinal`
+/// have the wrong sizes, or `dfinal` is given without the causal mask.
+pub fn backward_poly_state<T: Scalar>(
+    x: &Qkv<'_, T>,
+    fwd: &PolyOutput<T>,
+    dout: &[T],
+    dfinal: Option<&PolyStateGrad<T>>,
+) -> Result<(AttnGrads<T>, Option<PolyStateGrad<T>>)> {
     let fm = check_saved(x, fwd, dout)?;
     let (s, opts, popts) = (fwd.shape, fwd.opts, fwd.popts);
     let (n, d, causal) = (s.seq_len, s.head_dim, opts.causal);
     let head = Head { fm: &fm, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let state_len = head.r() * head.e();
-    let kvs = kv_heads(x, causal, &popts);
+    let len = head.r() * head.e();
+    if let Some(df) = dfinal {
+        if !causal {
+            return Err(Error::bad("dfinal", "a state gradient needs the causal mask"));
+        }
+        let want = (s.num_kv_heads * len, s.num_kv_heads * d);
+        if (df.ds.len(), df.dkey_sum.len()) != want {
+            return Err(Error::bad("dfinal", format!("expected ds of {} and dkey_sum of {} values", want.0, want.1)));
+        }
+    }
+    let kvs = kv_heads(x, causal, &popts, Some(&fwd.reference), fwd.initial.as_ref());
     let mut grads = AttnGrads::zeros(&s);
     let view = |h: usize| (s.query(x.q(), h), s.out(&fwd.o, h), s.out(dout, h), &fwd.den[h * n..(h + 1) * n]);
     if causal {
-        query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
+        let per_head = query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
             let (qh, oh, gh, den) = view(h);
-            let (mut scan, mut dscan) = (vec![T::zero(); state_len], vec![T::zero(); state_len]);
+            let kvh = h / s.group();
+            let block = kvh * len..(kvh + 1) * len;
+            let mut scan = fwd.initial.as_ref().map_or_else(|| vec![T::zero(); len], |st| st.s[block.clone()].to_vec());
+            // the final state's gradient enters once per group, through its first query head
+            let mut dscan = match dfinal {
+                Some(df) if h % s.group() == 0 => df.ds[block].to_vec(),
+                _ => vec![T::zero(); len],
+            };
             let mut dks = vec![0.0f64; d];
-            let kv = &kvs[h / s.group()];
-            backward_one(&head, qh, kv, State::Scan(&mut scan), oh, den, gh, &mut dscan, dq, dk, dv, &mut dks);
-            Ok(())
+            backward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), oh, den, gh, &mut dscan, dq, dk, dv, &mut dks);
+            Ok((dscan, dks))
         })?;
-        return Ok(grads);
+        let sums = sum_groups(per_head, s.group());
+        // key_sum_final = key_sum_initial + Σ_j k_j: dfinal's dkey_sum reaches every key and the initial sum
+        let mut dkey_sum = Vec::with_capacity(s.num_kv_heads * d);
+        for (h, (_, dks)) in sums.iter().enumerate() {
+            let dsum: Vec<T> = dfinal.map_or_else(|| vec![T::zero(); d], |df| df.dkey_sum[h * d..(h + 1) * d].to_vec());
+            if dfinal.is_some() {
+                for (i, row) in grads.dk.chunks_exact_mut(d).enumerate() {
+                    if i % s.num_kv_heads == h {
+                        for (x, g) in row.iter_mut().zip(&dsum) {
+                            *x += *g;
+                        }
+                    }
+                }
+            }
+            dkey_sum.extend(dks.iter().zip(&dsum).map(|(a, b)| T::from_f64(a + b.as_f64())));
+        }
+        let ds = sums.into_iter().flat_map(|(ds, _)| ds).collect();
+        return Ok((grads, Some(PolyStateGrad { ds, dkey_sum })));
     }
     // Non-causal: per query head dQ, dH' and dk̄; the group's sums feed one key pass per key/value head.
     let per_head: Vec<(Vec<T>, Vec<f64>)> = heads_mut(&mut grads.dq, 1, n, s.num_heads, d)
@@ -1006,7 +1257,7 @@ pub fn backward_poly<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T])
             let kvh = h / s.group();
             let kv = &kvs[kvh];
             let m = row_shifts(qh, &kv.kbar, opts.scale, popts.center);
-            let (mut dh, mut dkbar) = (vec![T::zero(); state_len], vec![0.0f64; d]);
+            let (mut dh, mut dkbar) = (vec![T::zero(); len], vec![0.0f64; d]);
             let x = QueryBack { q: qh, m: &m, o: oh, den, g: gh };
             head.backward_queries(&x, &kv.kbar, &fwd.kv_state[kvh], &mut dqh, &mut dh, &mut dkbar);
             (dh, dkbar)
@@ -1019,7 +1270,7 @@ pub fn backward_poly<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T])
         .zip(dvs)
         .zip(kvs.par_iter().zip(sums.par_iter()))
         .for_each(|((mut dkh, mut dvh), (kv, (dh, dkbar)))| head.backward_keys(kv, dh, dkbar, &mut dkh, &mut dvh));
-    Ok(grads)
+    Ok((grads, None))
 }
 
 /// `[1/0!, 1/1!, …, 1/g!]`: the coefficients of `T_g`.
