@@ -920,10 +920,10 @@ fn run_attn(a: &AttnArgs) -> Result<()> {
             );
         }
     }
-    let shape = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let shape = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
     shape.validate().map_err(|e| Error::bad(&input, e.to_string()))?;
     let scale = a.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let opts = AttnOptions { causal: a.causal, scale };
+    let opts = AttnOptions { mask: attention::Mask::from_causal(a.causal), scale };
     if q.dtype == "F64" {
         attn_typed::<f64>(a, q, k, v, dout, b, &shape, &opts)
     } else {

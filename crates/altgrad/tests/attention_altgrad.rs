@@ -10,7 +10,7 @@ use altgrad::attention::features::{taylor, FeatureMap};
 use altgrad::attention::mixed::{forward_mixed, HeadPlan};
 use altgrad::attention::{
     backward_altgrad, backward_exact, backward_poly, forward_exact, forward_poly, head_bounds, naive, AttnOptions,
-    AttnShape, PolyOptions, Qkv,
+    AttnShape, Mask, PolyOptions, Qkv,
 };
 use common::{qkv, randn, rel, to_f32};
 use proptest::prelude::*;
@@ -85,7 +85,7 @@ struct Case {
 
 /// Fast vs naive in f64 (≤ tol64) and f32 (≤ 1e-5); returns the worst f64 and f32 errors.
 fn check(c: &Case, tol64: f64) -> (f64, f64) {
-    let s = AttnShape { seq_len: c.n, num_heads: c.h, num_kv_heads: c.hkv, head_dim: c.d, head_dim_v: c.dv };
+    let s = AttnShape::new(c.n, c.h, c.hkv, c.d).with_head_dim_v(c.dv);
     let opts = AttnOptions::standard(c.d, c.causal);
     let popts = PolyOptions { degree: c.degree, center: c.center, chunk: c.chunk };
     let q = randn(c.n * c.h * c.d, c.seed, 1.0);
@@ -212,7 +212,7 @@ proptest! {
     ) {
         let degree = 2 * deg;
         let h = hkv * group;
-        let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+        let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
         let opts = AttnOptions::standard(d, causal);
         let popts = PolyOptions { degree, center, chunk };
         let q = randn(n * h * d, seed, 1.0);
@@ -239,7 +239,7 @@ proptest! {
 #[test]
 fn naive_reference_is_the_exact_formula_with_f_replaced() {
     let (n, h, hkv, d, dv) = (11, 2, 1, 5, 3);
-    let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
     for causal in [false, true] {
         let scale = 0.45;
         let q = randn(n * h * d, 71, 1.0);
@@ -379,7 +379,7 @@ fn w_form_matches_qkv_chain_rule() {
                 let wf = one_layer_w_form(&l.x, &l.wq, &l.wk, &l.wv, &l.g, n, hdim, d, dv, &opts, &popts).unwrap();
                 let (q, k, v) =
                     (mm(&l.x, &l.wq, n, hdim, d), mm(&l.x, &l.wk, n, hdim, d), mm(&l.x, &l.wv, n, hdim, dv));
-                let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: d, head_dim_v: dv };
+                let s = AttnShape::new(n, 1, 1, d).with_head_dim_v(dv);
                 let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
                 let gr = backward_altgrad(&qkv(&q, &k, &v, &s), &fwd, &l.g).unwrap();
                 let xt = tr(&l.x, n, hdim);
@@ -521,8 +521,8 @@ fn correction_1_dwv_needs_f_transposed() {
     let corrected = mm(&xt, &mm(&tr(&t.f, n, n), &l.g, n, n, dv), hd, n, dv);
     let (ep, ec) = (rel(&printed, &want), rel(&corrected, &want));
     // the library's exact backward on Q = X W_Q, K = X W_K, V = X W_V
-    let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: l.d, head_dim_v: dv };
-    let opts = AttnOptions { causal: true, scale: e.tau };
+    let s = AttnShape::new(n, 1, 1, l.d).with_head_dim_v(dv);
+    let opts = AttnOptions { mask: Mask::causal(), scale: e.tau };
     let (q, k) = (mm(&l.x, &l.wq, n, hd, l.d), mm(&l.x, &l.wk, n, hd, l.d));
     let fw = forward_exact(&qkv(&q, &k, &t.v, &s), &opts).unwrap();
     let gr = backward_exact(&qkv(&q, &k, &t.v, &s), &fw, &l.g).unwrap();
@@ -596,7 +596,7 @@ fn correction_2_d17_terms() {
 #[test]
 fn correction_3_causal_transposed_products_need_suffix_sums() {
     let (n, d, dv, degree) = (13, 4, 3, 2);
-    let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: d, head_dim_v: dv };
+    let s = AttnShape::new(n, 1, 1, d).with_head_dim_v(dv);
     let opts = AttnOptions::standard(d, true);
     let popts = PolyOptions { degree, center: true, chunk: 4 };
     let q = randn(n * d, 31, 1.0);
@@ -723,7 +723,7 @@ fn correction_4_restore_tau() {
         let xpx = mm(&tr(&l.x, n, hd), &mm(&p, &l.x, n, n, hd), hd, n, hd);
         let (ew_p, ew_c) = (rel(&xpx, &want_w), rel(&scaled(&xpx, tau), &want_w));
         // dQ on Q/K/V inputs: FD of the materialized exact forward (library naive) in q
-        let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: d, head_dim_v: dv };
+        let s = AttnShape::new(n, 1, 1, d).with_head_dim_v(dv);
         let (q, k) = (mm(&l.x, &l.wq, n, hd, d), mm(&l.x, &l.wk, n, hd, d));
         let want_q = fd(&q, |qq| dot(&naive::forward(qq, &k, &t.v, &s, true, tau), &l.g));
         let pk = mm(&p, &k, n, n, d);
@@ -788,6 +788,6 @@ fn altgrad_rejects_bad_degree_options_and_huge_states() {
     assert!(err.to_string().starts_with("w_q:"), "{err}");
     let err = one_layer_w_form(&l.x, &l.wq, &l.wk, &l.wv, &l.g, 5, 6, 4, 3, &wo, &PolyOptions::new(3)).unwrap_err();
     assert!(err.to_string().contains("degree must be even"), "{err}");
-    let bad_scale = AttnOptions { causal: true, scale: -1.0 };
+    let bad_scale = AttnOptions { mask: Mask::causal(), scale: -1.0 };
     assert!(one_layer_w_form(&l.x, &l.wq, &l.wk, &l.wv, &l.g, 5, 6, 4, 3, &bad_scale, &p2).is_err());
 }

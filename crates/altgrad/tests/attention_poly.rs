@@ -7,7 +7,7 @@ mod common;
 use altgrad::attention::bound::{output_bound, score_bound};
 use altgrad::attention::features::{feature_dim, FeatureMap};
 use altgrad::attention::{
-    backward_poly, forward_poly, head_bounds, naive, AttnOptions, AttnShape, PolyOptions, PolyOutput,
+    backward_poly, forward_poly, head_bounds, naive, AttnOptions, AttnShape, Mask, PolyOptions, PolyOutput,
 };
 use common::{qkv, randn, rel, to_f32};
 use proptest::prelude::*;
@@ -104,7 +104,7 @@ struct Case {
 
 /// Fast vs naive in f64 (≤ tol64) and f32 (≤ 1e-5); returns the worst f64 and f32 errors.
 fn check(c: &Case, tol64: f64) -> (f64, f64) {
-    let s = AttnShape { seq_len: c.n, num_heads: c.h, num_kv_heads: c.hkv, head_dim: c.d, head_dim_v: c.dv };
+    let s = AttnShape::new(c.n, c.h, c.hkv, c.d).with_head_dim_v(c.dv);
     let opts = AttnOptions::standard(c.d, c.causal);
     let popts = PolyOptions { degree: c.degree, center: c.center, chunk: c.chunk };
     let q = randn(c.n * c.h * c.d, c.seed, c.qk_scale);
@@ -222,12 +222,12 @@ fn poly_matches_naive_degree_4_and_value_width() {
 #[test]
 fn poly_backward_matches_finite_differences() {
     let (n, h, hkv, d, dv) = (9, 2, 1, 4, 3);
-    let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
     let mut worst: f64 = 0.0;
     for &degree in &[2usize, 4] {
         for &causal in &[false, true] {
             for &center in &[false, true] {
-                let opts = AttnOptions { causal, scale: 0.6 };
+                let opts = AttnOptions { mask: Mask::from_causal(causal), scale: 0.6 };
                 let popts = PolyOptions { degree, center, chunk: 4 };
                 let seed = 7 * degree as u64 + if causal { 3 } else { 0 } + if center { 1 } else { 0 };
                 let q = randn(n * h * d, seed, 1.0);
@@ -273,7 +273,7 @@ fn poly_backward_matches_finite_differences() {
 #[test]
 fn naive_poly_backward_matches_finite_differences() {
     let (n, h, hkv, d, dv) = (6, 2, 1, 3, 2);
-    let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
     for &(degree, causal, center) in
         &[(2, false, true), (2, true, true), (4, true, false), (4, false, false), (6, true, true)]
     {
@@ -468,7 +468,7 @@ proptest! {
     ) {
         let degree = 2 * deg;
         let h = hkv * group;
-        let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+        let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
         let opts = AttnOptions::standard(d, causal);
         let popts = PolyOptions { degree, center, chunk };
         let q = randn(n * h * d, seed, 1.0);

@@ -7,8 +7,8 @@
 mod common;
 use altgrad::attention::features::feature_dim;
 use altgrad::attention::{
-    backward_poly_state, forward_poly, forward_poly_state, AttnOptions, AttnShape, PolyOptions, PolyOutput, PolyState,
-    PolyStateGrad, Qkv,
+    backward_poly_state, forward_poly, forward_poly_state, AttnOptions, AttnShape, Mask, PolyOptions, PolyOutput,
+    PolyState, PolyStateGrad, Qkv,
 };
 use altgrad::linalg::Scalar;
 use common::{qkv, randn, rel};
@@ -49,9 +49,9 @@ fn chain<T: Scalar>(c: &Chain) -> f64 {
         dkey_sum: conv(randn(hkv * d, c.seed + 5, 1.0)),
     };
     let reference: Option<Vec<T>> = c.explicit_reference.then(|| conv(randn(hkv * d, c.seed + 6, 0.5)));
-    let opts = AttnOptions { causal: true, scale: 1.0 / (d as f64).sqrt() };
+    let opts = AttnOptions { mask: Mask::causal(), scale: 1.0 / (d as f64).sqrt() };
     let popts = PolyOptions { degree: c.degree, center: c.center, chunk: c.chunk };
-    let shape = |len: usize| AttnShape { seq_len: len, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let shape = |len: usize| AttnShape::new(len, h, hkv, d).with_head_dim_v(dv);
     let s = shape(n);
     // the whole sequence
     let xw = qkv(&q, &k, &v, &s);
@@ -67,6 +67,8 @@ fn chain<T: Scalar>(c: &Chain) -> f64 {
     for (i, &(a, b)) in pieces.iter().enumerate() {
         let x = Qkv::new(rows(&q, a, b, h, d), rows(&k, a, b, hkv, d), rows(&v, a, b, hkv, dv), &shapes[i]).unwrap();
         let prev = fwds.last().and_then(|f| f.final_state.as_ref());
+        // row 0 of the piece is position a, the count of the state it continues
+        let opts = opts.with_mask(Mask::Causal { q_offset: a });
         fwds.push(forward_poly_state(&x, &opts, &popts, prev, reference.as_deref()).unwrap());
     }
     // the pieces, backward: dL/d(final state) enters the last piece, each piece's dL/d(initial
@@ -193,14 +195,15 @@ fn state_gradients_match_finite_differences() {
     for degree in [2usize, 4] {
         for center in [true, false] {
             let seed = 100 + degree as u64 + if center { 1 } else { 0 };
-            let s0 = AttnShape { seq_len: n0, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
-            let s = AttnShape { seq_len: n, ..s0 };
-            let opts = AttnOptions { causal: true, scale: 0.6 };
+            let s0 = AttnShape::new(n0, h, hkv, d).with_head_dim_v(dv);
+            let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
+            let opts0 = AttnOptions { mask: Mask::causal(), scale: 0.6 };
+            let opts = opts0.with_mask(Mask::Causal { q_offset: n0 });
             let popts = PolyOptions { degree, center, chunk: 4 };
             let reference: Option<Vec<f64>> = center.then(|| randn(hkv * d, seed + 9, 0.5));
             let (q0, k0, v0) =
                 (randn(n0 * h * d, seed, 1.0), randn(n0 * hkv * d, seed + 1, 1.0), randn(n0 * hkv * dv, seed + 2, 1.0));
-            let init = forward_poly_state(&qkv(&q0, &k0, &v0, &s0), &opts, &popts, None, reference.as_deref())
+            let init = forward_poly_state(&qkv(&q0, &k0, &v0, &s0), &opts0, &popts, None, reference.as_deref())
                 .unwrap()
                 .final_state
                 .unwrap();
@@ -259,34 +262,39 @@ fn state_gradients_match_finite_differences() {
 
 #[test]
 fn states_are_checked() {
-    let s = AttnShape { seq_len: 5, num_heads: 2, num_kv_heads: 1, head_dim: 3, head_dim_v: 2 };
+    let s = AttnShape::new(5, 2, 1, 3).with_head_dim_v(2);
     let (q, k, v) = (randn(5 * 2 * 3, 1, 1.0), randn(5 * 3, 2, 1.0), randn(5 * 2, 3, 1.0));
     let x = qkv(&q, &k, &v, &s);
-    let causal = AttnOptions { causal: true, scale: 0.5 };
+    let causal = AttnOptions { mask: Mask::causal(), scale: 0.5 };
     let popts = PolyOptions { degree: 2, center: true, chunk: 2 };
     let st = forward_poly(&x, &causal, &popts).unwrap().final_state.unwrap();
     assert_eq!(st.count, 5);
+    let next = causal.with_mask(Mask::Causal { q_offset: 5 });
+    assert!(forward_poly_state(&x, &next, &popts, Some(&st), None).is_ok());
+    // the query offset must be the state's count
+    let err = forward_poly_state(&x, &causal, &popts, Some(&st), None).unwrap_err();
+    assert!(err.to_string().starts_with("mask:"), "{err}");
     // a state of another degree
-    let err = forward_poly_state(&x, &causal, &PolyOptions { degree: 4, ..popts }, Some(&st), None).unwrap_err();
+    let err = forward_poly_state(&x, &next, &PolyOptions { degree: 4, ..popts }, Some(&st), None).unwrap_err();
     assert!(err.to_string().starts_with("initial:"), "{err}");
     // a state without the causal mask
-    let full = AttnOptions { causal: false, ..causal };
+    let full = AttnOptions { mask: Mask::Full, ..causal };
     let err = forward_poly_state(&x, &full, &popts, Some(&st), None).unwrap_err();
     assert!(err.to_string().starts_with("initial:"), "{err}");
     assert!(forward_poly(&x, &full, &popts).unwrap().final_state.is_none());
     // a reference that is not the state's, of the wrong length, or without centering
     let other: Vec<f64> = st.reference.iter().map(|c| c + 1.0).collect();
-    let err = forward_poly_state(&x, &causal, &popts, Some(&st), Some(&other)).unwrap_err();
+    let err = forward_poly_state(&x, &next, &popts, Some(&st), Some(&other)).unwrap_err();
     assert!(err.to_string().starts_with("reference:"), "{err}");
     let err = forward_poly_state(&x, &causal, &popts, None, Some(&other[..2])).unwrap_err();
     assert!(err.to_string().starts_with("reference:"), "{err}");
     let plain = PolyOptions { center: false, ..popts };
     let err = forward_poly_state(&x, &causal, &plain, None, Some(&other)).unwrap_err();
     assert!(err.to_string().starts_with("reference:"), "{err}");
-    let err = forward_poly_state(&x, &causal, &plain, Some(&st), None).unwrap_err();
+    let err = forward_poly_state(&x, &next, &plain, Some(&st), None).unwrap_err();
     assert!(err.to_string().starts_with("initial:"), "{err}");
     // a state gradient of the wrong size, or without the causal mask
-    let fwd = forward_poly_state(&x, &causal, &popts, Some(&st), None).unwrap();
+    let fwd = forward_poly_state(&x, &next, &popts, Some(&st), None).unwrap();
     let bad = PolyStateGrad { ds: vec![0.0; 3], dkey_sum: vec![0.0; 3] };
     let err = backward_poly_state(&x, &fwd, &[0.0; 5 * 2 * 2], Some(&bad)).unwrap_err();
     assert!(err.to_string().starts_with("dfinal:"), "{err}");

@@ -445,10 +445,10 @@ pub fn backward_altgrad<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[
             "ALTGrad's backward does not continue a state: run the sequence in one call (or use backward_poly_state)",
         ));
     }
-    let kvs = poly::kv_heads(x, opts.causal, &popts, Some(&fwd.reference), None);
+    let kvs = poly::kv_heads(x, opts.is_causal(), &popts, Some(&fwd.reference), None);
     let mut grads = AttnGrads::zeros(&s);
     let view = |h: usize| (s.query(x.q(), h), s.out(&fwd.o, h), s.out(dout, h), &fwd.den[h * n..(h + 1) * n]);
-    if opts.causal {
+    if opts.is_causal() {
         query_head_grads(&s, &mut grads, |h, dq, dk, dvh| {
             let (qh, oh, gh, den) = view(h);
             backward_one(&head, qh, &kvs[h / s.group()], true, oh, den, gh, dq, dk, dvh);
@@ -504,7 +504,7 @@ pub struct WFormGrads<T> {
 }
 
 /// One attention layer `L = ⟨G, f̃(X) X W_V⟩` with `f̃ ≈ softmax(τ X W_Q W_Kᵀ Xᵀ)` (masked when
-/// `opts.causal`), differentiated in the paper's W-form (LSSSZ Def 1.2, Lemmas D.17, F.4, G.3;
+/// `opts.mask` is causal), differentiated in the paper's W-form (LSSSZ Def 1.2, Lemmas D.17, F.4, G.3;
 /// MATH §5 "Weights", §5.4): single head, `X·W` convention.
 ///
 /// Shapes: `x [n, hdim]`, `w_q`, `w_k [hdim, d]`, `w_v [hdim, dv]`, `g = dL/dÕ [n, dv]`, all
@@ -558,20 +558,21 @@ pub fn one_layer_w_form<T: Scalar>(
     let kron = Kron { head: &head };
     let (qr, xr) = (Rows::contiguous(&q, n, d), Rows::contiguous(x, n, hdim));
     let (kr, vr) = (Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv));
-    let kv = poly::kv_head(kr, vr, opts.causal, popts.center, popts.chunk, None, None, 0);
+    let causal = poly::poly_mask(opts, &AttnShape::new(n, 1, 1, d).with_head_dim_v(dv), 0)?;
+    let kv = poly::kv_head(kr, vr, causal, popts.center, popts.chunk, None, None, 0);
     let m = poly::row_shifts(qr, &kv.kbar, opts.scale, popts.center);
     let (mut o, mut den, mut lse) = (vec![zero; n * dv], vec![zero; n], vec![zero; n]);
     let mut state = vec![zero; head.r() * head.e()];
-    if !opts.causal {
+    if !causal {
         head.kv_state(&kv, &mut state);
     }
-    let st = if opts.causal { poly::State::Scan(&mut state) } else { poly::State::Keys(&state) };
+    let st = if causal { poly::State::Scan(&mut state) } else { poly::State::Keys(&state) };
     poly::forward_one(&head, qr, &kv, st, &mut RowsMut::contiguous(&mut o, n, dv), &mut lse, &mut den);
     let (mut px, mut ptx, mut dvv) = (vec![zero; n * hdim], vec![zero; n * hdim], vec![zero; n * dv]);
     let (or, gr) = (Rows::contiguous(&o, n, dv), Rows::contiguous(g, n, dv));
     let mut pxm = RowsMut::contiguous(&mut px, n, hdim);
     let (mut ptxm, mut dvm) = (RowsMut::contiguous(&mut ptx, n, hdim), RowsMut::contiguous(&mut dvv, n, dv));
-    if opts.causal {
+    if causal {
         let qb = QueryBack { q: qr, m: &m, o: or, den: &den, g: gr };
         kron.backward_causal(&qb, &kv, xr, xr, &mut pxm, &mut ptxm, &mut dvm);
     } else {

@@ -4,10 +4,11 @@
 //! softmax); save `O` and `lse = m + ln l`. Backward: per key block, stream query blocks,
 //! recompute `P = exp(τ Q Kᵀ − lse)`, accumulate `dV += Pᵀ G`, `dS = P ∘ (G Vᵀ − δ)`,
 //! `dQ += τ dS K`, `dK += τ dSᵀ Q`. Extra memory: one `BLOCK_Q × BLOCK_K` tile and O(n) vectors;
-//! no n×n buffer. Causal blocks above the diagonal are skipped.
+//! no n×n buffer. Tiles the [`Mask`] hides entirely are skipped; tiles it hides in part are masked
+//! with `−∞` entry by entry. Row `i` is position `q_offset + i`; keys are positions `0..kv_len`.
 
 use super::view::{heads_mut, Rows, RowsMut};
-use super::{check_backward, query_head_grads, AttnGrads, AttnOptions, AttnOutput, Qkv};
+use super::{check_backward, query_head_grads, AttnGrads, AttnOptions, AttnOutput, Mask, Qkv};
 use crate::linalg::{matmul, rm, rm_mut, Scalar};
 use crate::Result;
 use faer::Par;
@@ -18,25 +19,53 @@ pub const BLOCK_Q: usize = 64;
 /// Key rows per tile.
 pub const BLOCK_K: usize = 128;
 
-/// Masks `s [rows, cols]` (query rows from `i0`, key cols from `j0`) with −∞ where `j > i`.
-#[inline]
-fn mask_causal<T: Scalar>(s: &mut [T], rows: usize, cols: usize, i0: usize, j0: usize) {
-    if j0 + cols <= i0 + 1 {
-        return; // whole tile at or below the diagonal
+/// How the mask covers a tile of query positions `p0..=p1` and keys `j0..j1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tile {
+    /// No pair allowed: skip the tile.
+    Empty,
+    /// Every pair allowed.
+    Full,
+    /// Some pairs allowed: mask entry by entry.
+    Partial,
+}
+
+fn tile(mask: &Mask, p0: usize, p1: usize, j0: usize, j1: usize) -> Tile {
+    match *mask {
+        Mask::Full => Tile::Full,
+        Mask::Causal { .. } if j0 > p1 => Tile::Empty,
+        Mask::Causal { .. } if j1 - 1 <= p0 => Tile::Full,
+        Mask::Causal { .. } => Tile::Partial,
+        Mask::Window { window, sinks, .. } => {
+            // the rows' windows cover keys (p0 − window, p1], the sinks keys [0, sinks)
+            if j0 > p1 || (j1 + window <= p0 + 1 && j0 >= sinks) {
+                Tile::Empty
+            } else if j1 - 1 <= p0 && (p1 < j0 + window || j1 <= sinks) {
+                Tile::Full
+            } else {
+                Tile::Partial
+            }
+        }
     }
-    for r in 0..rows {
-        let i = i0 + r;
-        let first_masked = (i + 1).saturating_sub(j0).min(cols);
-        for x in &mut s[r * cols + first_masked..(r + 1) * cols] {
-            *x = T::neg_infinity();
+}
+
+/// Sets the entries of `s [rows, cols]` the mask hides to −∞ (query rows from position `p0`, key
+/// columns from `j0`).
+#[inline]
+fn apply_mask<T: Scalar>(mask: &Mask, s: &mut [T], rows: usize, cols: usize, p0: usize, j0: usize) {
+    for (r, row) in s[..rows * cols].chunks_exact_mut(cols).enumerate() {
+        for (c, x) in row.iter_mut().enumerate() {
+            if !mask.allows(p0 + r, j0 + c) {
+                *x = T::neg_infinity();
+            }
         }
     }
 }
 
 // Scratch tiles live on the heap (clippy would put them on the stack).
 #[allow(clippy::useless_vec)]
-/// Forward of one head: `q [n, d]`, `k [n, d]`, `v [n, dv]` (strided views); writes `o [n, dv]`
-/// and `lse [n]`.
+/// Forward of one head: `q [n, d]`, `k [n_k, d]`, `v [n_k, dv]` (strided views; `n_k` as the mask
+/// requires, [`Mask::kv_len`]); writes `o [n, dv]` and `lse [n]`.
 pub fn forward_head<T: Scalar>(
     q: Rows<'_, T>,
     k: Rows<'_, T>,
@@ -45,7 +74,8 @@ pub fn forward_head<T: Scalar>(
     o: &mut RowsMut<'_, T>,
     lse: &mut [T],
 ) {
-    let n = q.rows();
+    let (n, nk, mask) = (q.rows(), k.rows(), opts.mask);
+    let off = mask.q_offset();
     let tau = T::from_f64(opts.scale);
     let mut s = vec![T::zero(); BLOCK_Q * BLOCK_K];
     let mut m = vec![T::zero(); BLOCK_Q];
@@ -53,24 +83,34 @@ pub fn forward_head<T: Scalar>(
     let mut i0 = 0;
     while i0 < n {
         let br = BLOCK_Q.min(n - i0);
+        let (p0, p1) = (off + i0, off + i0 + br - 1);
         let qb = q.sub(i0, br).mat();
         let mut acc = o.sub_mut(i0, br);
         m[..br].fill(T::neg_infinity());
         l[..br].fill(T::zero());
-        let kend = if opts.causal { i0 + br } else { n };
+        let kend = if mask.is_causal() { nk.min(p1 + 1) } else { nk };
         let mut j0 = 0;
         while j0 < kend {
             let bc = BLOCK_K.min(kend - j0);
+            let t = tile(&mask, p0, p1, j0, j0 + bc);
+            if t == Tile::Empty {
+                j0 += bc;
+                continue;
+            }
             let st = &mut s[..br * bc];
             matmul(rm_mut(st, br, bc), false, qb, k.sub(j0, bc).mat().transpose(), tau, Par::Seq);
-            if opts.causal {
-                mask_causal(st, br, bc, i0, j0);
+            if t == Tile::Partial {
+                apply_mask(&mask, st, br, bc, p0, j0);
             }
             for r in 0..br {
                 let row = &mut st[r * bc..(r + 1) * bc];
                 let rmax = row.iter().copied().fold(T::neg_infinity(), T::max);
                 let m_new = m[r].max(rmax);
-                // every row sees at least key 0 (causal keeps the diagonal), so m_new is finite
+                if m_new == T::neg_infinity() {
+                    // nothing this row sees yet (a window's keys lie in later tiles)
+                    row.fill(T::zero());
+                    continue;
+                }
                 for x in row.iter_mut() {
                     *x -= m_new;
                 }
@@ -88,6 +128,7 @@ pub fn forward_head<T: Scalar>(
             matmul(acc.mat_mut(), true, rm(st, br, bc), v.sub(j0, bc).mat(), T::one(), Par::Seq);
             j0 += bc;
         }
+        // every row sees its own position (and key 0 when causal), so l > 0
         for r in 0..br {
             let inv = T::one() / l[r];
             for x in acc.row_mut(r) {
@@ -101,7 +142,7 @@ pub fn forward_head<T: Scalar>(
 
 #[allow(clippy::useless_vec)]
 /// Backward of one head. Inputs as in [`forward_head`] plus `o [n, dv]`, `lse [n]` from it and
-/// `g = dL/do [n, dv]`; adds into `dq [n, d]`, `dk [n, d]`, `dv [n, dv]`.
+/// `g = dL/do [n, dv]`; adds into `dq [n, d]`, `dk [n_k, d]`, `dv [n_k, dv]`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_head<T: Scalar>(
     q: Rows<'_, T>,
@@ -121,21 +162,33 @@ pub fn backward_head<T: Scalar>(
     let delta: Vec<T> = (0..n).map(|i| g.row(i).iter().zip(o.row(i)).map(|(x, y)| *x * *y).sum()).collect();
     let mut p = vec![T::zero(); BLOCK_Q * BLOCK_K];
     let mut dp = vec![T::zero(); BLOCK_Q * BLOCK_K];
+    let (nk, mask) = (k.rows(), opts.mask);
+    let off = mask.q_offset();
     let mut j0 = 0;
-    while j0 < n {
-        let bc = BLOCK_K.min(n - j0);
+    while j0 < nk {
+        let bc = BLOCK_K.min(nk - j0);
         let (kb, vb) = (k.sub(j0, bc).mat(), v.sub(j0, bc).mat());
         let (mut dk_b, mut dv_b) = (dk.sub_mut(j0, bc), dv.sub_mut(j0, bc));
-        // causal: query rows i ≥ j0 only; start at the query block containing j0
-        let mut i0 = if opts.causal { (j0 / BLOCK_Q) * BLOCK_Q } else { 0 };
+        // causal: only positions p ≥ j0 see these keys; start at the query block holding j0
+        let first = if mask.is_causal() { j0.saturating_sub(off) } else { 0 };
+        let mut i0 = (first / BLOCK_Q) * BLOCK_Q;
         while i0 < n {
             let br = BLOCK_Q.min(n - i0);
+            let (p0, p1) = (off + i0, off + i0 + br - 1);
+            let t = tile(&mask, p0, p1, j0, j0 + bc);
+            if t == Tile::Empty {
+                if matches!(mask, Mask::Window { window, sinks, .. } if j0 >= sinks && p0 + 1 >= j0 + bc + window) {
+                    break; // every later row is past the window of these keys
+                }
+                i0 += br;
+                continue;
+            }
             let (qb, gb) = (q.sub(i0, br).mat(), g.sub(i0, br).mat());
             let pt = &mut p[..br * bc];
             let dpt = &mut dp[..br * bc];
             matmul(rm_mut(pt, br, bc), false, qb, kb.transpose(), tau, Par::Seq);
-            if opts.causal {
-                mask_causal(pt, br, bc, i0, j0);
+            if t == Tile::Partial {
+                apply_mask(&mask, pt, br, bc, p0, j0);
             }
             for r in 0..br {
                 let li = lse[i0 + r];
@@ -169,9 +222,13 @@ pub fn backward_head<T: Scalar>(
 /// memory per head, heads in parallel. Returns `o [seq_len, num_heads, head_dim_v]` and
 /// `lse [num_heads, seq_len]`.
 ///
-/// Errors: [`crate::Error::BadInput`] for a non-positive scale.
+/// Any [`Mask`]: full, causal with a query offset (the keys are positions `0..q_offset + seq_len`),
+/// or a sliding window with sinks; tiles the mask hides are skipped.
+///
+/// Errors: [`crate::Error::BadInput`] for a non-positive scale or a mask that does not fit the
+/// shape ([`Mask::validate`]).
 pub fn forward_exact<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions) -> Result<AttnOutput<T>> {
-    opts.validate()?;
+    opts.check(x.shape())?;
     let s = *x.shape();
     let n = s.seq_len;
     let mut o = vec![T::zero(); n * s.num_heads * s.head_dim_v];

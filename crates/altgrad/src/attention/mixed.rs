@@ -70,6 +70,18 @@ fn poly_head<'a, T: Scalar>(fm: &'a FeatureMap<T>, s: &AttnShape, opts: &AttnOpt
     Head { fm, dv: s.head_dim_v, scale: opts.scale, center: p.center, chunk: p.chunk }
 }
 
+/// Checks the options for every plan of a layer (exact heads take any mask, approximate heads the
+/// full or causal one, [`poly::poly_mask`]); returns whether the mask is causal.
+///
+/// Errors: [`Error::BadInput`] as [`AttnOptions::check`] and [`poly::poly_mask`].
+fn check_mask(s: &AttnShape, opts: &AttnOptions, plans: &[HeadPlan]) -> Result<bool> {
+    opts.check(s)?;
+    if plans.iter().any(|p| *p != HeadPlan::Exact) {
+        poly::poly_mask(opts, s, 0)?;
+    }
+    Ok(opts.is_causal())
+}
+
 /// Checks an approximate head's plan and builds its feature map.
 fn feature_map<T: Scalar>(s: &AttnShape, plan: &HeadPlan) -> Result<Option<FeatureMap<T>>> {
     match plan {
@@ -120,7 +132,7 @@ pub fn forward_mixed<T: Scalar>(
         };
         return Ok(MixedOutput { o, saved });
     }
-    opts.validate()?;
+    let causal = check_mask(&s, opts, plans)?;
     let (n, dv) = (s.seq_len, s.head_dim_v);
     let fms: Vec<Option<FeatureMap<T>>> = plans.iter().map(|p| feature_map(&s, p)).collect::<Result<_>>()?;
     let mut o = vec![T::zero(); n * s.num_heads * dv];
@@ -136,9 +148,9 @@ pub fn forward_mixed<T: Scalar>(
                 return Vec::new();
             };
             let head = poly_head(fms[h].as_ref().expect("feature map of an approximate head"), &s, opts, p);
-            let kv = poly::kv_head(kh, vh, opts.causal, p.center, p.chunk, None, None, 0);
+            let kv = poly::kv_head(kh, vh, causal, p.center, p.chunk, None, None, 0);
             let mut state = vec![T::zero(); head.r() * head.e()];
-            if opts.causal {
+            if causal {
                 poly::forward_one(&head, qh, &kv, State::Scan(&mut state), &mut oh, lh, dh);
                 return Vec::new();
             }
@@ -180,7 +192,7 @@ pub fn backward_mixed<T: Scalar>(
     if kv_state.len() != s.num_heads || plans.len() != s.num_heads {
         return Err(mismatch());
     }
-    opts.validate()?;
+    let causal = check_mask(&s, opts, plans)?;
     s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
     let n = s.seq_len;
     let fms: Vec<Option<FeatureMap<T>>> = plans.iter().map(|p| feature_map(&s, p)).collect::<Result<_>>()?;
@@ -197,14 +209,14 @@ pub fn backward_mixed<T: Scalar>(
             HeadPlan::Poly(p) | HeadPlan::AltGrad(p) => p,
         };
         let head = poly_head(fms[h].as_ref().expect("feature map of an approximate head"), &s, opts, p);
-        let kv = poly::kv_head(kh, vh, opts.causal, p.center, p.chunk, None, None, 0);
+        let kv = poly::kv_head(kh, vh, causal, p.center, p.chunk, None, None, 0);
         if matches!(plans[h], HeadPlan::AltGrad(_)) {
-            altgrad::backward_one(&head, qh, &kv, opts.causal, oh, dh, gh, dq, dk, dvh);
+            altgrad::backward_one(&head, qh, &kv, causal, oh, dh, gh, dq, dk, dvh);
             return Ok(());
         }
         let len = head.r() * head.e();
         let (mut scan, mut dscan, mut dks) = (vec![T::zero(); len], vec![T::zero(); len], vec![0.0f64; s.head_dim]);
-        let state = if opts.causal {
+        let state = if causal {
             State::Scan(&mut scan)
         } else if kv_state[h].len() == len {
             State::Keys(&kv_state[h])

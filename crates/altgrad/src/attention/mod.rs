@@ -35,8 +35,11 @@ pub use poly::{
 /// The sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
-    /// Sequence length `n` (≥ 1).
+    /// Query rows `n` (≥ 1).
     pub seq_len: usize,
+    /// Key/value rows `n_k` (≥ 1): `seq_len` unless the mask has a query offset
+    /// ([`Mask::kv_len`]: the keys are positions `0..q_offset + seq_len`).
+    pub kv_len: usize,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads; divides `num_heads`.
@@ -48,9 +51,17 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    /// Shape with `head_dim_v == head_dim`.
+    /// Shape with `kv_len == seq_len` and `head_dim_v == head_dim`.
     pub fn new(seq_len: usize, num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
-        AttnShape { seq_len, num_heads, num_kv_heads, head_dim, head_dim_v: head_dim }
+        AttnShape { seq_len, kv_len: seq_len, num_heads, num_kv_heads, head_dim, head_dim_v: head_dim }
+    }
+    /// The same shape with value width `head_dim_v`.
+    pub fn with_head_dim_v(self, head_dim_v: usize) -> Self {
+        AttnShape { head_dim_v, ..self }
+    }
+    /// The same shape with `kv_len` key/value rows.
+    pub fn with_kv_len(self, kv_len: usize) -> Self {
+        AttnShape { kv_len, ..self }
     }
     /// Query heads per key/value head.
     pub fn group(&self) -> usize {
@@ -59,7 +70,13 @@ impl AttnShape {
     /// Checks that every size is positive and `num_kv_heads | num_heads`.
     pub fn validate(&self) -> Result<()> {
         let s = self;
-        if s.seq_len == 0 || s.num_heads == 0 || s.num_kv_heads == 0 || s.head_dim == 0 || s.head_dim_v == 0 {
+        if s.seq_len == 0
+            || s.kv_len == 0
+            || s.num_heads == 0
+            || s.num_kv_heads == 0
+            || s.head_dim == 0
+            || s.head_dim_v == 0
+        {
             return Err(Error::bad("attention shape", format!("every size must be positive, got {s:?}")));
         }
         if !s.num_heads.is_multiple_of(s.num_kv_heads) {
@@ -74,20 +91,40 @@ impl AttnShape {
     pub(crate) fn query<'a, T>(&self, q: &'a [T], h: usize) -> Rows<'a, T> {
         Rows::head(q, self.seq_len, self.num_heads, self.head_dim, 0, h)
     }
-    /// Key/value head `h` of `k [seq_len, num_kv_heads, head_dim]` as a strided view.
+    /// Key/value head `h` of `k [kv_len, num_kv_heads, head_dim]` as a strided view.
     pub(crate) fn key<'a, T>(&self, k: &'a [T], h: usize) -> Rows<'a, T> {
-        Rows::head(k, self.seq_len, self.num_kv_heads, self.head_dim, 0, h)
+        Rows::head(k, self.kv_len, self.num_kv_heads, self.head_dim, 0, h)
+    }
+    /// Key/value head `h` of `v [kv_len, num_kv_heads, head_dim_v]` as a strided view.
+    pub(crate) fn value<'a, T>(&self, v: &'a [T], h: usize) -> Rows<'a, T> {
+        Rows::head(v, self.kv_len, self.num_kv_heads, self.head_dim_v, 0, h)
     }
     /// Query head `h` of an output-like tensor `[seq_len, num_heads, head_dim_v]` (`o`, `dL/do`).
     pub(crate) fn out<'a, T>(&self, o: &'a [T], h: usize) -> Rows<'a, T> {
         Rows::head(o, self.seq_len, self.num_heads, self.head_dim_v, 0, h)
     }
-    pub(crate) fn check_len<T>(&self, name: &str, x: &[T], heads: usize, width: usize) -> Result<()> {
-        let want = self.seq_len * heads * width;
+    /// Checks `x [rows, heads, width]`'s length; `rows` is `seq_len` or `kv_len`.
+    pub(crate) fn check_rows<T>(&self, name: &str, x: &[T], rows: usize, heads: usize, width: usize) -> Result<()> {
+        let want = rows * heads * width;
         if x.len() != want {
             return Err(Error::bad(
                 name,
-                format!("expected {want} values ([{}, {heads}, {width}]), got {}", self.seq_len, x.len()),
+                format!("expected {want} values ([{rows}, {heads}, {width}]), got {}", x.len()),
+            ));
+        }
+        Ok(())
+    }
+    /// Checks `x [seq_len, heads, width]`'s length.
+    pub(crate) fn check_len<T>(&self, name: &str, x: &[T], heads: usize, width: usize) -> Result<()> {
+        self.check_rows(name, x, self.seq_len, heads, width)
+    }
+    /// Errors: [`Error::BadInput`] (input `name`) unless `kv_len == seq_len` (methods whose keys
+    /// are the queries' own rows).
+    pub(crate) fn check_self(&self, name: &str) -> Result<()> {
+        if self.kv_len != self.seq_len {
+            return Err(Error::bad(
+                name,
+                format!("needs as many keys as queries (kv_len {} ≠ seq_len {})", self.kv_len, self.seq_len),
             ));
         }
         Ok(())
@@ -95,7 +132,7 @@ impl AttnShape {
 }
 
 /// The inputs of one attention call: `q [seq_len, num_heads, head_dim]`,
-/// `k [seq_len, num_kv_heads, head_dim]`, `v [seq_len, num_kv_heads, head_dim_v]` (row-major,
+/// `k [kv_len, num_kv_heads, head_dim]`, `v [kv_len, num_kv_heads, head_dim_v]` (row-major,
 /// contiguous) and their [`AttnShape`], checked once by [`Qkv::new`].
 #[derive(Clone, Copy, Debug)]
 pub struct Qkv<'a, T> {
@@ -114,8 +151,8 @@ impl<'a, T> Qkv<'a, T> {
         let s = *shape;
         s.validate()?;
         s.check_len("q", q, s.num_heads, s.head_dim)?;
-        s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
-        s.check_len("v", v, s.num_kv_heads, s.head_dim_v)?;
+        s.check_rows("k", k, s.kv_len, s.num_kv_heads, s.head_dim)?;
+        s.check_rows("v", v, s.kv_len, s.num_kv_heads, s.head_dim_v)?;
         Ok(Qkv { q, k, v, shape: s })
     }
     /// Queries.
@@ -138,28 +175,128 @@ impl<'a, T> Qkv<'a, T> {
     pub(crate) fn head(&self, h: usize) -> (Rows<'a, T>, Rows<'a, T>, Rows<'a, T>) {
         let s = &self.shape;
         let kv = h / s.group();
-        (s.query(self.q, h), s.key(self.k, kv), Rows::head(self.v, s.seq_len, s.num_kv_heads, s.head_dim_v, 0, kv))
+        (s.query(self.q, h), s.key(self.k, kv), s.value(self.v, kv))
     }
     /// Key/value head `h`, as views.
     pub(crate) fn kv(&self, h: usize) -> (Rows<'a, T>, Rows<'a, T>) {
-        let s = &self.shape;
-        (s.key(self.k, h), Rows::head(self.v, s.seq_len, s.num_kv_heads, s.head_dim_v, 0, h))
+        (self.shape.key(self.k, h), self.shape.value(self.v, h))
+    }
+}
+
+/// Which keys each query row sees (MATH §1). Row `i` of a call is position `p = q_offset + i`;
+/// keys are positions `0..kv_len`. With a query offset the keys of a call are positions
+/// `0..q_offset + seq_len` (flash-attn's kv-cache convention), so `kv_len = q_offset + seq_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mask {
+    /// Every key.
+    Full,
+    /// Keys `j ≤ p` (diagonal included, LSSSZ Def I.2).
+    Causal {
+        /// Position of the call's first query row.
+        q_offset: usize,
+    },
+    /// A sliding window with attention sinks: keys `j ≤ p` with `p − j < window` (the `window`
+    /// latest keys, diagonal included) or `j < sinks` (the first `sinks` keys).
+    Window {
+        /// Keys in the window (≥ 1).
+        window: usize,
+        /// Leading keys every row sees.
+        sinks: usize,
+        /// Position of the call's first query row.
+        q_offset: usize,
+    },
+}
+
+impl Mask {
+    /// `Causal { q_offset: 0 }`.
+    pub fn causal() -> Self {
+        Mask::Causal { q_offset: 0 }
+    }
+    /// `Causal { q_offset: 0 }` when `causal`, else `Full`.
+    pub fn from_causal(causal: bool) -> Self {
+        if causal {
+            Mask::causal()
+        } else {
+            Mask::Full
+        }
+    }
+    /// Whether keys after a row's position are hidden (`Causal` or `Window`).
+    pub fn is_causal(&self) -> bool {
+        !matches!(self, Mask::Full)
+    }
+    /// Position of the first query row (0 for `Full`).
+    pub fn q_offset(&self) -> usize {
+        match *self {
+            Mask::Full => 0,
+            Mask::Causal { q_offset } | Mask::Window { q_offset, .. } => q_offset,
+        }
+    }
+    /// Whether query position `p` sees key `j`.
+    #[inline]
+    pub fn allows(&self, p: usize, j: usize) -> bool {
+        match *self {
+            Mask::Full => true,
+            Mask::Causal { .. } => j <= p,
+            Mask::Window { window, sinks, .. } => j <= p && (p - j < window || j < sinks),
+        }
+    }
+    /// The key/value rows a call of `seq_len` query rows has: `q_offset + seq_len` for `Causal`
+    /// and `Window`; `None` for `Full` (any number).
+    pub fn kv_len(&self, seq_len: usize) -> Option<usize> {
+        self.is_causal().then(|| self.q_offset() + seq_len)
+    }
+    /// Checks the mask against a shape.
+    ///
+    /// Errors: [`Error::BadInput`] (input `mask`) for a zero window, or `kv_len` other than
+    /// [`Mask::kv_len`].
+    pub fn validate(&self, s: &AttnShape) -> Result<()> {
+        if let Mask::Window { window: 0, .. } = self {
+            return Err(Error::bad("mask", "a sliding window needs at least one key (window ≥ 1)"));
+        }
+        match self.kv_len(s.seq_len) {
+            Some(want) if want != s.kv_len => Err(Error::bad(
+                "mask",
+                format!(
+                    "query offset {} and {} query rows need kv_len = {want} keys (positions 0..{want}), the shape has {}",
+                    self.q_offset(),
+                    s.seq_len,
+                    s.kv_len
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
 /// Options of an attention call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnOptions {
-    /// Causal mask `j ≤ i` (diagonal included, MATH §1).
-    pub causal: bool,
+    /// Which keys each row sees.
+    pub mask: Mask,
     /// Score scale τ; scores are `τ q·k`. Real models use `1/√head_dim`.
     pub scale: f64,
 }
 
 impl AttnOptions {
-    /// `scale = 1/√head_dim`.
+    /// `scale = 1/√head_dim`, [`Mask::from_causal`]`(causal)`.
     pub fn standard(head_dim: usize, causal: bool) -> Self {
-        AttnOptions { causal, scale: 1.0 / (head_dim as f64).sqrt() }
+        AttnOptions { mask: Mask::from_causal(causal), scale: 1.0 / (head_dim as f64).sqrt() }
+    }
+    /// `scale = 1/√head_dim`, causal mask without offset.
+    pub fn causal(head_dim: usize) -> Self {
+        Self::standard(head_dim, true)
+    }
+    /// `scale = 1/√head_dim`, no mask.
+    pub fn full(head_dim: usize) -> Self {
+        Self::standard(head_dim, false)
+    }
+    /// The same options with `mask`.
+    pub fn with_mask(self, mask: Mask) -> Self {
+        AttnOptions { mask, ..self }
+    }
+    /// Whether keys after a row's position are hidden ([`Mask::is_causal`]).
+    pub fn is_causal(&self) -> bool {
+        self.mask.is_causal()
     }
     /// Errors: [`Error::BadInput`] (input `scale`) unless the scale is finite and positive.
     pub fn validate(&self) -> Result<()> {
@@ -167,6 +304,11 @@ impl AttnOptions {
             return Err(Error::bad("scale", format!("must be finite and positive, got {}", self.scale)));
         }
         Ok(())
+    }
+    /// [`validate`](Self::validate) and the mask against `s` ([`Mask::validate`]).
+    pub fn check(&self, s: &AttnShape) -> Result<()> {
+        self.validate()?;
+        self.mask.validate(s)
     }
 }
 
@@ -190,9 +332,9 @@ pub struct AttnOutput<T> {
 pub struct AttnGrads<T> {
     /// `dL/dq [seq_len, num_heads, head_dim]`.
     pub dq: Vec<T>,
-    /// `dL/dk [seq_len, num_kv_heads, head_dim]` (summed over the query heads of each group).
+    /// `dL/dk [kv_len, num_kv_heads, head_dim]` (summed over the query heads of each group).
     pub dk: Vec<T>,
-    /// `dL/dv [seq_len, num_kv_heads, head_dim_v]`.
+    /// `dL/dv [kv_len, num_kv_heads, head_dim_v]`.
     pub dv: Vec<T>,
 }
 
@@ -200,10 +342,11 @@ impl<T: Scalar> AttnGrads<T> {
     /// Zero gradients of the shape's layouts.
     pub fn zeros(s: &AttnShape) -> Self {
         let n = s.seq_len;
+        let nk = s.kv_len;
         AttnGrads {
             dq: vec![T::zero(); n * s.num_heads * s.head_dim],
-            dk: vec![T::zero(); n * s.num_kv_heads * s.head_dim],
-            dv: vec![T::zero(); n * s.num_kv_heads * s.head_dim_v],
+            dk: vec![T::zero(); nk * s.num_kv_heads * s.head_dim],
+            dv: vec![T::zero(); nk * s.num_kv_heads * s.head_dim_v],
         }
     }
 }
@@ -240,10 +383,10 @@ pub(crate) fn query_head_grads<T: Scalar, R: Send, F>(s: &AttnShape, grads: &mut
 where
     F: Fn(usize, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>) -> Result<R> + Sync,
 {
-    let (n, d, dv, g) = (s.seq_len, s.head_dim, s.head_dim_v, s.group());
+    let (n, nk, d, dv, g) = (s.seq_len, s.kv_len, s.head_dim, s.head_dim_v, s.group());
     let dqs = heads_mut(&mut grads.dq, 1, n, s.num_heads, d);
-    let dks = heads_mut(&mut grads.dk, 1, n, s.num_kv_heads, d);
-    let dvs = heads_mut(&mut grads.dv, 1, n, s.num_kv_heads, dv);
+    let dks = heads_mut(&mut grads.dk, 1, nk, s.num_kv_heads, d);
+    let dvs = heads_mut(&mut grads.dv, 1, nk, s.num_kv_heads, dv);
     if g == 1 {
         return dqs
             .into_par_iter()
@@ -257,15 +400,16 @@ where
         .into_par_iter()
         .enumerate()
         .map(|(h, mut dqh)| {
-            let (mut kb, mut vb) = (vec![T::zero(); n * d], vec![T::zero(); n * dv]);
-            let r = f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, n, d), &mut RowsMut::contiguous(&mut vb, n, dv))?;
+            let (mut kb, mut vb) = (vec![T::zero(); nk * d], vec![T::zero(); nk * dv]);
+            let r =
+                f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, nk, d), &mut RowsMut::contiguous(&mut vb, nk, dv))?;
             Ok(((kb, vb), r))
         })
         .collect::<Result<_>>()?;
     let (bufs, results): (Vec<_>, Vec<R>) = per_head.into_iter().unzip();
     let sums = sum_groups(bufs, g);
     dks.into_par_iter().zip(dvs).zip(sums.par_iter()).for_each(|((mut dkh, mut dvh), (kb, vb))| {
-        for i in 0..n {
+        for i in 0..nk {
             dkh.row_mut(i).copy_from_slice(&kb[i * d..(i + 1) * d]);
             dvh.row_mut(i).copy_from_slice(&vb[i * dv..(i + 1) * dv]);
         }
@@ -309,9 +453,11 @@ pub(crate) fn sum_groups<A: AddAll>(per_head: Vec<A>, group: usize) -> Vec<A> {
 }
 
 /// The score bound `R` of every query head (MATH §3, [`bound::score_bound`]): shifted scores when
-/// `center`, else unshifted; `[num_heads]`, each against its key/value head. O(n·d) per head.
+/// `center`, else unshifted; `[num_heads]`, each against its key/value head. O(n·d) per head. A
+/// window mask is bounded as the causal mask (its pairs are a subset).
 ///
-/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape` or the scale is not positive.
+/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape`, `kv_len ≠ seq_len`, or the
+/// scale is not positive.
 pub fn head_bounds<T: Scalar>(
     q: &[T],
     k: &[T],
@@ -322,6 +468,7 @@ pub fn head_bounds<T: Scalar>(
     let s = *shape;
     s.validate()?;
     s.check_len("q", q, s.num_heads, s.head_dim)?;
+    s.check_self("k")?;
     s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
     opts.validate()?;
     let n = s.seq_len;
@@ -329,7 +476,7 @@ pub fn head_bounds<T: Scalar>(
         .into_par_iter()
         .map(|h| {
             let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());
-            bound::score_bound(&qh, &kh, n, s.head_dim, opts.scale, opts.causal, center)
+            bound::score_bound(&qh, &kh, n, s.head_dim, opts.scale, opts.is_causal(), center)
         })
         .collect())
 }
@@ -337,18 +484,19 @@ pub fn head_bounds<T: Scalar>(
 /// The largest `|τ q_i·k_j|` of every query head over the allowed pairs, `[num_heads]`
 /// ([`bound::max_abs_score`]; O(n²·d) per head, heads in parallel). For reports.
 ///
-/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape`.
+/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape` or `kv_len ≠ seq_len`.
 pub fn head_max_scores<T: Scalar>(q: &[T], k: &[T], shape: &AttnShape, opts: &AttnOptions) -> Result<Vec<f64>> {
     let s = *shape;
     s.validate()?;
     s.check_len("q", q, s.num_heads, s.head_dim)?;
+    s.check_self("k")?;
     s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
     let n = s.seq_len;
     Ok((0..s.num_heads)
         .into_par_iter()
         .map(|h| {
             let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());
-            bound::max_abs_score(&qh, &kh, n, s.head_dim, opts.scale, opts.causal)
+            bound::max_abs_score(&qh, &kh, n, s.head_dim, opts.scale, opts.is_causal())
         })
         .collect())
 }

@@ -1,7 +1,7 @@
 //! O(n²) materialized references, in f64, for tests only (not part of the stable API).
 //!
-//! Direct transcriptions of MATH §1–2: `S = τ Q Kᵀ`, mask, `P = softmax(S)`, `O = P V`, and the
-//! textbook backward `dV = Pᵀ G`, `dP = G Vᵀ`, `dS = P ∘ (dP − rowsum(dP ∘ P))`, `dQ = τ dS K`,
+//! Direct transcriptions of MATH §1–2: `S = τ Q Kᵀ`, an explicit boolean mask, `P = softmax(S)`,
+//! `O = P V`, and the textbook backward `dV = Pᵀ G`, `dP = G Vᵀ`, `dS = P ∘ (dP − rowsum(dP ∘ P))`, `dQ = τ dS K`,
 //! `dK = τ dSᵀ Q`, one head at a time with GQA head mapping.
 #![allow(clippy::needless_range_loop)]
 
@@ -13,11 +13,11 @@ fn idx(i: usize, h: usize, c: usize, heads: usize, w: usize) -> usize {
 
 /// Zero `(dq, dk, dv)` in the layouts of `s`.
 fn zero_grads(s: &AttnShape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let n = s.seq_len;
+    let (n, nk) = (s.seq_len, s.kv_len);
     (
         vec![0.0; n * s.num_heads * s.head_dim],
-        vec![0.0; n * s.num_kv_heads * s.head_dim],
-        vec![0.0; n * s.num_kv_heads * s.head_dim_v],
+        vec![0.0; nk * s.num_kv_heads * s.head_dim],
+        vec![0.0; nk * s.num_kv_heads * s.head_dim_v],
     )
 }
 
@@ -42,15 +42,22 @@ impl Poly {
     }
 }
 
-/// Materialized softmax probabilities of query head `h`: `[n][n]` (masked entries 0).
-pub fn probs(q: &[f64], k: &[f64], s: &AttnShape, causal: bool, scale: f64, h: usize) -> Vec<Vec<f64>> {
-    let n = s.seq_len;
+/// The explicit `[n][n_k]` mask of the causal (`j ≤ i`) or full pattern.
+pub fn causal_mask(n: usize, nk: usize, causal: bool) -> Vec<Vec<bool>> {
+    (0..n).map(|i| (0..nk).map(|j| !causal || j <= i).collect()).collect()
+}
+
+/// Materialized softmax probabilities of query head `h` under the explicit mask `allowed [n][n_k]`
+/// (`true` where query row `i` sees key `j`; every row sees at least one key): `[n][n_k]`, masked
+/// entries 0. Keys are `s.kv_len` rows.
+pub fn probs_masked(q: &[f64], k: &[f64], s: &AttnShape, allowed: &[Vec<bool>], scale: f64, h: usize) -> Vec<Vec<f64>> {
+    let (n, nk) = (s.seq_len, s.kv_len);
     let kv = h / (s.num_heads / s.num_kv_heads);
-    let mut p = vec![vec![0.0; n]; n];
+    let mut p = vec![vec![0.0; nk]; n];
     for i in 0..n {
-        let jmax = if causal { i + 1 } else { n };
+        let seen: Vec<usize> = (0..nk).filter(|&j| allowed[i][j]).collect();
         let mut mx = f64::NEG_INFINITY;
-        for j in 0..jmax {
+        for &j in &seen {
             let dot: f64 = (0..s.head_dim)
                 .map(|c| q[idx(i, h, c, s.num_heads, s.head_dim)] * k[idx(j, kv, c, s.num_kv_heads, s.head_dim)])
                 .sum();
@@ -58,52 +65,73 @@ pub fn probs(q: &[f64], k: &[f64], s: &AttnShape, causal: bool, scale: f64, h: u
             mx = mx.max(p[i][j]);
         }
         let mut sum = 0.0;
-        for j in 0..jmax {
+        for &j in &seen {
             p[i][j] = (p[i][j] - mx).exp();
             sum += p[i][j];
         }
-        for j in 0..jmax {
+        for &j in &seen {
             p[i][j] /= sum;
         }
     }
     p
 }
 
-/// Naive forward: returns `o [n, num_heads, head_dim_v]`.
-pub fn forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, causal: bool, scale: f64) -> Vec<f64> {
-    let n = s.seq_len;
+/// [`probs_masked`] with the causal or full mask: `[n][n]`.
+pub fn probs(q: &[f64], k: &[f64], s: &AttnShape, causal: bool, scale: f64, h: usize) -> Vec<Vec<f64>> {
+    probs_masked(q, k, s, &causal_mask(s.seq_len, s.kv_len, causal), scale, h)
+}
+
+/// Naive forward under the explicit mask `allowed [n][n_k]`: returns `o [n, num_heads, head_dim_v]`.
+pub fn forward_masked(x: &Qkv<'_, f64>, allowed: &[Vec<bool>], scale: f64) -> Vec<f64> {
+    let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
+    let (n, nk) = (s.seq_len, s.kv_len);
     let mut o = vec![0.0; n * s.num_heads * s.head_dim_v];
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let p = probs(q, k, s, causal, scale, h);
+        let p = probs_masked(q, k, s, allowed, scale, h);
         for i in 0..n {
             for c in 0..s.head_dim_v {
                 o[idx(i, h, c, s.num_heads, s.head_dim_v)] =
-                    (0..n).map(|j| p[i][j] * v[idx(j, kv, c, s.num_kv_heads, s.head_dim_v)]).sum();
+                    (0..nk).map(|j| p[i][j] * v[idx(j, kv, c, s.num_kv_heads, s.head_dim_v)]).sum();
             }
         }
     }
     o
 }
 
-/// Naive backward: returns `(dq, dk, dv)` for upstream `g = dL/do`.
-pub fn backward(x: &Qkv<'_, f64>, g: &[f64], causal: bool, scale: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+/// Naive forward, causal or full: returns `o [n, num_heads, head_dim_v]`.
+pub fn forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, causal: bool, scale: f64) -> Vec<f64> {
+    forward_masked(
+        &Qkv::new(q, k, v, s).expect("naive::forward: lengths"),
+        &causal_mask(s.seq_len, s.kv_len, causal),
+        scale,
+    )
+}
+
+/// Naive backward under the explicit mask `allowed [n][n_k]`: returns `(dq, dk, dv)` for upstream
+/// `g = dL/do`.
+pub fn backward_masked(
+    x: &Qkv<'_, f64>,
+    g: &[f64],
+    allowed: &[Vec<bool>],
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
-    let n = s.seq_len;
+    let (n, nk) = (s.seq_len, s.kv_len);
     let (d, dvw) = (s.head_dim, s.head_dim_v);
     let (mut dq, mut dk, mut dv) = zero_grads(s);
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let p = probs(q, k, s, causal, scale, h);
+        let p = probs_masked(q, k, s, allowed, scale, h);
         for i in 0..n {
             // dP_ij = g_i · v_j
-            let dp: Vec<f64> = (0..n)
+            let dp: Vec<f64> = (0..nk)
                 .map(|j| {
                     (0..dvw).map(|c| g[idx(i, h, c, s.num_heads, dvw)] * v[idx(j, kv, c, s.num_kv_heads, dvw)]).sum()
                 })
                 .collect();
-            let rs: f64 = (0..n).map(|j| dp[j] * p[i][j]).sum();
-            for j in 0..n {
+            let rs: f64 = (0..nk).map(|j| dp[j] * p[i][j]).sum();
+            for j in 0..nk {
                 let ds = p[i][j] * (dp[j] - rs);
                 for c in 0..d {
                     dq[idx(i, h, c, s.num_heads, d)] += scale * ds * k[idx(j, kv, c, s.num_kv_heads, d)];
@@ -116,6 +144,12 @@ pub fn backward(x: &Qkv<'_, f64>, g: &[f64], causal: bool, scale: f64) -> (Vec<f
         }
     }
     (dq, dk, dv)
+}
+
+/// Naive backward, causal or full: returns `(dq, dk, dv)` for upstream `g = dL/do`.
+pub fn backward(x: &Qkv<'_, f64>, g: &[f64], causal: bool, scale: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let s = x.shape();
+    backward_masked(x, g, &causal_mask(s.seq_len, s.kv_len, causal), scale)
 }
 
 /// `T_g(x) = Σ_{t≤g} xᵗ/t!`, summed term by term (MATH §3).

@@ -31,7 +31,7 @@
 use super::features::{simd, taylor, FeatureMap};
 use super::view::heads_mut;
 use super::view::{Rows, RowsMut};
-use super::{query_head_grads, sum_groups, AttnGrads, AttnOptions, AttnShape, Qkv};
+use super::{query_head_grads, sum_groups, AttnGrads, AttnOptions, AttnShape, Mask, Qkv};
 use crate::linalg::{matmul, rm, rm_mut, rm_strided, Scalar};
 use crate::{Error, Result};
 use faer::Par;
@@ -925,6 +925,30 @@ pub(crate) fn backward_one<T: Scalar>(
     }
 }
 
+/// Whether a polynomial call is causal. Its mask must be [`Mask::Full`] or [`Mask::Causal`] whose
+/// query offset is the initial state's count `count` (0 without one: the earlier keys live in the
+/// state, the call's own keys are its rows, `kv_len == seq_len`).
+///
+/// Errors: [`Error::BadInput`] (input `mask`) for a sliding window, another query offset, or
+/// `kv_len ≠ seq_len`.
+pub fn poly_mask(opts: &AttnOptions, s: &AttnShape, count: usize) -> Result<bool> {
+    s.check_self("mask")?;
+    match opts.mask {
+        Mask::Full => Ok(false),
+        Mask::Causal { q_offset } if q_offset == count => Ok(true),
+        Mask::Causal { q_offset } => Err(Error::bad(
+            "mask",
+            format!(
+                "query offset {q_offset} is not the position after the initial state's {count} keys: polynomial \
+                 attention keeps earlier keys in its state (forward_poly_state)"
+            ),
+        )),
+        Mask::Window { .. } => {
+            Err(Error::bad("mask", "polynomial attention supports the full and causal masks, not a sliding window"))
+        }
+    }
+}
+
 /// Checks a state's buffers against the shape and feature width `r`.
 ///
 /// Errors: [`Error::BadInput`] naming `name` when a buffer has the wrong length.
@@ -1036,9 +1060,10 @@ pub fn forward_poly<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions, popts: &PolyO
 /// and O(C·r + r·d_v) extra memory per head with `r = C(d+g, g)`; heads in parallel, each
 /// sequential.
 ///
-/// Causal calls can continue a sequence: `initial` is the [`PolyOutput::final_state`] of the
-/// previous piece (row `i` is then position `initial.count + i`, and `k̄_i` counts the earlier
-/// keys), and the output's `final_state` continues this one. `reference`
+/// The mask is [`Mask::Full`] or [`Mask::Causal`] ([`poly_mask`]). Causal calls can continue a
+/// sequence: `initial` is the [`PolyOutput::final_state`] of the previous piece (row `i` is then
+/// position `initial.count + i`, the mask's query offset, and `k̄_i` counts the earlier keys), and
+/// the output's `final_state` continues this one. `reference`
 /// (`[num_kv_heads, head_dim]`) fixes the reference points, so that separate callers (processes)
 /// can agree on one; by default the initial state's, else the mean of the first
 /// `min(chunk, seq_len)` keys (causal) or of all keys (non-causal) of each key/value head.
@@ -1062,7 +1087,8 @@ pub fn forward_poly_state<T: Scalar>(
     opts.validate()?;
     popts.validate()?;
     let s = *x.shape();
-    let (n, d, dv, causal) = (s.seq_len, s.head_dim, s.head_dim_v, opts.causal);
+    let causal = poly_mask(opts, &s, initial.map_or(0, |st| st.count))?;
+    let (n, d, dv) = (s.seq_len, s.head_dim, s.head_dim_v);
     let fm = FeatureMap::<T>::new(d, popts.degree)?;
     let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
     let len = head.r() * head.e();
@@ -1154,7 +1180,9 @@ pub(crate) fn check_saved<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: 
     }
     let fm = FeatureMap::<T>::new(s.head_dim, fwd.popts.degree)?;
     let state_len = fm.dim() * (s.head_dim_v + 1);
-    if !fwd.opts.causal && (fwd.kv_state.len() != s.num_kv_heads || fwd.kv_state.iter().any(|x| x.len() != state_len)) {
+    if !fwd.opts.is_causal()
+        && (fwd.kv_state.len() != s.num_kv_heads || fwd.kv_state.iter().any(|x| x.len() != state_len))
+    {
         return Err(Error::bad(
             "fwd",
             format!("key/value state is not {} heads of [r, head_dim_v + 1] = {state_len} values", s.num_kv_heads),
@@ -1199,7 +1227,7 @@ pub fn backward_poly_state<T: Scalar>(
 ) -> Result<(AttnGrads<T>, Option<PolyStateGrad<T>>)> {
     let fm = check_saved(x, fwd, dout)?;
     let (s, opts, popts) = (fwd.shape, fwd.opts, fwd.popts);
-    let (n, d, causal) = (s.seq_len, s.head_dim, opts.causal);
+    let (n, d, causal) = (s.seq_len, s.head_dim, opts.is_causal());
     let head = Head { fm: &fm, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
     let len = head.r() * head.e();
     if let Some(df) = dfinal {

@@ -359,7 +359,7 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
 /// tiles of 256 query rows (one GEMM each). O(n²·d) per head.
 fn max_shifted_score(inp: &Inputs<f64>) -> f64 {
     let s = inp.shape;
-    let (n, d, tau, causal) = (s.seq_len, s.head_dim, inp.opts.scale, inp.opts.causal);
+    let (n, d, tau, causal) = (s.seq_len, s.head_dim, inp.opts.scale, inp.opts.is_causal());
     const TILE: usize = 256;
     let mut best = 0.0f64;
     let mut tile = vec![0.0f64; TILE * n];
