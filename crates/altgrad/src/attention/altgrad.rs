@@ -45,9 +45,10 @@
 //! built on the polynomial kernel's feature, shift and intra-chunk pieces.
 
 use super::features::FeatureMap;
-use super::poly::{self, taylor_coefs, Bufs, Head, KvHead, PolyOptions, PolyOutput, QueryBack};
-use super::view::{heads_mut, Rows, RowsMut};
-use super::{query_head_grads, sum_groups, AttnGrads, AttnOptions, AttnShape, Qkv};
+use super::poly::{self, taylor_coefs, Bufs, Head, KvHead, PolyOptions, PolyOutput, PolySaved, QueryBack};
+use super::view::{Rows, RowsMut};
+use super::workspace::{fit, Pooled, Workspace};
+use super::{query_head_grads, sum_groups, AttnGrads, AttnGradsMut, AttnOptions, AttnShape, Qkv};
 use crate::linalg::{matmul, par_all, rm, rm_mut, Scalar};
 use crate::{Error, Result};
 use faer::Par;
@@ -89,7 +90,8 @@ struct Kron<'h, 'a, T> {
 }
 
 /// Per-chunk scratch: the polynomial kernel's plus the Fact C.2 rows.
-struct KBufs<T> {
+#[derive(Debug, Default)]
+pub(crate) struct KBufs<T> {
     p: Bufs<T>,
     pa: Vec<T>,
     ge: Vec<T>,
@@ -106,18 +108,15 @@ impl<T: Scalar> Kron<'_, '_, T> {
         self.head.e()
     }
 
-    /// Scratch for `n` rows and Kronecker widths up to `ew` (`(d_v+1)·w`).
-    fn bufs(&self, n: usize, ew: usize) -> KBufs<T> {
+    /// Scratch for `n` rows and Kronecker widths up to `ew` (`(d_v+1)·w`), from the workspace.
+    fn bufs(&self, n: usize, ew: usize) -> Pooled<'_, KBufs<T>> {
         let c = self.head.c(n);
-        let z = T::zero();
-        KBufs {
-            p: self.head.bufs(n),
-            pa: vec![z; c * c],
-            ge: vec![z; c * self.e()],
-            kr: vec![z; c * ew],
-            big: vec![z; c * ew],
-            inv: vec![z; c],
-        }
+        Pooled::get(Some(&self.head.ws.kron), |b: &mut KBufs<T>| {
+            self.head.fit_bufs(&mut b.p, n);
+            for (v, len) in [(&mut b.pa, c * c), (&mut b.ge, c * self.e()), (&mut b.kr, c * ew), (&mut b.big, c * ew), (&mut b.inv, c)] {
+                fit(v, len);
+            }
+        })
     }
 
     /// `b.ge [rows, e] = [G −δ]` with `δ_i = G_i·O_i` (LSSSZ Def D.16).
@@ -150,7 +149,8 @@ impl<T: Scalar> Kron<'_, '_, T> {
     fn key_kron(&self, kv: &KvHead<'_, T>, rmat: Rows<'_, T>) -> Vec<T> {
         let (r, e, wr, n) = (self.r(), self.e(), rmat.cols(), kv.k.rows());
         let ew = e * wr;
-        let mut b = self.bufs(n, ew);
+        let mut pooled = self.bufs(n, ew);
+        let b = &mut *pooled;
         let mut w = vec![T::zero(); r * ew];
         for (j0, cn) in self.head.chunks(n) {
             self.head.key_features(kv, j0, cn, &mut b.p);
@@ -175,16 +175,17 @@ impl<T: Scalar> Kron<'_, '_, T> {
         let QueryBack { q, m, o, den, g } = *x;
         let (n, r, e, dv) = (q.rows(), self.r(), self.e(), self.head.dv);
         let (wr, wl) = (wk.len() / (r * e), lmat.cols());
-        let mut b = self.bufs(n, e * wr.max(wl));
+        let mut pooled = self.bufs(n, e * wr.max(wl));
+        let b = &mut *pooled;
         let weighted = self.head.weighted(m);
         let mut zq = vec![T::zero(); r * e * wl];
         let mut u = vec![T::zero(); r * dv];
         for (i0, cn) in self.head.chunks(n) {
             self.head.query_features(q.sub(i0, cn), &m[i0..], weighted, &mut b.p);
-            self.normalize_psi(&den[i0..i0 + cn], cn, weighted, &mut b);
-            self.aug_g(g.sub(i0, cn), o.sub(i0, cn), &mut b);
-            self.apply_left(&mut b, cn, weighted, wk, wr, &mut pr.sub_mut(i0, cn));
-            self.accumulate_right(&mut b, cn, weighted, lmat.sub(i0, cn), g.sub(i0, cn), &mut zq, &mut u);
+            self.normalize_psi(&den[i0..i0 + cn], cn, weighted, b);
+            self.aug_g(g.sub(i0, cn), o.sub(i0, cn), b);
+            self.apply_left(b, cn, weighted, wk, wr, &mut pr.sub_mut(i0, cn));
+            self.accumulate_right(b, cn, weighted, lmat.sub(i0, cn), g.sub(i0, cn), &mut zq, &mut u);
         }
         (zq, u)
     }
@@ -195,11 +196,12 @@ impl<T: Scalar> Kron<'_, '_, T> {
     fn backward_keys(&self, kv: &KvHead<'_, T>, zq: &[T], u: &[T], ptl: &mut RowsMut<'_, T>, dv: &mut RowsMut<'_, T>) {
         let n = kv.k.rows();
         let wl = zq.len() / (self.r() * self.e());
-        let mut b = self.bufs(n, self.e() * wl);
+        let mut pooled = self.bufs(n, self.e() * wl);
+        let b = &mut *pooled;
         for (j0, cn) in self.head.chunks(n) {
             self.head.key_features(kv, j0, cn, &mut b.p);
             self.head.aug_v(kv.v.sub(j0, cn), &mut b.p.ve);
-            self.apply_right(&mut b, cn, zq, u, wl, &mut ptl.sub_mut(j0, cn), &mut dv.sub_mut(j0, cn));
+            self.apply_right(b, cn, zq, u, wl, &mut ptl.sub_mut(j0, cn), &mut dv.sub_mut(j0, cn));
         }
     }
 
@@ -277,13 +279,14 @@ impl<T: Scalar> Kron<'_, '_, T> {
         let (ewr, ewl) = (e * wr, e * wl);
         let weighted = self.head.weighted(m);
         let coef = taylor_coefs::<T>(self.head.fm.degree());
-        let mut b = self.bufs(n, ewr.max(ewl));
+        let mut pooled = self.bufs(n, ewr.max(ewl));
+        let b = &mut *pooled;
         // Forward scan: the prefix state.
         let mut w = vec![T::zero(); r * ewr];
         for (i0, cn) in self.head.chunks(n) {
             let qc = q.sub(i0, cn);
             self.head.query_features(qc, &m[i0..], weighted, &mut b.p);
-            self.normalize_psi(&den[i0..i0 + cn], cn, weighted, &mut b);
+            self.normalize_psi(&den[i0..i0 + cn], cn, weighted, b);
             // diagonal block: F = D̃⁻¹ A, a_ij = T_g(τ q_i·(k_j − c) − m_i) for j ≤ i
             self.head.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.p.xtk);
             self.head.intra_scores(qc, &b.p.xtk, &mut b.p.s);
@@ -293,10 +296,10 @@ impl<T: Scalar> Kron<'_, '_, T> {
                     *x *= *s;
                 }
             }
-            self.aug_g(g.sub(i0, cn), o.sub(i0, cn), &mut b);
+            self.aug_g(g.sub(i0, cn), o.sub(i0, cn), b);
             self.head.aug_v(kv.v.sub(i0, cn), &mut b.p.ve);
             // inter-chunk: rows of p R through the prefix state
-            self.apply_left(&mut b, cn, weighted, &w, wr, &mut pr.sub_mut(i0, cn));
+            self.apply_left(b, cn, weighted, &w, wr, &mut pr.sub_mut(i0, cn));
             // diagonal block: P = F ∘ (G' V'ᵀ) (masked through F)
             let (ge, ve) = (rm(&b.ge[..cn * e], cn, e), rm(&b.p.ve[..cn * e], cn, e));
             matmul(rm_mut(&mut b.pa[..cn * cn], cn, cn), false, ge, ve.transpose(), T::one(), Par::Seq);
@@ -320,11 +323,11 @@ impl<T: Scalar> Kron<'_, '_, T> {
         for (i0, cn) in self.head.chunks(n).rev() {
             self.head.key_features(kv, i0, cn, &mut b.p);
             self.head.aug_v(kv.v.sub(i0, cn), &mut b.p.ve);
-            self.apply_right(&mut b, cn, &zq, &u, wl, &mut ptl.sub_mut(i0, cn), &mut dv.sub_mut(i0, cn));
+            self.apply_right(b, cn, &zq, &u, wl, &mut ptl.sub_mut(i0, cn), &mut dv.sub_mut(i0, cn));
             self.head.query_features(q.sub(i0, cn), &m[i0..], weighted, &mut b.p);
-            self.normalize_psi(&den[i0..i0 + cn], cn, weighted, &mut b);
-            self.aug_g(g.sub(i0, cn), o.sub(i0, cn), &mut b);
-            self.accumulate_right(&mut b, cn, weighted, lmat.sub(i0, cn), g.sub(i0, cn), &mut zq, &mut u);
+            self.normalize_psi(&den[i0..i0 + cn], cn, weighted, b);
+            self.aug_g(g.sub(i0, cn), o.sub(i0, cn), b);
+            self.accumulate_right(b, cn, weighted, lmat.sub(i0, cn), g.sub(i0, cn), &mut zq, &mut u);
         }
     }
 }
@@ -434,11 +437,30 @@ pub fn check_kron_state(shape: &AttnShape, popts: &PolyOptions) -> Result<()> {
 /// Errors: [`Error::BadInput`] when `fwd` was computed for another shape, `fwd`/`dout` have the
 /// wrong sizes, or the Kronecker state `r·(d_v+1)·d` exceeds [`MAX_KRON_STATE`] (checked first).
 pub fn backward_altgrad<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T]) -> Result<AttnGrads<T>> {
+    let mut grads = AttnGrads::zeros(x.shape());
+    backward_altgrad_into(x, &fwd.saved, &fwd.o, &fwd.den, dout, grads.as_mut(), &Workspace::new())?;
+    Ok(grads)
+}
+
+/// [`backward_altgrad`] from a polynomial forward's [`PolySaved`] and its caller-owned `o` and
+/// `den`, into caller-owned gradients (overwritten), with scratch from `ws`.
+///
+/// Errors: as [`backward_altgrad`], or [`Error::BadInput`] naming a buffer of the wrong length.
+pub fn backward_altgrad_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    fwd: &PolySaved<T>,
+    o: &[T],
+    den: &[T],
+    dout: &[T],
+    mut grads: AttnGradsMut<'_, T>,
+    ws: &Workspace<T>,
+) -> Result<()> {
     check_kron_state(&fwd.shape, &fwd.popts)?;
-    let fm = poly::check_saved(x, fwd, dout)?;
+    let fm = poly::check_saved(x, fwd, o, den, dout)?;
     let (s, opts, popts) = (fwd.shape, fwd.opts, fwd.popts);
+    grads.check(&s)?;
     let (n, d, dv) = (s.seq_len, s.head_dim, s.head_dim_v);
-    let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
+    let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk, ws };
     if fwd.initial.is_some() {
         return Err(Error::bad(
             "fwd",
@@ -446,31 +468,33 @@ pub fn backward_altgrad<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[
         ));
     }
     let kvs = poly::kv_heads(x, opts.is_causal(), &popts, Some(&fwd.reference), None);
-    let mut grads = AttnGrads::zeros(&s);
-    let view = |h: usize| (s.query(x.q(), h), s.out(&fwd.o, h), s.out(dout, h), &fwd.den[h * n..(h + 1) * n]);
+    let view = |h: usize| (s.query(x.q(), h), s.out(o, h), s.out(dout, h), &den[h * n..(h + 1) * n]);
     if opts.is_causal() {
         query_head_grads(&s, &mut grads, |h, dq, dk, dvh| {
-            let (qh, oh, gh, den) = view(h);
-            backward_one(&head, qh, &kvs[h / s.group()], true, oh, den, gh, dq, dk, dvh);
+            let (qh, oh, gh, dh) = view(h);
+            backward_one(&head, qh, &kvs[h / s.group()], true, oh, dh, gh, dq, dk, dvh);
             Ok(())
         })?;
-        return Ok(grads);
+        return Ok(());
     }
     // Non-causal: key-side states per key/value head, then query heads, then one key pass per
     // key/value head with the group's summed states.
+    grads.zero();
     let kron = Kron { head: &head };
     let tau = T::from_f64(opts.scale);
+    let nk = s.kv_len;
     let shifted: Vec<Vec<T>> = kvs.par_iter().map(shifted_keys).collect();
     let key_states: Vec<Vec<T>> =
-        kvs.par_iter().zip(&shifted).map(|(kv, ks)| kron.key_kron(kv, Rows::contiguous(ks, n, d))).collect();
-    let per_head: Vec<(Vec<T>, Vec<T>)> = heads_mut(&mut grads.dq, 1, n, s.num_heads, d)
+        kvs.par_iter().zip(&shifted).map(|(kv, ks)| kron.key_kron(kv, Rows::contiguous(ks, nk, d))).collect();
+    let per_head: Vec<(Vec<T>, Vec<T>)> = s
+        .query_views(grads.dq, d)
         .into_par_iter()
         .enumerate()
         .map(|(h, mut dqh)| {
-            let (qh, oh, gh, den) = view(h);
+            let (qh, oh, gh, dh) = view(h);
             let kv = &kvs[h / s.group()];
             let m = poly::row_shifts(qh, &kv.kbar, opts.scale, popts.center);
-            let x = QueryBack { q: qh, m: &m, o: oh, den, g: gh };
+            let x = QueryBack { q: qh, m: &m, o: oh, den: dh, g: gh };
             let zu = kron.backward_queries(&x, &key_states[h / s.group()], qh, &mut dqh);
             scale_rows(&mut dqh, tau);
             zu
@@ -478,15 +502,15 @@ pub fn backward_altgrad<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[
         .collect();
     drop(key_states);
     let sums = sum_groups(per_head, s.group());
-    let dks = heads_mut(&mut grads.dk, 1, n, s.num_kv_heads, d);
-    let dvs = heads_mut(&mut grads.dv, 1, n, s.num_kv_heads, dv);
+    let dks = s.kv_views(grads.dk, d);
+    let dvs = s.kv_views(grads.dv, dv);
     dks.into_par_iter().zip(dvs).zip(kvs.par_iter().zip(sums.par_iter())).for_each(
         |((mut dkh, mut dvh), (kv, (zq, u)))| {
             kron.backward_keys(kv, zq, u, &mut dkh, &mut dvh);
             scale_rows(&mut dkh, tau);
         },
     );
-    Ok(grads)
+    Ok(())
 }
 
 /// Gradients of one attention layer in the paper's W-form (LSSSZ Lemmas D.17, F.4, G.3, with
@@ -554,7 +578,8 @@ pub fn one_layer_w_form<T: Scalar>(
         out
     };
     let (q, k, v) = (proj(w_q, d), proj(w_k, d), proj(w_v, dv));
-    let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
+    let ws = Workspace::new();
+    let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk, ws: &ws };
     let kron = Kron { head: &head };
     let (qr, xr) = (Rows::contiguous(&q, n, d), Rows::contiguous(x, n, hdim));
     let (kr, vr) = (Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv));

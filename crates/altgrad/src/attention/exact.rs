@@ -7,8 +7,9 @@
 //! no n×n buffer. Tiles the [`Mask`] hides entirely are skipped; tiles it hides in part are masked
 //! with `−∞` entry by entry. Row `i` is position `q_offset + i`; keys are positions `0..kv_len`.
 
-use super::view::{heads_mut, Rows, RowsMut};
-use super::{check_backward, query_head_grads, AttnGrads, AttnOptions, AttnOutput, Mask, Qkv};
+use super::view::{Rows, RowsMut};
+use super::workspace::{fit, Pooled, Workspace};
+use super::{check_backward, query_head_grads, AttnGrads, AttnGradsMut, AttnOptions, AttnOutput, Mask, Qkv};
 use crate::linalg::{matmul, rm, rm_mut, Scalar};
 use crate::Result;
 use faer::Par;
@@ -18,6 +19,29 @@ use rayon::prelude::*;
 pub const BLOCK_Q: usize = 64;
 /// Key rows per tile.
 pub const BLOCK_K: usize = 128;
+
+/// Scratch of one head: two `BLOCK_Q × BLOCK_K` tiles and per-row vectors.
+#[derive(Debug, Default)]
+pub(crate) struct Tiles<T> {
+    a: Vec<T>,
+    b: Vec<T>,
+    m: Vec<T>,
+    l: Vec<T>,
+    delta: Vec<T>,
+}
+
+impl<T: Scalar> Tiles<T> {
+    /// Scratch from `ws` sized for a head of `n` query rows.
+    fn get(ws: &Workspace<T>, n: usize) -> Pooled<'_, Tiles<T>> {
+        Pooled::get(Some(&ws.exact), |t: &mut Tiles<T>| {
+            fit(&mut t.a, BLOCK_Q * BLOCK_K);
+            fit(&mut t.b, BLOCK_Q * BLOCK_K);
+            fit(&mut t.m, BLOCK_Q);
+            fit(&mut t.l, BLOCK_Q);
+            fit(&mut t.delta, n);
+        })
+    }
+}
 
 /// How the mask covers a tile of query positions `p0..=p1` and keys `j0..j1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,10 +86,9 @@ fn apply_mask<T: Scalar>(mask: &Mask, s: &mut [T], rows: usize, cols: usize, p0:
     }
 }
 
-// Scratch tiles live on the heap (clippy would put them on the stack).
-#[allow(clippy::useless_vec)]
 /// Forward of one head: `q [n, d]`, `k [n_k, d]`, `v [n_k, dv]` (strided views; `n_k` as the mask
-/// requires, [`Mask::kv_len`]); writes `o [n, dv]` and `lse [n]`.
+/// requires, [`Mask::kv_len`]); writes `o [n, dv]` and `lse [n]`; scratch from `ws`.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_head<T: Scalar>(
     q: Rows<'_, T>,
     k: Rows<'_, T>,
@@ -73,13 +96,13 @@ pub fn forward_head<T: Scalar>(
     opts: &AttnOptions,
     o: &mut RowsMut<'_, T>,
     lse: &mut [T],
+    ws: &Workspace<T>,
 ) {
     let (n, nk, mask) = (q.rows(), k.rows(), opts.mask);
     let off = mask.q_offset();
     let tau = T::from_f64(opts.scale);
-    let mut s = vec![T::zero(); BLOCK_Q * BLOCK_K];
-    let mut m = vec![T::zero(); BLOCK_Q];
-    let mut l = vec![T::zero(); BLOCK_Q];
+    let mut tiles = Tiles::get(ws, n);
+    let Tiles { a: s, m, l, .. } = &mut *tiles;
     let mut i0 = 0;
     while i0 < n {
         let br = BLOCK_Q.min(n - i0);
@@ -140,9 +163,8 @@ pub fn forward_head<T: Scalar>(
     }
 }
 
-#[allow(clippy::useless_vec)]
 /// Backward of one head. Inputs as in [`forward_head`] plus `o [n, dv]`, `lse [n]` from it and
-/// `g = dL/do [n, dv]`; adds into `dq [n, d]`, `dk [n_k, d]`, `dv [n_k, dv]`.
+/// `g = dL/do [n, dv]`; adds into `dq [n, d]`, `dk [n_k, d]`, `dv [n_k, dv]`; scratch from `ws`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_head<T: Scalar>(
     q: Rows<'_, T>,
@@ -155,13 +177,16 @@ pub fn backward_head<T: Scalar>(
     dq: &mut RowsMut<'_, T>,
     dk: &mut RowsMut<'_, T>,
     dv: &mut RowsMut<'_, T>,
+    ws: &Workspace<T>,
 ) {
     let n = q.rows();
     let tau = T::from_f64(opts.scale);
+    let mut tiles = Tiles::get(ws, n);
+    let Tiles { a: p, b: dp, delta, .. } = &mut *tiles;
     // δ_i = Σ_c G_ic O_ic
-    let delta: Vec<T> = (0..n).map(|i| g.row(i).iter().zip(o.row(i)).map(|(x, y)| *x * *y).sum()).collect();
-    let mut p = vec![T::zero(); BLOCK_Q * BLOCK_K];
-    let mut dp = vec![T::zero(); BLOCK_Q * BLOCK_K];
+    for (i, dl) in delta[..n].iter_mut().enumerate() {
+        *dl = g.row(i).iter().zip(o.row(i)).map(|(x, y)| *x * *y).sum();
+    }
     let (nk, mask) = (k.rows(), opts.mask);
     let off = mask.q_offset();
     let mut j0 = 0;
@@ -219,45 +244,86 @@ pub fn backward_head<T: Scalar>(
 }
 
 /// Exact softmax attention, forward (MATH §2, FA2 Alg. 1): tiled online softmax, O(n) extra
-/// memory per head, heads in parallel. Returns `o [seq_len, num_heads, head_dim_v]` and
-/// `lse [num_heads, seq_len]`.
-///
-/// Any [`Mask`]: full, causal with a query offset (the keys are positions `0..q_offset + seq_len`),
-/// or a sliding window with sinks; tiles the mask hides are skipped.
+/// memory per head, the (sequence, head) pairs in parallel. Returns
+/// `o [batch, seq_len, num_heads, head_dim_v]` and `lse [batch, num_heads, seq_len]`. Any
+/// [`Mask`]: full, causal with a query offset (the keys are positions `0..q_offset + seq_len`), or
+/// a sliding window with sinks; tiles the mask hides are skipped.
 ///
 /// Errors: [`crate::Error::BadInput`] for a non-positive scale or a mask that does not fit the
 /// shape ([`Mask::validate`]).
 pub fn forward_exact<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions) -> Result<AttnOutput<T>> {
-    opts.check(x.shape())?;
     let s = *x.shape();
-    let n = s.seq_len;
-    let mut o = vec![T::zero(); n * s.num_heads * s.head_dim_v];
-    let mut lse = vec![T::zero(); s.num_heads * n];
-    heads_mut(&mut o, 1, n, s.num_heads, s.head_dim_v).into_par_iter().zip(lse.par_chunks_mut(n)).enumerate().for_each(
-        |(h, (mut oh, lh))| {
-            let (qh, kh, vh) = x.head(h);
-            forward_head(qh, kh, vh, opts, &mut oh, lh);
-        },
-    );
+    let mut o = vec![T::zero(); s.heads() * s.seq_len * s.head_dim_v];
+    let mut lse = vec![T::zero(); s.heads() * s.seq_len];
+    forward_exact_into(x, opts, &mut o, &mut lse, &Workspace::new())?;
     Ok(AttnOutput { o, lse, shape: s, opts: *opts })
 }
 
+/// [`forward_exact`] into caller-owned buffers `o [batch, seq_len, num_heads, head_dim_v]` and
+/// `lse [batch, num_heads, seq_len]` (overwritten), with scratch from `ws`.
+///
+/// Errors: as [`forward_exact`], or [`crate::Error::BadInput`] (input `o` or `lse`) for a wrong
+/// length.
+pub fn forward_exact_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    opts: &AttnOptions,
+    o: &mut [T],
+    lse: &mut [T],
+    ws: &Workspace<T>,
+) -> Result<()> {
+    let s = *x.shape();
+    opts.check(&s)?;
+    s.check_len("o", o, s.num_heads, s.head_dim_v)?;
+    s.check_rowwise("lse", lse)?;
+    s.query_views(o, s.head_dim_v).into_par_iter().zip(lse.par_chunks_mut(s.seq_len)).enumerate().for_each(
+        |(h, (mut oh, lh))| {
+            let (qh, kh, vh) = x.head(h);
+            forward_head(qh, kh, vh, opts, &mut oh, lh, ws);
+        },
+    );
+    Ok(())
+}
+
 /// Exact softmax attention, backward (MATH §2, FA2 Alg. 2): recomputes `P` block by block from
-/// `fwd.lse`; `dout` is `dL/do [seq_len, num_heads, head_dim_v]`. Heads in parallel; GQA
-/// gradients of `k`, `v` are summed over each group.
+/// `fwd.lse`; `dout` is `dL/do [batch, seq_len, num_heads, head_dim_v]`. The (sequence, head)
+/// pairs in parallel; GQA gradients of `k`, `v` are summed over each group.
 ///
 /// Errors: [`crate::Error::BadInput`] when `fwd` was computed for another shape or `fwd`/`dout`
 /// have the wrong lengths.
 pub fn backward_exact<T: Scalar>(x: &Qkv<'_, T>, fwd: &AttnOutput<T>, dout: &[T]) -> Result<AttnGrads<T>> {
-    check_backward(x, &fwd.shape, &fwd.o, &fwd.lse, dout)?;
+    check_backward(x, &fwd.shape, &fwd.o, dout)?;
+    let mut grads = AttnGrads::zeros(x.shape());
+    backward_exact_into(x, &fwd.opts, &fwd.o, &fwd.lse, dout, grads.as_mut(), &Workspace::new())?;
+    Ok(grads)
+}
+
+/// [`backward_exact`] from caller-owned `o`, `lse` (of [`forward_exact_into`] with the same
+/// inputs and `opts`) and `dout`, into caller-owned gradients (overwritten), with scratch from
+/// `ws`.
+///
+/// Errors: [`crate::Error::BadInput`] naming the buffer of a wrong length, or as
+/// [`forward_exact`] for `opts`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_exact_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    opts: &AttnOptions,
+    o: &[T],
+    lse: &[T],
+    dout: &[T],
+    mut grads: AttnGradsMut<'_, T>,
+    ws: &Workspace<T>,
+) -> Result<()> {
     let s = *x.shape();
+    opts.check(&s)?;
+    check_backward(x, &s, o, dout)?;
+    s.check_rowwise("lse", lse)?;
+    grads.check(&s)?;
     let n = s.seq_len;
-    let mut grads = AttnGrads::zeros(&s);
     query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
         let (qh, kh, vh) = x.head(h);
-        let lse = &fwd.lse[h * n..(h + 1) * n];
-        backward_head(qh, kh, vh, s.out(&fwd.o, h), lse, s.out(dout, h), &fwd.opts, dq, dk, dv);
+        let lh = &lse[h * n..(h + 1) * n];
+        backward_head(qh, kh, vh, s.out(o, h), lh, s.out(dout, h), opts, dq, dk, dv, ws);
         Ok(())
     })?;
-    Ok(grads)
+    Ok(())
 }

@@ -7,7 +7,7 @@
 
 use super::features::FeatureMap;
 use super::poly::{self, Head, PolyOptions, PolyOutput, State};
-use super::view::heads_mut;
+use super::workspace::Workspace;
 use super::{altgrad, exact, query_head_grads, AttnGrads, AttnOptions, AttnOutput, AttnShape, Qkv};
 use crate::linalg::Scalar;
 use crate::{Error, Result};
@@ -66,8 +66,14 @@ pub struct MixedOutput<T> {
 }
 
 /// The polynomial kernel's head of an approximate head's plan `p`.
-fn poly_head<'a, T: Scalar>(fm: &'a FeatureMap<T>, s: &AttnShape, opts: &AttnOptions, p: &PolyOptions) -> Head<'a, T> {
-    Head { fm, dv: s.head_dim_v, scale: opts.scale, center: p.center, chunk: p.chunk }
+fn poly_head<'a, T: Scalar>(
+    fm: &'a FeatureMap<T>,
+    s: &AttnShape,
+    opts: &AttnOptions,
+    p: &PolyOptions,
+    ws: &'a Workspace<T>,
+) -> Head<'a, T> {
+    Head { fm, dv: s.head_dim_v, scale: opts.scale, center: p.center, chunk: p.chunk, ws }
 }
 
 /// Checks the options for every plan of a layer (exact heads take any mask, approximate heads the
@@ -96,8 +102,8 @@ fn feature_map<T: Scalar>(s: &AttnShape, plan: &HeadPlan) -> Result<Option<Featu
     }
 }
 
-/// Forward of one layer with `plans[h]` for query head `h` (`plans.len() == num_heads`).
-/// Shapes as [`super::forward_exact`].
+/// Forward of one layer with `plans[h]` for query head `h` of every sequence of the batch
+/// (`plans.len() == num_heads`). Shapes as [`super::forward_exact`].
 ///
 /// Errors: [`Error::BadInput`] on shape mismatches or invalid plans (odd degree, …).
 pub fn forward_mixed<T: Scalar>(
@@ -133,21 +139,24 @@ pub fn forward_mixed<T: Scalar>(
         return Ok(MixedOutput { o, saved });
     }
     let causal = check_mask(&s, opts, plans)?;
-    let (n, dv) = (s.seq_len, s.head_dim_v);
+    let (n, dv, hq) = (s.seq_len, s.head_dim_v, s.num_heads);
     let fms: Vec<Option<FeatureMap<T>>> = plans.iter().map(|p| feature_map(&s, p)).collect::<Result<_>>()?;
-    let mut o = vec![T::zero(); n * s.num_heads * dv];
-    let (mut lse, mut den) = (vec![T::zero(); s.num_heads * n], vec![T::zero(); s.num_heads * n]);
-    let kv_state: Vec<Vec<T>> = heads_mut(&mut o, 1, n, s.num_heads, dv)
+    let ws = Workspace::new();
+    let mut o = vec![T::zero(); n * s.heads() * dv];
+    let (mut lse, mut den) = (vec![T::zero(); s.heads() * n], vec![T::zero(); s.heads() * n]);
+    // head t of the batch is head t % num_heads of its sequence: plans[t % num_heads]
+    let kv_state: Vec<Vec<T>> = s
+        .query_views(&mut o, dv)
         .into_par_iter()
         .zip(lse.par_chunks_mut(n).zip(den.par_chunks_mut(n)))
         .enumerate()
         .map(|(h, (mut oh, (lh, dh)))| {
             let (qh, kh, vh) = x.head(h);
-            let (HeadPlan::Poly(p) | HeadPlan::AltGrad(p)) = &plans[h] else {
-                exact::forward_head(qh, kh, vh, opts, &mut oh, lh);
+            let (HeadPlan::Poly(p) | HeadPlan::AltGrad(p)) = &plans[h % hq] else {
+                exact::forward_head(qh, kh, vh, opts, &mut oh, lh, &ws);
                 return Vec::new();
             };
-            let head = poly_head(fms[h].as_ref().expect("feature map of an approximate head"), &s, opts, p);
+            let head = poly_head(fms[h % hq].as_ref().expect("feature map of an approximate head"), &s, opts, p, &ws);
             let kv = poly::kv_head(kh, vh, causal, p.center, p.chunk, None, None, 0);
             let mut state = vec![T::zero(); head.r() * head.e()];
             if causal {
@@ -162,7 +171,7 @@ pub fn forward_mixed<T: Scalar>(
     Ok(MixedOutput { o, saved: Saved::PerHead { lse, den, kv_state } })
 }
 
-/// Backward of [`forward_mixed`] with the same inputs and plans; `dout [seq_len, num_heads,
+/// Backward of [`forward_mixed`] with the same inputs and plans; `dout [batch, seq_len, num_heads,
 /// head_dim_v]`. Each head's gradient is its method's gradient (exact for exact heads, the
 /// approximate model's for poly heads, the paper's formula for altgrad heads).
 ///
@@ -189,28 +198,29 @@ pub fn backward_mixed<T: Scalar>(
         (Saved::PerHead { lse, den, kv_state }, _) => (lse, den, kv_state),
         _ => return Err(mismatch()),
     };
-    if kv_state.len() != s.num_heads || plans.len() != s.num_heads {
+    if kv_state.len() != s.heads() || plans.len() != s.num_heads {
         return Err(mismatch());
     }
     let causal = check_mask(&s, opts, plans)?;
     s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
-    let n = s.seq_len;
+    let (n, hq) = (s.seq_len, s.num_heads);
     let fms: Vec<Option<FeatureMap<T>>> = plans.iter().map(|p| feature_map(&s, p)).collect::<Result<_>>()?;
+    let ws = Workspace::new();
     let mut grads = AttnGrads::zeros(&s);
-    query_head_grads(&s, &mut grads, |h, dq, dk, dvh| {
+    query_head_grads(&s, &mut grads.as_mut(), |h, dq, dk, dvh| {
         let (qh, kh, vh) = x.head(h);
         let (oh, gh) = (s.out(&fwd.o, h), s.out(dout, h));
         let (lh, dh) = (&lse[h * n..(h + 1) * n], &den[h * n..(h + 1) * n]);
-        let p = match &plans[h] {
+        let p = match &plans[h % hq] {
             HeadPlan::Exact => {
-                exact::backward_head(qh, kh, vh, oh, lh, gh, opts, dq, dk, dvh);
+                exact::backward_head(qh, kh, vh, oh, lh, gh, opts, dq, dk, dvh, &ws);
                 return Ok(());
             }
             HeadPlan::Poly(p) | HeadPlan::AltGrad(p) => p,
         };
-        let head = poly_head(fms[h].as_ref().expect("feature map of an approximate head"), &s, opts, p);
+        let head = poly_head(fms[h % hq].as_ref().expect("feature map of an approximate head"), &s, opts, p, &ws);
         let kv = poly::kv_head(kh, vh, causal, p.center, p.chunk, None, None, 0);
-        if matches!(plans[h], HeadPlan::AltGrad(_)) {
+        if matches!(plans[h % hq], HeadPlan::AltGrad(_)) {
             altgrad::backward_one(&head, qh, &kv, causal, oh, dh, gh, dq, dk, dvh);
             return Ok(());
         }

@@ -1,13 +1,14 @@
 //! Attention: the core of altgrad. Depends on [`crate::linalg`] only.
 //!
-//! Tensors use the flash-attn layout without batch: `q [seq_len, num_heads, head_dim]`,
-//! `k [seq_len, num_kv_heads, head_dim]`, `v [seq_len, num_kv_heads, head_dim_v]`,
-//! `o [seq_len, num_heads, head_dim_v]`, `lse [num_heads, seq_len]` (MATH §1). Query head `h`
-//! reads key/value head `h / (num_heads / num_kv_heads)` (GQA). A call's inputs are one [`Qkv`]
+//! Tensors use the flash-attn layout: `q [batch, seq_len, num_heads, head_dim]`,
+//! `k [batch, kv_len, num_kv_heads, head_dim]`, `v [batch, kv_len, num_kv_heads, head_dim_v]`,
+//! `o [batch, seq_len, num_heads, head_dim_v]`, `lse [batch, num_heads, seq_len]` (MATH §1). Query
+//! head `h` reads key/value head `h / (num_heads / num_kv_heads)` (GQA). A call's inputs are one [`Qkv`]
 //! (the tensors and their [`AttnShape`], checked once); forward outputs keep the shape and options
 //! they were computed with, so a backward takes only the inputs, the saved forward and `dL/do`.
-//! Heads run in parallel (rayon) on strided views of the tensors ([`view`]); each head's kernel is
-//! sequential.
+//! The (sequence, head) pairs of a batch run in parallel (rayon) on strided views of the tensors
+//! ([`view`]); each head's kernel is sequential (`Par::Seq` inside: a measured choice). The `_into`
+//! entry points write into caller-owned buffers and take a reusable [`Workspace`].
 
 pub mod altgrad;
 pub mod bound;
@@ -18,24 +19,29 @@ pub mod mixed;
 pub mod naive;
 pub mod poly;
 pub mod view;
+pub mod workspace;
 
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use view::{heads_mut, Rows, RowsMut};
 
-pub use altgrad::backward_altgrad;
+pub use altgrad::{backward_altgrad, backward_altgrad_into};
 pub use bound::{Method, Policy};
-pub use exact::{backward_exact, forward_exact};
+pub use exact::{backward_exact, backward_exact_into, forward_exact, forward_exact_into};
 pub use poly::{
-    backward_poly, backward_poly_state, forward_poly, forward_poly_state, PolyOptions, PolyOutput, PolyState,
-    PolyStateGrad,
+    backward_poly, backward_poly_into, backward_poly_state, forward_poly, forward_poly_into, forward_poly_state,
+    PolyBuffers, PolyOptions, PolyOutput, PolySaved, PolyState, PolyStateGrad,
 };
+pub use workspace::Workspace;
 
-/// The sizes of one attention call.
+/// The sizes of one attention call. Tensors are `[batch, rows, heads, width]` (MATH §1); the
+/// sequences of a batch are independent and share every size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
-    /// Query rows `n` (≥ 1).
+    /// Sequences `B` (≥ 1).
+    pub batch: usize,
+    /// Query rows `n` per sequence (≥ 1).
     pub seq_len: usize,
     /// Key/value rows `n_k` (≥ 1): `seq_len` unless the mask has a query offset
     /// ([`Mask::kv_len`]: the keys are positions `0..q_offset + seq_len`).
@@ -51,9 +57,13 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    /// Shape with `kv_len == seq_len` and `head_dim_v == head_dim`.
+    /// Shape of one sequence (`batch = 1`) with `kv_len == seq_len` and `head_dim_v == head_dim`.
     pub fn new(seq_len: usize, num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
-        AttnShape { seq_len, kv_len: seq_len, num_heads, num_kv_heads, head_dim, head_dim_v: head_dim }
+        AttnShape { batch: 1, seq_len, kv_len: seq_len, num_heads, num_kv_heads, head_dim, head_dim_v: head_dim }
+    }
+    /// The same shape with `batch` sequences.
+    pub fn with_batch(self, batch: usize) -> Self {
+        AttnShape { batch, ..self }
     }
     /// The same shape with value width `head_dim_v`.
     pub fn with_head_dim_v(self, head_dim_v: usize) -> Self {
@@ -70,7 +80,8 @@ impl AttnShape {
     /// Checks that every size is positive and `num_kv_heads | num_heads`.
     pub fn validate(&self) -> Result<()> {
         let s = self;
-        if s.seq_len == 0
+        if s.batch == 0
+            || s.seq_len == 0
             || s.kv_len == 0
             || s.num_heads == 0
             || s.num_kv_heads == 0
@@ -87,36 +98,63 @@ impl AttnShape {
         }
         Ok(())
     }
-    /// Query head `h` of `q [seq_len, num_heads, head_dim]` as a strided view.
-    pub(crate) fn query<'a, T>(&self, q: &'a [T], h: usize) -> Rows<'a, T> {
-        Rows::head(q, self.seq_len, self.num_heads, self.head_dim, 0, h)
+    /// Query heads of the call, over the batch: `batch · num_heads`. Query head `t` is head
+    /// `t % num_heads` of sequence `t / num_heads`; it reads key/value head `t / group()`.
+    pub fn heads(&self) -> usize {
+        self.batch * self.num_heads
     }
-    /// Key/value head `h` of `k [kv_len, num_kv_heads, head_dim]` as a strided view.
-    pub(crate) fn key<'a, T>(&self, k: &'a [T], h: usize) -> Rows<'a, T> {
-        Rows::head(k, self.kv_len, self.num_kv_heads, self.head_dim, 0, h)
+    /// Key/value heads of the call, over the batch: `batch · num_kv_heads`.
+    pub fn kv_heads(&self) -> usize {
+        self.batch * self.num_kv_heads
     }
-    /// Key/value head `h` of `v [kv_len, num_kv_heads, head_dim_v]` as a strided view.
-    pub(crate) fn value<'a, T>(&self, v: &'a [T], h: usize) -> Rows<'a, T> {
-        Rows::head(v, self.kv_len, self.num_kv_heads, self.head_dim_v, 0, h)
+    /// Query head `t` ([`heads`](Self::heads)) of `q [batch, seq_len, num_heads, head_dim]` as a
+    /// strided view.
+    pub(crate) fn query<'a, T>(&self, q: &'a [T], t: usize) -> Rows<'a, T> {
+        Rows::head(q, self.seq_len, self.num_heads, self.head_dim, t / self.num_heads, t % self.num_heads)
     }
-    /// Query head `h` of an output-like tensor `[seq_len, num_heads, head_dim_v]` (`o`, `dL/do`).
-    pub(crate) fn out<'a, T>(&self, o: &'a [T], h: usize) -> Rows<'a, T> {
-        Rows::head(o, self.seq_len, self.num_heads, self.head_dim_v, 0, h)
+    /// Key/value head `t` ([`kv_heads`](Self::kv_heads)) of `k [batch, kv_len, num_kv_heads,
+    /// head_dim]` as a strided view.
+    pub(crate) fn key<'a, T>(&self, k: &'a [T], t: usize) -> Rows<'a, T> {
+        Rows::head(k, self.kv_len, self.num_kv_heads, self.head_dim, t / self.num_kv_heads, t % self.num_kv_heads)
     }
-    /// Checks `x [rows, heads, width]`'s length; `rows` is `seq_len` or `kv_len`.
+    /// Key/value head `t` of `v [batch, kv_len, num_kv_heads, head_dim_v]` as a strided view.
+    pub(crate) fn value<'a, T>(&self, v: &'a [T], t: usize) -> Rows<'a, T> {
+        Rows::head(v, self.kv_len, self.num_kv_heads, self.head_dim_v, t / self.num_kv_heads, t % self.num_kv_heads)
+    }
+    /// Query head `t` of an output-like tensor `[batch, seq_len, num_heads, head_dim_v]` (`o`, `dL/do`).
+    pub(crate) fn out<'a, T>(&self, o: &'a [T], t: usize) -> Rows<'a, T> {
+        Rows::head(o, self.seq_len, self.num_heads, self.head_dim_v, t / self.num_heads, t % self.num_heads)
+    }
+    /// Every query head of `x [batch, seq_len, num_heads, width]`, writable, in order `t`.
+    pub(crate) fn query_views<'a, T: Scalar>(&self, x: &'a mut [T], width: usize) -> Vec<RowsMut<'a, T>> {
+        heads_mut(x, self.batch, self.seq_len, self.num_heads, width)
+    }
+    /// Every key/value head of `x [batch, kv_len, num_kv_heads, width]`, writable, in order.
+    pub(crate) fn kv_views<'a, T: Scalar>(&self, x: &'a mut [T], width: usize) -> Vec<RowsMut<'a, T>> {
+        heads_mut(x, self.batch, self.kv_len, self.num_kv_heads, width)
+    }
+    /// Checks `x [batch, rows, heads, width]`'s length; `rows` is `seq_len` or `kv_len`.
     pub(crate) fn check_rows<T>(&self, name: &str, x: &[T], rows: usize, heads: usize, width: usize) -> Result<()> {
-        let want = rows * heads * width;
+        let want = self.batch * rows * heads * width;
         if x.len() != want {
             return Err(Error::bad(
                 name,
-                format!("expected {want} values ([{rows}, {heads}, {width}]), got {}", x.len()),
+                format!("expected {want} values ([{}, {rows}, {heads}, {width}]), got {}", self.batch, x.len()),
             ));
         }
         Ok(())
     }
-    /// Checks `x [seq_len, heads, width]`'s length.
+    /// Checks `x [batch, seq_len, heads, width]`'s length.
     pub(crate) fn check_len<T>(&self, name: &str, x: &[T], heads: usize, width: usize) -> Result<()> {
         self.check_rows(name, x, self.seq_len, heads, width)
+    }
+    /// Checks a per-row vector `x [batch, num_heads, seq_len]` (`lse`, `den`).
+    pub(crate) fn check_rowwise<T>(&self, name: &str, x: &[T]) -> Result<()> {
+        let want = self.heads() * self.seq_len;
+        if x.len() != want {
+            return Err(Error::bad(name, format!("expected {want} values ([batch, num_heads, seq_len]), got {}", x.len())));
+        }
+        Ok(())
     }
     /// Errors: [`Error::BadInput`] (input `name`) unless `kv_len == seq_len` (methods whose keys
     /// are the queries' own rows).
@@ -131,9 +169,10 @@ impl AttnShape {
     }
 }
 
-/// The inputs of one attention call: `q [seq_len, num_heads, head_dim]`,
-/// `k [kv_len, num_kv_heads, head_dim]`, `v [kv_len, num_kv_heads, head_dim_v]` (row-major,
-/// contiguous) and their [`AttnShape`], checked once by [`Qkv::new`].
+/// The inputs of one attention call: `q [batch, seq_len, num_heads, head_dim]`,
+/// `k [batch, kv_len, num_kv_heads, head_dim]`, `v [batch, kv_len, num_kv_heads, head_dim_v]`
+/// (row-major, contiguous, flash-attn's layout) and their [`AttnShape`], checked once by
+/// [`Qkv::new`]. Kernels read each head in place as a strided matrix.
 #[derive(Clone, Copy, Debug)]
 pub struct Qkv<'a, T> {
     q: &'a [T],
@@ -171,13 +210,13 @@ impl<'a, T> Qkv<'a, T> {
     pub fn shape(&self) -> &AttnShape {
         &self.shape
     }
-    /// Query head `h` and its key/value head, as views.
+    /// Query head `h` ([`AttnShape::heads`]) and its key/value head, as views.
     pub(crate) fn head(&self, h: usize) -> (Rows<'a, T>, Rows<'a, T>, Rows<'a, T>) {
         let s = &self.shape;
         let kv = h / s.group();
         (s.query(self.q, h), s.key(self.k, kv), s.value(self.v, kv))
     }
-    /// Key/value head `h`, as views.
+    /// Key/value head `h` ([`AttnShape::kv_heads`]), as views.
     pub(crate) fn kv(&self, h: usize) -> (Rows<'a, T>, Rows<'a, T>) {
         (self.shape.key(self.k, h), self.shape.value(self.v, h))
     }
@@ -312,9 +351,9 @@ impl AttnOptions {
     }
 }
 
-/// Output of an exact forward pass: `o [seq_len, num_heads, head_dim_v]`, the per-row
-/// log-sum-exp `lse [num_heads, seq_len]` that the backward needs (MATH §2), and the shape and
-/// options it was computed with.
+/// Output of an exact forward pass: `o [batch, seq_len, num_heads, head_dim_v]`, the per-row
+/// log-sum-exp `lse [batch, num_heads, seq_len]` that the backward needs (MATH §2), and the shape
+/// and options it was computed with.
 #[derive(Clone, Debug)]
 pub struct AttnOutput<T> {
     /// Attention output.
@@ -330,33 +369,62 @@ pub struct AttnOutput<T> {
 /// Gradients of the inputs, same layouts as `q`, `k`, `v`.
 #[derive(Clone, Debug)]
 pub struct AttnGrads<T> {
-    /// `dL/dq [seq_len, num_heads, head_dim]`.
+    /// `dL/dq [batch, seq_len, num_heads, head_dim]`.
     pub dq: Vec<T>,
-    /// `dL/dk [kv_len, num_kv_heads, head_dim]` (summed over the query heads of each group).
+    /// `dL/dk [batch, kv_len, num_kv_heads, head_dim]` (summed over the query heads of each group).
     pub dk: Vec<T>,
-    /// `dL/dv [kv_len, num_kv_heads, head_dim_v]`.
+    /// `dL/dv [batch, kv_len, num_kv_heads, head_dim_v]`.
     pub dv: Vec<T>,
+}
+
+/// Caller-owned gradient buffers (e.g. another framework's tensors), layouts as [`AttnGrads`].
+/// The backward kernels overwrite them.
+#[derive(Debug)]
+pub struct AttnGradsMut<'a, T> {
+    /// `dL/dq [batch, seq_len, num_heads, head_dim]`.
+    pub dq: &'a mut [T],
+    /// `dL/dk [batch, kv_len, num_kv_heads, head_dim]`.
+    pub dk: &'a mut [T],
+    /// `dL/dv [batch, kv_len, num_kv_heads, head_dim_v]`.
+    pub dv: &'a mut [T],
+}
+
+impl<T: Scalar> AttnGradsMut<'_, T> {
+    /// Errors: [`Error::BadInput`] (input `dq`, `dk` or `dv`) for a wrong length.
+    pub(crate) fn check(&self, s: &AttnShape) -> Result<()> {
+        s.check_len("dq", self.dq, s.num_heads, s.head_dim)?;
+        s.check_rows("dk", self.dk, s.kv_len, s.num_kv_heads, s.head_dim)?;
+        s.check_rows("dv", self.dv, s.kv_len, s.num_kv_heads, s.head_dim_v)
+    }
+    /// Sets every gradient to zero (the kernels accumulate).
+    pub(crate) fn zero(&mut self) {
+        for x in [&mut *self.dq, &mut *self.dk, &mut *self.dv] {
+            x.fill(T::zero());
+        }
+    }
 }
 
 impl<T: Scalar> AttnGrads<T> {
     /// Zero gradients of the shape's layouts.
     pub fn zeros(s: &AttnShape) -> Self {
-        let n = s.seq_len;
-        let nk = s.kv_len;
+        let (n, nk, b) = (s.seq_len, s.kv_len, s.batch);
         AttnGrads {
-            dq: vec![T::zero(); n * s.num_heads * s.head_dim],
-            dk: vec![T::zero(); nk * s.num_kv_heads * s.head_dim],
-            dv: vec![T::zero(); nk * s.num_kv_heads * s.head_dim_v],
+            dq: vec![T::zero(); b * n * s.num_heads * s.head_dim],
+            dk: vec![T::zero(); b * nk * s.num_kv_heads * s.head_dim],
+            dv: vec![T::zero(); b * nk * s.num_kv_heads * s.head_dim_v],
         }
+    }
+    /// The buffers as [`AttnGradsMut`].
+    pub fn as_mut(&mut self) -> AttnGradsMut<'_, T> {
+        AttnGradsMut { dq: &mut self.dq, dk: &mut self.dk, dv: &mut self.dv }
     }
 }
 
 /// Checks what every backward needs: the inputs' shape is the one `fwd` was computed with, and
-/// `o`, `dout` (`[seq_len, num_heads, head_dim_v]`) and `lse` (`[num_heads, seq_len]`) have
-/// their lengths.
+/// `o`, `dout` (`[batch, seq_len, num_heads, head_dim_v]`) have their lengths.
 ///
-/// Errors: [`Error::BadInput`] naming `fwd`, `o`, `do` or `lse`.
-pub(crate) fn check_backward<T>(x: &Qkv<'_, T>, fwd_shape: &AttnShape, o: &[T], lse: &[T], dout: &[T]) -> Result<()> {
+/// Errors: [`Error::BadInput`] naming `fwd`, `o` or `do`.
+pub(crate) fn check_backward<T>(x: &Qkv<'_, T>, fwd_shape: &AttnShape, o: &[T], dout: &[T]) -> Result<()> {
     let s = x.shape;
     if *fwd_shape != s {
         return Err(Error::bad(
@@ -367,26 +435,24 @@ pub(crate) fn check_backward<T>(x: &Qkv<'_, T>, fwd_shape: &AttnShape, o: &[T], 
         ));
     }
     s.check_len("o", o, s.num_heads, s.head_dim_v)?;
-    s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
-    if lse.len() != s.num_heads * s.seq_len {
-        return Err(Error::bad("lse", format!("expected {} values ([num_heads, seq_len])", s.num_heads * s.seq_len)));
-    }
-    Ok(())
+    s.check_len("do", dout, s.num_heads, s.head_dim_v)
 }
 
-/// Runs `f(h, dq_h, dk_h, dv_h)` for every query head `h` in parallel, with `dq_h` the head's view
-/// of `grads.dq` and `dk_h`, `dv_h` views of its key/value head in `grads.dk`, `grads.dv` when
-/// there is one query head per key/value head, else per-head buffers summed over each GQA group
-/// afterwards (the one place where key/value gradients are summed over a group). `f` adds into
-/// the views; `grads` must start at zero. Returns `f`'s results in head order.
-pub(crate) fn query_head_grads<T: Scalar, R: Send, F>(s: &AttnShape, grads: &mut AttnGrads<T>, f: F) -> Result<Vec<R>>
+/// Runs `f(h, dq_h, dk_h, dv_h)` for every query head `h` of the batch ([`AttnShape::heads`]) in
+/// parallel, with `dq_h` the head's view of `grads.dq` and `dk_h`, `dv_h` views of its key/value
+/// head in `grads.dk`, `grads.dv` when there is one query head per key/value head, else per-head
+/// buffers summed over each GQA group afterwards (the one place where key/value gradients are
+/// summed over a group). `grads` is zeroed first; `f` adds into the views. Returns `f`'s results
+/// in head order.
+pub(crate) fn query_head_grads<T: Scalar, R: Send, F>(s: &AttnShape, grads: &mut AttnGradsMut<'_, T>, f: F) -> Result<Vec<R>>
 where
     F: Fn(usize, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>) -> Result<R> + Sync,
 {
-    let (n, nk, d, dv, g) = (s.seq_len, s.kv_len, s.head_dim, s.head_dim_v, s.group());
-    let dqs = heads_mut(&mut grads.dq, 1, n, s.num_heads, d);
-    let dks = heads_mut(&mut grads.dk, 1, nk, s.num_kv_heads, d);
-    let dvs = heads_mut(&mut grads.dv, 1, nk, s.num_kv_heads, dv);
+    let (nk, d, dv, g) = (s.kv_len, s.head_dim, s.head_dim_v, s.group());
+    grads.zero();
+    let dqs = s.query_views(grads.dq, d);
+    let dks = s.kv_views(grads.dk, d);
+    let dvs = s.kv_views(grads.dv, dv);
     if g == 1 {
         return dqs
             .into_par_iter()
@@ -401,8 +467,7 @@ where
         .enumerate()
         .map(|(h, mut dqh)| {
             let (mut kb, mut vb) = (vec![T::zero(); nk * d], vec![T::zero(); nk * dv]);
-            let r =
-                f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, nk, d), &mut RowsMut::contiguous(&mut vb, nk, dv))?;
+            let r = f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, nk, d), &mut RowsMut::contiguous(&mut vb, nk, dv))?;
             Ok(((kb, vb), r))
         })
         .collect::<Result<_>>()?;
@@ -453,7 +518,7 @@ pub(crate) fn sum_groups<A: AddAll>(per_head: Vec<A>, group: usize) -> Vec<A> {
 }
 
 /// The score bound `R` of every query head (MATH §3, [`bound::score_bound`]): shifted scores when
-/// `center`, else unshifted; `[num_heads]`, each against its key/value head. O(n·d) per head. A
+/// `center`, else unshifted; `[batch, num_heads]`, each against its key/value head. O(n·d) per head. A
 /// window mask is bounded as the causal mask (its pairs are a subset).
 ///
 /// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape`, `kv_len ≠ seq_len`, or the
@@ -472,7 +537,7 @@ pub fn head_bounds<T: Scalar>(
     s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
     opts.validate()?;
     let n = s.seq_len;
-    Ok((0..s.num_heads)
+    Ok((0..s.heads())
         .into_par_iter()
         .map(|h| {
             let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());
@@ -481,7 +546,7 @@ pub fn head_bounds<T: Scalar>(
         .collect())
 }
 
-/// The largest `|τ q_i·k_j|` of every query head over the allowed pairs, `[num_heads]`
+/// The largest `|τ q_i·k_j|` of every query head over the allowed pairs, `[batch, num_heads]`
 /// ([`bound::max_abs_score`]; O(n²·d) per head, heads in parallel). For reports.
 ///
 /// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape` or `kv_len ≠ seq_len`.
@@ -492,7 +557,7 @@ pub fn head_max_scores<T: Scalar>(q: &[T], k: &[T], shape: &AttnShape, opts: &At
     s.check_self("k")?;
     s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
     let n = s.seq_len;
-    Ok((0..s.num_heads)
+    Ok((0..s.heads())
         .into_par_iter()
         .map(|h| {
             let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());

@@ -29,9 +29,9 @@
 //! strided [`Rows`] views of the caller's tensors; outputs are written into [`RowsMut`] views.
 
 use super::features::{simd, taylor, FeatureMap};
-use super::view::heads_mut;
 use super::view::{Rows, RowsMut};
-use super::{query_head_grads, sum_groups, AttnGrads, AttnOptions, AttnShape, Mask, Qkv};
+use super::workspace::{fit, Pooled, Workspace};
+use super::{query_head_grads, sum_groups, AttnGrads, AttnGradsMut, AttnOptions, AttnShape, Mask, Qkv};
 use crate::linalg::{matmul, rm, rm_mut, rm_strided, Scalar};
 use crate::{Error, Result};
 use faer::Par;
@@ -76,21 +76,17 @@ impl PolyOptions {
     }
 }
 
-/// Output of [`forward_poly`]: what [`backward_poly`] and [`super::backward_altgrad`] need.
+/// What a polynomial forward keeps besides its tensors `o`, `lse`, `den` (which
+/// [`forward_poly_into`] writes into caller-owned buffers): the key/value states, the reference
+/// points, the initial and final states, and the shape and options of the call. With those
+/// tensors it is all [`backward_poly_into`] and [`super::backward_altgrad_into`] need.
 #[derive(Clone, Debug)]
-pub struct PolyOutput<T> {
-    /// Attention output `o [seq_len, num_heads, head_dim_v]`.
-    pub o: Vec<T>,
-    /// `lse_i = τ q_i·k̄_i + ln den_i` per head and row, `[num_heads, seq_len]`: the polynomial
-    /// model's approximation of the exact log-sum-exp `ln Σ_j exp(s_ij)` (`k̄_i = 0` without
-    /// centering).
-    pub lse: Vec<T>,
-    /// Denominators `den_i = Σ_j T_g(s̃_ij) > 0`, `[num_heads, seq_len]`.
-    pub den: Vec<T>,
-    /// Non-causal: per key/value head the state `H' = Φ_Kᵀ [V 1]`, `[r, head_dim_v + 1]` row-major
-    /// (reused by the backward); empty under the causal mask (the backward rescans).
-    pub kv_state: Vec<Vec<T>>,
-    /// The reference point `c` of every key/value head, `[num_kv_heads, head_dim]` (MATH §3
+pub struct PolySaved<T> {
+    /// Non-causal: every key/value head's `H' = Φ_Kᵀ [V 1]`, `[batch, num_kv_heads, r,
+    /// head_dim_v + 1]` (reused by the backward); empty under the causal mask (the backward
+    /// rescans).
+    pub kv_state: Vec<T>,
+    /// The reference point `c` of every key/value head, `[batch, num_kv_heads, head_dim]` (MATH §3
     /// "Reference point"; zeros without centering).
     pub reference: Vec<T>,
     /// Causal: the state the call started from ([`forward_poly_state`]'s `initial`; the backward
@@ -107,27 +103,69 @@ pub struct PolyOutput<T> {
     pub popts: PolyOptions,
 }
 
+/// Output of [`forward_poly`] / [`forward_poly_state`]: the tensors and what the backward needs
+/// ([`PolySaved`], whose fields read through this type: `out.final_state`, `out.popts`, …).
+#[derive(Clone, Debug)]
+pub struct PolyOutput<T> {
+    /// Attention output `o [batch, seq_len, num_heads, head_dim_v]`.
+    pub o: Vec<T>,
+    /// `lse_i = τ q_i·k̄_i + ln den_i` per head and row, `[batch, num_heads, seq_len]`: the
+    /// polynomial model's approximation of the exact log-sum-exp `ln Σ_j exp(s_ij)` (`k̄_i = 0`
+    /// without centering).
+    pub lse: Vec<T>,
+    /// Denominators `den_i = Σ_j T_g(s̃_ij) > 0`, `[batch, num_heads, seq_len]`.
+    pub den: Vec<T>,
+    /// States, reference points, shape and options.
+    pub saved: PolySaved<T>,
+}
+
+impl<T> std::ops::Deref for PolyOutput<T> {
+    type Target = PolySaved<T>;
+    fn deref(&self) -> &PolySaved<T> {
+        &self.saved
+    }
+}
+
+impl<T> std::ops::DerefMut for PolyOutput<T> {
+    fn deref_mut(&mut self) -> &mut PolySaved<T> {
+        &mut self.saved
+    }
+}
+
+/// Caller-owned output buffers of [`forward_poly_into`] (overwritten): `o [batch, seq_len,
+/// num_heads, head_dim_v]`, `lse` and `den` `[batch, num_heads, seq_len]`.
+#[derive(Debug)]
+pub struct PolyBuffers<'a, T> {
+    /// Attention output.
+    pub o: &'a mut [T],
+    /// Log-sum-exps.
+    pub lse: &'a mut [T],
+    /// Denominators.
+    pub den: &'a mut [T],
+}
+
 /// The state of the causal polynomial scan after the keys of one piece of a sequence (MATH §4
 /// "Causal"; fla's `initial_state` / `final_state`), from which another call continues the
-/// sequence ([`forward_poly_state`]). Flat row-major buffers, one block per key/value head, with
-/// `r = C(head_dim + g, g)` ([`super::features::feature_dim`]):
+/// sequence ([`forward_poly_state`]). Flat row-major buffers, one block per (sequence, key/value
+/// head), with `r = C(head_dim + g, g)` ([`super::features::feature_dim`]):
 ///
-/// - `s [num_kv_heads, r, head_dim_v + 1]`: `S' = Σ_j φ(√τ (k_j − c)) [v_j, 1]ᵀ` over every key so
-///   far (the numerator and denominator state, relative to the reference point `c`);
-/// - `key_sum [num_kv_heads, head_dim]`: `Σ_j k_j` (for the prefix means `k̄_i` of the row shift);
-/// - `reference [num_kv_heads, head_dim]`: `c` (MATH §3 "Reference point"; zeros without
+/// - `s [batch, num_kv_heads, r, head_dim_v + 1]`: `S' = Σ_j φ(√τ (k_j − c)) [v_j, 1]ᵀ` over every
+///   key so far (the numerator and denominator state, relative to the reference point `c`);
+/// - `key_sum [batch, num_kv_heads, head_dim]`: `Σ_j k_j` (for the prefix means `k̄_i` of the row
+///   shift);
+/// - `reference [batch, num_kv_heads, head_dim]`: `c` (MATH §3 "Reference point"; zeros without
 ///   centering), a constant: no gradient flows to it, as the function does not depend on it;
-/// - `count`: keys so far, so the next piece's row `i` is position `count + i`.
+/// - `count`: keys so far in every sequence, so the next piece's row `i` is position `count + i`.
 ///
 /// A state belongs to one degree, scale, value width and centering: continue it with the same
 /// [`PolyOptions`] and [`AttnOptions`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolyState<T> {
-    /// `S'`, `[num_kv_heads, r, head_dim_v + 1]`.
+    /// `S'`, `[batch, num_kv_heads, r, head_dim_v + 1]`.
     pub s: Vec<T>,
-    /// `Σ_j k_j`, `[num_kv_heads, head_dim]`.
+    /// `Σ_j k_j`, `[batch, num_kv_heads, head_dim]`.
     pub key_sum: Vec<T>,
-    /// `c`, `[num_kv_heads, head_dim]`.
+    /// `c`, `[batch, num_kv_heads, head_dim]`.
     pub reference: Vec<T>,
     /// Keys so far (per sequence).
     pub count: usize,
@@ -138,16 +176,16 @@ pub struct PolyState<T> {
 /// and the count have none).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolyStateGrad<T> {
-    /// `dL/dS'`, `[num_kv_heads, r, head_dim_v + 1]`.
+    /// `dL/dS'`, `[batch, num_kv_heads, r, head_dim_v + 1]`.
     pub ds: Vec<T>,
-    /// `dL/d(Σ_j k_j)`, `[num_kv_heads, head_dim]`.
+    /// `dL/d(Σ_j k_j)`, `[batch, num_kv_heads, head_dim]`.
     pub dkey_sum: Vec<T>,
 }
 
 impl<T> PolyOutput<T> {
-    /// The output and `lse` as an [`super::AttnOutput`] (drops `den` and the state).
+    /// The output and `lse` as an [`super::AttnOutput`] (drops `den` and the states).
     pub fn into_attn_output(self) -> super::AttnOutput<T> {
-        super::AttnOutput { o: self.o, lse: self.lse, shape: self.shape, opts: self.opts }
+        super::AttnOutput { o: self.o, lse: self.lse, shape: self.saved.shape, opts: self.saved.opts }
     }
 }
 
@@ -270,11 +308,14 @@ pub struct Head<'a, T> {
     pub center: bool,
     /// Chunk rows `C ≥ 1`.
     pub chunk: usize,
+    /// Where per-chunk scratch comes from (and returns to).
+    pub ws: &'a Workspace<T>,
 }
 
-/// Per-chunk scratch buffers, sized once per call. Features are feature-major: `phit [r, rows]`
+/// Per-chunk scratch buffers, sized for each use ([`Head::bufs`]). Features are feature-major: `phit [r, rows]`
 /// (column `i` = `φ` of the chunk's row `i`), inputs `xt`, `xtk [d, rows]` (queries, keys);
 /// value chunks are row-major; `s`, `da` are `C × C` tiles.
+#[derive(Debug, Default)]
 pub(crate) struct Bufs<T> {
     pub(crate) xt: Vec<T>,
     pub(crate) xtk: Vec<T>,
@@ -316,25 +357,41 @@ impl<T: Scalar> Head<'_, T> {
         T::from_f64(self.scale.sqrt())
     }
 
-    /// Scratch for sequences of `n` rows.
-    pub(crate) fn bufs(&self, n: usize) -> Bufs<T> {
+    /// Values of scratch a head of `n` rows uses ([`bufs`](Self::bufs)): `C·(3d + 3r + g + 2e + 2C + 4)`
+    /// (`2r` without centering), `C = min(chunk, n)`.
+    pub fn scratch_len(&self, n: usize) -> usize {
         let (c, d, r, e, g) = (self.c(n), self.d(), self.r(), self.e(), self.g());
-        let z = T::zero();
-        Bufs {
-            xt: vec![z; c * d],
-            xtk: vec![z; c * d],
-            dxt: vec![z; c * d],
-            phit: vec![z; c * r],
-            psit: if self.center { vec![z; c * r] } else { Vec::new() },
-            dphit: vec![z; c * r],
-            w: vec![z; c * (g + 1)],
-            acc: vec![z; c],
-            ve: vec![z; c * e],
-            y: vec![z; c * e],
-            s: vec![z; c * c],
-            da: vec![z; c * c],
-            tmp: vec![z; c],
-            tmp2: vec![z; c],
+        let psi = if self.center { r } else { 0 };
+        c * (3 * d + 2 * r + psi + (g + 1) + 1 + 2 * e + 2 * c + 2)
+    }
+
+    /// Scratch for sequences of `n` rows, from the workspace.
+    pub(crate) fn bufs(&self, n: usize) -> Pooled<'_, Bufs<T>> {
+        Pooled::get(Some(&self.ws.poly), |b: &mut Bufs<T>| self.fit_bufs(b, n))
+    }
+
+    /// Grows `b` for sequences of `n` rows.
+    pub(crate) fn fit_bufs(&self, b: &mut Bufs<T>, n: usize) {
+        let (c, d, r, e, g) = (self.c(n), self.d(), self.r(), self.e(), self.g());
+        {
+            for (v, len) in [
+                (&mut b.xt, c * d),
+                (&mut b.xtk, c * d),
+                (&mut b.dxt, c * d),
+                (&mut b.phit, c * r),
+                (&mut b.psit, if self.center { c * r } else { 0 }),
+                (&mut b.dphit, c * r),
+                (&mut b.w, c * (g + 1)),
+                (&mut b.acc, c),
+                (&mut b.ve, c * e),
+                (&mut b.y, c * e),
+                (&mut b.s, c * c),
+                (&mut b.da, c * c),
+                (&mut b.tmp, c),
+                (&mut b.tmp2, c),
+            ] {
+                fit(v, len);
+            }
         }
     }
 
@@ -609,10 +666,11 @@ impl<T: Scalar> Head<'_, T> {
     /// over key chunks).
     pub fn kv_state(&self, kv: &KvHead<'_, T>, h: &mut [T]) {
         let (r, e, n) = (self.r(), self.e(), kv.k.rows());
-        let mut b = self.bufs(n);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
         h.fill(T::zero());
         for (j0, cn) in self.chunks(n) {
-            self.key_features(kv, j0, cn, &mut b);
+            self.key_features(kv, j0, cn, b);
             self.aug_v(kv.v.sub(j0, cn), &mut b.ve);
             let (phit, ve) = (rm(&b.phit[..r * cn], r, cn), rm(&b.ve[..cn * e], cn, e));
             matmul(rm_mut(h, r, e), true, phit, ve, T::one(), Par::Seq);
@@ -624,10 +682,11 @@ impl<T: Scalar> Head<'_, T> {
     pub fn forward_queries(&self, q: Rows<'_, T>, m: &[T], state: &[T], o: &mut RowsMut<'_, T>, den: &mut [T]) {
         let (n, r, e) = (q.rows(), self.r(), self.e());
         let weighted = self.weighted(m);
-        let mut b = self.bufs(n);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
         let mut y = std::mem::take(&mut b.y);
         for (i0, cn) in self.chunks(n) {
-            self.query_features(q.sub(i0, cn), &m[i0..], weighted, &mut b);
+            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             let psi = rm(self.psi(&b, cn, weighted), r, cn).transpose();
             matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
             self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
@@ -656,16 +715,17 @@ impl<T: Scalar> Head<'_, T> {
         let QueryBack { q, m, o, den, g } = *x;
         let (n, r, e) = (q.rows(), self.r(), self.e());
         let weighted = self.weighted(m);
-        let mut b = self.bufs(n);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
         let mut dm = vec![T::zero(); n];
         for (i0, cn) in self.chunks(n) {
-            self.query_features(q.sub(i0, cn), &m[i0..], weighted, &mut b);
+            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             let dy = rm(&b.y[..cn * e], cn, e);
             // dΨᵀ = H' dYᵀ ;  dH' += Ψᵀ dY
             matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
             matmul(rm_mut(dstate, r, e), true, rm(self.psi(&b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
-            self.query_vjp(cn, weighted, &mut b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
+            self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
         }
         if self.center {
             let tau = self.tau();
@@ -693,18 +753,19 @@ impl<T: Scalar> Head<'_, T> {
         dv: &mut RowsMut<'_, T>,
     ) {
         let (n, r, e, dvw) = (kv.k.rows(), self.r(), self.e(), self.dv);
-        let mut b = self.bufs(n);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
         let ds = rm(dstate, r, e);
         let ds_v = rm_strided(dstate, r, dvw, e);
         for (j0, cn) in self.chunks(n) {
-            self.key_features(kv, j0, cn, &mut b);
+            self.key_features(kv, j0, cn, b);
             self.aug_v(kv.v.sub(j0, cn), &mut b.ve);
             // dΦ_Kᵀ = dH' V'ᵀ ;  dV = Φ_K dH'[:, :dv]
             let ve = rm(&b.ve[..cn * e], cn, e);
             matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one(), Par::Seq);
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
             matmul(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one(), Par::Seq);
-            self.feature_vjp(&mut b, &mut dk.sub_mut(j0, cn));
+            self.feature_vjp(b, &mut dk.sub_mut(j0, cn));
         }
         if self.center {
             let share: Vec<T> = dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect();
@@ -731,18 +792,19 @@ impl<T: Scalar> Head<'_, T> {
         let (n, d, r, e) = (q.rows(), self.d(), self.r(), self.e());
         let weighted = self.weighted(m);
         let coef = taylor_coefs::<T>(self.g());
-        let mut b = self.bufs(n);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
         let mut y = std::mem::take(&mut b.y);
         for (i0, cn) in self.chunks(n) {
             let qc = q.sub(i0, cn);
             // inter-chunk: Y = Ψ S'
-            self.query_features(qc, &m[i0..], weighted, &mut b);
+            self.query_features(qc, &m[i0..], weighted, b);
             let psi = rm(self.psi(&b, cn, weighted), r, cn).transpose();
             matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
             // intra-chunk: Y += A V', a_ij = T_g(τ q_i·(k_j − c) − m_i) for j ≤ i
             self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
             self.intra_scores(qc, &b.xtk, &mut b.s);
-            self.intra_weights(&coef, &m[i0..i0 + cn], cn, &mut b, None);
+            self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, None);
             self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
             let ve = rm(&b.ve[..cn * e], cn, e);
             matmul(rm_mut(&mut y[..cn * e], cn, e), true, rm(&b.s[..cn * cn], cn, cn), ve, T::one(), Par::Seq);
@@ -775,26 +837,27 @@ impl<T: Scalar> Head<'_, T> {
         let weighted = self.weighted(m);
         let tau = self.tau();
         let coef = taylor_coefs::<T>(self.g());
-        let mut b = self.bufs(n);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
         let mut da = std::mem::take(&mut b.da);
         let mut dm = vec![T::zero(); n];
         // Forward scan: dQ through the prefix state, and every intra-chunk term.
         for (i0, cn) in self.chunks(n) {
             let qc = q.sub(i0, cn);
-            self.query_features(qc, &m[i0..], weighted, &mut b);
+            self.query_features(qc, &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
             // dΨᵀ = S' dYᵀ
             let dy = rm(&b.y[..cn * e], cn, e);
             matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
             let mut dqc = dq.sub_mut(i0, cn);
-            self.query_vjp(cn, weighted, &mut b, &mut dm[i0..i0 + cn], &mut dqc);
+            self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dqc);
             // intra: dA = dY V'ᵀ, A = T_g(s̃), dS̃ = dA ∘ T_{g−1}(s̃) (masked)
             self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
             self.intra_scores(qc, &b.xtk, &mut b.s);
             let (dy, ve) = (rm(&b.y[..cn * e], cn, e), rm(&b.ve[..cn * e], cn, e));
             matmul(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, ve.transpose(), T::one(), Par::Seq);
-            self.intra_weights(&coef, &m[i0..i0 + cn], cn, &mut b, Some((&mut da, &mut dm[i0..i0 + cn])));
+            self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, Some((&mut da, &mut dm[i0..i0 + cn])));
             let (sa, dsa) = (rm(&b.s[..cn * cn], cn, cn), rm(&da[..cn * cn], cn, cn));
             // dq_i += τ Σ_j dS̃_ij (k_j − c) = √τ dS̃ xtkᵀ ;  dk_j += τ Σ_i dS̃_ij q_i
             let kt = rm(&b.xtk[..d * cn], d, cn).transpose();
@@ -809,7 +872,7 @@ impl<T: Scalar> Head<'_, T> {
         }
         // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ.
         for (i0, cn) in self.chunks(n).rev() {
-            self.key_features(kv, i0, cn, &mut b);
+            self.key_features(kv, i0, cn, b);
             self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
             // dΦ_Kᵀ = dS' V'ᵀ ;  dV += Φ_K dS'[:, :dv]
             let (ds, ds_v) = (rm(dstate, r, e), rm_strided(dstate, r, dvw, e));
@@ -817,9 +880,9 @@ impl<T: Scalar> Head<'_, T> {
             matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one(), Par::Seq);
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
             matmul(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one(), Par::Seq);
-            self.feature_vjp(&mut b, &mut dk.sub_mut(i0, cn));
+            self.feature_vjp(b, &mut dk.sub_mut(i0, cn));
             // dS' += Ψᵀ dY
-            self.query_features(q.sub(i0, cn), &m[i0..], weighted, &mut b);
+            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             let dy = rm(&b.y[..cn * e], cn, e);
             matmul(rm_mut(dstate, r, e), true, rm(self.psi(&b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
@@ -953,24 +1016,25 @@ pub fn poly_mask(opts: &AttnOptions, s: &AttnShape, count: usize) -> Result<bool
 ///
 /// Errors: [`Error::BadInput`] naming `name` when a buffer has the wrong length.
 fn check_state<T>(name: &str, st: &PolyState<T>, s: &AttnShape, r: usize) -> Result<()> {
-    let (hkv, d, e) = (s.num_kv_heads, s.head_dim, s.head_dim_v + 1);
-    for (field, len, want) in [
-        ("s", st.s.len(), hkv * r * e),
-        ("key_sum", st.key_sum.len(), hkv * d),
-        ("reference", st.reference.len(), hkv * d),
-    ] {
+    let (hkv, d, e) = (s.kv_heads(), s.head_dim, s.head_dim_v + 1);
+    for (field, len, want) in
+        [("s", st.s.len(), hkv * r * e), ("key_sum", st.key_sum.len(), hkv * d), ("reference", st.reference.len(), hkv * d)]
+    {
         if len != want {
             return Err(Error::bad(
                 name,
-                format!("{field} has {len} values, expected {want} ([num_kv_heads, …] for r = {r}): a state of another shape or degree"),
+                format!(
+                    "{field} has {len} values, expected {want} ([batch, num_kv_heads, …] for r = {r}): a state of \
+                     another shape or degree"
+                ),
             ));
         }
     }
     Ok(())
 }
 
-/// The reference point of every key/value head (`[num_kv_heads, head_dim]`): `reference` if given,
-/// else the initial state's, else `None` (each head's default, [`kv_head`]).
+/// The reference point of every key/value head (`[batch, num_kv_heads, head_dim]`): `reference`
+/// if given, else the initial state's, else `None` (each head's default, [`kv_head`]).
 ///
 /// Errors: [`Error::BadInput`] (input `reference`) for a wrong length, a reference without
 /// centering, or one that differs from the initial state's.
@@ -980,12 +1044,12 @@ fn resolve_reference<'a, T: Scalar>(
     reference: Option<&'a [T]>,
     initial: Option<&'a PolyState<T>>,
 ) -> Result<Option<&'a [T]>> {
-    let want = s.num_kv_heads * s.head_dim;
+    let want = s.kv_heads() * s.head_dim;
     if let Some(r) = reference {
         if r.len() != want {
             return Err(Error::bad(
                 "reference",
-                format!("expected {want} values ([num_kv_heads, head_dim]), got {}", r.len()),
+                format!("expected {want} values ([batch, num_kv_heads, head_dim]), got {}", r.len()),
             ));
         }
         if !center {
@@ -1008,8 +1072,9 @@ fn resolve_reference<'a, T: Scalar>(
     }
 }
 
-/// Every key/value head's [`KvHead`]: reference points `reference` (`[num_kv_heads, head_dim]`,
-/// default per head when `None`) and, causal, the initial state's key sums and count.
+/// Every key/value head's [`KvHead`] over the batch ([`AttnShape::kv_heads`]): reference points
+/// `reference` (`[batch, num_kv_heads, head_dim]`, default per head when `None`) and, causal, the
+/// initial state's key sums and count.
 pub(crate) fn kv_heads<'a, T: Scalar>(
     x: &Qkv<'a, T>,
     causal: bool,
@@ -1019,7 +1084,7 @@ pub(crate) fn kv_heads<'a, T: Scalar>(
 ) -> Vec<KvHead<'a, T>> {
     let d = x.shape().head_dim;
     let block = |v: &'_ [T], h: usize| -> Vec<T> { v[h * d..(h + 1) * d].to_vec() };
-    (0..x.shape().num_kv_heads)
+    (0..x.shape().kv_heads())
         .into_par_iter()
         .map(|h| {
             let (kh, vh) = x.kv(h);
@@ -1031,18 +1096,15 @@ pub(crate) fn kv_heads<'a, T: Scalar>(
         .collect()
 }
 
-/// Non-causal `H'` of every key/value head (empty under the causal mask).
-pub(crate) fn kv_states<T: Scalar>(head: &Head<'_, T>, kvs: &[KvHead<'_, T>], causal: bool) -> Vec<Vec<T>> {
+/// Non-causal `H'` of every key/value head, `[kv_heads, r, dv+1]` (empty under the causal mask).
+pub(crate) fn kv_states<T: Scalar>(head: &Head<'_, T>, kvs: &[KvHead<'_, T>], causal: bool) -> Vec<T> {
     if causal {
         return Vec::new();
     }
-    kvs.par_iter()
-        .map(|kv| {
-            let mut h = vec![T::zero(); head.r() * head.e()];
-            head.kv_state(kv, &mut h);
-            h
-        })
-        .collect()
+    let len = head.r() * head.e();
+    let mut out = vec![T::zero(); kvs.len() * len];
+    out.par_chunks_mut(len).zip(kvs.par_iter()).for_each(|(h, kv)| head.kv_state(kv, h));
+    out
 }
 
 /// Polynomial attention, forward, starting a sequence (see [`forward_poly_state`], with no initial
@@ -1057,26 +1119,25 @@ pub fn forward_poly<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions, popts: &PolyO
 /// forward (MATH §5: the same `Õ = D̃⁻¹ Φ_Q Φ_Kᵀ V`). The softmax weights `exp(s_ij)` are replaced
 /// by `T_g(s_ij − τ q_i·k̄_i)` (degree `popts.degree`, row shift when `popts.center`, formed
 /// without cancellation as `τ q_i·(k_j − c) − m_i`, MATH §3 "Reference point"). O(n·r·d_v) time
-/// and O(C·r + r·d_v) extra memory per head with `r = C(d+g, g)`; heads in parallel, each
-/// sequential.
+/// and O(C·r + r·d_v) extra memory per head with `r = C(d+g, g)`; the (sequence, head) pairs in
+/// parallel, each sequential.
 ///
 /// The mask is [`Mask::Full`] or [`Mask::Causal`] ([`poly_mask`]). Causal calls can continue a
-/// sequence: `initial` is the [`PolyOutput::final_state`] of the previous piece (row `i` is then
+/// sequence: `initial` is the [`PolySaved::final_state`] of the previous piece (row `i` is then
 /// position `initial.count + i`, the mask's query offset, and `k̄_i` counts the earlier keys), and
 /// the output's `final_state` continues this one. `reference`
-/// (`[num_kv_heads, head_dim]`) fixes the reference points, so that separate callers (processes)
-/// can agree on one; by default the initial state's, else the mean of the first
+/// (`[batch, num_kv_heads, head_dim]`) fixes the reference points, so that separate callers
+/// (processes) can agree on one; by default the initial state's, else the mean of the first
 /// `min(chunk, seq_len)` keys (causal) or of all keys (non-causal) of each key/value head.
 ///
-/// Returns a [`PolyOutput`]: `o`, `lse = τ q_i·k̄_i + ln den_i`, the denominators, (non-causal)
-/// each key/value head's `H' = Φ_Kᵀ [V 1]`, the reference points, (causal) the initial and final
-/// states, and the shape and options, which [`backward_poly`] and [`super::backward_altgrad`]
-/// reuse.
+/// Returns a [`PolyOutput`]: `o`, `lse = τ q_i·k̄_i + ln den_i`, the denominators and the
+/// [`PolySaved`] states, reference points, shape and options, which [`backward_poly`] and
+/// [`super::backward_altgrad`] reuse.
 ///
 /// Errors: [`Error::BadInput`] for a non-positive scale, an odd or zero degree ("degree must be
-/// even: …"), a zero chunk, a feature width above [`super::features::MAX_FEATURE_DIM`], an
-/// `initial` state without the causal mask or of the wrong size, or a `reference` as
-/// [`resolve_reference`] rejects.
+/// even: …"), a zero chunk, a feature width above [`super::features::MAX_FEATURE_DIM`], a mask
+/// [`poly_mask`] rejects, an `initial` state without the causal mask or of the wrong size, or a
+/// `reference` of the wrong size, without centering, or other than the initial state's.
 pub fn forward_poly_state<T: Scalar>(
     x: &Qkv<'_, T>,
     opts: &AttnOptions,
@@ -1084,13 +1145,38 @@ pub fn forward_poly_state<T: Scalar>(
     initial: Option<&PolyState<T>>,
     reference: Option<&[T]>,
 ) -> Result<PolyOutput<T>> {
+    let s = *x.shape();
+    let rows = s.heads() * s.seq_len;
+    let (mut o, mut lse, mut den) = (vec![T::zero(); rows * s.head_dim_v], vec![T::zero(); rows], vec![T::zero(); rows]);
+    let out = PolyBuffers { o: &mut o, lse: &mut lse, den: &mut den };
+    let saved = forward_poly_into(x, opts, popts, initial, reference, out, &Workspace::new())?;
+    Ok(PolyOutput { o, lse, den, saved })
+}
+
+/// [`forward_poly_state`] into caller-owned buffers (overwritten), with scratch from `ws`; returns
+/// the rest of the output.
+///
+/// Errors: as [`forward_poly_state`], or [`Error::BadInput`] (input `o`, `lse` or `den`) for a
+/// buffer of the wrong length.
+pub fn forward_poly_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    opts: &AttnOptions,
+    popts: &PolyOptions,
+    initial: Option<&PolyState<T>>,
+    reference: Option<&[T]>,
+    out: PolyBuffers<'_, T>,
+    ws: &Workspace<T>,
+) -> Result<PolySaved<T>> {
     opts.validate()?;
     popts.validate()?;
     let s = *x.shape();
     let causal = poly_mask(opts, &s, initial.map_or(0, |st| st.count))?;
     let (n, d, dv) = (s.seq_len, s.head_dim, s.head_dim_v);
+    s.check_len("o", out.o, s.num_heads, dv)?;
+    s.check_rowwise("lse", out.lse)?;
+    s.check_rowwise("den", out.den)?;
     let fm = FeatureMap::<T>::new(d, popts.degree)?;
-    let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk };
+    let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk, ws };
     let len = head.r() * head.e();
     if let Some(st) = initial {
         if !causal {
@@ -1101,17 +1187,17 @@ pub fn forward_poly_state<T: Scalar>(
     let reference = resolve_reference(&s, popts.center, reference, initial)?;
     let kvs = kv_heads(x, causal, popts, reference, initial);
     let kv_state = kv_states(&head, &kvs, causal);
-    let mut o = vec![T::zero(); n * s.num_heads * dv];
-    let (mut lse, mut den) = (vec![T::zero(); s.num_heads * n], vec![T::zero(); s.num_heads * n]);
-    let scans: Vec<Vec<T>> = heads_mut(&mut o, 1, n, s.num_heads, dv)
+    let scans: Vec<Vec<T>> = s
+        .query_views(out.o, dv)
         .into_par_iter()
-        .zip(lse.par_chunks_mut(n).zip(den.par_chunks_mut(n)))
+        .zip(out.lse.par_chunks_mut(n).zip(out.den.par_chunks_mut(n)))
         .enumerate()
         .map(|(h, (mut oh, (lh, dh)))| {
             let kvh = h / s.group();
             let qh = s.query(x.q(), h);
             if !causal {
-                forward_one(&head, qh, &kvs[kvh], State::Keys(&kv_state[kvh]), &mut oh, lh, dh);
+                let state = State::Keys(&kv_state[kvh * len..(kvh + 1) * len]);
+                forward_one(&head, qh, &kvs[kvh], state, &mut oh, lh, dh);
                 return Vec::new();
             }
             let mut scan = initial.map_or_else(|| vec![T::zero(); len], |st| st.s[kvh * len..(kvh + 1) * len].to_vec());
@@ -1126,7 +1212,7 @@ pub fn forward_poly_state<T: Scalar>(
         .collect();
     let reference: Vec<T> = kvs.iter().flat_map(|kv| kv.c.iter().copied()).collect();
     let final_state = causal.then(|| {
-        let mut key_sum = Vec::with_capacity(s.num_kv_heads * d);
+        let mut key_sum = Vec::with_capacity(s.kv_heads() * d);
         for (h, kv) in kvs.iter().enumerate() {
             let mut acc: Vec<f64> = match initial {
                 Some(st) => st.key_sum[h * d..(h + 1) * d].iter().map(|x| x.as_f64()).collect(),
@@ -1139,17 +1225,9 @@ pub fn forward_poly_state<T: Scalar>(
             }
             key_sum.extend(acc.into_iter().map(T::from_f64));
         }
-        PolyState {
-            s: scans.concat(),
-            key_sum,
-            reference: reference.clone(),
-            count: initial.map_or(0, |st| st.count) + n,
-        }
+        PolyState { s: scans.concat(), key_sum, reference: reference.clone(), count: initial.map_or(0, |st| st.count) + n }
     });
-    Ok(PolyOutput {
-        o,
-        lse,
-        den,
+    Ok(PolySaved {
         kv_state,
         reference,
         initial: initial.cloned(),
@@ -1160,32 +1238,35 @@ pub fn forward_poly_state<T: Scalar>(
     })
 }
 
-/// Checks a saved polynomial forward against the inputs and `dout`, and builds its feature map.
+/// Checks a saved polynomial forward against the inputs, its `o`, `den` and `dout`, and builds
+/// its feature map.
 ///
-/// Errors: [`Error::BadInput`] as [`super::check_backward`], for a `den`, reference, state or
-/// key/value state of the wrong size, or invalid saved options.
-pub(crate) fn check_saved<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T]) -> Result<FeatureMap<T>> {
-    super::check_backward(x, &fwd.shape, &fwd.o, &fwd.lse, dout)?;
+/// Errors: [`Error::BadInput`] when `fwd` was computed for another shape, for an `o`, `den`,
+/// `dout`, reference, state or key/value state of the wrong size, or invalid saved options.
+pub(crate) fn check_saved<T: Scalar>(
+    x: &Qkv<'_, T>,
+    fwd: &PolySaved<T>,
+    o: &[T],
+    den: &[T],
+    dout: &[T],
+) -> Result<FeatureMap<T>> {
+    super::check_backward(x, &fwd.shape, o, dout)?;
+    fwd.shape.check_rowwise("den", den)?;
     fwd.opts.validate()?;
     fwd.popts.validate()?;
     let s = fwd.shape;
-    if fwd.den.len() != s.num_heads * s.seq_len {
-        return Err(Error::bad("den", format!("expected {} values ([num_heads, seq_len])", s.num_heads * s.seq_len)));
-    }
-    if fwd.reference.len() != s.num_kv_heads * s.head_dim {
+    if fwd.reference.len() != s.kv_heads() * s.head_dim {
         return Err(Error::bad(
             "fwd",
-            format!("reference has {} values, expected [num_kv_heads, head_dim]", fwd.reference.len()),
+            format!("reference has {} values, expected [batch, num_kv_heads, head_dim]", fwd.reference.len()),
         ));
     }
     let fm = FeatureMap::<T>::new(s.head_dim, fwd.popts.degree)?;
     let state_len = fm.dim() * (s.head_dim_v + 1);
-    if !fwd.opts.is_causal()
-        && (fwd.kv_state.len() != s.num_kv_heads || fwd.kv_state.iter().any(|x| x.len() != state_len))
-    {
+    if !fwd.opts.is_causal() && fwd.kv_state.len() != s.kv_heads() * state_len {
         return Err(Error::bad(
             "fwd",
-            format!("key/value state is not {} heads of [r, head_dim_v + 1] = {state_len} values", s.num_kv_heads),
+            format!("key/value state is not {} heads of [r, head_dim_v + 1] = {state_len} values", s.kv_heads()),
         ));
     }
     if let Some(st) = &fwd.initial {
@@ -1206,9 +1287,9 @@ pub fn backward_poly<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T])
 /// (MATH §4), including the chain rule through the row shift `m_i` (which depends on `q_i` and the
 /// keys; the reference point is a constant, as the function does not depend on it). `fwd` must
 /// come from [`forward_poly_state`] on the same inputs (its shape, options, reference points and
-/// initial state are used); `dout = dL/do [seq_len, num_heads, head_dim_v]`; `dfinal` (causal) is
-/// `dL/d(final state)` when the final state feeds a later piece or a loss (fla's `dht`; zero when
-/// `None`).
+/// initial state are used); `dout = dL/do [batch, seq_len, num_heads, head_dim_v]`; `dfinal`
+/// (causal) is `dL/d(final state)` when the final state feeds a later piece or a loss (fla's
+/// `dht`; zero when `None`).
 ///
 /// Returns the gradients of `q`, `k`, `v` and, causal, the gradient of the initial state (fla's
 /// `dh0`; `dkey_sum` collects `Σ_i τ dm_i q_i/(count + i + 1)` from the prefix means, plus
@@ -1225,26 +1306,47 @@ pub fn backward_poly_state<T: Scalar>(
     dout: &[T],
     dfinal: Option<&PolyStateGrad<T>>,
 ) -> Result<(AttnGrads<T>, Option<PolyStateGrad<T>>)> {
-    let fm = check_saved(x, fwd, dout)?;
+    let mut grads = AttnGrads::zeros(x.shape());
+    let dinit = backward_poly_into(x, &fwd.saved, &fwd.o, &fwd.den, dout, dfinal, grads.as_mut(), &Workspace::new())?;
+    Ok((grads, dinit))
+}
+
+/// [`backward_poly_state`] from a forward's [`PolySaved`] and its caller-owned `o` and `den`, into
+/// caller-owned gradients (overwritten), with scratch from `ws`; returns the initial state's
+/// gradient (causal).
+///
+/// Errors: as [`backward_poly_state`], or [`Error::BadInput`] naming a buffer of the wrong length.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_poly_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    fwd: &PolySaved<T>,
+    o: &[T],
+    den: &[T],
+    dout: &[T],
+    dfinal: Option<&PolyStateGrad<T>>,
+    mut grads: AttnGradsMut<'_, T>,
+    ws: &Workspace<T>,
+) -> Result<Option<PolyStateGrad<T>>> {
+    let fm = check_saved(x, fwd, o, den, dout)?;
     let (s, opts, popts) = (fwd.shape, fwd.opts, fwd.popts);
+    grads.check(&s)?;
     let (n, d, causal) = (s.seq_len, s.head_dim, opts.is_causal());
-    let head = Head { fm: &fm, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
+    let head = Head { fm: &fm, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk, ws };
     let len = head.r() * head.e();
     if let Some(df) = dfinal {
         if !causal {
             return Err(Error::bad("dfinal", "a state gradient needs the causal mask"));
         }
-        let want = (s.num_kv_heads * len, s.num_kv_heads * d);
+        let want = (s.kv_heads() * len, s.kv_heads() * d);
         if (df.ds.len(), df.dkey_sum.len()) != want {
             return Err(Error::bad("dfinal", format!("expected ds of {} and dkey_sum of {} values", want.0, want.1)));
         }
     }
     let kvs = kv_heads(x, causal, &popts, Some(&fwd.reference), fwd.initial.as_ref());
-    let mut grads = AttnGrads::zeros(&s);
-    let view = |h: usize| (s.query(x.q(), h), s.out(&fwd.o, h), s.out(dout, h), &fwd.den[h * n..(h + 1) * n]);
+    let view = |h: usize| (s.query(x.q(), h), s.out(o, h), s.out(dout, h), &den[h * n..(h + 1) * n]);
     if causal {
         let per_head = query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
-            let (qh, oh, gh, den) = view(h);
+            let (qh, oh, gh, dh) = view(h);
             let kvh = h / s.group();
             let block = kvh * len..(kvh + 1) * len;
             let mut scan = fwd.initial.as_ref().map_or_else(|| vec![T::zero(); len], |st| st.s[block.clone()].to_vec());
@@ -1254,51 +1356,57 @@ pub fn backward_poly_state<T: Scalar>(
                 _ => vec![T::zero(); len],
             };
             let mut dks = vec![0.0f64; d];
-            backward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), oh, den, gh, &mut dscan, dq, dk, dv, &mut dks);
+            backward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), oh, dh, gh, &mut dscan, dq, dk, dv, &mut dks);
             Ok((dscan, dks))
         })?;
         let sums = sum_groups(per_head, s.group());
-        // key_sum_final = key_sum_initial + Σ_j k_j: dfinal's dkey_sum reaches every key and the initial sum
-        let mut dkey_sum = Vec::with_capacity(s.num_kv_heads * d);
-        for (h, (_, dks)) in sums.iter().enumerate() {
-            let dsum: Vec<T> = dfinal.map_or_else(|| vec![T::zero(); d], |df| df.dkey_sum[h * d..(h + 1) * d].to_vec());
-            if dfinal.is_some() {
-                for (i, row) in grads.dk.chunks_exact_mut(d).enumerate() {
-                    if i % s.num_kv_heads == h {
-                        for (x, g) in row.iter_mut().zip(&dsum) {
-                            *x += *g;
-                        }
+        // key_sum_final = key_sum_initial + Σ_j k_j: dfinal's dkey_sum reaches every key and the
+        // initial sum
+        let dsum = |h: usize| -> Vec<T> {
+            dfinal.map_or_else(|| vec![T::zero(); d], |df| df.dkey_sum[h * d..(h + 1) * d].to_vec())
+        };
+        if dfinal.is_some() {
+            s.kv_views(grads.dk, d).into_par_iter().enumerate().for_each(|(h, mut dkh)| {
+                let add = dsum(h);
+                for i in 0..dkh.rows() {
+                    for (x, a) in dkh.row_mut(i).iter_mut().zip(&add) {
+                        *x += *a;
                     }
                 }
-            }
-            dkey_sum.extend(dks.iter().zip(&dsum).map(|(a, b)| T::from_f64(a + b.as_f64())));
+            });
         }
+        let dkey_sum = sums
+            .iter()
+            .enumerate()
+            .flat_map(|(h, (_, dks))| dks.iter().zip(dsum(h)).map(|(a, b)| T::from_f64(a + b.as_f64())).collect::<Vec<_>>())
+            .collect();
         let ds = sums.into_iter().flat_map(|(ds, _)| ds).collect();
-        return Ok((grads, Some(PolyStateGrad { ds, dkey_sum })));
+        return Ok(Some(PolyStateGrad { ds, dkey_sum }));
     }
     // Non-causal: per query head dQ, dH' and dk̄; the group's sums feed one key pass per key/value head.
-    let per_head: Vec<(Vec<T>, Vec<f64>)> = heads_mut(&mut grads.dq, 1, n, s.num_heads, d)
+    grads.zero();
+    let per_head: Vec<(Vec<T>, Vec<f64>)> = s
+        .query_views(grads.dq, d)
         .into_par_iter()
         .enumerate()
         .map(|(h, mut dqh)| {
-            let (qh, oh, gh, den) = view(h);
+            let (qh, oh, gh, dh) = view(h);
             let kvh = h / s.group();
             let kv = &kvs[kvh];
             let m = row_shifts(qh, &kv.kbar, opts.scale, popts.center);
-            let (mut dh, mut dkbar) = (vec![T::zero(); len], vec![0.0f64; d]);
-            let x = QueryBack { q: qh, m: &m, o: oh, den, g: gh };
-            head.backward_queries(&x, &kv.kbar, &fwd.kv_state[kvh], &mut dqh, &mut dh, &mut dkbar);
-            (dh, dkbar)
+            let (mut dstate, mut dkbar) = (vec![T::zero(); len], vec![0.0f64; d]);
+            let x = QueryBack { q: qh, m: &m, o: oh, den: dh, g: gh };
+            head.backward_queries(&x, &kv.kbar, &fwd.kv_state[kvh * len..(kvh + 1) * len], &mut dqh, &mut dstate, &mut dkbar);
+            (dstate, dkbar)
         })
         .collect();
     let sums = sum_groups(per_head, s.group());
-    let dks = heads_mut(&mut grads.dk, 1, n, s.num_kv_heads, d);
-    let dvs = heads_mut(&mut grads.dv, 1, n, s.num_kv_heads, s.head_dim_v);
-    dks.into_par_iter()
-        .zip(dvs)
-        .zip(kvs.par_iter().zip(sums.par_iter()))
-        .for_each(|((mut dkh, mut dvh), (kv, (dh, dkbar)))| head.backward_keys(kv, dh, dkbar, &mut dkh, &mut dvh));
-    Ok((grads, None))
+    let dks = s.kv_views(grads.dk, d);
+    let dvs = s.kv_views(grads.dv, s.head_dim_v);
+    dks.into_par_iter().zip(dvs).zip(kvs.par_iter().zip(sums.par_iter())).for_each(
+        |((mut dkh, mut dvh), (kv, (dstate, dkbar)))| head.backward_keys(kv, dstate, dkbar, &mut dkh, &mut dvh),
+    );
+    Ok(None)
 }
 
 /// `[1/0!, 1/1!, …, 1/g!]`: the coefficients of `T_g`.

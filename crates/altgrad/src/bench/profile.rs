@@ -10,7 +10,7 @@ use crate::attention::exact::{self, BLOCK_K, BLOCK_Q};
 use crate::attention::features::FeatureMap;
 use crate::attention::poly::{kv_head, row_shifts, Head, QueryBack, State};
 use crate::attention::view::{Rows, RowsMut};
-use crate::attention::AttnOptions;
+use crate::attention::{AttnOptions, Workspace};
 use crate::linalg::{matmul, rm, rm_mut, Scalar};
 use crate::Result;
 use faer::Par;
@@ -182,7 +182,8 @@ pub fn profile_poly_stages(
     let e = dv + 1;
     let scale = 1.0 / (d as f64).sqrt();
     let c = chunk.max(1).min(n);
-    let head = Head { fm: &fm, dv, scale, center: true, chunk: c };
+    let ws = Workspace::new();
+    let head = Head { fm: &fm, dv, scale, center: true, chunk: c, ws: &ws };
     let (q, k, v, gr) = (gen(n * d, 11), gen(n * d, 12), gen(n * dv, 13), gen(n * dv, 14));
     let (qr, gv) = (Rows::contiguous(&q, n, d), Rows::contiguous(&gr, n, dv));
     let kv = kv_head(Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv), causal, true, c, None, None, 0);
@@ -315,10 +316,11 @@ pub fn profile_exact_stages(n: usize, d: usize, causal: bool, peak1: f64) -> Sta
     let dv = d;
     let opts = AttnOptions::standard(d, causal);
     let (q, k, v, gr) = (gen(n * d, 31), gen(n * d, 32), gen(n * dv, 33), gen(n * dv, 34));
+    let ws = Workspace::new();
     let total = median_time(3, || {
         let (qr, kr, vr) = (Rows::contiguous(&q, n, d), Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv));
         let (mut o, mut lse) = (vec![0.0f32; n * dv], vec![0.0f32; n]);
-        exact::forward_head(qr, kr, vr, &opts, &mut RowsMut::contiguous(&mut o, n, dv), &mut lse);
+        exact::forward_head(qr, kr, vr, &opts, &mut RowsMut::contiguous(&mut o, n, dv), &mut lse, &ws);
         let (mut dq, mut dk, mut dvv) = (vec![0.0f32; n * d], vec![0.0f32; n * d], vec![0.0f32; n * dv]);
         exact::backward_head(
             qr,
@@ -331,6 +333,7 @@ pub fn profile_exact_stages(n: usize, d: usize, causal: bool, peak1: f64) -> Sta
             &mut RowsMut::contiguous(&mut dq, n, d),
             &mut RowsMut::contiguous(&mut dk, n, d),
             &mut RowsMut::contiguous(&mut dvv, n, dv),
+            &ws,
         );
         std::hint::black_box(&dvv);
     });
