@@ -760,9 +760,9 @@ fn altgrad_rejects_bad_degree_options_and_huge_states() {
     assert!(Qkv::new(&q, &kv[..5], &kv, &s).unwrap_err().to_string().starts_with("k:"));
     let fwd = forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &PolyOptions::new(2)).unwrap();
     let mut bad = fwd.clone();
-    bad.lse = vec![0.0; 3];
+    bad.den = vec![0.0; 3];
     let err = backward_altgrad(&qkv(&q, &kv, &kv, &s), &bad, &q).unwrap_err();
-    assert!(err.to_string().starts_with("lse:"), "{err}");
+    assert!(err.to_string().starts_with("den:"), "{err}");
     let err = backward_altgrad(&qkv(&q, &kv, &kv, &s), &fwd, &q[..7]).unwrap_err();
     assert!(err.to_string().starts_with("do:"), "{err}");
     // d = 64, g = 4: r = 814385, r·(d_v+1)·d ≈ 3.4e9 > MAX_KRON_STATE

@@ -205,6 +205,7 @@ fn state_gradients_match_finite_differences() {
                 (randn(n0 * h * d, seed, 1.0), randn(n0 * hkv * d, seed + 1, 1.0), randn(n0 * hkv * dv, seed + 2, 1.0));
             let init = forward_poly_state(&qkv(&q0, &k0, &v0, &s0), &opts0, &popts, None, reference.as_deref())
                 .unwrap()
+                .saved
                 .final_state
                 .unwrap();
             let (q, k, v) = (
@@ -218,7 +219,7 @@ fn state_gradients_match_finite_differences() {
             let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
             let loss = |st: &PolyState<f64>, q: &[f64], k: &[f64], v: &[f64]| -> f64 {
                 let f = forward_poly_state(&qkv(q, k, v, &s), &opts, &popts, Some(st), reference.as_deref()).unwrap();
-                let fin = f.final_state.unwrap();
+                let fin = f.saved.final_state.unwrap();
                 dot(&f.o, &g) + dot(&fin.s, &gs) + dot(&fin.key_sum, &gk)
             };
             let fwd =
@@ -267,7 +268,7 @@ fn states_are_checked() {
     let x = qkv(&q, &k, &v, &s);
     let causal = AttnOptions { mask: Mask::causal(), scale: 0.5 };
     let popts = PolyOptions { degree: 2, center: true, chunk: 2 };
-    let st = forward_poly(&x, &causal, &popts).unwrap().final_state.unwrap();
+    let st = forward_poly(&x, &causal, &popts).unwrap().saved.final_state.unwrap();
     assert_eq!(st.count, 5);
     let next = causal.with_mask(Mask::Causal { q_offset: 5 });
     assert!(forward_poly_state(&x, &next, &popts, Some(&st), None).is_ok());

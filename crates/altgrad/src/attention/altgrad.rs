@@ -113,7 +113,13 @@ impl<T: Scalar> Kron<'_, '_, T> {
         let c = self.head.c(n);
         Pooled::get(Some(&self.head.ws.kron), |b: &mut KBufs<T>| {
             self.head.fit_bufs(&mut b.p, n);
-            for (v, len) in [(&mut b.pa, c * c), (&mut b.ge, c * self.e()), (&mut b.kr, c * ew), (&mut b.big, c * ew), (&mut b.inv, c)] {
+            for (v, len) in [
+                (&mut b.pa, c * c),
+                (&mut b.ge, c * self.e()),
+                (&mut b.kr, c * ew),
+                (&mut b.big, c * ew),
+                (&mut b.inv, c),
+            ] {
                 fit(v, len);
             }
         })

@@ -180,12 +180,13 @@ pub fn poly_flops(n: usize, d: usize, dv: usize, r: usize, causal: bool, chunk: 
 }
 
 /// Working memory of the polynomial kernels for one head, in bytes, excluding inputs, outputs
-/// and O(n) vectors: the `r×(d_v+1)` state and its gradient, three `r×C` feature buffers
-/// (`Φᵀ`, `Ψᵀ`, `dΦᵀ`), two `C×C` tiles (causal), the `C×(d_v+1)` value/gradient chunks and the
-/// `d×C` transposed inputs (`elem` = 4 for f32, 8 for f64). O(C·r + r·d_v), never O(n·r).
+/// and O(n + C·g) vectors: the `r×(d_v+1)` state and its gradient, and the chunk scratch of
+/// [`super::poly::Head::scratch_len`] (centered): three `r×C` feature buffers (`Φᵀ`, `Ψᵀ`,
+/// `dΦᵀ`), two `C×C` tiles (causal), the `C×(d_v+1)` value/gradient chunks and three `d×C`
+/// transposed inputs (`elem` = 4 for f32, 8 for f64). O(C·r + r·d_v), never O(n·r).
 pub fn poly_state_bytes(d: usize, dv: usize, r: usize, chunk: usize, elem: usize) -> usize {
     let (e, c) = (dv + 1, chunk.max(1));
-    elem * (2 * r * e + 3 * c * r + 2 * c * c + 2 * c * e + 2 * c * d)
+    elem * (2 * r * e + 3 * c * r + 2 * c * c + 2 * c * e + 3 * c * d)
 }
 
 /// How a head's attention is computed.

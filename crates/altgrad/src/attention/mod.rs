@@ -152,7 +152,10 @@ impl AttnShape {
     pub(crate) fn check_rowwise<T>(&self, name: &str, x: &[T]) -> Result<()> {
         let want = self.heads() * self.seq_len;
         if x.len() != want {
-            return Err(Error::bad(name, format!("expected {want} values ([batch, num_heads, seq_len]), got {}", x.len())));
+            return Err(Error::bad(
+                name,
+                format!("expected {want} values ([batch, num_heads, seq_len]), got {}", x.len()),
+            ));
         }
         Ok(())
     }
@@ -444,7 +447,11 @@ pub(crate) fn check_backward<T>(x: &Qkv<'_, T>, fwd_shape: &AttnShape, o: &[T], 
 /// buffers summed over each GQA group afterwards (the one place where key/value gradients are
 /// summed over a group). `grads` is zeroed first; `f` adds into the views. Returns `f`'s results
 /// in head order.
-pub(crate) fn query_head_grads<T: Scalar, R: Send, F>(s: &AttnShape, grads: &mut AttnGradsMut<'_, T>, f: F) -> Result<Vec<R>>
+pub(crate) fn query_head_grads<T: Scalar, R: Send, F>(
+    s: &AttnShape,
+    grads: &mut AttnGradsMut<'_, T>,
+    f: F,
+) -> Result<Vec<R>>
 where
     F: Fn(usize, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>) -> Result<R> + Sync,
 {
@@ -467,7 +474,8 @@ where
         .enumerate()
         .map(|(h, mut dqh)| {
             let (mut kb, mut vb) = (vec![T::zero(); nk * d], vec![T::zero(); nk * dv]);
-            let r = f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, nk, d), &mut RowsMut::contiguous(&mut vb, nk, dv))?;
+            let r =
+                f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, nk, d), &mut RowsMut::contiguous(&mut vb, nk, dv))?;
             Ok(((kb, vb), r))
         })
         .collect::<Result<_>>()?;

@@ -687,7 +687,7 @@ impl<T: Scalar> Head<'_, T> {
         let mut y = std::mem::take(&mut b.y);
         for (i0, cn) in self.chunks(n) {
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
-            let psi = rm(self.psi(&b, cn, weighted), r, cn).transpose();
+            let psi = rm(self.psi(b, cn, weighted), r, cn).transpose();
             matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
             self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
         }
@@ -724,7 +724,7 @@ impl<T: Scalar> Head<'_, T> {
             let dy = rm(&b.y[..cn * e], cn, e);
             // dΨᵀ = H' dYᵀ ;  dH' += Ψᵀ dY
             matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
-            matmul(rm_mut(dstate, r, e), true, rm(self.psi(&b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
+            matmul(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
             self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
         }
         if self.center {
@@ -799,7 +799,7 @@ impl<T: Scalar> Head<'_, T> {
             let qc = q.sub(i0, cn);
             // inter-chunk: Y = Ψ S'
             self.query_features(qc, &m[i0..], weighted, b);
-            let psi = rm(self.psi(&b, cn, weighted), r, cn).transpose();
+            let psi = rm(self.psi(b, cn, weighted), r, cn).transpose();
             matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
             // intra-chunk: Y += A V', a_ij = T_g(τ q_i·(k_j − c) − m_i) for j ≤ i
             self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
@@ -885,7 +885,7 @@ impl<T: Scalar> Head<'_, T> {
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             let dy = rm(&b.y[..cn * e], cn, e);
-            matmul(rm_mut(dstate, r, e), true, rm(self.psi(&b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
+            matmul(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
         }
         // Through the shift: dq_i += τ dm_i (k̄_i − c); key j (and the initial key sum) gets
         // Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum).
@@ -1017,9 +1017,11 @@ pub fn poly_mask(opts: &AttnOptions, s: &AttnShape, count: usize) -> Result<bool
 /// Errors: [`Error::BadInput`] naming `name` when a buffer has the wrong length.
 fn check_state<T>(name: &str, st: &PolyState<T>, s: &AttnShape, r: usize) -> Result<()> {
     let (hkv, d, e) = (s.kv_heads(), s.head_dim, s.head_dim_v + 1);
-    for (field, len, want) in
-        [("s", st.s.len(), hkv * r * e), ("key_sum", st.key_sum.len(), hkv * d), ("reference", st.reference.len(), hkv * d)]
-    {
+    for (field, len, want) in [
+        ("s", st.s.len(), hkv * r * e),
+        ("key_sum", st.key_sum.len(), hkv * d),
+        ("reference", st.reference.len(), hkv * d),
+    ] {
         if len != want {
             return Err(Error::bad(
                 name,
@@ -1147,7 +1149,8 @@ pub fn forward_poly_state<T: Scalar>(
 ) -> Result<PolyOutput<T>> {
     let s = *x.shape();
     let rows = s.heads() * s.seq_len;
-    let (mut o, mut lse, mut den) = (vec![T::zero(); rows * s.head_dim_v], vec![T::zero(); rows], vec![T::zero(); rows]);
+    let (mut o, mut lse, mut den) =
+        (vec![T::zero(); rows * s.head_dim_v], vec![T::zero(); rows], vec![T::zero(); rows]);
     let out = PolyBuffers { o: &mut o, lse: &mut lse, den: &mut den };
     let saved = forward_poly_into(x, opts, popts, initial, reference, out, &Workspace::new())?;
     Ok(PolyOutput { o, lse, den, saved })
@@ -1225,17 +1228,14 @@ pub fn forward_poly_into<T: Scalar>(
             }
             key_sum.extend(acc.into_iter().map(T::from_f64));
         }
-        PolyState { s: scans.concat(), key_sum, reference: reference.clone(), count: initial.map_or(0, |st| st.count) + n }
+        PolyState {
+            s: scans.concat(),
+            key_sum,
+            reference: reference.clone(),
+            count: initial.map_or(0, |st| st.count) + n,
+        }
     });
-    Ok(PolySaved {
-        kv_state,
-        reference,
-        initial: initial.cloned(),
-        final_state,
-        shape: s,
-        opts: *opts,
-        popts: *popts,
-    })
+    Ok(PolySaved { kv_state, reference, initial: initial.cloned(), final_state, shape: s, opts: *opts, popts: *popts })
 }
 
 /// Checks a saved polynomial forward against the inputs, its `o`, `den` and `dout`, and builds
@@ -1378,7 +1378,9 @@ pub fn backward_poly_into<T: Scalar>(
         let dkey_sum = sums
             .iter()
             .enumerate()
-            .flat_map(|(h, (_, dks))| dks.iter().zip(dsum(h)).map(|(a, b)| T::from_f64(a + b.as_f64())).collect::<Vec<_>>())
+            .flat_map(|(h, (_, dks))| {
+                dks.iter().zip(dsum(h)).map(|(a, b)| T::from_f64(a + b.as_f64())).collect::<Vec<_>>()
+            })
             .collect();
         let ds = sums.into_iter().flat_map(|(ds, _)| ds).collect();
         return Ok(Some(PolyStateGrad { ds, dkey_sum }));
@@ -1396,7 +1398,14 @@ pub fn backward_poly_into<T: Scalar>(
             let m = row_shifts(qh, &kv.kbar, opts.scale, popts.center);
             let (mut dstate, mut dkbar) = (vec![T::zero(); len], vec![0.0f64; d]);
             let x = QueryBack { q: qh, m: &m, o: oh, den: dh, g: gh };
-            head.backward_queries(&x, &kv.kbar, &fwd.kv_state[kvh * len..(kvh + 1) * len], &mut dqh, &mut dstate, &mut dkbar);
+            head.backward_queries(
+                &x,
+                &kv.kbar,
+                &fwd.kv_state[kvh * len..(kvh + 1) * len],
+                &mut dqh,
+                &mut dstate,
+                &mut dkbar,
+            );
             (dstate, dkbar)
         })
         .collect();
