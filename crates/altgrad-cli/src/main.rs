@@ -837,34 +837,30 @@ fn run_attn(a: &AttnArgs) -> Result<()> {
             );
         }
     }
-    let shape = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let shape = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv).with_batch(b);
     shape.validate().map_err(|e| Error::bad(&input, e.to_string()))?;
     let scale = a.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let opts = AttnOptions { causal: a.causal, scale };
+    let opts = AttnOptions { mask: attention::Mask::from_causal(a.causal), scale };
     if q.dtype == "F64" {
-        attn_typed::<f64>(a, q, k, v, dout, b, &shape, &opts)
+        attn_typed::<f64>(a, q, k, v, dout, &shape, &opts)
     } else {
-        attn_typed::<f32>(a, q, k, v, dout, b, &shape, &opts)
+        attn_typed::<f32>(a, q, k, v, dout, &shape, &opts)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn attn_typed<T: Scalar>(
     a: &AttnArgs,
     q: &TensorF64,
     k: &TensorF64,
     v: &TensorF64,
     dout: Option<&TensorF64>,
-    b: usize,
     s: &AttnShape,
     opts: &AttnOptions,
 ) -> Result<()> {
     let conv = |t: &TensorF64| -> Vec<T> { t.data.iter().map(|x| T::from_f64(*x)).collect() };
     let (q, k, v) = (conv(q), conv(k), conv(v));
     let g = dout.map(conv);
-    let (n, h, hkv, d, dv) = (s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
-    let (sq, sk, sv, so) = (n * h * d, n * hkv * d, n * hkv * dv, n * h * dv);
-    let (mut o, mut dq, mut dk, mut dvv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (b, n, h, hkv, d, dv) = (s.batch, s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
     let p = PolyOptions { degree: a.degree, center: !a.no_center, chunk: a.chunk };
     let plan = match a.attention {
         Method::Exact => HeadPlan::Exact,
@@ -876,22 +872,17 @@ fn attn_typed<T: Scalar>(
         p.validate().map_err(|e| Error::bad("--degree/--chunk", e.to_string()))?;
     }
     let plans = vec![plan; h];
-    for bi in 0..b {
-        let (qb, kb, vb) = (&q[bi * sq..(bi + 1) * sq], &k[bi * sk..(bi + 1) * sk], &v[bi * sv..(bi + 1) * sv]);
-        let fwd = attention::mixed::forward_mixed(qb, kb, vb, s, opts, &plans)?;
-        if let Some(g) = &g {
-            let gr = attention::mixed::backward_mixed(qb, kb, vb, &fwd, &g[bi * so..(bi + 1) * so], s, opts, &plans)?;
-            dq.extend(gr.dq);
-            dk.extend(gr.dk);
-            dvv.extend(gr.dv);
-        }
-        o.extend(fwd.o);
-    }
-    let mut out = vec![("o".to_string(), vec![b, n, h, dv], o)];
-    if g.is_some() {
-        out.push(("dq".into(), vec![b, n, h, d], dq));
-        out.push(("dk".into(), vec![b, n, hkv, d], dk));
-        out.push(("dv".into(), vec![b, n, hkv, dv], dvv));
+    // the whole batch in one call: the (sequence, head) pairs run in parallel
+    let fwd = attention::mixed::forward_mixed(&q, &k, &v, s, opts, &plans)?;
+    let grads = match &g {
+        Some(g) => Some(attention::mixed::backward_mixed(&q, &k, &v, &fwd, g, s, opts, &plans)?),
+        None => None,
+    };
+    let mut out = vec![("o".to_string(), vec![b, n, h, dv], fwd.o)];
+    if let Some(gr) = grads {
+        out.push(("dq".into(), vec![b, n, h, d], gr.dq));
+        out.push(("dk".into(), vec![b, n, hkv, d], gr.dk));
+        out.push(("dv".into(), vec![b, n, hkv, dv], gr.dv));
     }
     aio::write_safetensors(&a.out, &out)?;
     println!("wrote {} ({} tensors, {})", a.out.display(), out.len(), T::DTYPE);

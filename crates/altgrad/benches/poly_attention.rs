@@ -34,15 +34,16 @@ fn time_poly(n: usize, d: usize, g: usize, heads: usize, causal: bool, chunk: us
         (0..len).map(|i| (((i * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0).collect()
     };
     let (q, k, v, dout) = (gen(1), gen(2), gen(3), gen(4));
+    let x = attention::Qkv::new(&q, &k, &v, &s).unwrap();
     let t0 = std::time::Instant::now();
-    let fwd = attention::forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap();
-    std::hint::black_box(attention::backward_poly(&q, &k, &v, &fwd, &dout, &s, &opts, &popts).unwrap());
+    let fwd = attention::forward_poly(&x, &opts, &popts).unwrap();
+    std::hint::black_box(attention::backward_poly(&x, &fwd, &dout).unwrap());
     let reps = (0.3 / t0.elapsed().as_secs_f64()).clamp(1.0, 15.0) as usize;
     let mut fwd = None;
-    let fwd_s = median_time(reps, || fwd = Some(attention::forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap()));
+    let fwd_s = median_time(reps, || fwd = Some(attention::forward_poly(&x, &opts, &popts).unwrap()));
     let fwd = fwd.unwrap();
     let bwd_s = median_time(reps, || {
-        std::hint::black_box(attention::backward_poly(&q, &k, &v, &fwd, &dout, &s, &opts, &popts).unwrap());
+        std::hint::black_box(attention::backward_poly(&x, &fwd, &dout).unwrap());
     });
     let r = feature_dim(d, g).unwrap();
     let flops = heads as f64 * bound::poly_flops(n, d, d, r, causal, chunk);

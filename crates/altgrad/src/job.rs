@@ -185,8 +185,15 @@ pub fn inspect_on<T: Scalar, N: Network<T>>(
         let r_raw = head_bounds(q, k, shape, opts, false)?;
         for head in 0..shape.num_heads {
             let g = choose_degree(r_shift[head], tol, MAX_AUTO_DEGREE);
-            let p =
-                Policy::choose(ids.len(), shape.head_dim, shape.head_dim_v, opts.causal, r_shift[head], tol, max_rank);
+            let p = Policy::choose(
+                ids.len(),
+                shape.head_dim,
+                shape.head_dim_v,
+                opts.is_causal(),
+                r_shift[head],
+                tol,
+                max_rank,
+            );
             out.push(InspectHead {
                 layer,
                 head,

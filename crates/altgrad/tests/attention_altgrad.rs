@@ -4,14 +4,15 @@
 //! which the printed formula is shown to fail and the corrected one to match finite differences.
 
 mod common;
-use altgrad::attention::altgrad::{one_layer_w_form, MAX_KRON_STATE};
+use altgrad::attention::altgrad::{check_kron_state, one_layer_w_form, MAX_KRON_STATE};
 use altgrad::attention::bound::{eps_a, key_means, row_shift};
 use altgrad::attention::features::{taylor, FeatureMap};
+use altgrad::attention::mixed::{forward_mixed, HeadPlan};
 use altgrad::attention::{
-    backward_altgrad, backward_exact, backward_poly, forward_altgrad, forward_exact, forward_poly, head_bounds, naive,
-    AttnOptions, AttnShape, PolyOptions,
+    backward_altgrad, backward_exact, backward_poly, forward_exact, forward_poly, head_bounds, naive, AttnOptions,
+    AttnShape, Mask, PolyOptions, Qkv,
 };
-use common::{dot, fd_grad, randn, rel, to_f32};
+use common::{qkv, randn, rel, to_f32};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -49,8 +50,22 @@ fn flat(f: &[Vec<f64>]) -> Vec<f64> {
     f.concat()
 }
 
-/// Finite-difference step of [`fd_grad`].
-const FD_STEP: f64 = 1e-6;
+/// Central differences of `loss` at `x` (f64, step 1e-6).
+fn fd(x: &[f64], loss: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let eps = 1e-6;
+    (0..x.len())
+        .map(|i| {
+            let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+            xp[i] += eps;
+            xm[i] -= eps;
+            (loss(&xp) - loss(&xm)) / (2.0 * eps)
+        })
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
 
 // ---------------------------------------------------------------------------------------------
 // 1. fast vs naive
@@ -70,19 +85,19 @@ struct Case {
 
 /// Fast vs naive in f64 (≤ tol64) and f32 (≤ 1e-5); returns the worst f64 and f32 errors.
 fn check(c: &Case, tol64: f64) -> (f64, f64) {
-    let s = AttnShape { seq_len: c.n, num_heads: c.h, num_kv_heads: c.hkv, head_dim: c.d, head_dim_v: c.dv };
+    let s = AttnShape::new(c.n, c.h, c.hkv, c.d).with_head_dim_v(c.dv);
     let opts = AttnOptions::standard(c.d, c.causal);
     let popts = PolyOptions { degree: c.degree, center: c.center, chunk: c.chunk };
     let q = randn(c.n * c.h * c.d, c.seed, 1.0);
     let k = randn(c.n * c.hkv * c.d, c.seed + 1, 1.0);
     let v = randn(c.n * c.hkv * c.dv, c.seed + 2, 1.0);
     let g = randn(c.n * c.h * c.dv, c.seed + 3, 1.0);
-    let o_ref = naive::altgrad_forward(&q, &k, &v, &s, c.causal, opts.scale, c.degree, c.center);
+    let o_ref = naive::altgrad_forward(&q, &k, &v, &s, &naive::Poly::new(c.causal, opts.scale, c.degree, c.center));
     let (dq_ref, dk_ref, dv_ref) =
-        naive::altgrad_backward(&q, &k, &v, &g, &s, c.causal, opts.scale, c.degree, c.center);
+        naive::altgrad_backward(&qkv(&q, &k, &v, &s), &g, &naive::Poly::new(c.causal, opts.scale, c.degree, c.center));
     let mut lse_ref = Vec::new();
     for h in 0..c.h {
-        let (a, m, _) = naive::poly_weights(&q, &k, &s, c.causal, opts.scale, c.degree, c.center, h);
+        let (a, m, _) = naive::poly_weights(&q, &k, &s, &naive::Poly::new(c.causal, opts.scale, c.degree, c.center), h);
         lse_ref.extend(a.iter().zip(&m).map(|(row, mi)| mi + row.iter().sum::<f64>().ln()));
     }
     let tag = format!(
@@ -99,8 +114,8 @@ fn check(c: &Case, tol64: f64) -> (f64, f64) {
             e
         }
     };
-    let fwd = forward_altgrad(&q, &k, &v, &s, &opts, &popts).unwrap();
-    let gr = backward_altgrad(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap();
+    let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+    let gr = backward_altgrad(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
     let mut worst = (0.0f64, 0.0f64);
     for (name, got, want) in [
         ("o", &fwd.o, &o_ref),
@@ -114,8 +129,8 @@ fn check(c: &Case, tol64: f64) -> (f64, f64) {
         assert!(e < tol64, "f64 {name} {tag}: rel err {e:e}");
     }
     let (qf, kf, vf, gf) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&g));
-    let fwd = forward_altgrad(&qf, &kf, &vf, &s, &opts, &popts).unwrap();
-    let gr = backward_altgrad(&qf, &kf, &vf, &fwd, &gf, &s, &opts, &popts).unwrap();
+    let fwd = forward_poly(&qkv(&qf, &kf, &vf, &s), &opts, &popts).unwrap();
+    let gr = backward_altgrad(&qkv(&qf, &kf, &vf, &s), &fwd, &gf).unwrap();
     let up = |x: &[f32]| x.iter().map(|v| *v as f64).collect::<Vec<_>>();
     for (name, got, want) in [
         ("o", &fwd.o, &o_ref),
@@ -197,17 +212,17 @@ proptest! {
     ) {
         let degree = 2 * deg;
         let h = hkv * group;
-        let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+        let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
         let opts = AttnOptions::standard(d, causal);
         let popts = PolyOptions { degree, center, chunk };
         let q = randn(n * h * d, seed, 1.0);
         let k = randn(n * hkv * d, seed + 1, 1.0);
         let v = randn(n * hkv * dv, seed + 2, 1.0);
         let g = randn(n * h * dv, seed + 3, 1.0);
-        let o_ref = naive::altgrad_forward(&q, &k, &v, &s, causal, opts.scale, degree, center);
-        let (dq_ref, dk_ref, dv_ref) = naive::altgrad_backward(&q, &k, &v, &g, &s, causal, opts.scale, degree, center);
-        let fwd = forward_altgrad(&q, &k, &v, &s, &opts, &popts).unwrap();
-        let gr = backward_altgrad(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap();
+        let o_ref = naive::altgrad_forward(&q, &k, &v, &s, &naive::Poly::new(causal, opts.scale, degree, center));
+        let (dq_ref, dk_ref, dv_ref) = naive::altgrad_backward(&qkv(&q, &k, &v, &s), &g, &naive::Poly::new(causal, opts.scale, degree, center));
+        let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+        let gr = backward_altgrad(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
         let gnorm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
         for (name, got, want) in [("o", &fwd.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)] {
             let mut e = rel(got, want);
@@ -224,14 +239,14 @@ proptest! {
 #[test]
 fn naive_reference_is_the_exact_formula_with_f_replaced() {
     let (n, h, hkv, d, dv) = (11, 2, 1, 5, 3);
-    let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
     for causal in [false, true] {
         let scale = 0.45;
         let q = randn(n * h * d, 71, 1.0);
         let k = randn(n * hkv * d, 72, 1.0);
         let v = randn(n * hkv * dv, 73, 1.0);
         let g = randn(n * h * dv, 74, 1.0);
-        let (dq, _, _) = naive::backward(&q, &k, &v, &g, &s, causal, scale);
+        let (dq, _, _) = naive::backward(&qkv(&q, &k, &v, &s), &g, causal, scale);
         let head = |x: &[f64], heads: usize, w: usize, hh: usize| -> Vec<f64> {
             (0..n * w).map(|t| x[((t / w) * heads + hh) * w + t % w]).collect()
         };
@@ -253,13 +268,13 @@ fn naive_reference_is_the_exact_formula_with_f_replaced() {
         // with one query head per key head the key/value gradients compare directly
         let s1 = AttnShape { num_heads: 1, ..s };
         let q1 = head(&q, h, d, 0);
-        let (_, dk1, dv1) = naive::backward(&q1, &k, &v, &head(&g, h, dv, 0), &s1, causal, scale);
+        let (_, dk1, dv1) = naive::backward(&qkv(&q1, &k, &v, &s1), &head(&g, h, dv, 0), causal, scale);
         let f = naive::probs(&q1, &k, &s1, causal, scale, 0);
         let mg = naive::grads_from_matrix(&f, &q1, &k, &v, &head(&g, h, dv, 0), n, d, dv, scale);
         assert!(rel(&mg.dk, &dk1) < 1e-12 && rel(&mg.dv, &dv1) < 1e-12);
         for center in [false, true] {
-            let a = naive::altgrad_forward(&q, &k, &v, &s, causal, scale, 4, center);
-            let b = naive::poly_forward(&q, &k, &v, &s, causal, scale, 4, center);
+            let a = naive::altgrad_forward(&q, &k, &v, &s, &naive::Poly::new(causal, scale, 4, center));
+            let b = naive::poly_forward(&q, &k, &v, &s, &naive::Poly::new(causal, scale, 4, center));
             assert!(rel(&a, &b) < 1e-13);
         }
     }
@@ -290,19 +305,19 @@ fn altgrad_approaches_exact_softmax_gradient_as_degree_rises() {
                 }
                 let r = head_bounds(&q, &k, &s, &opts, center).unwrap().into_iter().fold(0.0, f64::max);
                 // exact reference: the tiled kernel, checked against the materialized one
-                let ex = forward_exact(&q, &k, &v, &s, &opts).unwrap();
-                let exg = backward_exact(&q, &k, &v, &ex, &g, &s, &opts).unwrap();
-                let (dq_n, _, _) = naive::backward(&q, &k, &v, &g, &s, causal, opts.scale);
+                let ex = forward_exact(&qkv(&q, &k, &v, &s), &opts).unwrap();
+                let exg = backward_exact(&qkv(&q, &k, &v, &s), &ex, &g).unwrap();
+                let (dq_n, _, _) = naive::backward(&qkv(&q, &k, &v, &s), &g, causal, opts.scale);
                 assert!(rel(&exg.dq, &dq_n) < 1e-12);
                 let mut prev = [f64::INFINITY; 4];
                 let mut line = format!("causal={causal} center={center} R={r:.2}:");
                 for degree in [2usize, 4, 6] {
                     let popts = PolyOptions { degree, center, chunk: 32 };
-                    let fwd = forward_altgrad(&q, &k, &v, &s, &opts, &popts).unwrap();
-                    let gr = backward_altgrad(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap();
+                    let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+                    let gr = backward_altgrad(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
                     let errs = [rel(&fwd.o, &ex.o), rel(&gr.dq, &exg.dq), rel(&gr.dk, &exg.dk), rel(&gr.dv, &exg.dv)];
-                    let pf = forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap();
-                    let pg = backward_poly(&q, &k, &v, &pf, &g, &s, &opts, &popts).unwrap();
+                    let pf = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+                    let pg = backward_poly(&qkv(&q, &k, &v, &s), &pf, &g).unwrap();
                     let poly_dq = rel(&pg.dq, &exg.dq);
                     let ea = eps_a(r, degree);
                     line += &format!(
@@ -364,9 +379,9 @@ fn w_form_matches_qkv_chain_rule() {
                 let wf = one_layer_w_form(&l.x, &l.wq, &l.wk, &l.wv, &l.g, n, hdim, d, dv, &opts, &popts).unwrap();
                 let (q, k, v) =
                     (mm(&l.x, &l.wq, n, hdim, d), mm(&l.x, &l.wk, n, hdim, d), mm(&l.x, &l.wv, n, hdim, dv));
-                let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: d, head_dim_v: dv };
-                let fwd = forward_altgrad(&q, &k, &v, &s, &opts, &popts).unwrap();
-                let gr = backward_altgrad(&q, &k, &v, &fwd, &l.g, &s, &opts, &popts).unwrap();
+                let s = AttnShape::new(n, 1, 1, d).with_head_dim_v(dv);
+                let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+                let gr = backward_altgrad(&qkv(&q, &k, &v, &s), &fwd, &l.g).unwrap();
                 let xt = tr(&l.x, n, hdim);
                 let pairs = [
                     ("o", wf.o.clone(), fwd.o.clone()),
@@ -392,7 +407,7 @@ fn w_form_matches_qkv_chain_rule() {
                     assert!(e < 1e-10, "{name} {tag}: rel err {e:e}");
                 }
                 // dL/dW itself against the naive W-form with the materialized f̃
-                let f = naive::altgrad_matrix(&q, &k, &s, causal, opts.scale, 2, center, 0);
+                let f = naive::altgrad_matrix(&q, &k, &s, &naive::Poly::new(causal, opts.scale, 2, center), 0);
                 let w = mm(&l.wq, &tr(&l.wk, hdim, d), hdim, d, hdim);
                 let (dw, dw_v, dx) = naive::w_form_from_matrix(&f, &l.x, &w, &l.wv, &l.g, n, hdim, dv, opts.scale);
                 for (name, got, want) in [("dW", &wf.dw, &dw), ("dW_V", &wf.dw_v, &dw_v), ("dX", &wf.dx, &dx)] {
@@ -499,18 +514,18 @@ fn setup(causal: bool, tau: f64) -> (Exact, Layer, Vec<f64>) {
 fn correction_1_dwv_needs_f_transposed() {
     let (e, l, w) = setup(true, 0.5);
     let (n, hd, dv) = (e.n, e.hdim, e.dv);
-    let want = fd_grad(&l.wv, FD_STEP, |wv| e.loss(&l.x, &w, wv, &l.g));
+    let want = fd(&l.wv, |wv| e.loss(&l.x, &w, wv, &l.g));
     let t = terms(&e, &l.x, &w, &l.wv, &l.g);
     let xt = tr(&l.x, n, hd);
     let printed = mm(&xt, &mm(&t.f, &l.g, n, n, dv), hd, n, dv);
     let corrected = mm(&xt, &mm(&tr(&t.f, n, n), &l.g, n, n, dv), hd, n, dv);
     let (ep, ec) = (rel(&printed, &want), rel(&corrected, &want));
     // the library's exact backward on Q = X W_Q, K = X W_K, V = X W_V
-    let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: l.d, head_dim_v: dv };
-    let opts = AttnOptions { causal: true, scale: e.tau };
+    let s = AttnShape::new(n, 1, 1, l.d).with_head_dim_v(dv);
+    let opts = AttnOptions { mask: Mask::causal(), scale: e.tau };
     let (q, k) = (mm(&l.x, &l.wq, n, hd, l.d), mm(&l.x, &l.wk, n, hd, l.d));
-    let fw = forward_exact(&q, &k, &t.v, &s, &opts).unwrap();
-    let gr = backward_exact(&q, &k, &t.v, &fw, &l.g, &s, &opts).unwrap();
+    let fw = forward_exact(&qkv(&q, &k, &t.v, &s), &opts).unwrap();
+    let gr = backward_exact(&qkv(&q, &k, &t.v, &s), &fw, &l.g).unwrap();
     let el = rel(&mm(&xt, &gr.dv, hd, n, dv), &want);
     eprintln!("correction 1 (G.3): printed Xᵀ f G rel err {ep:.2e}; corrected Xᵀ fᵀ G {ec:.2e}; library {el:.2e}");
     assert!(ep > 0.1, "printed form should fail: {ep:e}");
@@ -529,7 +544,7 @@ fn correction_1_dwv_needs_f_transposed() {
 fn correction_2_d17_terms() {
     let (e, l, w) = setup(true, 0.5);
     let (n, hd, dv, tau) = (e.n, e.hdim, e.dv, e.tau);
-    let want = fd_grad(&l.x, FD_STEP, |x| e.loss(x, &w, &l.wv, &l.g));
+    let want = fd(&l.x, |x| e.loss(x, &w, &l.wv, &l.g));
     let t = terms(&e, &l.x, &w, &l.wv, &l.g);
     let wt = tr(&w, hd, hd);
     let ft = tr(&t.f, n, n);
@@ -581,7 +596,7 @@ fn correction_2_d17_terms() {
 #[test]
 fn correction_3_causal_transposed_products_need_suffix_sums() {
     let (n, d, dv, degree) = (13, 4, 3, 2);
-    let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: d, head_dim_v: dv };
+    let s = AttnShape::new(n, 1, 1, d).with_head_dim_v(dv);
     let opts = AttnOptions::standard(d, true);
     let popts = PolyOptions { degree, center: true, chunk: 4 };
     let q = randn(n * d, 31, 1.0);
@@ -633,10 +648,10 @@ fn correction_3_causal_transposed_products_need_suffix_sums() {
         }
         out
     };
-    let want = fd_grad(&v, FD_STEP, |vv| dot(&forward_altgrad(&q, &k, vv, &s, &opts, &popts).unwrap().o, &g));
+    let want = fd(&v, |vv| dot(&forward_poly(&qkv(&q, &k, vv, &s), &opts, &popts).unwrap().o, &g));
     let (ea_pre, ea_suf) = (rel(&scan(false), &want), rel(&scan(true), &want));
-    let fwd = forward_altgrad(&q, &k, &v, &s, &opts, &popts).unwrap();
-    let lib = rel(&backward_altgrad(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap().dv, &want);
+    let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+    let lib = rel(&backward_altgrad(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap().dv, &want);
 
     // (b) p₁ with Kronecker factors a_i = u_i ⊗ g_i, b_j = φ_j ⊗ v_j (length r·dv)
     let kr = |x: &[f64], y: &[f64]| -> Vec<f64> { x.iter().flat_map(|a| y.iter().map(move |b| a * b)).collect() };
@@ -663,11 +678,11 @@ fn correction_3_causal_transposed_products_need_suffix_sums() {
         out
     };
     // sanity: the prefix recursion is p₁ Y with p₁ = f̃ ∘ (G Vᵀ) materialized
-    let f = naive::altgrad_matrix(&q, &k, &s, true, opts.scale, degree, true, 0);
+    let f = naive::altgrad_matrix(&q, &k, &s, &naive::Poly::new(true, opts.scale, degree, true), 0);
     let p1: Vec<f64> =
         (0..n * n).map(|t| f[t / n][t % n] * dot(&g[t / n * dv..][..dv], &v[t % n * dv..][..dv])).collect();
     assert!(rel(&p1_times(&y0), &mm(&p1, &y0, n, n, w)) < 1e-12);
-    let want_b = fd_grad(&y0, FD_STEP, |y| dot(&bmat, &p1_times(y)));
+    let want_b = fd(&y0, |y| dot(&bmat, &p1_times(y)));
     let scan_t = |suffix: bool| -> Vec<f64> {
         let mut out = vec![0.0; n * w];
         let mut state = vec![0.0; rk * w];
@@ -702,15 +717,15 @@ fn correction_4_restore_tau() {
         let (e, l, w) = setup(true, tau);
         let (n, hd, d, dv) = (e.n, e.hdim, l.d, e.dv);
         // dL/dW, W = W_Q W_Kᵀ
-        let want_w = fd_grad(&w, FD_STEP, |ww| e.loss(&l.x, ww, &l.wv, &l.g));
+        let want_w = fd(&w, |ww| e.loss(&l.x, ww, &l.wv, &l.g));
         let t = terms(&e, &l.x, &w, &l.wv, &l.g);
         let p: Vec<f64> = t.p1.iter().zip(&t.p2).map(|(a, b)| a - b).collect();
         let xpx = mm(&tr(&l.x, n, hd), &mm(&p, &l.x, n, n, hd), hd, n, hd);
         let (ew_p, ew_c) = (rel(&xpx, &want_w), rel(&scaled(&xpx, tau), &want_w));
         // dQ on Q/K/V inputs: FD of the materialized exact forward (library naive) in q
-        let s = AttnShape { seq_len: n, num_heads: 1, num_kv_heads: 1, head_dim: d, head_dim_v: dv };
+        let s = AttnShape::new(n, 1, 1, d).with_head_dim_v(dv);
         let (q, k) = (mm(&l.x, &l.wq, n, hd, d), mm(&l.x, &l.wk, n, hd, d));
-        let want_q = fd_grad(&q, FD_STEP, |qq| dot(&naive::forward(qq, &k, &t.v, &s, true, tau), &l.g));
+        let want_q = fd(&q, |qq| dot(&naive::forward(qq, &k, &t.v, &s, true, tau), &l.g));
         let pk = mm(&p, &k, n, n, d);
         let (eq_p, eq_c) = (rel(&pk, &want_q), rel(&scaled(&pk, tau), &want_q));
         eprintln!(
@@ -735,33 +750,35 @@ fn altgrad_rejects_bad_degree_options_and_huge_states() {
     let q = randn(4 * 2 * 8, 1, 1.0);
     let kv = randn(4 * 8, 2, 1.0);
     for g in [1usize, 3, 5] {
-        let err = forward_altgrad(&q, &kv, &kv, &s, &opts, &PolyOptions::new(g)).unwrap_err();
+        let err = forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &PolyOptions::new(g)).unwrap_err();
         assert!(err.is_user_error());
         assert!(err.to_string().contains("degree must be even"), "{err}");
     }
-    assert!(forward_altgrad(&q, &kv, &kv, &s, &opts, &PolyOptions::new(0)).is_err());
+    assert!(forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &PolyOptions::new(0)).is_err());
     let popts = PolyOptions { chunk: 0, ..PolyOptions::new(2) };
-    assert!(forward_altgrad(&q, &kv, &kv, &s, &opts, &popts).unwrap_err().to_string().contains("chunk"));
-    assert!(forward_altgrad(&q, &kv[..5], &kv, &s, &opts, &PolyOptions::new(2))
-        .unwrap_err()
-        .to_string()
-        .starts_with("k:"));
-    let fwd = forward_altgrad(&q, &kv, &kv, &s, &opts, &PolyOptions::new(2)).unwrap();
-    let bad = altgrad::attention::AttnOutput { o: fwd.o.clone(), lse: vec![0.0; 3] };
-    let err = backward_altgrad(&q, &kv, &kv, &bad, &q, &s, &opts, &PolyOptions::new(2)).unwrap_err();
-    assert!(err.to_string().starts_with("lse:"), "{err}");
-    let err = backward_altgrad(&q, &kv, &kv, &fwd, &q[..7], &s, &opts, &PolyOptions::new(2)).unwrap_err();
+    assert!(forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &popts).unwrap_err().to_string().contains("chunk"));
+    assert!(Qkv::new(&q, &kv[..5], &kv, &s).unwrap_err().to_string().starts_with("k:"));
+    let fwd = forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &PolyOptions::new(2)).unwrap();
+    let mut bad = fwd.clone();
+    bad.den = vec![0.0; 3];
+    let err = backward_altgrad(&qkv(&q, &kv, &kv, &s), &bad, &q).unwrap_err();
+    assert!(err.to_string().starts_with("den:"), "{err}");
+    let err = backward_altgrad(&qkv(&q, &kv, &kv, &s), &fwd, &q[..7]).unwrap_err();
     assert!(err.to_string().starts_with("do:"), "{err}");
     // d = 64, g = 4: r = 814385, r·(d_v+1)·d ≈ 3.4e9 > MAX_KRON_STATE
     let s64 = AttnShape::new(1, 1, 1, 64);
     let x = vec![0.1f64; 64];
     let o64 = AttnOptions::standard(64, false);
-    // rejected already by the forward, before any work
-    let err = forward_altgrad(&x, &x, &x, &s64, &o64, &PolyOptions::new(4)).unwrap_err();
+    // rejected before any work: by the plan check (a layer's forward) and by the backward
+    let err = check_kron_state(&s64, &PolyOptions::new(4)).unwrap_err();
     assert!(err.is_user_error() && err.to_string().contains(&MAX_KRON_STATE.to_string()), "{err}");
-    let fwd = forward_altgrad(&x, &x, &x, &s64, &o64, &PolyOptions::new(2)).unwrap();
-    let err = backward_altgrad(&x, &x, &x, &fwd, &x, &s64, &o64, &PolyOptions::new(4)).unwrap_err();
-    assert!(err.is_user_error(), "{err}");
+    let plans = [HeadPlan::AltGrad(PolyOptions::new(4))];
+    let err = forward_mixed(&x, &x, &x, &s64, &o64, &plans).unwrap_err();
+    assert!(err.to_string().contains(&MAX_KRON_STATE.to_string()), "{err}");
+    let mut fwd = forward_poly(&qkv(&x, &x, &x, &s64), &o64, &PolyOptions::new(2)).unwrap();
+    fwd.popts.degree = 4;
+    let err = backward_altgrad(&qkv(&x, &x, &x, &s64), &fwd, &x).unwrap_err();
+    assert!(err.is_user_error() && err.to_string().contains(&MAX_KRON_STATE.to_string()), "{err}");
     // W-form
     let l = layer(5, 6, 4, 3, 9);
     let wo = AttnOptions::standard(4, true);
@@ -771,6 +788,6 @@ fn altgrad_rejects_bad_degree_options_and_huge_states() {
     assert!(err.to_string().starts_with("w_q:"), "{err}");
     let err = one_layer_w_form(&l.x, &l.wq, &l.wk, &l.wv, &l.g, 5, 6, 4, 3, &wo, &PolyOptions::new(3)).unwrap_err();
     assert!(err.to_string().contains("degree must be even"), "{err}");
-    let bad_scale = AttnOptions { causal: true, scale: -1.0 };
+    let bad_scale = AttnOptions { mask: Mask::causal(), scale: -1.0 };
     assert!(one_layer_w_form(&l.x, &l.wq, &l.wk, &l.wv, &l.g, 5, 6, 4, 3, &bad_scale, &p2).is_err());
 }

@@ -7,10 +7,14 @@ mod common;
 use altgrad::attention::bound::{output_bound, score_bound};
 use altgrad::attention::features::{feature_dim, FeatureMap};
 use altgrad::attention::{
-    backward_poly, forward_poly, head_bounds, naive, AttnOptions, AttnShape, PolyOptions, PolyOutput,
+    backward_poly, forward_poly, head_bounds, naive, AttnOptions, AttnShape, Mask, PolyOptions, PolyOutput,
 };
-use common::{dot, fd_grad, randn, rel, to_f32};
+use common::{qkv, randn, rel, to_f32};
 use proptest::prelude::*;
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
 
 #[test]
 fn features_reproduce_truncated_exponential() {
@@ -53,7 +57,14 @@ fn feature_vjp_matches_finite_differences() {
         let mut dx = vec![0.0; d];
         fm.vjp(&x, &phi, &mut du, &mut dx);
         let eps = 1e-6;
-        let fd = fd_grad(&x, eps, f);
+        let fd: Vec<f64> = (0..d)
+            .map(|c| {
+                let (mut xp, mut xm) = (x.clone(), x.clone());
+                xp[c] += eps;
+                xm[c] -= eps;
+                (f(&xp) - f(&xm)) / (2.0 * eps)
+            })
+            .collect();
         let e = rel(&dx, &fd);
         assert!(e < 1e-8, "d={d} g={g}: vjp rel err {e:e}");
     }
@@ -93,19 +104,20 @@ struct Case {
 
 /// Fast vs naive in f64 (≤ tol64) and f32 (≤ 1e-5); returns the worst f64 and f32 errors.
 fn check(c: &Case, tol64: f64) -> (f64, f64) {
-    let s = AttnShape { seq_len: c.n, num_heads: c.h, num_kv_heads: c.hkv, head_dim: c.d, head_dim_v: c.dv };
+    let s = AttnShape::new(c.n, c.h, c.hkv, c.d).with_head_dim_v(c.dv);
     let opts = AttnOptions::standard(c.d, c.causal);
     let popts = PolyOptions { degree: c.degree, center: c.center, chunk: c.chunk };
     let q = randn(c.n * c.h * c.d, c.seed, c.qk_scale);
     let k = randn(c.n * c.hkv * c.d, c.seed + 1, c.qk_scale);
     let v = randn(c.n * c.hkv * c.dv, c.seed + 2, 1.0);
     let g = randn(c.n * c.h * c.dv, c.seed + 3, 1.0);
-    let o_ref = naive::poly_forward(&q, &k, &v, &s, c.causal, opts.scale, c.degree, c.center);
-    let (dq_ref, dk_ref, dv_ref) = naive::poly_backward(&q, &k, &v, &g, &s, c.causal, opts.scale, c.degree, c.center);
+    let o_ref = naive::poly_forward(&q, &k, &v, &s, &naive::Poly::new(c.causal, opts.scale, c.degree, c.center));
+    let (dq_ref, dk_ref, dv_ref) =
+        naive::poly_backward(&qkv(&q, &k, &v, &s), &g, &naive::Poly::new(c.causal, opts.scale, c.degree, c.center));
     // lse = m_i + ln Σ_j A_ij
     let mut lse_ref = Vec::new();
     for h in 0..c.h {
-        let (a, m, _) = naive::poly_weights(&q, &k, &s, c.causal, opts.scale, c.degree, c.center, h);
+        let (a, m, _) = naive::poly_weights(&q, &k, &s, &naive::Poly::new(c.causal, opts.scale, c.degree, c.center), h);
         lse_ref.extend(a.iter().zip(&m).map(|(row, mi)| mi + row.iter().sum::<f64>().ln()));
     }
     let tag = format!(
@@ -126,8 +138,8 @@ fn check(c: &Case, tol64: f64) -> (f64, f64) {
         }
     };
     let err32 = |got: &[f32], want: &[f64]| err(&got.iter().map(|x| *x as f64).collect::<Vec<_>>(), want);
-    let fwd = forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap();
-    let gr = backward_poly(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap();
+    let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+    let gr = backward_poly(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
     let mut worst = (0.0f64, 0.0f64);
     for (name, got, want) in [
         ("o", &fwd.o, &o_ref),
@@ -141,8 +153,8 @@ fn check(c: &Case, tol64: f64) -> (f64, f64) {
         assert!(e < tol64, "f64 {name} {tag}: rel err {e:e}");
     }
     let (qf, kf, vf, gf) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&g));
-    let fwd = forward_poly(&qf, &kf, &vf, &s, &opts, &popts).unwrap();
-    let gr = backward_poly(&qf, &kf, &vf, &fwd, &gf, &s, &opts, &popts).unwrap();
+    let fwd = forward_poly(&qkv(&qf, &kf, &vf, &s), &opts, &popts).unwrap();
+    let gr = backward_poly(&qkv(&qf, &kf, &vf, &s), &fwd, &gf).unwrap();
     for (name, got, want) in [
         ("o", &fwd.o, &o_ref),
         ("lse", &fwd.lse, &lse_ref),
@@ -210,12 +222,12 @@ fn poly_matches_naive_degree_4_and_value_width() {
 #[test]
 fn poly_backward_matches_finite_differences() {
     let (n, h, hkv, d, dv) = (9, 2, 1, 4, 3);
-    let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
     let mut worst: f64 = 0.0;
     for &degree in &[2usize, 4] {
         for &causal in &[false, true] {
             for &center in &[false, true] {
-                let opts = AttnOptions { causal, scale: 0.6 };
+                let opts = AttnOptions { mask: Mask::from_causal(causal), scale: 0.6 };
                 let popts = PolyOptions { degree, center, chunk: 4 };
                 let seed = 7 * degree as u64 + if causal { 3 } else { 0 } + if center { 1 } else { 0 };
                 let q = randn(n * h * d, seed, 1.0);
@@ -223,17 +235,25 @@ fn poly_backward_matches_finite_differences() {
                 let v = randn(n * hkv * dv, seed + 20, 1.0);
                 let g = randn(n * h * dv, seed + 30, 1.0);
                 let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-                    forward_poly(q, k, v, &s, &opts, &popts).unwrap().o.iter().zip(&g).map(|(a, b)| a * b).sum()
+                    forward_poly(&qkv(q, k, v, &s), &opts, &popts).unwrap().o.iter().zip(&g).map(|(a, b)| a * b).sum()
                 };
-                let fwd = forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap();
-                let gr = backward_poly(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap();
+                let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+                let gr = backward_poly(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
                 let eps = 1e-6;
                 let fd = |x: &[f64], which: usize| -> Vec<f64> {
-                    fd_grad(x, eps, |xx| match which {
-                        0 => loss(xx, &k, &v),
-                        1 => loss(&q, xx, &v),
-                        _ => loss(&q, &k, xx),
-                    })
+                    (0..x.len())
+                        .map(|i| {
+                            let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+                            xp[i] += eps;
+                            xm[i] -= eps;
+                            let (lp, lm) = match which {
+                                0 => (loss(&xp, &k, &v), loss(&xm, &k, &v)),
+                                1 => (loss(&q, &xp, &v), loss(&q, &xm, &v)),
+                                _ => (loss(&q, &k, &xp), loss(&q, &k, &xm)),
+                            };
+                            (lp - lm) / (2.0 * eps)
+                        })
+                        .collect()
                 };
                 let tag = format!("g={degree} causal={causal} center={center}");
                 for (name, got, want) in
@@ -253,7 +273,7 @@ fn poly_backward_matches_finite_differences() {
 #[test]
 fn naive_poly_backward_matches_finite_differences() {
     let (n, h, hkv, d, dv) = (6, 2, 1, 3, 2);
-    let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+    let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
     for &(degree, causal, center) in
         &[(2, false, true), (2, true, true), (4, true, false), (4, false, false), (6, true, true)]
     {
@@ -263,16 +283,29 @@ fn naive_poly_backward_matches_finite_differences() {
         let v = randn(n * hkv * dv, 3, 1.0);
         let g = randn(n * h * dv, 4, 1.0);
         let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            naive::poly_forward(q, k, v, &s, causal, scale, degree, center).iter().zip(&g).map(|(a, b)| a * b).sum()
+            naive::poly_forward(q, k, v, &s, &naive::Poly::new(causal, scale, degree, center))
+                .iter()
+                .zip(&g)
+                .map(|(a, b)| a * b)
+                .sum()
         };
-        let (dq, dk, dv_) = naive::poly_backward(&q, &k, &v, &g, &s, causal, scale, degree, center);
+        let (dq, dk, dv_) =
+            naive::poly_backward(&qkv(&q, &k, &v, &s), &g, &naive::Poly::new(causal, scale, degree, center));
         let eps = 1e-6;
         let fd = |x: &[f64], which: usize| -> Vec<f64> {
-            fd_grad(x, eps, |xx| match which {
-                0 => loss(xx, &k, &v),
-                1 => loss(&q, xx, &v),
-                _ => loss(&q, &k, xx),
-            })
+            (0..x.len())
+                .map(|i| {
+                    let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+                    xp[i] += eps;
+                    xm[i] -= eps;
+                    let (lp, lm) = match which {
+                        0 => (loss(&xp, &k, &v), loss(&xm, &k, &v)),
+                        1 => (loss(&q, &xp, &v), loss(&q, &xm, &v)),
+                        _ => (loss(&q, &k, &xp), loss(&q, &k, &xm)),
+                    };
+                    (lp - lm) / (2.0 * eps)
+                })
+                .collect()
         };
         let tag = format!("g={degree} causal={causal} center={center}");
         assert!(rel(&dq, &fd(&q, 0)) < 1e-8, "naive dq {tag}");
@@ -305,7 +338,8 @@ fn poly_approaches_exact_softmax_as_degree_rises() {
                 assert!((r - target).abs() < 1e-9);
                 // R really bounds every (shifted) score of every head
                 for (hh, &rh) in bounds.iter().enumerate() {
-                    let (a, m, _) = naive::poly_weights(&q, &k, &s, causal, opts.scale, 2, center, hh);
+                    let (a, m, _) =
+                        naive::poly_weights(&q, &k, &s, &naive::Poly::new(causal, opts.scale, 2, center), hh);
                     let kvh = hh / (h / hkv);
                     for i in 0..n {
                         for j in 0..if causal { i + 1 } else { n } {
@@ -320,14 +354,14 @@ fn poly_approaches_exact_softmax_as_degree_rises() {
                     assert_eq!(score_bound(&qh, &kh, n, d, opts.scale, causal, center), rh);
                 }
                 let o_ex = naive::forward(&q, &k, &v, &s, causal, opts.scale);
-                let (dq_ex, dk_ex, dv_ex) = naive::backward(&q, &k, &v, &g, &s, causal, opts.scale);
+                let (dq_ex, dk_ex, dv_ex) = naive::backward(&qkv(&q, &k, &v, &s), &g, causal, opts.scale);
                 let vmax = v.iter().fold(0.0f64, |a, x| a.max(x.abs()));
                 let mut prev = [f64::INFINITY; 4];
                 let mut line = format!("causal={causal} center={center} R={r:.2}:");
                 for degree in [2usize, 4, 6] {
                     let popts = PolyOptions { degree, center, chunk: 32 };
-                    let fwd: PolyOutput<f64> = forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap();
-                    let gr = backward_poly(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap();
+                    let fwd: PolyOutput<f64> = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+                    let gr = backward_poly(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
                     let errs = [rel(&fwd.o, &o_ex), rel(&gr.dq, &dq_ex), rel(&gr.dk, &dk_ex), rel(&gr.dv, &dv_ex)];
                     let max_abs = fwd.o.iter().zip(&o_ex).fold(0.0f64, |a, (x, y)| a.max((x - y).abs()));
                     let bound = output_bound(r, degree);
@@ -375,7 +409,7 @@ fn row_shift_helps_when_keys_share_an_offset() {
         let r_u = head_bounds(&q, &k, &s, &opts, false).unwrap();
         let e = |center| {
             let popts = PolyOptions { degree: 2, center, chunk: 16 };
-            rel(&forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap().o, &o_ex)
+            rel(&forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap().o, &o_ex)
         };
         let (ec, eu) = (e(true), e(false));
         eprintln!("causal={causal}: R centered {r_c:.2?} vs {r_u:.2?}; rel err {ec:.1e} vs {eu:.1e}");
@@ -391,22 +425,27 @@ fn poly_rejects_bad_degree_and_options() {
     let q = randn(4 * 2 * 8, 1, 1.0);
     let kv = randn(4 * 8, 2, 1.0);
     for g in [1usize, 3, 5] {
-        let err = forward_poly(&q, &kv, &kv, &s, &opts, &PolyOptions::new(g)).unwrap_err();
+        let err = forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &PolyOptions::new(g)).unwrap_err();
         assert!(err.is_user_error());
         assert!(err.to_string().contains("degree must be even"), "{err}");
     }
-    assert!(forward_poly(&q, &kv, &kv, &s, &opts, &PolyOptions::new(0)).is_err());
+    assert!(forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &PolyOptions::new(0)).is_err());
     let popts = PolyOptions { chunk: 0, ..PolyOptions::new(2) };
-    assert!(forward_poly(&q, &kv, &kv, &s, &opts, &popts).unwrap_err().to_string().contains("chunk"));
+    assert!(forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &popts).unwrap_err().to_string().contains("chunk"));
     let huge = PolyOptions::new(12);
     let s128 = AttnShape::new(1, 1, 1, 128);
     let x = vec![0.0f64; 128];
-    let err = forward_poly(&x, &x, &x, &s128, &AttnOptions::standard(128, false), &huge).unwrap_err();
+    let err = forward_poly(&qkv(&x, &x, &x, &s128), &AttnOptions::standard(128, false), &huge).unwrap_err();
     assert!(err.to_string().contains("feature dimension"), "{err}");
-    // a non-causal state from another degree is refused by the backward
+    // a non-causal state of another degree, or a forward of another shape, is refused by the backward
     let opts = AttnOptions::standard(8, false);
-    let fwd = forward_poly(&q, &kv, &kv, &s, &opts, &PolyOptions::new(2)).unwrap();
-    let err = backward_poly(&q, &kv, &kv, &fwd, &q, &s, &opts, &PolyOptions::new(4)).unwrap_err();
+    let mut fwd = forward_poly(&qkv(&q, &kv, &kv, &s), &opts, &PolyOptions::new(2)).unwrap();
+    fwd.popts.degree = 4;
+    let err = backward_poly(&qkv(&q, &kv, &kv, &s), &fwd, &q).unwrap_err();
+    assert!(err.to_string().starts_with("fwd:"), "{err}");
+    let s2 = AttnShape::new(8, 2, 2, 4);
+    let fwd = forward_poly(&qkv(&q, &q, &q, &s2), &opts, &PolyOptions::new(2)).unwrap();
+    let err = backward_poly(&qkv(&q, &kv, &kv, &s), &fwd, &q).unwrap_err();
     assert!(err.to_string().starts_with("fwd:"), "{err}");
     let err = head_bounds(&q, &kv[..5], &s, &opts, true).unwrap_err();
     assert!(err.to_string().starts_with("k:"), "{err}");
@@ -429,17 +468,17 @@ proptest! {
     ) {
         let degree = 2 * deg;
         let h = hkv * group;
-        let s = AttnShape { seq_len: n, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv };
+        let s = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv);
         let opts = AttnOptions::standard(d, causal);
         let popts = PolyOptions { degree, center, chunk };
         let q = randn(n * h * d, seed, 1.0);
         let k = randn(n * hkv * d, seed + 1, 1.0);
         let v = randn(n * hkv * dv, seed + 2, 1.0);
         let g = randn(n * h * dv, seed + 3, 1.0);
-        let o_ref = naive::poly_forward(&q, &k, &v, &s, causal, opts.scale, degree, center);
-        let (dq_ref, dk_ref, dv_ref) = naive::poly_backward(&q, &k, &v, &g, &s, causal, opts.scale, degree, center);
-        let fwd = forward_poly(&q, &k, &v, &s, &opts, &popts).unwrap();
-        let gr = backward_poly(&q, &k, &v, &fwd, &g, &s, &opts, &popts).unwrap();
+        let o_ref = naive::poly_forward(&q, &k, &v, &s, &naive::Poly::new(causal, opts.scale, degree, center));
+        let (dq_ref, dk_ref, dv_ref) = naive::poly_backward(&qkv(&q, &k, &v, &s), &g, &naive::Poly::new(causal, opts.scale, degree, center));
+        let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+        let gr = backward_poly(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
         for (name, got, want) in [("o", &fwd.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)] {
             let e = rel(got, want);
             prop_assert!(e < 1e-10, "{} rel err {:e}", name, e);

@@ -276,7 +276,7 @@ fn check_network<N: Network<f64>>(m: &N, ids: &[u32], family: Family) {
     for a in &attn {
         assert_eq!(a.decisions.len(), s.num_heads);
         assert!(a.decisions.iter().all(|d| d.plan.method_name() == "poly"));
-        assert_eq!(a.opts.causal, family.causal());
+        assert_eq!(a.opts.is_causal(), family.causal());
         assert_eq!(a.q.len(), ids.len() * s.num_heads * s.head_dim);
         assert_eq!(a.k.len(), ids.len() * s.num_kv_heads * s.head_dim);
     }

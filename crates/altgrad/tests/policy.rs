@@ -4,7 +4,7 @@
 mod common;
 use altgrad::attention::bound::{choose_degree, output_bound, score_bound, Method, Policy, MAX_AUTO_DEGREE};
 use altgrad::attention::{forward_exact, forward_poly, AttnOptions, AttnShape, PolyOptions};
-use common::randn;
+use common::{qkv, randn};
 
 #[test]
 fn chosen_degree_meets_its_predicted_output_bound() {
@@ -17,11 +17,11 @@ fn chosen_degree_meets_its_predicted_output_bound() {
             let s = AttnShape::new(n, 1, 1, d);
             let opts = AttnOptions::standard(d, causal);
             let r = score_bound(&q, &k, n, d, opts.scale, causal, true);
-            let exact = forward_exact(&q, &k, &v, &s, &opts).unwrap();
+            let exact = forward_exact(&qkv(&q, &k, &v, &s), &opts).unwrap();
             let vmax = v.iter().fold(0.0f64, |a, x| a.max(x.abs()));
             for tol in [1e-1, 1e-2, 1e-3, 1e-4] {
                 let Some(g) = choose_degree(r, tol, MAX_AUTO_DEGREE) else { continue };
-                let poly = forward_poly(&q, &k, &v, &s, &opts, &PolyOptions::new(g)).unwrap();
+                let poly = forward_poly(&qkv(&q, &k, &v, &s), &opts, &PolyOptions::new(g)).unwrap();
                 let err = poly.o.iter().zip(&exact.o).fold(0.0f64, |a, (x, y)| a.max((x - y).abs()));
                 let pred = output_bound(r, g) * vmax;
                 assert!(

@@ -5,6 +5,7 @@
 
 use super::features::feature_dim;
 use super::poly::DEFAULT_CHUNK;
+use super::view::Rows;
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 
@@ -50,13 +51,18 @@ pub fn key_means<T: Scalar>(k: &[T], n: usize, d: usize, causal: bool) -> Vec<T>
 /// Panics on inconsistent lengths.
 pub fn row_shift<T: Scalar>(q: &[T], kbar: &[T], n: usize, d: usize, scale: f64) -> Vec<T> {
     assert_eq!(q.len(), n * d, "row_shift: q has the wrong length");
+    row_shift_rows(Rows::contiguous(q, n, d), kbar, scale)
+}
+
+/// [`row_shift`] of a strided view `q [n, d]`.
+pub(crate) fn row_shift_rows<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64) -> Vec<T> {
+    let (n, d) = (q.rows(), q.cols());
     assert!(kbar.len() == d || kbar.len() == n * d, "row_shift: kbar has the wrong length");
     let per_row = kbar.len() == n * d && n > 1;
-    q.chunks_exact(d)
-        .enumerate()
-        .map(|(i, qi)| {
+    (0..n)
+        .map(|i| {
             let kb = if per_row { &kbar[i * d..(i + 1) * d] } else { &kbar[..d] };
-            T::from_f64(scale * qi.iter().zip(kb).map(|(a, b)| a.as_f64() * b.as_f64()).sum::<f64>())
+            T::from_f64(scale * q.row(i).iter().zip(kb).map(|(a, b)| a.as_f64() * b.as_f64()).sum::<f64>())
         })
         .collect()
 }
@@ -68,6 +74,9 @@ pub fn row_shift<T: Scalar>(q: &[T], kbar: &[T], n: usize, d: usize, scale: f64)
 ///   `R = τ · max_i ‖q_i‖ · (max_j ‖k_j − c‖ + max_i ‖k̄_i − c‖)` with `c` the global key mean and
 ///   `k̄_i` the means of [`key_means`] (the second term is 0 without a mask); it bounds
 ///   `τ ‖q_i‖ ‖k_j − k̄_i‖ ≥ |s_ij − m_i|` by Cauchy–Schwarz and the triangle inequality, in O(nd).
+///   This is the score the kernels approximate: they form it as `τ q_i·(k_j − c) − m'_i` with their
+///   reference point `c` and `m'_i = τ q_i·(k̄_i − c)` (MATH §3 "Reference point"), the same number
+///   for any `c`, so `R` bounds it whatever `c` they use.
 /// - `center = false` (unshifted): `R = τ · max_i ‖q_i‖ · max_j ‖k_j‖`.
 ///
 /// Panics if `q` or `k` is not `n·d` long.
@@ -171,12 +180,13 @@ pub fn poly_flops(n: usize, d: usize, dv: usize, r: usize, causal: bool, chunk: 
 }
 
 /// Working memory of the polynomial kernels for one head, in bytes, excluding inputs, outputs
-/// and O(n) vectors: the `r×(d_v+1)` state and its gradient, three `r×C` feature buffers
-/// (`Φᵀ`, `Ψᵀ`, `dΦᵀ`), two `C×C` tiles (causal), the `C×(d_v+1)` value/gradient chunks and the
-/// `d×C` transposed inputs (`elem` = 4 for f32, 8 for f64). O(C·r + r·d_v), never O(n·r).
+/// and O(n + C·g) vectors: the `r×(d_v+1)` state and its gradient, and the chunk scratch of
+/// [`super::poly::Head::scratch_len`] (centered): three `r×C` feature buffers (`Φᵀ`, `Ψᵀ`,
+/// `dΦᵀ`), two `C×C` tiles (causal), the `C×(d_v+1)` value/gradient chunks and three `d×C`
+/// transposed inputs (`elem` = 4 for f32, 8 for f64). O(C·r + r·d_v), never O(n·r).
 pub fn poly_state_bytes(d: usize, dv: usize, r: usize, chunk: usize, elem: usize) -> usize {
     let (e, c) = (dv + 1, chunk.max(1));
-    elem * (2 * r * e + 3 * c * r + 2 * c * c + 2 * c * e + 2 * c * d)
+    elem * (2 * r * e + 3 * c * r + 2 * c * c + 2 * c * e + 3 * c * d)
 }
 
 /// How a head's attention is computed.

@@ -310,7 +310,8 @@ mod tests {
             spec.uniform = n;
             let exact = naive::forward(&q, &k, &v, &s, causal, tau);
             for g in [2usize, 4] {
-                let approx = naive::poly_forward(&q, &k, &v, &s, causal, tau, g, true);
+                let approx =
+                    naive::poly_forward(&q, &k, &v, &s, &naive::Poly { causal, scale: tau, degree: g, center: true });
                 let num: f64 = approx.iter().zip(&exact).map(|(a, b)| (a - b) * (a - b)).sum();
                 let den: f64 = exact.iter().map(|b| b * b).sum();
                 let truth = (num / den).sqrt();

@@ -4,72 +4,136 @@
 //! softmax); save `O` and `lse = m + ln l`. Backward: per key block, stream query blocks,
 //! recompute `P = exp(τ Q Kᵀ − lse)`, accumulate `dV += Pᵀ G`, `dS = P ∘ (G Vᵀ − δ)`,
 //! `dQ += τ dS K`, `dK += τ dSᵀ Q`. Extra memory: one `BLOCK_Q × BLOCK_K` tile and O(n) vectors;
-//! no n×n buffer. Causal blocks above the diagonal are skipped.
+//! no n×n buffer. Tiles the [`Mask`] hides entirely are skipped; tiles it hides in part are masked
+//! with `−∞` entry by entry. Row `i` is position `q_offset + i`; keys are positions `0..kv_len`.
 
-use super::AttnOptions;
+use super::view::{Rows, RowsMut};
+use super::workspace::{fit, Pooled, Workspace};
+use super::{check_backward, query_head_grads, AttnGrads, AttnGradsMut, AttnOptions, AttnOutput, Mask, Qkv};
 use crate::linalg::{matmul, rm, rm_mut, Scalar};
+use crate::Result;
 use faer::Par;
+use rayon::prelude::*;
 
 /// Query rows per tile.
 pub const BLOCK_Q: usize = 64;
 /// Key rows per tile.
 pub const BLOCK_K: usize = 128;
 
-/// Masks `s [rows, cols]` (query rows from `i0`, key cols from `j0`) with −∞ where `j > i`.
-#[inline]
-fn mask_causal<T: Scalar>(s: &mut [T], rows: usize, cols: usize, i0: usize, j0: usize) {
-    if j0 + cols <= i0 + 1 {
-        return; // whole tile at or below the diagonal
+/// Scratch of one head: two `BLOCK_Q × BLOCK_K` tiles and per-row vectors.
+#[derive(Debug, Default)]
+pub(crate) struct Tiles<T> {
+    a: Vec<T>,
+    b: Vec<T>,
+    m: Vec<T>,
+    l: Vec<T>,
+    delta: Vec<T>,
+}
+
+impl<T: Scalar> Tiles<T> {
+    /// Scratch from `ws` sized for a head of `n` query rows.
+    fn get(ws: &Workspace<T>, n: usize) -> Pooled<'_, Tiles<T>> {
+        Pooled::get(Some(&ws.exact), |t: &mut Tiles<T>| {
+            fit(&mut t.a, BLOCK_Q * BLOCK_K);
+            fit(&mut t.b, BLOCK_Q * BLOCK_K);
+            fit(&mut t.m, BLOCK_Q);
+            fit(&mut t.l, BLOCK_Q);
+            fit(&mut t.delta, n);
+        })
     }
-    for r in 0..rows {
-        let i = i0 + r;
-        let first_masked = (i + 1).saturating_sub(j0).min(cols);
-        for x in &mut s[r * cols + first_masked..(r + 1) * cols] {
-            *x = T::neg_infinity();
+}
+
+/// How the mask covers a tile of query positions `p0..=p1` and keys `j0..j1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tile {
+    /// No pair allowed: skip the tile.
+    Empty,
+    /// Every pair allowed.
+    Full,
+    /// Some pairs allowed: mask entry by entry.
+    Partial,
+}
+
+fn tile(mask: &Mask, p0: usize, p1: usize, j0: usize, j1: usize) -> Tile {
+    match *mask {
+        Mask::Full => Tile::Full,
+        Mask::Causal { .. } if j0 > p1 => Tile::Empty,
+        Mask::Causal { .. } if j1 - 1 <= p0 => Tile::Full,
+        Mask::Causal { .. } => Tile::Partial,
+        Mask::Window { window, sinks, .. } => {
+            // the rows' windows cover keys (p0 − window, p1], the sinks keys [0, sinks)
+            if j0 > p1 || (j1 + window <= p0 + 1 && j0 >= sinks) {
+                Tile::Empty
+            } else if j1 - 1 <= p0 && (p1 < j0 + window || j1 <= sinks) {
+                Tile::Full
+            } else {
+                Tile::Partial
+            }
         }
     }
 }
 
-// Scratch tiles live on the heap (clippy would put them on the stack).
-#[allow(clippy::useless_vec)]
-/// Forward of one head. `q [n, d]`, `k [n, d]`, `v [n, dv]` contiguous row-major; returns
-/// `(o [n, dv], lse [n])`.
+/// Sets the entries of `s [rows, cols]` the mask hides to −∞ (query rows from position `p0`, key
+/// columns from `j0`).
+#[inline]
+fn apply_mask<T: Scalar>(mask: &Mask, s: &mut [T], rows: usize, cols: usize, p0: usize, j0: usize) {
+    for (r, row) in s[..rows * cols].chunks_exact_mut(cols).enumerate() {
+        for (c, x) in row.iter_mut().enumerate() {
+            if !mask.allows(p0 + r, j0 + c) {
+                *x = T::neg_infinity();
+            }
+        }
+    }
+}
+
+/// Forward of one head: `q [n, d]`, `k [n_k, d]`, `v [n_k, dv]` (strided views; `n_k` as the mask
+/// requires, [`Mask::kv_len`]); writes `o [n, dv]` and `lse [n]`; scratch from `ws`.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_head<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    n: usize,
-    d: usize,
-    dv: usize,
+    q: Rows<'_, T>,
+    k: Rows<'_, T>,
+    v: Rows<'_, T>,
     opts: &AttnOptions,
-) -> (Vec<T>, Vec<T>) {
+    o: &mut RowsMut<'_, T>,
+    lse: &mut [T],
+    ws: &Workspace<T>,
+) {
+    let (n, nk, mask) = (q.rows(), k.rows(), opts.mask);
+    let off = mask.q_offset();
     let tau = T::from_f64(opts.scale);
-    let mut o = vec![T::zero(); n * dv];
-    let mut lse = vec![T::zero(); n];
-    let mut s = vec![T::zero(); BLOCK_Q * BLOCK_K];
-    let mut m = vec![T::zero(); BLOCK_Q];
-    let mut l = vec![T::zero(); BLOCK_Q];
+    let mut tiles = Tiles::get(ws, n);
+    let Tiles { a: s, m, l, .. } = &mut *tiles;
     let mut i0 = 0;
     while i0 < n {
         let br = BLOCK_Q.min(n - i0);
-        let qb = rm(&q[i0 * d..(i0 + br) * d], br, d);
-        let acc = &mut o[i0 * dv..(i0 + br) * dv];
+        let (p0, p1) = (off + i0, off + i0 + br - 1);
+        let qb = q.sub(i0, br).mat();
+        let mut acc = o.sub_mut(i0, br);
         m[..br].fill(T::neg_infinity());
         l[..br].fill(T::zero());
-        let kend = if opts.causal { i0 + br } else { n };
+        let kend = if mask.is_causal() { nk.min(p1 + 1) } else { nk };
         let mut j0 = 0;
         while j0 < kend {
             let bc = BLOCK_K.min(kend - j0);
+            let t = tile(&mask, p0, p1, j0, j0 + bc);
+            if t == Tile::Empty {
+                j0 += bc;
+                continue;
+            }
             let st = &mut s[..br * bc];
-            matmul(rm_mut(st, br, bc), false, qb, rm(&k[j0 * d..(j0 + bc) * d], bc, d).transpose(), tau, Par::Seq);
-            if opts.causal {
-                mask_causal(st, br, bc, i0, j0);
+            matmul(rm_mut(st, br, bc), false, qb, k.sub(j0, bc).mat().transpose(), tau, Par::Seq);
+            if t == Tile::Partial {
+                apply_mask(&mask, st, br, bc, p0, j0);
             }
             for r in 0..br {
                 let row = &mut st[r * bc..(r + 1) * bc];
                 let rmax = row.iter().copied().fold(T::neg_infinity(), T::max);
                 let m_new = m[r].max(rmax);
-                // every row sees at least key 0 (causal keeps the diagonal), so m_new is finite
+                if m_new == T::neg_infinity() {
+                    // nothing this row sees yet (a window's keys lie in later tiles)
+                    row.fill(T::zero());
+                    continue;
+                }
                 for x in row.iter_mut() {
                     *x -= m_new;
                 }
@@ -79,75 +143,77 @@ pub fn forward_head<T: Scalar>(
                 l[r] = l[r] * rescale + sum;
                 m[r] = m_new;
                 if rescale != T::one() {
-                    for x in &mut acc[r * dv..(r + 1) * dv] {
+                    for x in acc.row_mut(r) {
                         *x *= rescale;
                     }
                 }
             }
-            matmul(
-                rm_mut(acc, br, dv),
-                true,
-                rm(st, br, bc),
-                rm(&v[j0 * dv..(j0 + bc) * dv], bc, dv),
-                T::one(),
-                Par::Seq,
-            );
+            matmul(acc.mat_mut(), true, rm(st, br, bc), v.sub(j0, bc).mat(), T::one(), Par::Seq);
             j0 += bc;
         }
+        // every row sees its own position (and key 0 when causal), so l > 0
         for r in 0..br {
             let inv = T::one() / l[r];
-            for x in &mut acc[r * dv..(r + 1) * dv] {
+            for x in acc.row_mut(r) {
                 *x *= inv;
             }
             lse[i0 + r] = m[r] + l[r].ln();
         }
         i0 += br;
     }
-    (o, lse)
 }
 
-#[allow(clippy::useless_vec)]
 /// Backward of one head. Inputs as in [`forward_head`] plus `o [n, dv]`, `lse [n]` from it and
-/// `g = dL/do [n, dv]`; returns `(dq [n, d], dk [n, d], dv [n, dv])`.
+/// `g = dL/do [n, dv]`; adds into `dq [n, d]`, `dk [n_k, d]`, `dv [n_k, dv]`; scratch from `ws`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_head<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    o: &[T],
+    q: Rows<'_, T>,
+    k: Rows<'_, T>,
+    v: Rows<'_, T>,
+    o: Rows<'_, T>,
     lse: &[T],
-    g: &[T],
-    n: usize,
-    d: usize,
-    dv: usize,
+    g: Rows<'_, T>,
     opts: &AttnOptions,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+    dq: &mut RowsMut<'_, T>,
+    dk: &mut RowsMut<'_, T>,
+    dv: &mut RowsMut<'_, T>,
+    ws: &Workspace<T>,
+) {
+    let n = q.rows();
     let tau = T::from_f64(opts.scale);
+    let mut tiles = Tiles::get(ws, n);
+    let Tiles { a: p, b: dp, delta, .. } = &mut *tiles;
     // δ_i = Σ_c G_ic O_ic
-    let delta: Vec<T> =
-        g.chunks_exact(dv).zip(o.chunks_exact(dv)).map(|(a, b)| a.iter().zip(b).map(|(x, y)| *x * *y).sum()).collect();
-    let mut dq = vec![T::zero(); n * d];
-    let mut dk = vec![T::zero(); n * d];
-    let mut dvv = vec![T::zero(); n * dv];
-    let mut p = vec![T::zero(); BLOCK_Q * BLOCK_K];
-    let mut dp = vec![T::zero(); BLOCK_Q * BLOCK_K];
+    for (i, dl) in delta[..n].iter_mut().enumerate() {
+        *dl = g.row(i).iter().zip(o.row(i)).map(|(x, y)| *x * *y).sum();
+    }
+    let (nk, mask) = (k.rows(), opts.mask);
+    let off = mask.q_offset();
     let mut j0 = 0;
-    while j0 < n {
-        let bc = BLOCK_K.min(n - j0);
-        let kb = rm(&k[j0 * d..(j0 + bc) * d], bc, d);
-        let vb = rm(&v[j0 * dv..(j0 + bc) * dv], bc, dv);
-        let (dk_b, dv_b) = (&mut dk[j0 * d..(j0 + bc) * d], &mut dvv[j0 * dv..(j0 + bc) * dv]);
-        // causal: query rows i ≥ j0 only; start at the query block containing j0
-        let mut i0 = if opts.causal { (j0 / BLOCK_Q) * BLOCK_Q } else { 0 };
+    while j0 < nk {
+        let bc = BLOCK_K.min(nk - j0);
+        let (kb, vb) = (k.sub(j0, bc).mat(), v.sub(j0, bc).mat());
+        let (mut dk_b, mut dv_b) = (dk.sub_mut(j0, bc), dv.sub_mut(j0, bc));
+        // causal: only positions p ≥ j0 see these keys; start at the query block holding j0
+        let first = if mask.is_causal() { j0.saturating_sub(off) } else { 0 };
+        let mut i0 = (first / BLOCK_Q) * BLOCK_Q;
         while i0 < n {
             let br = BLOCK_Q.min(n - i0);
-            let qb = rm(&q[i0 * d..(i0 + br) * d], br, d);
-            let gb = rm(&g[i0 * dv..(i0 + br) * dv], br, dv);
+            let (p0, p1) = (off + i0, off + i0 + br - 1);
+            let t = tile(&mask, p0, p1, j0, j0 + bc);
+            if t == Tile::Empty {
+                if matches!(mask, Mask::Window { window, sinks, .. } if j0 >= sinks && p0 + 1 >= j0 + bc + window) {
+                    break; // every later row is past the window of these keys
+                }
+                i0 += br;
+                continue;
+            }
+            let (qb, gb) = (q.sub(i0, br).mat(), g.sub(i0, br).mat());
             let pt = &mut p[..br * bc];
             let dpt = &mut dp[..br * bc];
             matmul(rm_mut(pt, br, bc), false, qb, kb.transpose(), tau, Par::Seq);
-            if opts.causal {
-                mask_causal(pt, br, bc, i0, j0);
+            if t == Tile::Partial {
+                apply_mask(&mask, pt, br, bc, p0, j0);
             }
             for r in 0..br {
                 let li = lse[i0 + r];
@@ -158,7 +224,7 @@ pub fn backward_head<T: Scalar>(
                 T::exp_inplace(row);
             }
             // dV_j += Pᵀ G_i
-            matmul(rm_mut(dv_b, bc, dv), true, rm(pt, br, bc).transpose(), gb, T::one(), Par::Seq);
+            matmul(dv_b.mat_mut(), true, rm(pt, br, bc).transpose(), gb, T::one(), Par::Seq);
             // dP = G_i V_jᵀ
             matmul(rm_mut(dpt, br, bc), false, gb, vb.transpose(), T::one(), Par::Seq);
             // dS = P ∘ (dP − δ)
@@ -169,11 +235,95 @@ pub fn backward_head<T: Scalar>(
                 }
             }
             // dQ_i += τ dS K_j ;  dK_j += τ dSᵀ Q_i
-            matmul(rm_mut(&mut dq[i0 * d..(i0 + br) * d], br, d), true, rm(dpt, br, bc), kb, tau, Par::Seq);
-            matmul(rm_mut(dk_b, bc, d), true, rm(dpt, br, bc).transpose(), qb, tau, Par::Seq);
+            matmul(dq.sub_mut(i0, br).mat_mut(), true, rm(dpt, br, bc), kb, tau, Par::Seq);
+            matmul(dk_b.mat_mut(), true, rm(dpt, br, bc).transpose(), qb, tau, Par::Seq);
             i0 += br;
         }
         j0 += bc;
     }
-    (dq, dk, dvv)
+}
+
+/// Exact softmax attention, forward (MATH §2, FA2 Alg. 1): tiled online softmax, O(n) extra
+/// memory per head, the (sequence, head) pairs in parallel. Returns
+/// `o [batch, seq_len, num_heads, head_dim_v]` and `lse [batch, num_heads, seq_len]`. Any
+/// [`Mask`]: full, causal with a query offset (the keys are positions `0..q_offset + seq_len`), or
+/// a sliding window with sinks; tiles the mask hides are skipped.
+///
+/// Errors: [`crate::Error::BadInput`] for a non-positive scale or a mask that does not fit the
+/// shape ([`Mask::validate`]).
+pub fn forward_exact<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions) -> Result<AttnOutput<T>> {
+    let s = *x.shape();
+    let mut o = vec![T::zero(); s.heads() * s.seq_len * s.head_dim_v];
+    let mut lse = vec![T::zero(); s.heads() * s.seq_len];
+    forward_exact_into(x, opts, &mut o, &mut lse, &Workspace::new())?;
+    Ok(AttnOutput { o, lse, shape: s, opts: *opts })
+}
+
+/// [`forward_exact`] into caller-owned buffers `o [batch, seq_len, num_heads, head_dim_v]` and
+/// `lse [batch, num_heads, seq_len]` (overwritten), with scratch from `ws`.
+///
+/// Errors: as [`forward_exact`], or [`crate::Error::BadInput`] (input `o` or `lse`) for a wrong
+/// length.
+pub fn forward_exact_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    opts: &AttnOptions,
+    o: &mut [T],
+    lse: &mut [T],
+    ws: &Workspace<T>,
+) -> Result<()> {
+    let s = *x.shape();
+    opts.check(&s)?;
+    s.check_len("o", o, s.num_heads, s.head_dim_v)?;
+    s.check_rowwise("lse", lse)?;
+    s.query_views(o, s.head_dim_v).into_par_iter().zip(lse.par_chunks_mut(s.seq_len)).enumerate().for_each(
+        |(h, (mut oh, lh))| {
+            let (qh, kh, vh) = x.head(h);
+            forward_head(qh, kh, vh, opts, &mut oh, lh, ws);
+        },
+    );
+    Ok(())
+}
+
+/// Exact softmax attention, backward (MATH §2, FA2 Alg. 2): recomputes `P` block by block from
+/// `fwd.lse`; `dout` is `dL/do [batch, seq_len, num_heads, head_dim_v]`. The (sequence, head)
+/// pairs in parallel; GQA gradients of `k`, `v` are summed over each group.
+///
+/// Errors: [`crate::Error::BadInput`] when `fwd` was computed for another shape or `fwd`/`dout`
+/// have the wrong lengths.
+pub fn backward_exact<T: Scalar>(x: &Qkv<'_, T>, fwd: &AttnOutput<T>, dout: &[T]) -> Result<AttnGrads<T>> {
+    check_backward(x, &fwd.shape, &fwd.o, dout)?;
+    let mut grads = AttnGrads::zeros(x.shape());
+    backward_exact_into(x, &fwd.opts, &fwd.o, &fwd.lse, dout, grads.as_mut(), &Workspace::new())?;
+    Ok(grads)
+}
+
+/// [`backward_exact`] from caller-owned `o`, `lse` (of [`forward_exact_into`] with the same
+/// inputs and `opts`) and `dout`, into caller-owned gradients (overwritten), with scratch from
+/// `ws`.
+///
+/// Errors: [`crate::Error::BadInput`] naming the buffer of a wrong length, or as
+/// [`forward_exact`] for `opts`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_exact_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    opts: &AttnOptions,
+    o: &[T],
+    lse: &[T],
+    dout: &[T],
+    mut grads: AttnGradsMut<'_, T>,
+    ws: &Workspace<T>,
+) -> Result<()> {
+    let s = *x.shape();
+    opts.check(&s)?;
+    check_backward(x, &s, o, dout)?;
+    s.check_rowwise("lse", lse)?;
+    grads.check(&s)?;
+    let n = s.seq_len;
+    query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
+        let (qh, kh, vh) = x.head(h);
+        let lh = &lse[h * n..(h + 1) * n];
+        backward_head(qh, kh, vh, s.out(o, h), lh, s.out(dout, h), opts, dq, dk, dv, ws);
+        Ok(())
+    })?;
+    Ok(())
 }

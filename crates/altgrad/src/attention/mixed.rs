@@ -5,8 +5,10 @@
 //! entry point (sharing GQA key/value work); otherwise each query head runs alone against its
 //! key/value head and the key/value gradients are summed over each GQA group.
 
-use super::poly::{PolyOptions, PolyOutput};
-use super::{gather_head, scatter_heads, AttnGrads, AttnOptions, AttnOutput, AttnShape};
+use super::features::FeatureMap;
+use super::poly::{self, Head, PolyOptions, PolyOutput, State};
+use super::workspace::Workspace;
+use super::{altgrad, exact, query_head_grads, AttnGrads, AttnOptions, AttnOutput, AttnShape, Qkv};
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -40,73 +42,68 @@ impl HeadPlan {
     }
 }
 
-/// What a method's forward keeps for its backward.
+/// What a layer's forward keeps for its backward.
 #[derive(Clone, Debug)]
 enum Saved<T> {
+    /// Every head exact.
     Exact(AttnOutput<T>),
+    /// Every head poly, one [`PolyOptions`].
     Poly(PolyOutput<T>),
-    AltGrad(AttnOutput<T>),
+    /// Every head ALTGrad, one [`PolyOptions`] (its forward is polynomial attention's).
+    AltGrad(PolyOutput<T>),
+    /// Heads of different plans: `lse`, `den` `[num_heads, seq_len]` (`den` of the approximate
+    /// heads) and, per query head, `H'` of a non-causal approximate head (empty otherwise).
+    PerHead { lse: Vec<T>, den: Vec<T>, kv_state: Vec<Vec<T>> },
 }
 
 /// Forward output of a mixed layer: `o [seq_len, num_heads, head_dim_v]` and what the backward
-/// needs (per head, or once for the whole layer when all heads share a method).
+/// needs (once for the whole layer when all heads share a plan, else per head).
 #[derive(Clone, Debug)]
 pub struct MixedOutput<T> {
     /// Attention output.
     pub o: Vec<T>,
-    saved: Vec<Saved<T>>,
-    uniform: bool,
+    saved: Saved<T>,
 }
 
-fn one_head_shape(s: &AttnShape) -> AttnShape {
-    AttnShape { seq_len: s.seq_len, num_heads: 1, num_kv_heads: 1, head_dim: s.head_dim, head_dim_v: s.head_dim_v }
-}
-
-fn run_forward<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
+/// The polynomial kernel's head of an approximate head's plan `p`.
+fn poly_head<'a, T: Scalar>(
+    fm: &'a FeatureMap<T>,
     s: &AttnShape,
     opts: &AttnOptions,
-    plan: &HeadPlan,
-) -> Result<(Vec<T>, Saved<T>)> {
-    Ok(match plan {
-        HeadPlan::Exact => {
-            let f = super::forward_exact(q, k, v, s, opts)?;
-            (f.o.clone(), Saved::Exact(f))
-        }
-        HeadPlan::Poly(p) => {
-            let f = super::forward_poly(q, k, v, s, opts, p)?;
-            (f.o.clone(), Saved::Poly(f))
-        }
-        HeadPlan::AltGrad(p) => {
-            let f = super::forward_altgrad(q, k, v, s, opts, p)?;
-            (f.o.clone(), Saved::AltGrad(f))
-        }
-    })
+    p: &PolyOptions,
+    ws: &'a Workspace<T>,
+) -> Head<'a, T> {
+    Head { fm, dv: s.head_dim_v, scale: opts.scale, center: p.center, chunk: p.chunk, ws }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_backward<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    saved: &Saved<T>,
-    dout: &[T],
-    s: &AttnShape,
-    opts: &AttnOptions,
-    plan: &HeadPlan,
-) -> Result<AttnGrads<T>> {
-    match (plan, saved) {
-        (HeadPlan::Exact, Saved::Exact(f)) => super::backward_exact(q, k, v, f, dout, s, opts),
-        (HeadPlan::Poly(p), Saved::Poly(f)) => super::backward_poly(q, k, v, f, dout, s, opts, p),
-        (HeadPlan::AltGrad(p), Saved::AltGrad(f)) => super::backward_altgrad(q, k, v, f, dout, s, opts, p),
-        _ => Err(Error::Internal("attention plan does not match the saved forward".into())),
+/// Checks the options for every plan of a layer (exact heads take any mask, approximate heads the
+/// full or causal one, [`poly::poly_mask`]); returns whether the mask is causal.
+///
+/// Errors: [`Error::BadInput`] as [`AttnOptions::check`] and [`poly::poly_mask`].
+fn check_mask(s: &AttnShape, opts: &AttnOptions, plans: &[HeadPlan]) -> Result<bool> {
+    opts.check(s)?;
+    if plans.iter().any(|p| *p != HeadPlan::Exact) {
+        poly::poly_mask(opts, s, 0)?;
+    }
+    Ok(opts.is_causal())
+}
+
+/// Checks an approximate head's plan and builds its feature map.
+fn feature_map<T: Scalar>(s: &AttnShape, plan: &HeadPlan) -> Result<Option<FeatureMap<T>>> {
+    match plan {
+        HeadPlan::Exact => Ok(None),
+        HeadPlan::Poly(p) | HeadPlan::AltGrad(p) => {
+            p.validate()?;
+            if matches!(plan, HeadPlan::AltGrad(_)) {
+                altgrad::check_kron_state(s, p)?;
+            }
+            Ok(Some(FeatureMap::new(s.head_dim, p.degree)?))
+        }
     }
 }
 
-/// Forward of one layer with `plans[h]` for query head `h` (`plans.len() == num_heads`).
-/// Shapes as [`super::forward_exact`].
+/// Forward of one layer with `plans[h]` for query head `h` of every sequence of the batch
+/// (`plans.len() == num_heads`). Shapes as [`super::forward_exact`].
 ///
 /// Errors: [`Error::BadInput`] on shape mismatches or invalid plans (odd degree, …).
 pub fn forward_mixed<T: Scalar>(
@@ -122,30 +119,59 @@ pub fn forward_mixed<T: Scalar>(
     if plans.len() != s.num_heads {
         return Err(Error::bad("attention plan", format!("{} plans for {} heads", plans.len(), s.num_heads)));
     }
+    let x = Qkv::new(q, k, v, &s)?;
     if plans.iter().all(|p| *p == plans[0]) {
-        let (o, saved) = run_forward(q, k, v, &s, opts, &plans[0])?;
-        return Ok(MixedOutput { o, saved: vec![saved], uniform: true });
+        let (o, saved) = match &plans[0] {
+            HeadPlan::Exact => {
+                let f = super::forward_exact(&x, opts)?;
+                (f.o.clone(), Saved::Exact(f))
+            }
+            HeadPlan::Poly(p) => {
+                let f = super::forward_poly(&x, opts, p)?;
+                (f.o.clone(), Saved::Poly(f))
+            }
+            HeadPlan::AltGrad(p) => {
+                altgrad::check_kron_state(&s, p)?;
+                let f = super::forward_poly(&x, opts, p)?;
+                (f.o.clone(), Saved::AltGrad(f))
+            }
+        };
+        return Ok(MixedOutput { o, saved });
     }
-    s.check_len("q", q, s.num_heads, s.head_dim)?;
-    s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
-    s.check_len("v", v, s.num_kv_heads, s.head_dim_v)?;
-    let n = s.seq_len;
-    let hs = one_head_shape(&s);
-    let per: Vec<(Vec<T>, Saved<T>)> = (0..s.num_heads)
+    let causal = check_mask(&s, opts, plans)?;
+    let (n, dv, hq) = (s.seq_len, s.head_dim_v, s.num_heads);
+    let fms: Vec<Option<FeatureMap<T>>> = plans.iter().map(|p| feature_map(&s, p)).collect::<Result<_>>()?;
+    let ws = Workspace::new();
+    let mut o = vec![T::zero(); n * s.heads() * dv];
+    let (mut lse, mut den) = (vec![T::zero(); s.heads() * n], vec![T::zero(); s.heads() * n]);
+    // head t of the batch is head t % num_heads of its sequence: plans[t % num_heads]
+    let kv_state: Vec<Vec<T>> = s
+        .query_views(&mut o, dv)
         .into_par_iter()
-        .map(|h| {
-            let kv = h / s.group();
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, kv);
-            let vh = gather_head(v, n, s.num_kv_heads, s.head_dim_v, kv);
-            run_forward(&qh, &kh, &vh, &hs, opts, &plans[h])
+        .zip(lse.par_chunks_mut(n).zip(den.par_chunks_mut(n)))
+        .enumerate()
+        .map(|(h, (mut oh, (lh, dh)))| {
+            let (qh, kh, vh) = x.head(h);
+            let (HeadPlan::Poly(p) | HeadPlan::AltGrad(p)) = &plans[h % hq] else {
+                exact::forward_head(qh, kh, vh, opts, &mut oh, lh, &ws);
+                return Vec::new();
+            };
+            let head = poly_head(fms[h % hq].as_ref().expect("feature map of an approximate head"), &s, opts, p, &ws);
+            let kv = poly::kv_head(kh, vh, causal, p.center, p.chunk, None, None, 0);
+            let mut state = vec![T::zero(); head.r() * head.e()];
+            if causal {
+                poly::forward_one(&head, qh, &kv, State::Scan(&mut state), &mut oh, lh, dh);
+                return Vec::new();
+            }
+            head.kv_state(&kv, &mut state);
+            poly::forward_one(&head, qh, &kv, State::Keys(&state), &mut oh, lh, dh);
+            state
         })
-        .collect::<Result<_>>()?;
-    let (os, saved): (Vec<_>, Vec<_>) = per.into_iter().unzip();
-    Ok(MixedOutput { o: scatter_heads(&os, n, s.head_dim_v), saved, uniform: false })
+        .collect();
+    Ok(MixedOutput { o, saved: Saved::PerHead { lse, den, kv_state } })
 }
 
-/// Backward of [`forward_mixed`] with the same inputs and plans; `dout [seq_len, num_heads,
+/// Backward of [`forward_mixed`] with the same inputs and plans; `dout [batch, seq_len, num_heads,
 /// head_dim_v]`. Each head's gradient is its method's gradient (exact for exact heads, the
 /// approximate model's for poly heads, the paper's formula for altgrad heads).
 ///
@@ -163,26 +189,52 @@ pub fn backward_mixed<T: Scalar>(
     plans: &[HeadPlan],
 ) -> Result<AttnGrads<T>> {
     let s = *shape;
-    if fwd.uniform {
-        return run_backward(q, k, v, &fwd.saved[0], dout, &s, opts, &plans[0]);
+    let x = Qkv::new(q, k, v, &s)?;
+    let mismatch = || Error::Internal("mixed attention: saved state does not match the plans".into());
+    let (lse, den, kv_state) = match (&fwd.saved, &plans[0]) {
+        (Saved::Exact(f), HeadPlan::Exact) => return super::backward_exact(&x, f, dout),
+        (Saved::Poly(f), HeadPlan::Poly(_)) => return super::backward_poly(&x, f, dout),
+        (Saved::AltGrad(f), HeadPlan::AltGrad(_)) => return super::backward_altgrad(&x, f, dout),
+        (Saved::PerHead { lse, den, kv_state }, _) => (lse, den, kv_state),
+        _ => return Err(mismatch()),
+    };
+    if kv_state.len() != s.heads() || plans.len() != s.num_heads {
+        return Err(mismatch());
     }
-    if fwd.saved.len() != s.num_heads || plans.len() != s.num_heads {
-        return Err(Error::Internal("mixed attention: saved state does not match the plans".into()));
-    }
+    let causal = check_mask(&s, opts, plans)?;
     s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
-    let n = s.seq_len;
-    let hs = one_head_shape(&s);
-    let per: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kv = h / s.group();
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, kv);
-            let vh = gather_head(v, n, s.num_kv_heads, s.head_dim_v, kv);
-            let gh = gather_head(dout, n, s.num_heads, s.head_dim_v, h);
-            let g = run_backward(&qh, &kh, &vh, &fwd.saved[h], &gh, &hs, opts, &plans[h])?;
-            Ok((g.dq, g.dk, g.dv))
-        })
-        .collect::<Result<_>>()?;
-    Ok(super::combine_grads(per, &s))
+    let (n, hq) = (s.seq_len, s.num_heads);
+    let fms: Vec<Option<FeatureMap<T>>> = plans.iter().map(|p| feature_map(&s, p)).collect::<Result<_>>()?;
+    let ws = Workspace::new();
+    let mut grads = AttnGrads::zeros(&s);
+    query_head_grads(&s, &mut grads.as_mut(), |h, dq, dk, dvh| {
+        let (qh, kh, vh) = x.head(h);
+        let (oh, gh) = (s.out(&fwd.o, h), s.out(dout, h));
+        let (lh, dh) = (&lse[h * n..(h + 1) * n], &den[h * n..(h + 1) * n]);
+        let p = match &plans[h % hq] {
+            HeadPlan::Exact => {
+                exact::backward_head(qh, kh, vh, oh, lh, gh, opts, dq, dk, dvh, &ws);
+                return Ok(());
+            }
+            HeadPlan::Poly(p) | HeadPlan::AltGrad(p) => p,
+        };
+        let head = poly_head(fms[h % hq].as_ref().expect("feature map of an approximate head"), &s, opts, p, &ws);
+        let kv = poly::kv_head(kh, vh, causal, p.center, p.chunk, None, None, 0);
+        if matches!(plans[h % hq], HeadPlan::AltGrad(_)) {
+            altgrad::backward_one(&head, qh, &kv, causal, oh, dh, gh, dq, dk, dvh);
+            return Ok(());
+        }
+        let len = head.r() * head.e();
+        let (mut scan, mut dscan, mut dks) = (vec![T::zero(); len], vec![T::zero(); len], vec![0.0f64; s.head_dim]);
+        let state = if causal {
+            State::Scan(&mut scan)
+        } else if kv_state[h].len() == len {
+            State::Keys(&kv_state[h])
+        } else {
+            return Err(mismatch());
+        };
+        poly::backward_one(&head, qh, &kv, state, oh, dh, gh, &mut dscan, dq, dk, dvh, &mut dks);
+        Ok(())
+    })?;
+    Ok(grads)
 }

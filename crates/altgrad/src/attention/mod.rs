@@ -1,10 +1,14 @@
 //! Attention: the core of altgrad. Depends on [`crate::linalg`] only.
 //!
-//! Tensors use the flash-attn layout without batch: `q [seq_len, num_heads, head_dim]`,
-//! `k [seq_len, num_kv_heads, head_dim]`, `v [seq_len, num_kv_heads, head_dim_v]`,
-//! `o [seq_len, num_heads, head_dim_v]`, `lse [num_heads, seq_len]` (MATH §1). Query head `h`
-//! reads key/value head `h / (num_heads / num_kv_heads)` (GQA). Heads run in parallel (rayon);
-//! each head's kernel is sequential.
+//! Tensors use the flash-attn layout: `q [batch, seq_len, num_heads, head_dim]`,
+//! `k [batch, kv_len, num_kv_heads, head_dim]`, `v [batch, kv_len, num_kv_heads, head_dim_v]`,
+//! `o [batch, seq_len, num_heads, head_dim_v]`, `lse [batch, num_heads, seq_len]` (MATH §1). Query
+//! head `h` reads key/value head `h / (num_heads / num_kv_heads)` (GQA). A call's inputs are one [`Qkv`]
+//! (the tensors and their [`AttnShape`], checked once); forward outputs keep the shape and options
+//! they were computed with, so a backward takes only the inputs, the saved forward and `dL/do`.
+//! The (sequence, head) pairs of a batch run in parallel (rayon) on strided views of the tensors
+//! ([`view`]); each head's kernel is sequential (`Par::Seq` inside: a measured choice). The `_into`
+//! entry points write into caller-owned buffers and take a reusable [`Workspace`].
 
 pub mod altgrad;
 pub mod bound;
@@ -15,16 +19,34 @@ pub mod mixed;
 #[doc(hidden)]
 pub mod naive;
 pub mod poly;
+pub mod view;
+pub mod workspace;
 
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 use rayon::prelude::*;
+use view::{heads_mut, Rows, RowsMut};
 
-/// The sizes of one attention call.
+pub use altgrad::{backward_altgrad, backward_altgrad_into};
+pub use bound::{Method, Policy};
+pub use exact::{backward_exact, backward_exact_into, forward_exact, forward_exact_into};
+pub use poly::{
+    backward_poly, backward_poly_into, backward_poly_state, forward_poly, forward_poly_into, forward_poly_state,
+    PolyBuffers, PolyOptions, PolyOutput, PolySaved, PolyState, PolyStateGrad,
+};
+pub use workspace::Workspace;
+
+/// The sizes of one attention call. Tensors are `[batch, rows, heads, width]` (MATH §1); the
+/// sequences of a batch are independent and share every size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
-    /// Sequence length `n` (≥ 1).
+    /// Sequences `B` (≥ 1).
+    pub batch: usize,
+    /// Query rows `n` per sequence (≥ 1).
     pub seq_len: usize,
+    /// Key/value rows `n_k` (≥ 1): `seq_len` unless the mask has a query offset
+    /// ([`Mask::kv_len`]: the keys are positions `0..q_offset + seq_len`).
+    pub kv_len: usize,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads; divides `num_heads`.
@@ -36,9 +58,21 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    /// Shape with `head_dim_v == head_dim`.
+    /// Shape of one sequence (`batch = 1`) with `kv_len == seq_len` and `head_dim_v == head_dim`.
     pub fn new(seq_len: usize, num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
-        AttnShape { seq_len, num_heads, num_kv_heads, head_dim, head_dim_v: head_dim }
+        AttnShape { batch: 1, seq_len, kv_len: seq_len, num_heads, num_kv_heads, head_dim, head_dim_v: head_dim }
+    }
+    /// The same shape with `batch` sequences.
+    pub fn with_batch(self, batch: usize) -> Self {
+        AttnShape { batch, ..self }
+    }
+    /// The same shape with value width `head_dim_v`.
+    pub fn with_head_dim_v(self, head_dim_v: usize) -> Self {
+        AttnShape { head_dim_v, ..self }
+    }
+    /// The same shape with `kv_len` key/value rows.
+    pub fn with_kv_len(self, kv_len: usize) -> Self {
+        AttnShape { kv_len, ..self }
     }
     /// Query heads per key/value head.
     pub fn group(&self) -> usize {
@@ -47,7 +81,14 @@ impl AttnShape {
     /// Checks that every size is positive and `num_kv_heads | num_heads`.
     pub fn validate(&self) -> Result<()> {
         let s = self;
-        if s.seq_len == 0 || s.num_heads == 0 || s.num_kv_heads == 0 || s.head_dim == 0 || s.head_dim_v == 0 {
+        if s.batch == 0
+            || s.seq_len == 0
+            || s.kv_len == 0
+            || s.num_heads == 0
+            || s.num_kv_heads == 0
+            || s.head_dim == 0
+            || s.head_dim_v == 0
+        {
             return Err(Error::bad("attention shape", format!("every size must be positive, got {s:?}")));
         }
         if !s.num_heads.is_multiple_of(s.num_kv_heads) {
@@ -58,376 +99,439 @@ impl AttnShape {
         }
         Ok(())
     }
-    fn check_len<T>(&self, name: &str, x: &[T], heads: usize, width: usize) -> Result<()> {
-        let want = self.seq_len * heads * width;
+    /// Query heads of the call, over the batch: `batch · num_heads`. Query head `t` is head
+    /// `t % num_heads` of sequence `t / num_heads`; it reads key/value head `t / group()`.
+    pub fn heads(&self) -> usize {
+        self.batch * self.num_heads
+    }
+    /// Key/value heads of the call, over the batch: `batch · num_kv_heads`.
+    pub fn kv_heads(&self) -> usize {
+        self.batch * self.num_kv_heads
+    }
+    /// Query head `t` ([`heads`](Self::heads)) of `q [batch, seq_len, num_heads, head_dim]` as a
+    /// strided view.
+    pub(crate) fn query<'a, T>(&self, q: &'a [T], t: usize) -> Rows<'a, T> {
+        Rows::head(q, self.seq_len, self.num_heads, self.head_dim, t / self.num_heads, t % self.num_heads)
+    }
+    /// Key/value head `t` ([`kv_heads`](Self::kv_heads)) of `k [batch, kv_len, num_kv_heads,
+    /// head_dim]` as a strided view.
+    pub(crate) fn key<'a, T>(&self, k: &'a [T], t: usize) -> Rows<'a, T> {
+        Rows::head(k, self.kv_len, self.num_kv_heads, self.head_dim, t / self.num_kv_heads, t % self.num_kv_heads)
+    }
+    /// Key/value head `t` of `v [batch, kv_len, num_kv_heads, head_dim_v]` as a strided view.
+    pub(crate) fn value<'a, T>(&self, v: &'a [T], t: usize) -> Rows<'a, T> {
+        Rows::head(v, self.kv_len, self.num_kv_heads, self.head_dim_v, t / self.num_kv_heads, t % self.num_kv_heads)
+    }
+    /// Query head `t` of an output-like tensor `[batch, seq_len, num_heads, head_dim_v]` (`o`, `dL/do`).
+    pub(crate) fn out<'a, T>(&self, o: &'a [T], t: usize) -> Rows<'a, T> {
+        Rows::head(o, self.seq_len, self.num_heads, self.head_dim_v, t / self.num_heads, t % self.num_heads)
+    }
+    /// Every query head of `x [batch, seq_len, num_heads, width]`, writable, in order `t`.
+    pub(crate) fn query_views<'a, T: Scalar>(&self, x: &'a mut [T], width: usize) -> Vec<RowsMut<'a, T>> {
+        heads_mut(x, self.batch, self.seq_len, self.num_heads, width)
+    }
+    /// Every key/value head of `x [batch, kv_len, num_kv_heads, width]`, writable, in order.
+    pub(crate) fn kv_views<'a, T: Scalar>(&self, x: &'a mut [T], width: usize) -> Vec<RowsMut<'a, T>> {
+        heads_mut(x, self.batch, self.kv_len, self.num_kv_heads, width)
+    }
+    /// Checks `x [batch, rows, heads, width]`'s length; `rows` is `seq_len` or `kv_len`.
+    pub(crate) fn check_rows<T>(&self, name: &str, x: &[T], rows: usize, heads: usize, width: usize) -> Result<()> {
+        let want = self.batch * rows * heads * width;
         if x.len() != want {
             return Err(Error::bad(
                 name,
-                format!("expected {want} values ([{}, {heads}, {width}]), got {}", self.seq_len, x.len()),
+                format!("expected {want} values ([{}, {rows}, {heads}, {width}]), got {}", self.batch, x.len()),
+            ));
+        }
+        Ok(())
+    }
+    /// Checks `x [batch, seq_len, heads, width]`'s length.
+    pub(crate) fn check_len<T>(&self, name: &str, x: &[T], heads: usize, width: usize) -> Result<()> {
+        self.check_rows(name, x, self.seq_len, heads, width)
+    }
+    /// Checks a per-row vector `x [batch, num_heads, seq_len]` (`lse`, `den`).
+    pub(crate) fn check_rowwise<T>(&self, name: &str, x: &[T]) -> Result<()> {
+        let want = self.heads() * self.seq_len;
+        if x.len() != want {
+            return Err(Error::bad(
+                name,
+                format!("expected {want} values ([batch, num_heads, seq_len]), got {}", x.len()),
+            ));
+        }
+        Ok(())
+    }
+    /// Errors: [`Error::BadInput`] (input `name`) unless `kv_len == seq_len` (methods whose keys
+    /// are the queries' own rows).
+    pub(crate) fn check_self(&self, name: &str) -> Result<()> {
+        if self.kv_len != self.seq_len {
+            return Err(Error::bad(
+                name,
+                format!("needs as many keys as queries (kv_len {} ≠ seq_len {})", self.kv_len, self.seq_len),
             ));
         }
         Ok(())
     }
 }
 
+/// The inputs of one attention call: `q [batch, seq_len, num_heads, head_dim]`,
+/// `k [batch, kv_len, num_kv_heads, head_dim]`, `v [batch, kv_len, num_kv_heads, head_dim_v]`
+/// (row-major, contiguous, flash-attn's layout) and their [`AttnShape`], checked once by
+/// [`Qkv::new`]. Kernels read each head in place as a strided matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct Qkv<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    shape: AttnShape,
+}
+
+impl<'a, T> Qkv<'a, T> {
+    /// Checks the shape and every length.
+    ///
+    /// Errors: [`Error::BadInput`] naming the input (`q`, `k`, `v`, or `attention shape`) whose
+    /// length or size is wrong.
+    pub fn new(q: &'a [T], k: &'a [T], v: &'a [T], shape: &AttnShape) -> Result<Self> {
+        let s = *shape;
+        s.validate()?;
+        s.check_len("q", q, s.num_heads, s.head_dim)?;
+        s.check_rows("k", k, s.kv_len, s.num_kv_heads, s.head_dim)?;
+        s.check_rows("v", v, s.kv_len, s.num_kv_heads, s.head_dim_v)?;
+        Ok(Qkv { q, k, v, shape: s })
+    }
+    /// Queries.
+    pub fn q(&self) -> &'a [T] {
+        self.q
+    }
+    /// Keys.
+    pub fn k(&self) -> &'a [T] {
+        self.k
+    }
+    /// Values.
+    pub fn v(&self) -> &'a [T] {
+        self.v
+    }
+    /// The sizes.
+    pub fn shape(&self) -> &AttnShape {
+        &self.shape
+    }
+    /// Query head `h` ([`AttnShape::heads`]) and its key/value head, as views.
+    pub(crate) fn head(&self, h: usize) -> (Rows<'a, T>, Rows<'a, T>, Rows<'a, T>) {
+        let s = &self.shape;
+        let kv = h / s.group();
+        (s.query(self.q, h), s.key(self.k, kv), s.value(self.v, kv))
+    }
+    /// Key/value head `h` ([`AttnShape::kv_heads`]), as views.
+    pub(crate) fn kv(&self, h: usize) -> (Rows<'a, T>, Rows<'a, T>) {
+        (self.shape.key(self.k, h), self.shape.value(self.v, h))
+    }
+}
+
+/// Which keys each query row sees (MATH §1). Row `i` of a call is position `p = q_offset + i`;
+/// keys are positions `0..kv_len`. With a query offset the keys of a call are positions
+/// `0..q_offset + seq_len` (flash-attn's kv-cache convention), so `kv_len = q_offset + seq_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mask {
+    /// Every key.
+    Full,
+    /// Keys `j ≤ p` (diagonal included, LSSSZ Def I.2).
+    Causal {
+        /// Position of the call's first query row.
+        q_offset: usize,
+    },
+    /// A sliding window with attention sinks: keys `j ≤ p` with `p − j < window` (the `window`
+    /// latest keys, diagonal included) or `j < sinks` (the first `sinks` keys).
+    Window {
+        /// Keys in the window (≥ 1).
+        window: usize,
+        /// Leading keys every row sees.
+        sinks: usize,
+        /// Position of the call's first query row.
+        q_offset: usize,
+    },
+}
+
+impl Mask {
+    /// `Causal { q_offset: 0 }`.
+    pub fn causal() -> Self {
+        Mask::Causal { q_offset: 0 }
+    }
+    /// `Causal { q_offset: 0 }` when `causal`, else `Full`.
+    pub fn from_causal(causal: bool) -> Self {
+        if causal {
+            Mask::causal()
+        } else {
+            Mask::Full
+        }
+    }
+    /// Whether keys after a row's position are hidden (`Causal` or `Window`).
+    pub fn is_causal(&self) -> bool {
+        !matches!(self, Mask::Full)
+    }
+    /// Position of the first query row (0 for `Full`).
+    pub fn q_offset(&self) -> usize {
+        match *self {
+            Mask::Full => 0,
+            Mask::Causal { q_offset } | Mask::Window { q_offset, .. } => q_offset,
+        }
+    }
+    /// Whether query position `p` sees key `j`.
+    #[inline]
+    pub fn allows(&self, p: usize, j: usize) -> bool {
+        match *self {
+            Mask::Full => true,
+            Mask::Causal { .. } => j <= p,
+            Mask::Window { window, sinks, .. } => j <= p && (p - j < window || j < sinks),
+        }
+    }
+    /// The key/value rows a call of `seq_len` query rows has: `q_offset + seq_len` for `Causal`
+    /// and `Window`; `None` for `Full` (any number).
+    pub fn kv_len(&self, seq_len: usize) -> Option<usize> {
+        self.is_causal().then(|| self.q_offset() + seq_len)
+    }
+    /// Checks the mask against a shape.
+    ///
+    /// Errors: [`Error::BadInput`] (input `mask`) for a zero window, or `kv_len` other than
+    /// [`Mask::kv_len`].
+    pub fn validate(&self, s: &AttnShape) -> Result<()> {
+        if let Mask::Window { window: 0, .. } = self {
+            return Err(Error::bad("mask", "a sliding window needs at least one key (window ≥ 1)"));
+        }
+        match self.kv_len(s.seq_len) {
+            Some(want) if want != s.kv_len => Err(Error::bad(
+                "mask",
+                format!(
+                    "query offset {} and {} query rows need kv_len = {want} keys (positions 0..{want}), the shape has {}",
+                    self.q_offset(),
+                    s.seq_len,
+                    s.kv_len
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Options of an attention call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnOptions {
-    /// Causal mask `j ≤ i` (diagonal included, MATH §1).
-    pub causal: bool,
+    /// Which keys each row sees.
+    pub mask: Mask,
     /// Score scale τ; scores are `τ q·k`. Real models use `1/√head_dim`.
     pub scale: f64,
 }
 
 impl AttnOptions {
-    /// `scale = 1/√head_dim`.
+    /// `scale = 1/√head_dim`, [`Mask::from_causal`]`(causal)`.
     pub fn standard(head_dim: usize, causal: bool) -> Self {
-        AttnOptions { causal, scale: 1.0 / (head_dim as f64).sqrt() }
+        AttnOptions { mask: Mask::from_causal(causal), scale: 1.0 / (head_dim as f64).sqrt() }
+    }
+    /// `scale = 1/√head_dim`, causal mask without offset.
+    pub fn causal(head_dim: usize) -> Self {
+        Self::standard(head_dim, true)
+    }
+    /// `scale = 1/√head_dim`, no mask.
+    pub fn full(head_dim: usize) -> Self {
+        Self::standard(head_dim, false)
+    }
+    /// The same options with `mask`.
+    pub fn with_mask(self, mask: Mask) -> Self {
+        AttnOptions { mask, ..self }
+    }
+    /// Whether keys after a row's position are hidden ([`Mask::is_causal`]).
+    pub fn is_causal(&self) -> bool {
+        self.mask.is_causal()
+    }
+    /// Errors: [`Error::BadInput`] (input `scale`) unless the scale is finite and positive.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(Error::bad("scale", format!("must be finite and positive, got {}", self.scale)));
+        }
+        Ok(())
+    }
+    /// [`validate`](Self::validate) and the mask against `s` ([`Mask::validate`]).
+    pub fn check(&self, s: &AttnShape) -> Result<()> {
+        self.validate()?;
+        self.mask.validate(s)
     }
 }
 
-/// Output of a forward pass: `o [seq_len, num_heads, head_dim_v]` and the per-row log-sum-exp
-/// `lse [num_heads, seq_len]` that the exact backward needs (MATH §2).
+/// Output of an exact forward pass: `o [batch, seq_len, num_heads, head_dim_v]`, the per-row
+/// log-sum-exp `lse [batch, num_heads, seq_len]` that the backward needs (MATH §2), and the shape
+/// and options it was computed with.
 #[derive(Clone, Debug)]
 pub struct AttnOutput<T> {
     /// Attention output.
     pub o: Vec<T>,
     /// `lse_i = m_i + log l_i` per head and row.
     pub lse: Vec<T>,
+    /// The shape of the inputs.
+    pub shape: AttnShape,
+    /// The options of the call.
+    pub opts: AttnOptions,
 }
 
 /// Gradients of the inputs, same layouts as `q`, `k`, `v`.
 #[derive(Clone, Debug)]
 pub struct AttnGrads<T> {
-    /// `dL/dq [seq_len, num_heads, head_dim]`.
+    /// `dL/dq [batch, seq_len, num_heads, head_dim]`.
     pub dq: Vec<T>,
-    /// `dL/dk [seq_len, num_kv_heads, head_dim]` (summed over the query heads of each group).
+    /// `dL/dk [batch, kv_len, num_kv_heads, head_dim]` (summed over the query heads of each group).
     pub dk: Vec<T>,
-    /// `dL/dv [seq_len, num_kv_heads, head_dim_v]`.
+    /// `dL/dv [batch, kv_len, num_kv_heads, head_dim_v]`.
     pub dv: Vec<T>,
 }
 
-/// Copies head `h` out of `x [seq, heads, width]` into a contiguous `[seq, width]` buffer.
-pub(crate) fn gather_head<T: Scalar>(x: &[T], seq: usize, heads: usize, width: usize, h: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(seq * width);
-    for i in 0..seq {
-        let base = (i * heads + h) * width;
-        out.extend_from_slice(&x[base..base + width]);
-    }
-    out
+/// Caller-owned gradient buffers (e.g. another framework's tensors), layouts as [`AttnGrads`].
+/// The backward kernels overwrite them.
+#[derive(Debug)]
+pub struct AttnGradsMut<'a, T> {
+    /// `dL/dq [batch, seq_len, num_heads, head_dim]`.
+    pub dq: &'a mut [T],
+    /// `dL/dk [batch, kv_len, num_kv_heads, head_dim]`.
+    pub dk: &'a mut [T],
+    /// `dL/dv [batch, kv_len, num_kv_heads, head_dim_v]`.
+    pub dv: &'a mut [T],
 }
 
-/// Writes per-head `[seq, width]` buffers into `[seq, heads, width]`.
-pub(crate) fn scatter_heads<T: Scalar>(per_head: &[Vec<T>], seq: usize, width: usize) -> Vec<T> {
-    let heads = per_head.len();
-    let mut out = vec![T::zero(); seq * heads * width];
-    for (i, row) in out.chunks_exact_mut(heads * width).enumerate() {
-        for (h, hb) in per_head.iter().enumerate() {
-            row[h * width..(h + 1) * width].copy_from_slice(&hb[i * width..(i + 1) * width]);
+impl<T: Scalar> AttnGradsMut<'_, T> {
+    /// Errors: [`Error::BadInput`] (input `dq`, `dk` or `dv`) for a wrong length.
+    pub(crate) fn check(&self, s: &AttnShape) -> Result<()> {
+        s.check_len("dq", self.dq, s.num_heads, s.head_dim)?;
+        s.check_rows("dk", self.dk, s.kv_len, s.num_kv_heads, s.head_dim)?;
+        s.check_rows("dv", self.dv, s.kv_len, s.num_kv_heads, s.head_dim_v)
+    }
+    /// Sets every gradient to zero (the kernels accumulate).
+    pub(crate) fn zero(&mut self) {
+        for x in [&mut *self.dq, &mut *self.dk, &mut *self.dv] {
+            x.fill(T::zero());
         }
     }
-    out
 }
 
-fn check_inputs<T: Scalar>(q: &[T], k: &[T], v: &[T], s: &AttnShape, opts: &AttnOptions) -> Result<()> {
-    s.validate()?;
-    s.check_len("q", q, s.num_heads, s.head_dim)?;
-    s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
-    s.check_len("v", v, s.num_kv_heads, s.head_dim_v)?;
-    if !(opts.scale.is_finite() && opts.scale > 0.0) {
-        return Err(Error::bad("scale", format!("must be finite and positive, got {}", opts.scale)));
-    }
-    Ok(())
-}
-
-/// Exact softmax attention, forward (MATH §2, FA2 Alg. 1): tiled online softmax, O(n) extra
-/// memory per head, heads in parallel.
-///
-/// Errors: [`Error::BadInput`] when a slice length disagrees with `shape` or the shape is invalid.
-pub fn forward_exact<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-) -> Result<AttnOutput<T>> {
-    check_inputs(q, k, v, shape, opts)?;
-    let s = *shape;
-    let n = s.seq_len;
-    let per_head: Vec<(Vec<T>, Vec<T>)> = (0..s.num_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kv = h / s.group();
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, kv);
-            let vh = gather_head(v, n, s.num_kv_heads, s.head_dim_v, kv);
-            exact::forward_head(&qh, &kh, &vh, n, s.head_dim, s.head_dim_v, opts)
-        })
-        .collect();
-    let (os, lses): (Vec<_>, Vec<_>) = per_head.into_iter().unzip();
-    let o = scatter_heads(&os, n, s.head_dim_v);
-    let lse = lses.concat();
-    Ok(AttnOutput { o, lse })
-}
-
-/// Exact softmax attention, backward (MATH §2, FA2 Alg. 2): recomputes `P` block by block from
-/// `lse`; `dout` is `dL/do [seq_len, num_heads, head_dim_v]`. Heads in parallel; GQA gradients
-/// of `k`, `v` are summed over each group.
-///
-/// Errors: [`Error::BadInput`] on length mismatches.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_exact<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    fwd: &AttnOutput<T>,
-    dout: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-) -> Result<AttnGrads<T>> {
-    check_inputs(q, k, v, shape, opts)?;
-    let s = *shape;
-    s.check_len("o", &fwd.o, s.num_heads, s.head_dim_v)?;
-    s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
-    if fwd.lse.len() != s.num_heads * s.seq_len {
-        return Err(Error::bad("lse", format!("expected {} values", s.num_heads * s.seq_len)));
-    }
-    let n = s.seq_len;
-    let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kv = h / s.group();
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, kv);
-            let vh = gather_head(v, n, s.num_kv_heads, s.head_dim_v, kv);
-            let oh = gather_head(&fwd.o, n, s.num_heads, s.head_dim_v, h);
-            let gh = gather_head(dout, n, s.num_heads, s.head_dim_v, h);
-            let lse = &fwd.lse[h * n..(h + 1) * n];
-            exact::backward_head(&qh, &kh, &vh, &oh, lse, &gh, n, s.head_dim, s.head_dim_v, opts)
-        })
-        .collect();
-    Ok(combine_grads(per_head, &s))
-}
-
-/// Assembles per-query-head `(dq, dk, dv)` (each `[seq, width]`) into the public layouts,
-/// summing `dk`, `dv` over each GQA group.
-pub(crate) fn combine_grads<T: Scalar>(per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)>, s: &AttnShape) -> AttnGrads<T> {
-    let n = s.seq_len;
-    let g = s.group();
-    let mut dqs = Vec::with_capacity(s.num_heads);
-    let mut dks: Vec<Vec<T>> = Vec::with_capacity(s.num_kv_heads);
-    let mut dvs: Vec<Vec<T>> = Vec::with_capacity(s.num_kv_heads);
-    for (h, (dq, dk, dv)) in per_head.into_iter().enumerate() {
-        dqs.push(dq);
-        if h % g == 0 {
-            dks.push(dk);
-            dvs.push(dv);
-        } else {
-            let kv = h / g;
-            for (a, b) in dks[kv].iter_mut().zip(&dk) {
-                *a += *b;
-            }
-            for (a, b) in dvs[kv].iter_mut().zip(&dv) {
-                *a += *b;
-            }
+impl<T: Scalar> AttnGrads<T> {
+    /// Zero gradients of the shape's layouts.
+    pub fn zeros(s: &AttnShape) -> Self {
+        let (n, nk, b) = (s.seq_len, s.kv_len, s.batch);
+        AttnGrads {
+            dq: vec![T::zero(); b * n * s.num_heads * s.head_dim],
+            dk: vec![T::zero(); b * nk * s.num_kv_heads * s.head_dim],
+            dv: vec![T::zero(); b * nk * s.num_kv_heads * s.head_dim_v],
         }
     }
-    AttnGrads {
-        dq: scatter_heads(&dqs, n, s.head_dim),
-        dk: scatter_heads(&dks, n, s.head_dim),
-        dv: scatter_heads(&dvs, n, s.head_dim_v),
+    /// The buffers as [`AttnGradsMut`].
+    pub fn as_mut(&mut self) -> AttnGradsMut<'_, T> {
+        AttnGradsMut { dq: &mut self.dq, dk: &mut self.dk, dv: &mut self.dv }
     }
 }
 
-pub use bound::{Method, Policy};
-pub use poly::{PolyOptions, PolyOutput};
-
-/// One key/value head's inputs for the polynomial kernels: contiguous `k [n, d]`, `v [n, dv]`,
-/// and the key means `kbar` of [`bound::key_means`] (`[1, d]` or `[n, d]` causal).
-pub(crate) struct PolyKv<T> {
-    pub(crate) k: Vec<T>,
-    pub(crate) v: Vec<T>,
-    pub(crate) kbar: Vec<T>,
-}
-
-/// Gathers every key/value head and its key means (shared by the poly and ALTGrad kernels).
-pub(crate) fn poly_kv<T: Scalar>(k: &[T], v: &[T], s: &AttnShape, causal: bool) -> Vec<PolyKv<T>> {
-    let n = s.seq_len;
-    (0..s.num_kv_heads)
-        .into_par_iter()
-        .map(|h| {
-            let k = gather_head(k, n, s.num_kv_heads, s.head_dim, h);
-            let v = gather_head(v, n, s.num_kv_heads, s.head_dim_v, h);
-            let kbar = bound::key_means(&k, n, s.head_dim, causal);
-            PolyKv { k, v, kbar }
-        })
-        .collect()
-}
-
-/// Row shifts of one query head: `m_i = τ q_i·k̄_i` when centering, else zeros.
-fn poly_shift<T: Scalar>(qh: &[T], kv: &PolyKv<T>, s: &AttnShape, opts: &AttnOptions, center: bool) -> Vec<T> {
-    if center {
-        bound::row_shift(qh, &kv.kbar, s.seq_len, s.head_dim, opts.scale)
-    } else {
-        vec![T::zero(); s.seq_len]
-    }
-}
-
-/// Polynomial attention, forward (MATH §3–4; AS23 Lemma 3.4, LSSSZ Lemma I.3): the softmax
-/// weights `exp(s_ij)` are replaced by `T_g(s_ij − m_i)` (degree `popts.degree`, row shift
-/// `m_i = τ q_i·k̄_i` when `popts.center`). O(n·r·d_v) time and O(C·r + r·d_v) extra memory per
-/// head with `r = C(d+g, g)`; heads in parallel, each sequential. Shapes as [`forward_exact`].
+/// Checks what every backward needs: the inputs' shape is the one `fwd` was computed with, and
+/// `o`, `dout` (`[batch, seq_len, num_heads, head_dim_v]`) have their lengths.
 ///
-/// Returns a [`PolyOutput`]: `o`, `lse = m_i + ln den_i`, the denominators and (non-causal) each
-/// key/value head's state `H' = Φ_Kᵀ [V 1]`, which [`backward_poly`] reuses.
-///
-/// Errors: [`Error::BadInput`] on length/shape mismatches, a non-positive scale, an odd or zero
-/// degree ("degree must be even: …"), a zero chunk, or a feature width above
-/// [`features::MAX_FEATURE_DIM`].
-pub fn forward_poly<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-    popts: &PolyOptions,
-) -> Result<PolyOutput<T>> {
-    check_inputs(q, k, v, shape, opts)?;
-    popts.validate()?;
-    let s = *shape;
-    let n = s.seq_len;
-    let fm = features::FeatureMap::<T>::new(s.head_dim, popts.degree)?;
-    let head = poly::Head { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = poly_kv(k, v, &s, opts.causal);
-    let kv_state: Vec<Vec<T>> =
-        if opts.causal { Vec::new() } else { kvs.par_iter().map(|kv| head.kv_state(&kv.k, &kv.v)).collect() };
-    let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / s.group();
-            let kv = &kvs[kvh];
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let m = poly_shift(&qh, kv, &s, opts, popts.center);
-            let (o, den) = if opts.causal {
-                head.forward_causal(&qh, &kv.k, &kv.v, &m)
-            } else {
-                head.forward_queries(&qh, &m, &kv_state[kvh])
-            };
-            let lse = m.iter().zip(&den).map(|(mi, di)| *mi + di.ln()).collect();
-            (o, lse, den)
-        })
-        .collect();
-    let mut os = Vec::with_capacity(s.num_heads);
-    let (mut lse, mut den) = (Vec::with_capacity(n * s.num_heads), Vec::with_capacity(n * s.num_heads));
-    for (o, l, d) in per_head {
-        os.push(o);
-        lse.extend_from_slice(&l);
-        den.extend_from_slice(&d);
-    }
-    Ok(PolyOutput { o: scatter_heads(&os, n, s.head_dim_v), lse, den, kv_state })
-}
-
-/// Polynomial attention, backward: the exact gradient of [`forward_poly`]'s function (MATH §4),
-/// including the chain rule through the row shift `m_i` (which depends on `q_i` and the keys).
-/// `fwd` must come from [`forward_poly`] with the same inputs, shape, options and `popts`;
-/// `dout = dL/do [seq_len, num_heads, head_dim_v]`. Non-causal: per query head `dΨ`, `dQ` and
-/// `dH'`; then per key/value head `dK`, `dV` from the group's summed `dH'` (the state is shared
-/// by a GQA group). Causal: per query head a forward scan (`dQ`, intra-chunk terms) and a reverse
-/// scan (`dK`, `dV`), summed over each group.
-///
-/// Errors: [`Error::BadInput`] as [`forward_poly`], or when `fwd`/`dout` do not match the shape
-/// (including a state of the wrong size, e.g. from a different degree).
-#[allow(clippy::too_many_arguments)]
-pub fn backward_poly<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    fwd: &PolyOutput<T>,
-    dout: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-    popts: &PolyOptions,
-) -> Result<AttnGrads<T>> {
-    check_inputs(q, k, v, shape, opts)?;
-    popts.validate()?;
-    let s = *shape;
-    let n = s.seq_len;
-    s.check_len("o", &fwd.o, s.num_heads, s.head_dim_v)?;
-    s.check_len("do", dout, s.num_heads, s.head_dim_v)?;
-    for (name, x) in [("lse", &fwd.lse), ("den", &fwd.den)] {
-        if x.len() != s.num_heads * n {
-            return Err(Error::bad(name, format!("expected {} values ([num_heads, seq_len])", s.num_heads * n)));
-        }
-    }
-    let fm = features::FeatureMap::<T>::new(s.head_dim, popts.degree)?;
-    let state_len = fm.dim() * (s.head_dim_v + 1);
-    if !opts.causal && (fwd.kv_state.len() != s.num_kv_heads || fwd.kv_state.iter().any(|x| x.len() != state_len)) {
+/// Errors: [`Error::BadInput`] naming `fwd`, `o` or `do`.
+pub(crate) fn check_backward<T>(x: &Qkv<'_, T>, fwd_shape: &AttnShape, o: &[T], dout: &[T]) -> Result<()> {
+    let s = x.shape;
+    if *fwd_shape != s {
         return Err(Error::bad(
             "fwd",
-            "key/value state does not match this shape and degree: pass the output of forward_poly called with \
-             the same shape, options and PolyOptions",
+            format!(
+                "the forward was computed for {fwd_shape:?}, the inputs have {s:?}: pass the forward of these inputs"
+            ),
         ));
     }
-    let head = poly::Head { fm: &fm, n, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk };
-    let kvs = poly_kv(k, v, &s, opts.causal);
-    let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..s.num_heads)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / s.group();
-            let kv = &kvs[kvh];
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let oh = gather_head(&fwd.o, n, s.num_heads, s.head_dim_v, h);
-            let gh = gather_head(dout, n, s.num_heads, s.head_dim_v, h);
-            let den = &fwd.den[h * n..(h + 1) * n];
-            let m = poly_shift(&qh, kv, &s, opts, popts.center);
-            if opts.causal {
-                head.backward_causal(&qh, &kv.k, &kv.v, &oh, den, &gh, &m, &kv.kbar)
-            } else {
-                let (dq, dstate, dkbar) = head.backward_queries(&qh, &oh, den, &gh, &m, &kv.kbar, &fwd.kv_state[kvh]);
-                let dkbar = dkbar.into_iter().map(T::from_f64).collect();
-                (dq, dstate, dkbar)
-            }
-        })
-        .collect();
-    if opts.causal {
-        return Ok(combine_grads(per_head, &s));
+    s.check_len("o", o, s.num_heads, s.head_dim_v)?;
+    s.check_len("do", dout, s.num_heads, s.head_dim_v)
+}
+
+/// Runs `f(h, dq_h, dk_h, dv_h)` for every query head `h` of the batch ([`AttnShape::heads`]) in
+/// parallel, with `dq_h` the head's view of `grads.dq` and `dk_h`, `dv_h` views of its key/value
+/// head in `grads.dk`, `grads.dv` when there is one query head per key/value head, else per-head
+/// buffers summed over each GQA group afterwards (the one place where key/value gradients are
+/// summed over a group). `grads` is zeroed first; `f` adds into the views. Returns `f`'s results
+/// in head order.
+pub(crate) fn query_head_grads<T: Scalar, R: Send, F>(
+    s: &AttnShape,
+    grads: &mut AttnGradsMut<'_, T>,
+    f: F,
+) -> Result<Vec<R>>
+where
+    F: Fn(usize, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>, &mut RowsMut<'_, T>) -> Result<R> + Sync,
+{
+    let (nk, d, dv, g) = (s.kv_len, s.head_dim, s.head_dim_v, s.group());
+    grads.zero();
+    let dqs = s.query_views(grads.dq, d);
+    let dks = s.kv_views(grads.dk, d);
+    let dvs = s.kv_views(grads.dv, dv);
+    if g == 1 {
+        return dqs
+            .into_par_iter()
+            .zip(dks.into_par_iter().zip(dvs))
+            .enumerate()
+            .map(|(h, (mut dqh, (mut dkh, mut dvh)))| f(h, &mut dqh, &mut dkh, &mut dvh))
+            .collect();
     }
-    // Non-causal: sum each group's dH' and dk̄, then one key-side pass per key/value head.
-    let g = s.group();
-    let mut dqs = Vec::with_capacity(s.num_heads);
-    let mut sums: Vec<(Vec<T>, Vec<f64>)> = Vec::with_capacity(s.num_kv_heads);
-    for (h, (dq, dstate, dkbar)) in per_head.into_iter().enumerate() {
-        dqs.push(dq);
-        let dkbar: Vec<f64> = dkbar.iter().map(|x| x.as_f64()).collect();
-        if h % g == 0 {
-            sums.push((dstate, dkbar));
-        } else {
-            let (ds, dk) = sums.last_mut().expect("group leader pushed first");
-            for (a, b) in ds.iter_mut().zip(&dstate) {
-                *a += *b;
-            }
-            for (a, b) in dk.iter_mut().zip(&dkbar) {
-                *a += *b;
-            }
+    type KvBufs<T> = (Vec<T>, Vec<T>);
+    let per_head: Vec<(KvBufs<T>, R)> = dqs
+        .into_par_iter()
+        .enumerate()
+        .map(|(h, mut dqh)| {
+            let (mut kb, mut vb) = (vec![T::zero(); nk * d], vec![T::zero(); nk * dv]);
+            let r =
+                f(h, &mut dqh, &mut RowsMut::contiguous(&mut kb, nk, d), &mut RowsMut::contiguous(&mut vb, nk, dv))?;
+            Ok(((kb, vb), r))
+        })
+        .collect::<Result<_>>()?;
+    let (bufs, results): (Vec<_>, Vec<R>) = per_head.into_iter().unzip();
+    let sums = sum_groups(bufs, g);
+    dks.into_par_iter().zip(dvs).zip(sums.par_iter()).for_each(|((mut dkh, mut dvh), (kb, vb))| {
+        for i in 0..nk {
+            dkh.row_mut(i).copy_from_slice(&kb[i * d..(i + 1) * d]);
+            dvh.row_mut(i).copy_from_slice(&vb[i * dv..(i + 1) * dv]);
+        }
+    });
+    Ok(results)
+}
+
+/// Values that add up element by element (per-head gradients and states summed over a group).
+pub(crate) trait AddAll {
+    /// `self += other`, element by element.
+    fn add_all(&mut self, other: &Self);
+}
+
+impl<T: Copy + std::ops::AddAssign> AddAll for Vec<T> {
+    fn add_all(&mut self, other: &Self) {
+        for (a, b) in self.iter_mut().zip(other) {
+            *a += *b;
         }
     }
-    let kv_grads: Vec<(Vec<T>, Vec<T>)> = kvs
-        .par_iter()
-        .zip(sums.par_iter())
-        .map(|(kv, (dstate, dkbar))| head.backward_keys(&kv.k, &kv.v, dstate, dkbar))
-        .collect();
-    let (dks, dvs): (Vec<_>, Vec<_>) = kv_grads.into_iter().unzip();
-    Ok(AttnGrads {
-        dq: scatter_heads(&dqs, n, s.head_dim),
-        dk: scatter_heads(&dks, n, s.head_dim),
-        dv: scatter_heads(&dvs, n, s.head_dim_v),
-    })
+}
+
+impl<A: AddAll, B: AddAll> AddAll for (A, B) {
+    fn add_all(&mut self, other: &Self) {
+        self.0.add_all(&other.0);
+        self.1.add_all(&other.1);
+    }
+}
+
+/// Sums per-query-head values over each GQA group of `group` consecutive heads: one value per
+/// key/value head.
+pub(crate) fn sum_groups<A: AddAll>(per_head: Vec<A>, group: usize) -> Vec<A> {
+    let mut out: Vec<A> = Vec::with_capacity(per_head.len() / group.max(1));
+    for (h, x) in per_head.into_iter().enumerate() {
+        if h % group == 0 {
+            out.push(x);
+        } else {
+            out.last_mut().expect("group leader pushed first").add_all(&x);
+        }
+    }
+    out
 }
 
 /// The score bound `R` of every query head (MATH §3, [`bound::score_bound`]): shifted scores when
-/// `center`, else unshifted; `[num_heads]`, each against its key/value head. O(n·d) per head.
+/// `center`, else unshifted; `[batch, num_heads]`, each against its key/value head. O(n·d) per head. A
+/// window mask is bounded as the causal mask (its pairs are a subset).
 ///
-/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape` or the scale is not positive.
+/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape`, `kv_len ≠ seq_len`, or the
+/// scale is not positive.
 pub fn head_bounds<T: Scalar>(
     q: &[T],
     k: &[T],
@@ -438,82 +542,35 @@ pub fn head_bounds<T: Scalar>(
     let s = *shape;
     s.validate()?;
     s.check_len("q", q, s.num_heads, s.head_dim)?;
+    s.check_self("k")?;
     s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
-    if !(opts.scale.is_finite() && opts.scale > 0.0) {
-        return Err(Error::bad("scale", format!("must be finite and positive, got {}", opts.scale)));
-    }
+    opts.validate()?;
     let n = s.seq_len;
-    Ok((0..s.num_heads)
+    Ok((0..s.heads())
         .into_par_iter()
         .map(|h| {
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, h / s.group());
-            bound::score_bound(&qh, &kh, n, s.head_dim, opts.scale, opts.causal, center)
+            let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());
+            bound::score_bound(&qh, &kh, n, s.head_dim, opts.scale, opts.is_causal(), center)
         })
         .collect())
 }
 
-/// ALTGrad forward (MATH §5; LSSSZ Lemma C.13, I.1): `Õ = D̃⁻¹ Φ_Q Φ_Kᵀ V` with the degree-`g`
-/// features of [`features`] and the row shift of MATH §3 when `popts.center` (row `i`'s degree-`t`
-/// block weighted by `T_{g−t}(−m_i)`). The same function as [`forward_poly`]; returned as an
-/// [`AttnOutput`] with `lse_i = m_i + ln den_i`. Shapes as [`forward_exact`]; O(n·r·d_v) per head,
-/// heads in parallel.
-///
-/// Errors: [`Error::BadInput`] on length/shape mismatches, a non-positive scale, an odd or zero
-/// degree ([`bound::validate_degree`]), a zero chunk, or a feature width above
-/// [`features::MAX_FEATURE_DIM`].
-pub fn forward_altgrad<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-    popts: &PolyOptions,
-) -> Result<AttnOutput<T>> {
-    altgrad::forward(q, k, v, shape, opts, popts)
-}
-
-/// ALTGrad backward, the paper's Algorithm 1 for one layer in Q/K/V form (MATH §5; LSSSZ Def C.12,
-/// Fact C.2, Lemma C.16, Def D.16, Lemmas I.3–I.8, with MATH §5.4's corrections): the exact
-/// softmax-gradient formula with `f̃` in place of softmax, `p = f̃ ∘ (G Vᵀ) − diag(δ) f̃`,
-/// `dQ = τ p K`, `dK = τ pᵀ Q`, `dV = f̃ᵀ G`, no chain rule through the row shift. It is **not**
-/// the gradient of [`forward_altgrad`] (that is [`backward_poly`]); it tends to the exact
-/// gradient as the degree rises. `fwd` must come from [`forward_altgrad`] with the same inputs;
-/// `dout = dL/do [seq_len, num_heads, head_dim_v]`. O(n·r·d_v·d) per head; GQA `dk`, `dv` summed
-/// over each group.
-///
-/// Errors: [`Error::BadInput`] as [`forward_altgrad`], when `fwd`/`dout` do not match the shape,
-/// or when the Kronecker state `r·(d_v+1)·d` exceeds [`altgrad::MAX_KRON_STATE`].
-#[allow(clippy::too_many_arguments)]
-pub fn backward_altgrad<T: Scalar>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    fwd: &AttnOutput<T>,
-    dout: &[T],
-    shape: &AttnShape,
-    opts: &AttnOptions,
-    popts: &PolyOptions,
-) -> Result<AttnGrads<T>> {
-    altgrad::backward(q, k, v, fwd, dout, shape, opts, popts)
-}
-
-/// The largest `|τ q_i·k_j|` of every query head over the allowed pairs, `[num_heads]`
+/// The largest `|τ q_i·k_j|` of every query head over the allowed pairs, `[batch, num_heads]`
 /// ([`bound::max_abs_score`]; O(n²·d) per head, heads in parallel). For reports.
 ///
-/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape`.
+/// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape` or `kv_len ≠ seq_len`.
 pub fn head_max_scores<T: Scalar>(q: &[T], k: &[T], shape: &AttnShape, opts: &AttnOptions) -> Result<Vec<f64>> {
     let s = *shape;
     s.validate()?;
     s.check_len("q", q, s.num_heads, s.head_dim)?;
+    s.check_self("k")?;
     s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
     let n = s.seq_len;
-    Ok((0..s.num_heads)
+    Ok((0..s.heads())
         .into_par_iter()
         .map(|h| {
-            let qh = gather_head(q, n, s.num_heads, s.head_dim, h);
-            let kh = gather_head(k, n, s.num_kv_heads, s.head_dim, h / s.group());
-            bound::max_abs_score(&qh, &kh, n, s.head_dim, opts.scale, opts.causal)
+            let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());
+            bound::max_abs_score(&qh, &kh, n, s.head_dim, opts.scale, opts.is_causal())
         })
         .collect())
 }

@@ -1,25 +1,63 @@
 //! O(n²) materialized references, in f64, for tests only (not part of the stable API).
 //!
-//! Direct transcriptions of MATH §1–2: `S = τ Q Kᵀ`, mask, `P = softmax(S)`, `O = P V`, and the
-//! textbook backward `dV = Pᵀ G`, `dP = G Vᵀ`, `dS = P ∘ (dP − rowsum(dP ∘ P))`, `dQ = τ dS K`,
+//! Direct transcriptions of MATH §1–2: `S = τ Q Kᵀ`, an explicit boolean mask, `P = softmax(S)`,
+//! `O = P V`, and the textbook backward `dV = Pᵀ G`, `dP = G Vᵀ`, `dS = P ∘ (dP − rowsum(dP ∘ P))`, `dQ = τ dS K`,
 //! `dK = τ dSᵀ Q`, one head at a time with GQA head mapping.
 #![allow(clippy::needless_range_loop)]
 
-use super::AttnShape;
+use super::{AttnShape, Qkv};
 
 fn idx(i: usize, h: usize, c: usize, heads: usize, w: usize) -> usize {
     (i * heads + h) * w + c
 }
 
-/// Materialized softmax probabilities of query head `h`: `[n][n]` (masked entries 0).
-pub fn probs(q: &[f64], k: &[f64], s: &AttnShape, causal: bool, scale: f64, h: usize) -> Vec<Vec<f64>> {
-    let n = s.seq_len;
+/// Zero `(dq, dk, dv)` in the layouts of `s`.
+fn zero_grads(s: &AttnShape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (n, nk) = (s.seq_len, s.kv_len);
+    (
+        vec![0.0; n * s.num_heads * s.head_dim],
+        vec![0.0; nk * s.num_kv_heads * s.head_dim],
+        vec![0.0; nk * s.num_kv_heads * s.head_dim_v],
+    )
+}
+
+/// The polynomial model of MATH §3–5 as the references take it: causal mask or not, score scale
+/// τ, degree `g` of `T_g`, row shift on or off.
+#[derive(Clone, Copy, Debug)]
+pub struct Poly {
+    /// Causal mask `j ≤ i`.
+    pub causal: bool,
+    /// Score scale τ.
+    pub scale: f64,
+    /// Degree `g`.
+    pub degree: usize,
+    /// Row shift `m_i = τ q_i·k̄_i`.
+    pub center: bool,
+}
+
+impl Poly {
+    /// `Poly { causal, scale, degree, center }`.
+    pub fn new(causal: bool, scale: f64, degree: usize, center: bool) -> Self {
+        Poly { causal, scale, degree, center }
+    }
+}
+
+/// The explicit `[n][n_k]` mask of the causal (`j ≤ i`) or full pattern.
+pub fn causal_mask(n: usize, nk: usize, causal: bool) -> Vec<Vec<bool>> {
+    (0..n).map(|i| (0..nk).map(|j| !causal || j <= i).collect()).collect()
+}
+
+/// Materialized softmax probabilities of query head `h` under the explicit mask `allowed [n][n_k]`
+/// (`true` where query row `i` sees key `j`; every row sees at least one key): `[n][n_k]`, masked
+/// entries 0. Keys are `s.kv_len` rows.
+pub fn probs_masked(q: &[f64], k: &[f64], s: &AttnShape, allowed: &[Vec<bool>], scale: f64, h: usize) -> Vec<Vec<f64>> {
+    let (n, nk) = (s.seq_len, s.kv_len);
     let kv = h / (s.num_heads / s.num_kv_heads);
-    let mut p = vec![vec![0.0; n]; n];
+    let mut p = vec![vec![0.0; nk]; n];
     for i in 0..n {
-        let jmax = if causal { i + 1 } else { n };
+        let seen: Vec<usize> = (0..nk).filter(|&j| allowed[i][j]).collect();
         let mut mx = f64::NEG_INFINITY;
-        for j in 0..jmax {
+        for &j in &seen {
             let dot: f64 = (0..s.head_dim)
                 .map(|c| q[idx(i, h, c, s.num_heads, s.head_dim)] * k[idx(j, kv, c, s.num_kv_heads, s.head_dim)])
                 .sum();
@@ -27,61 +65,73 @@ pub fn probs(q: &[f64], k: &[f64], s: &AttnShape, causal: bool, scale: f64, h: u
             mx = mx.max(p[i][j]);
         }
         let mut sum = 0.0;
-        for j in 0..jmax {
+        for &j in &seen {
             p[i][j] = (p[i][j] - mx).exp();
             sum += p[i][j];
         }
-        for j in 0..jmax {
+        for &j in &seen {
             p[i][j] /= sum;
         }
     }
     p
 }
 
-/// Naive forward: returns `o [n, num_heads, head_dim_v]`.
-pub fn forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, causal: bool, scale: f64) -> Vec<f64> {
-    let n = s.seq_len;
+/// [`probs_masked`] with the causal or full mask: `[n][n]`.
+pub fn probs(q: &[f64], k: &[f64], s: &AttnShape, causal: bool, scale: f64, h: usize) -> Vec<Vec<f64>> {
+    probs_masked(q, k, s, &causal_mask(s.seq_len, s.kv_len, causal), scale, h)
+}
+
+/// Naive forward under the explicit mask `allowed [n][n_k]`: returns `o [n, num_heads, head_dim_v]`.
+pub fn forward_masked(x: &Qkv<'_, f64>, allowed: &[Vec<bool>], scale: f64) -> Vec<f64> {
+    let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
+    let (n, nk) = (s.seq_len, s.kv_len);
     let mut o = vec![0.0; n * s.num_heads * s.head_dim_v];
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let p = probs(q, k, s, causal, scale, h);
+        let p = probs_masked(q, k, s, allowed, scale, h);
         for i in 0..n {
             for c in 0..s.head_dim_v {
                 o[idx(i, h, c, s.num_heads, s.head_dim_v)] =
-                    (0..n).map(|j| p[i][j] * v[idx(j, kv, c, s.num_kv_heads, s.head_dim_v)]).sum();
+                    (0..nk).map(|j| p[i][j] * v[idx(j, kv, c, s.num_kv_heads, s.head_dim_v)]).sum();
             }
         }
     }
     o
 }
 
-/// Naive backward: returns `(dq, dk, dv)` for upstream `g = dL/do`.
-pub fn backward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
+/// Naive forward, causal or full: returns `o [n, num_heads, head_dim_v]`.
+pub fn forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, causal: bool, scale: f64) -> Vec<f64> {
+    forward_masked(
+        &Qkv::new(q, k, v, s).expect("naive::forward: lengths"),
+        &causal_mask(s.seq_len, s.kv_len, causal),
+        scale,
+    )
+}
+
+/// Naive backward under the explicit mask `allowed [n][n_k]`: returns `(dq, dk, dv)` for upstream
+/// `g = dL/do`.
+pub fn backward_masked(
+    x: &Qkv<'_, f64>,
     g: &[f64],
-    s: &AttnShape,
-    causal: bool,
+    allowed: &[Vec<bool>],
     scale: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let n = s.seq_len;
+    let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
+    let (n, nk) = (s.seq_len, s.kv_len);
     let (d, dvw) = (s.head_dim, s.head_dim_v);
-    let mut dq = vec![0.0; n * s.num_heads * d];
-    let mut dk = vec![0.0; n * s.num_kv_heads * d];
-    let mut dv = vec![0.0; n * s.num_kv_heads * dvw];
+    let (mut dq, mut dk, mut dv) = zero_grads(s);
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let p = probs(q, k, s, causal, scale, h);
+        let p = probs_masked(q, k, s, allowed, scale, h);
         for i in 0..n {
             // dP_ij = g_i · v_j
-            let dp: Vec<f64> = (0..n)
+            let dp: Vec<f64> = (0..nk)
                 .map(|j| {
                     (0..dvw).map(|c| g[idx(i, h, c, s.num_heads, dvw)] * v[idx(j, kv, c, s.num_kv_heads, dvw)]).sum()
                 })
                 .collect();
-            let rs: f64 = (0..n).map(|j| dp[j] * p[i][j]).sum();
-            for j in 0..n {
+            let rs: f64 = (0..nk).map(|j| dp[j] * p[i][j]).sum();
+            for j in 0..nk {
                 let ds = p[i][j] * (dp[j] - rs);
                 for c in 0..d {
                     dq[idx(i, h, c, s.num_heads, d)] += scale * ds * k[idx(j, kv, c, s.num_kv_heads, d)];
@@ -94,6 +144,12 @@ pub fn backward(
         }
     }
     (dq, dk, dv)
+}
+
+/// Naive backward, causal or full: returns `(dq, dk, dv)` for upstream `g = dL/do`.
+pub fn backward(x: &Qkv<'_, f64>, g: &[f64], causal: bool, scale: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let s = x.shape();
+    backward_masked(x, g, &causal_mask(s.seq_len, s.kv_len, causal), scale)
 }
 
 /// `T_g(x) = Σ_{t≤g} xᵗ/t!`, summed term by term (MATH §3).
@@ -110,17 +166,14 @@ pub fn taylor_exp(g: usize, x: f64) -> f64 {
 /// for visible `j` (0 where masked), with `s_ij = scale·q_i·k_j`, `m_i = scale·q_i·k̄_i`, and `k̄_i`
 /// the mean of the keys row `i` sees (all keys, or `j ≤ i` under the causal mask); `m_i = 0`
 /// without `center`. Returns `(A [n][n], m [n], k̄ [n][d])`.
-#[allow(clippy::too_many_arguments)]
 pub fn poly_weights(
     q: &[f64],
     k: &[f64],
     s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
+    p: &Poly,
     h: usize,
 ) -> (Vec<Vec<f64>>, Vec<f64>, Vec<Vec<f64>>) {
+    let Poly { causal, scale, degree, center } = *p;
     let n = s.seq_len;
     let d = s.head_dim;
     let kv = h / (s.num_heads / s.num_kv_heads);
@@ -158,23 +211,13 @@ pub fn poly_weights(
 
 /// Naive polynomial-attention forward: `P = A / rowsum(A)`, `O = P V` with `A` from
 /// [`poly_weights`]; returns `o [n, num_heads, head_dim_v]`.
-#[allow(clippy::too_many_arguments)]
-pub fn poly_forward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-) -> Vec<f64> {
+pub fn poly_forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, p: &Poly) -> Vec<f64> {
     let n = s.seq_len;
     let dvw = s.head_dim_v;
     let mut o = vec![0.0; n * s.num_heads * dvw];
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let (a, _, _) = poly_weights(q, k, s, causal, scale, degree, center, h);
+        let (a, _, _) = poly_weights(q, k, s, p, h);
         for i in 0..n {
             let den: f64 = a[i].iter().sum();
             for c in 0..dvw {
@@ -195,26 +238,15 @@ pub fn poly_forward(
 /// `dS̃_ij = dA_ij T_{g−1}(s̃_ij)`, `dq_i += scale Σ_j dS̃_ij k_j`, `dk_j += scale dS̃_ij q_i`,
 /// `dm_i = −Σ_j dS̃_ij`; through `m_i = scale q_i·k̄_i`: `dq_i += scale dm_i k̄_i` and every key `j`
 /// row `i` sees gets `scale dm_i q_i / |{j visible}|`; `dv_j += P_ij g_i`.
-#[allow(clippy::too_many_arguments)]
-pub fn poly_backward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    g: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn poly_backward(x: &Qkv<'_, f64>, g: &[f64], p: &Poly) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
+    let Poly { causal, scale, degree, center } = *p;
     let n = s.seq_len;
     let (d, dvw) = (s.head_dim, s.head_dim_v);
-    let mut dq = vec![0.0; n * s.num_heads * d];
-    let mut dk = vec![0.0; n * s.num_kv_heads * d];
-    let mut dv = vec![0.0; n * s.num_kv_heads * dvw];
+    let (mut dq, mut dk, mut dv) = zero_grads(s);
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let (a, m, kbar) = poly_weights(q, k, s, causal, scale, degree, center, h);
+        let (a, m, kbar) = poly_weights(q, k, s, p, h);
         for i in 0..n {
             let jmax = if causal { i + 1 } else { n };
             let den: f64 = a[i].iter().sum();
@@ -263,18 +295,8 @@ pub fn poly_backward(
 
 /// LSSSZ's approximate attention matrix of query head `h` (MATH §5): `f̃ = D̃⁻¹ A` with `A` from
 /// [`poly_weights`] (`A_ij = T_g(s_ij − m_i)` = `Φ_Q Φ_Kᵀ` with the row shift; 0 where masked).
-#[allow(clippy::too_many_arguments)]
-pub fn altgrad_matrix(
-    q: &[f64],
-    k: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-    h: usize,
-) -> Vec<Vec<f64>> {
-    let (mut a, _, _) = poly_weights(q, k, s, causal, scale, degree, center, h);
+pub fn altgrad_matrix(q: &[f64], k: &[f64], s: &AttnShape, p: &Poly, h: usize) -> Vec<Vec<f64>> {
+    let (mut a, _, _) = poly_weights(q, k, s, p, h);
     for row in &mut a {
         let den: f64 = row.iter().sum();
         for x in row.iter_mut() {
@@ -353,23 +375,13 @@ fn head_of(x: &[f64], n: usize, heads: usize, w: usize, h: usize) -> Vec<f64> {
 
 /// Naive ALTGrad forward (MATH §5): `o = f̃ V` per head with [`altgrad_matrix`];
 /// returns `o [n, num_heads, head_dim_v]`.
-#[allow(clippy::too_many_arguments)]
-pub fn altgrad_forward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-) -> Vec<f64> {
+pub fn altgrad_forward(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape, p: &Poly) -> Vec<f64> {
     let n = s.seq_len;
     let dvw = s.head_dim_v;
     let mut o = vec![0.0; n * s.num_heads * dvw];
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let f = altgrad_matrix(q, k, s, causal, scale, degree, center, h);
+        let f = altgrad_matrix(q, k, s, p, h);
         for i in 0..n {
             for c in 0..dvw {
                 o[idx(i, h, c, s.num_heads, dvw)] =
@@ -382,26 +394,15 @@ pub fn altgrad_forward(
 
 /// Naive ALTGrad backward (MATH §5 literally, [`grads_from_matrix`] with `f̃` per head, no chain
 /// rule through the row shift); GQA `dk`, `dv` summed over each group. Returns `(dq, dk, dv)`.
-#[allow(clippy::too_many_arguments)]
-pub fn altgrad_backward(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    g: &[f64],
-    s: &AttnShape,
-    causal: bool,
-    scale: f64,
-    degree: usize,
-    center: bool,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn altgrad_backward(x: &Qkv<'_, f64>, g: &[f64], p: &Poly) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (q, k, v, s) = (x.q(), x.k(), x.v(), x.shape());
+    let scale = p.scale;
     let n = s.seq_len;
     let (d, dvw) = (s.head_dim, s.head_dim_v);
-    let mut dq = vec![0.0; n * s.num_heads * d];
-    let mut dk = vec![0.0; n * s.num_kv_heads * d];
-    let mut dv = vec![0.0; n * s.num_kv_heads * dvw];
+    let (mut dq, mut dk, mut dv) = zero_grads(s);
     for h in 0..s.num_heads {
         let kv = h / (s.num_heads / s.num_kv_heads);
-        let f = altgrad_matrix(q, k, s, causal, scale, degree, center, h);
+        let f = altgrad_matrix(q, k, s, p, h);
         let mg = grads_from_matrix(
             &f,
             &head_of(q, n, s.num_heads, d, h),

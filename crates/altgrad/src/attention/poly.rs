@@ -1,31 +1,41 @@
-//! Polynomial attention for one head, forward and backward in O(n·r·d_v) (MATH §3–4; AS23
-//! Lemma 3.4; LSSSZ Lemma C.13, I.1, I.3).
+//! Polynomial attention, forward and backward in O(n·r·d_v) per head (MATH §3–4; AS23 Lemma 3.4;
+//! LSSSZ Lemma C.13, I.1, I.3): the one polynomial kernel, whose forward is also ALTGrad's
+//! ([`super::altgrad`] keeps only its Kronecker backward).
 //!
-//! The model: `a_ij = T_g(s̃_ij)` with `s̃_ij = τ q_i·k_j − m_i` (masked `j ≤ i` when causal),
-//! `O_i = Σ_j a_ij v_j / Σ_j a_ij`. With `q' = √τ q`, `k' = √τ k` and the feature map φ of
-//! [`super::features`], `T_g(s − m) = Σ_t T_{g−t}(−m) sᵗ/t!`, so row `i` uses
+//! The model: `a_ij = T_g(s̃_ij)` with the shifted score `s̃_ij = τ q_i·(k_j − k̄_i)` (masked `j ≤ i`
+//! when causal; `k̄_i = 0` without centering), `O_i = Σ_j a_ij v_j / Σ_j a_ij`. The kernels form
+//! `s̃_ij = τ q_i·(k_j − c) − m_i` with a reference point `c` and the row shift
+//! `m_i = τ q_i·(k̄_i − c)` (MATH §3 "Reference point"): no term of size `|c|` enters, so keys that
+//! share a large vector lose no precision. With `q' = √τ q`, `k' = √τ (k − c)` and the feature map
+//! φ of [`super::features`], `T_g(s − m) = Σ_t T_{g−t}(−m) sᵗ/t!`, so row `i` uses
 //! `Ψ_i = w(i) ∘ φ(q'_i)` blockwise with `w_t(i) = T_{g−t}(−m_i)` and `a_ij = Ψ_i·φ(k'_j)`.
 //! Values are augmented by a ones column, `V' = [V 1]` (`e = d_v + 1` columns), so the numerator
 //! and the denominator come out of one product: `[num_i, den_i] = Σ_j a_ij V'_j`.
 //!
-//! - Non-causal: stream key chunks into `H' = Φ_Kᵀ V'` (`r × e`, i.e. `H` and `z` of MATH §4), then
-//!   query chunks `Y = Ψ_Q H'`. Backward: `dY_i = [G_i/den_i, −δ_i/den_i]` (`δ_i = G_i·O_i`),
-//!   `dΨ = dY H'ᵀ`, `dH' = Ψᵀ dY`, `dΦ_K = V' dH'ᵀ`, `dV = Φ_K dH'[:, :d_v]`.
+//! - Non-causal: `c` is the key mean, so `m_i = 0` and `Ψ = Φ_Q`. Stream key chunks into
+//!   `H' = Φ_Kᵀ V'` (`r × e`, i.e. `H` and `z` of MATH §4), then query chunks `Y = Ψ_Q H'`.
+//!   Backward: `dY_i = [G_i/den_i, −δ_i/den_i]` (`δ_i = G_i·O_i`), `dΨ = dY H'ᵀ`, `dH' = Ψᵀ dY`,
+//!   `dΦ_K = V' dH'ᵀ`, `dV = Φ_K dH'[:, :d_v]`.
 //! - Causal: chunks of `C` rows. Inter-chunk through the running state `S' = Σ_{earlier} φ(k'_j) V'_jᵀ`,
 //!   intra-chunk directly `a_ij = T_g(s̃_ij)` from one `C×C` product. Backward: a forward scan for
 //!   `dQ` (and the intra-chunk terms), a reverse scan with `dS' = Σ_{later i} Ψ_i dY_iᵀ` for `dK`, `dV`.
-//! - Row shift (`center`): `m_i = τ q_i·k̄_i` ([`super::bound::row_shift`]); the gradient flows
-//!   through it: `dm_i = Σ_{t<g} −T_{g−t−1}(−m_i) ⟨φ_t(q'_i), dΨ_{i,t}⟩ − Σ_{j in chunk} dA_ij T_{g−1}(s̃_ij)`,
-//!   `dq_i += τ k̄_i dm_i`, and `τ q_i dm_i` flows to the keys through `k̄_i` (every key gets `1/n`
-//!   of the sum without a mask; key `j` gets `Σ_{i≥j} τ q_i dm_i/(i+1)` under the causal mask).
+//! - Row shift (`center`): the gradient flows through `m_i` (`c` is a constant: the function does
+//!   not depend on it): `dm_i = Σ_{t<g} −T_{g−t−1}(−m_i) ⟨φ_t(q'_i), dΨ_{i,t}⟩ − Σ_{j in chunk} dA_ij T_{g−1}(s̃_ij)`,
+//!   `dq_i += τ (k̄_i − c) dm_i`, and `τ q_i dm_i` flows to the keys through `k̄_i` (every key gets
+//!   `1/n` of the sum without a mask; key `j` gets `Σ_{i≥j} τ q_i dm_i/(i+1)` under the causal mask).
 //!
 //! Every hot loop is a GEMM of a `C×r` feature chunk with an `r×e` state. Working memory is
-//! O(C·r + r·d_v) ([`super::bound::poly_state_bytes`]); no `n×r` matrix is ever formed.
+//! O(C·r + r·d_v) ([`super::bound::poly_state_bytes`]); no `n×r` matrix is ever formed. Inputs are
+//! strided [`Rows`] views of the caller's tensors; outputs are written into [`RowsMut`] views.
 
 use super::features::{simd, taylor, FeatureMap};
+use super::view::{Rows, RowsMut};
+use super::workspace::{fit, Pooled, Workspace};
+use super::{query_head_grads, sum_groups, AttnGrads, AttnGradsMut, AttnOptions, AttnShape, Mask, Qkv};
 use crate::linalg::{matmul, rm, rm_mut, rm_strided, Scalar};
 use crate::{Error, Result};
 use faer::Par;
+use rayon::prelude::*;
 
 /// Default chunk (rows per streamed block; the causal intra-chunk block size).
 pub const DEFAULT_CHUNK: usize = 64;
@@ -66,73 +76,276 @@ impl PolyOptions {
     }
 }
 
-/// Output of [`super::forward_poly`]: what [`super::backward_poly`] needs.
+/// What a polynomial forward keeps besides its tensors `o`, `lse`, `den` (which
+/// [`forward_poly_into`] writes into caller-owned buffers): the key/value states, the reference
+/// points, the initial and final states, and the shape and options of the call. With those
+/// tensors it is all [`backward_poly_into`] and [`super::backward_altgrad_into`] need.
 #[derive(Clone, Debug)]
-pub struct PolyOutput<T> {
-    /// Attention output `o [seq_len, num_heads, head_dim_v]`.
-    pub o: Vec<T>,
-    /// `lse_i = m_i + ln den_i` per head and row, `[num_heads, seq_len]`: the polynomial model's
-    /// approximation of the exact log-sum-exp `ln Σ_j exp(s_ij)` (with `m_i` the row shift, 0
-    /// without centering).
-    pub lse: Vec<T>,
-    /// Denominators `den_i = Σ_j T_g(s̃_ij) > 0`, `[num_heads, seq_len]`.
-    pub den: Vec<T>,
-    /// Non-causal: per key/value head the state `H' = Φ_Kᵀ [V 1]`, `[r, head_dim_v + 1]` row-major
-    /// (reused by the backward); empty under the causal mask (the backward rescans).
-    pub kv_state: Vec<Vec<T>>,
+pub struct PolySaved<T> {
+    /// Non-causal: every key/value head's `H' = Φ_Kᵀ [V 1]`, `[batch, num_kv_heads, r,
+    /// head_dim_v + 1]` (reused by the backward); empty under the causal mask (the backward
+    /// rescans).
+    pub kv_state: Vec<T>,
+    /// The reference point `c` of every key/value head, `[batch, num_kv_heads, head_dim]` (MATH §3
+    /// "Reference point"; zeros without centering).
+    pub reference: Vec<T>,
+    /// Causal: the state the call started from ([`forward_poly_state`]'s `initial`; the backward
+    /// rescans from it). `None` for a sequence's first piece and without a mask.
+    pub initial: Option<PolyState<T>>,
+    /// Causal: the state after this piece, to continue the sequence ([`forward_poly_state`]);
+    /// `None` without a mask.
+    pub final_state: Option<PolyState<T>>,
+    /// The shape of the inputs.
+    pub shape: AttnShape,
+    /// The options of the call.
+    pub opts: AttnOptions,
+    /// The polynomial options of the call.
+    pub popts: PolyOptions,
 }
 
-impl<T> PolyOutput<T> {
-    /// The output and `lse` as an [`super::AttnOutput`] (drops `den` and the state).
-    pub fn into_attn_output(self) -> super::AttnOutput<T> {
-        super::AttnOutput { o: self.o, lse: self.lse }
+/// Output of [`forward_poly`] / [`forward_poly_state`]: the tensors and what the backward needs
+/// ([`PolySaved`], whose fields read through this type: `out.final_state`, `out.popts`, …).
+#[derive(Clone, Debug)]
+pub struct PolyOutput<T> {
+    /// Attention output `o [batch, seq_len, num_heads, head_dim_v]`.
+    pub o: Vec<T>,
+    /// `lse_i = τ q_i·k̄_i + ln den_i` per head and row, `[batch, num_heads, seq_len]`: the
+    /// polynomial model's approximation of the exact log-sum-exp `ln Σ_j exp(s_ij)` (`k̄_i = 0`
+    /// without centering).
+    pub lse: Vec<T>,
+    /// Denominators `den_i = Σ_j T_g(s̃_ij) > 0`, `[batch, num_heads, seq_len]`.
+    pub den: Vec<T>,
+    /// States, reference points, shape and options.
+    pub saved: PolySaved<T>,
+}
+
+impl<T> std::ops::Deref for PolyOutput<T> {
+    type Target = PolySaved<T>;
+    fn deref(&self) -> &PolySaved<T> {
+        &self.saved
     }
 }
 
-/// One head of a polynomial-attention call: the feature map and sizes. Inputs of every method are
-/// contiguous row-major `q [n, d]`, `k [n, d]`, `v [n, dv]` (`d = fm.input_dim()`).
+impl<T> std::ops::DerefMut for PolyOutput<T> {
+    fn deref_mut(&mut self) -> &mut PolySaved<T> {
+        &mut self.saved
+    }
+}
+
+/// Caller-owned output buffers of [`forward_poly_into`] (overwritten): `o [batch, seq_len,
+/// num_heads, head_dim_v]`, `lse` and `den` `[batch, num_heads, seq_len]`.
+#[derive(Debug)]
+pub struct PolyBuffers<'a, T> {
+    /// Attention output.
+    pub o: &'a mut [T],
+    /// Log-sum-exps.
+    pub lse: &'a mut [T],
+    /// Denominators.
+    pub den: &'a mut [T],
+}
+
+/// The state of the causal polynomial scan after the keys of one piece of a sequence (MATH §4
+/// "Causal"; fla's `initial_state` / `final_state`), from which another call continues the
+/// sequence ([`forward_poly_state`]). Flat row-major buffers, one block per (sequence, key/value
+/// head), with `r = C(head_dim + g, g)` ([`super::features::feature_dim`]):
+///
+/// - `s [batch, num_kv_heads, r, head_dim_v + 1]`: `S' = Σ_j φ(√τ (k_j − c)) [v_j, 1]ᵀ` over every
+///   key so far (the numerator and denominator state, relative to the reference point `c`);
+/// - `key_sum [batch, num_kv_heads, head_dim]`: `Σ_j k_j` (for the prefix means `k̄_i` of the row
+///   shift);
+/// - `reference [batch, num_kv_heads, head_dim]`: `c` (MATH §3 "Reference point"; zeros without
+///   centering), a constant: no gradient flows to it, as the function does not depend on it;
+/// - `count`: keys so far in every sequence, so the next piece's row `i` is position `count + i`.
+///
+/// A state belongs to one degree, scale, value width and centering: continue it with the same
+/// [`PolyOptions`] and [`AttnOptions`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolyState<T> {
+    /// `S'`, `[batch, num_kv_heads, r, head_dim_v + 1]`.
+    pub s: Vec<T>,
+    /// `Σ_j k_j`, `[batch, num_kv_heads, head_dim]`.
+    pub key_sum: Vec<T>,
+    /// `c`, `[batch, num_kv_heads, head_dim]`.
+    pub reference: Vec<T>,
+    /// Keys so far (per sequence).
+    pub count: usize,
+}
+
+/// The gradient of a loss with respect to a [`PolyState`] (fla's `dht` / `dh0`): `ds` in the
+/// layout of [`PolyState::s`], `dkey_sum` in that of [`PolyState::key_sum`] (the reference point
+/// and the count have none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolyStateGrad<T> {
+    /// `dL/dS'`, `[batch, num_kv_heads, r, head_dim_v + 1]`.
+    pub ds: Vec<T>,
+    /// `dL/d(Σ_j k_j)`, `[batch, num_kv_heads, head_dim]`.
+    pub dkey_sum: Vec<T>,
+}
+
+impl<T> PolyOutput<T> {
+    /// The output and `lse` as an [`super::AttnOutput`] (drops `den` and the states).
+    pub fn into_attn_output(self) -> super::AttnOutput<T> {
+        super::AttnOutput { o: self.o, lse: self.lse, shape: self.saved.shape, opts: self.saved.opts }
+    }
+}
+
+/// One key/value head as the polynomial kernels see it (MATH §3 "Reference point"): the raw keys
+/// and values (strided views of the caller's tensors), the reference point `c [d]` (zeros without
+/// centering) and the key means relative to it, `kbar` = `k̄_i − c`: `[d]` without a mask (zero
+/// when `c` is the key mean), `[n, d]` under the causal mask (prefix means, counting the `offset`
+/// keys of an initial state). Built by [`kv_head`].
+#[derive(Clone, Debug)]
+pub struct KvHead<'a, T> {
+    /// Keys `[n, d]`.
+    pub k: Rows<'a, T>,
+    /// Values `[n, d_v]`.
+    pub v: Rows<'a, T>,
+    /// Reference point `c [d]`.
+    pub c: Vec<T>,
+    /// `k̄_i − c`: `[d]` (non-causal) or `[n, d]` (causal).
+    pub kbar: Vec<T>,
+    /// Keys before these (an initial state's count): row `i` is position `offset + i`.
+    pub offset: usize,
+}
+
+/// Builds the [`KvHead`] of keys `k [n, d]` and values `v`: with `center`, the reference point is
+/// `reference` if given, else the mean of the first `min(chunk, n)` keys (causal: no look-ahead
+/// past the first chunk) or of all keys (non-causal, where `k̄ − c` is then exactly 0, also when
+/// `reference` is that mean). Causal
+/// prefix means count an initial state: `k̄_i = (key_sum + Σ_{j≤i} k_j)/(offset + i + 1)` with
+/// `key_sum [d]` (zeros if `None`). Sums in f64. Without `center`, `c = k̄ − c = 0`.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_head<'a, T: Scalar>(
+    k: Rows<'a, T>,
+    v: Rows<'a, T>,
+    causal: bool,
+    center: bool,
+    chunk: usize,
+    reference: Option<&[T]>,
+    key_sum: Option<&[T]>,
+    offset: usize,
+) -> KvHead<'a, T> {
+    let (n, d) = (k.rows(), k.cols());
+    let zeros = vec![T::zero(); d];
+    if !center {
+        let kbar = if causal { vec![T::zero(); n * d] } else { zeros.clone() };
+        return KvHead { k, v, c: zeros, kbar, offset };
+    }
+    let mean = |rows: usize| -> Vec<f64> {
+        let mut acc = vec![0.0f64; d];
+        for i in 0..rows {
+            for (a, x) in acc.iter_mut().zip(k.row(i)) {
+                *a += x.as_f64();
+            }
+        }
+        acc.iter().map(|a| a / rows.max(1) as f64).collect()
+    };
+    let default: Vec<T> =
+        mean(if causal { chunk.clamp(1, n.max(1)).min(n) } else { n }).into_iter().map(T::from_f64).collect();
+    let c: Vec<T> = reference.map_or_else(|| default.clone(), <[T]>::to_vec);
+    let cf: Vec<f64> = c.iter().map(|x| x.as_f64()).collect();
+    let kbar = if causal {
+        // Σ_{j<offset} (k_j − c) = key_sum − offset·c, then the local keys relative to c
+        let mut acc: Vec<f64> = match key_sum {
+            Some(ks) => ks.iter().zip(&cf).map(|(s, cv)| s.as_f64() - offset as f64 * cv).collect(),
+            None => vec![0.0; d],
+        };
+        let mut out = vec![T::zero(); n * d];
+        for i in 0..n {
+            let inv = 1.0 / (offset + i + 1) as f64;
+            for ((a, (x, cv)), o) in acc.iter_mut().zip(k.row(i).iter().zip(&cf)).zip(&mut out[i * d..(i + 1) * d]) {
+                *a += x.as_f64() - cv;
+                *o = T::from_f64(*a * inv);
+            }
+        }
+        out
+    } else if c != default {
+        mean(n).iter().zip(&cf).map(|(a, b)| T::from_f64(a - b)).collect()
+    } else {
+        zeros // c is the key mean: k̄ − c = 0 by definition (no rounding residue)
+    };
+    KvHead { k, v, c, kbar, offset }
+}
+
+impl<T: Scalar> KvHead<'_, T> {
+    /// The reference point to subtract from keys, `None` when it is zero (no centering).
+    pub(crate) fn shift(&self) -> Option<&[T]> {
+        if self.c.iter().all(|x| *x == T::zero()) {
+            None
+        } else {
+            Some(&self.c)
+        }
+    }
+}
+
+/// One query head in a backward (views of the caller's tensors): `q [n, d]`, its row shifts
+/// `m [n]` ([`row_shifts`]), the forward's `o [n, dv]` and `den [n]`, and `g = dL/do [n, dv]`.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryBack<'a, T> {
+    /// Queries.
+    pub q: Rows<'a, T>,
+    /// Row shifts `m_i = τ q_i·(k̄_i − c)` (zeros without centering).
+    pub m: &'a [T],
+    /// The forward's output.
+    pub o: Rows<'a, T>,
+    /// The forward's denominators.
+    pub den: &'a [T],
+    /// `dL/do`.
+    pub g: Rows<'a, T>,
+}
+
+/// One head of a polynomial-attention call: the feature map and sizes (the sequence length comes
+/// from the views).
 #[derive(Clone, Copy, Debug)]
 pub struct Head<'a, T> {
     /// Feature map of degree `g` on `d` coordinates.
     pub fm: &'a FeatureMap<T>,
-    /// Sequence length `n ≥ 1`.
-    pub n: usize,
     /// Value width `d_v`.
     pub dv: usize,
     /// Score scale τ.
     pub scale: f64,
-    /// Row shift on (`m` arguments are then used; otherwise they are ignored and may be zeros).
+    /// Row shift on (the `m` arguments are then used; otherwise they must be zeros).
     pub center: bool,
     /// Chunk rows `C ≥ 1`.
     pub chunk: usize,
+    /// Where per-chunk scratch comes from (and returns to).
+    pub ws: &'a Workspace<T>,
 }
 
-/// Per-chunk scratch buffers, sized once per call. Features are feature-major: `phit [r, rows]`
-/// (column `i` = `φ` of the chunk's row `i`), inputs `xt [d, rows]`; value chunks are row-major.
-struct Bufs<T> {
-    xt: Vec<T>,
-    dxt: Vec<T>,
-    phit: Vec<T>,
-    psit: Vec<T>,
-    dphit: Vec<T>,
-    w: Vec<T>,
-    acc: Vec<T>,
-    ve: Vec<T>,
-    y: Vec<T>,
+/// Per-chunk scratch buffers, sized for each use ([`Head::bufs`]). Features are feature-major: `phit [r, rows]`
+/// (column `i` = `φ` of the chunk's row `i`), inputs `xt`, `xtk [d, rows]` (queries, keys);
+/// value chunks are row-major; `s`, `da` are `C × C` tiles.
+#[derive(Debug, Default)]
+pub(crate) struct Bufs<T> {
+    pub(crate) xt: Vec<T>,
+    pub(crate) xtk: Vec<T>,
+    pub(crate) dxt: Vec<T>,
+    pub(crate) phit: Vec<T>,
+    pub(crate) psit: Vec<T>,
+    pub(crate) dphit: Vec<T>,
+    pub(crate) w: Vec<T>,
+    pub(crate) acc: Vec<T>,
+    pub(crate) ve: Vec<T>,
+    pub(crate) y: Vec<T>,
+    pub(crate) s: Vec<T>,
+    pub(crate) da: Vec<T>,
+    pub(crate) tmp: Vec<T>,
+    pub(crate) tmp2: Vec<T>,
 }
 
 impl<T: Scalar> Head<'_, T> {
-    fn d(&self) -> usize {
+    pub(crate) fn d(&self) -> usize {
         self.fm.input_dim()
     }
-    fn r(&self) -> usize {
+    pub(crate) fn r(&self) -> usize {
         self.fm.dim()
     }
-    fn e(&self) -> usize {
+    pub(crate) fn e(&self) -> usize {
         self.dv + 1
     }
-    fn c(&self) -> usize {
-        self.chunk.max(1).min(self.n.max(1))
+    /// Chunk rows for a sequence of `n`: `min(C, n)` (at least 1).
+    pub(crate) fn c(&self, n: usize) -> usize {
+        self.chunk.max(1).min(n.max(1))
     }
     fn g(&self) -> usize {
         self.fm.degree()
@@ -144,50 +357,94 @@ impl<T: Scalar> Head<'_, T> {
         T::from_f64(self.scale.sqrt())
     }
 
-    fn bufs(&self) -> Bufs<T> {
-        let (c, d, r, e, g) = (self.c(), self.d(), self.r(), self.e(), self.g());
-        let z = T::zero();
-        Bufs {
-            xt: vec![z; c * d],
-            dxt: vec![z; c * d],
-            phit: vec![z; c * r],
-            psit: if self.center { vec![z; c * r] } else { Vec::new() },
-            dphit: vec![z; c * r],
-            w: vec![z; c * (g + 1)],
-            acc: vec![z; c],
-            ve: vec![z; c * e],
-            y: vec![z; c * e],
+    /// Values of scratch a head of `n` rows uses ([`bufs`](Self::bufs)): `C·(3d + 3r + g + 2e + 2C + 4)`
+    /// (`2r` without centering), `C = min(chunk, n)`.
+    pub fn scratch_len(&self, n: usize) -> usize {
+        let (c, d, r, e, g) = (self.c(n), self.d(), self.r(), self.e(), self.g());
+        let psi = if self.center { r } else { 0 };
+        c * (3 * d + 2 * r + psi + (g + 1) + 1 + 2 * e + 2 * c + 2)
+    }
+
+    /// Scratch for sequences of `n` rows, from the workspace.
+    pub(crate) fn bufs(&self, n: usize) -> Pooled<'_, Bufs<T>> {
+        Pooled::get(Some(&self.ws.poly), |b: &mut Bufs<T>| self.fit_bufs(b, n))
+    }
+
+    /// Grows `b` for sequences of `n` rows.
+    pub(crate) fn fit_bufs(&self, b: &mut Bufs<T>, n: usize) {
+        let (c, d, r, e, g) = (self.c(n), self.d(), self.r(), self.e(), self.g());
+        {
+            for (v, len) in [
+                (&mut b.xt, c * d),
+                (&mut b.xtk, c * d),
+                (&mut b.dxt, c * d),
+                (&mut b.phit, c * r),
+                (&mut b.psit, if self.center { c * r } else { 0 }),
+                (&mut b.dphit, c * r),
+                (&mut b.w, c * (g + 1)),
+                (&mut b.acc, c),
+                (&mut b.ve, c * e),
+                (&mut b.y, c * e),
+                (&mut b.s, c * c),
+                (&mut b.da, c * c),
+                (&mut b.tmp, c),
+                (&mut b.tmp2, c),
+            ] {
+                fit(v, len);
+            }
         }
     }
 
     /// Chunk starts and lengths `(0, C), (C, C), …` covering `0..n`.
-    fn chunks(&self) -> impl DoubleEndedIterator<Item = (usize, usize)> + '_ {
-        let c = self.c();
-        (0..self.n.div_ceil(c)).map(move |k| (k * c, c.min(self.n - k * c)))
+    pub(crate) fn chunks(&self, n: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
+        let c = self.c(n);
+        (0..n.div_ceil(c)).map(move |k| (k * c, c.min(n - k * c)))
     }
 
-    /// `xt = √τ xᵀ` (`[d, rows]`), `phit = φ(xt)` (`[r, rows]`) for `rows` rows of `x [rows, d]`.
-    fn features(&self, x: &[T], rows: usize, xt: &mut [T], phit: &mut [T]) {
-        let (d, r) = (self.d(), self.r());
+    /// `xt [d, rows] = √τ (x_i − c)ᵀ` for the rows of `x` (no shift when `c` is `None`).
+    pub(crate) fn transpose_scaled(&self, x: Rows<'_, T>, c: Option<&[T]>, xt: &mut [T]) {
+        let rows = x.rows();
         let st = self.sqrt_tau();
         simd(
             #[inline(always)]
             || {
-                for (i, xr) in x[..rows * d].chunks_exact(d).enumerate() {
-                    for (c, v) in xr.iter().enumerate() {
-                        xt[c * rows + i] = *v * st;
+                for i in 0..rows {
+                    let xr = x.row(i);
+                    match c {
+                        Some(c) => {
+                            for (col, (v, cv)) in xr.iter().zip(c).enumerate() {
+                                xt[col * rows + i] = (*v - *cv) * st;
+                            }
+                        }
+                        None => {
+                            for (col, v) in xr.iter().enumerate() {
+                                xt[col * rows + i] = *v * st;
+                            }
+                        }
                     }
                 }
             },
         );
+    }
+
+    /// `xt = √τ (x − c)ᵀ` (`[d, rows]`), `phit = φ(xt)` (`[r, rows]`) for the rows of `x`.
+    pub(crate) fn features(&self, x: Rows<'_, T>, c: Option<&[T]>, xt: &mut [T], phit: &mut [T]) {
+        let (d, r, rows) = (self.d(), self.r(), x.rows());
+        self.transpose_scaled(x, c, xt);
         self.fm.apply_cols(&xt[..rows * d], rows, &mut phit[..rows * r]);
     }
 
-    /// Query features: `phit = φ(√τ q)ᵀ`, and when centering `w[t, i] = T_{g−t}(−m_i)` and
-    /// `psit = w ∘ phit` blockwise (`Ψᵀ`).
-    fn query_features(&self, q: &[T], m: &[T], rows: usize, b: &mut Bufs<T>) {
-        self.features(q, rows, &mut b.xt, &mut b.phit);
-        if !self.center {
+    /// Key features of `kv`'s rows `i0..i0 + rows`: `xt = √τ (k − c)ᵀ`, `phit = φ(xt)`.
+    pub(crate) fn key_features(&self, kv: &KvHead<'_, T>, i0: usize, rows: usize, b: &mut Bufs<T>) {
+        self.features(kv.k.sub(i0, rows), kv.shift(), &mut b.xt, &mut b.phit);
+    }
+
+    /// Query features: `phit = φ(√τ q)ᵀ`; with `weighted`, `w[t, i] = T_{g−t}(−m_i)` and
+    /// `psit = w ∘ phit` blockwise (`Ψᵀ`). Unweighted (`m = 0`), `Ψ = Φ_Q` is `phit` itself.
+    pub(crate) fn query_features(&self, q: Rows<'_, T>, m: &[T], weighted: bool, b: &mut Bufs<T>) {
+        let rows = q.rows();
+        self.features(q, None, &mut b.xt, &mut b.phit);
+        if !weighted {
             return;
         }
         let g = self.g();
@@ -214,30 +471,40 @@ impl<T: Scalar> Head<'_, T> {
         );
     }
 
-    /// `Ψᵀ` of the chunk: `psit` when centering, else `phit`.
-    fn psi<'b>(&self, b: &'b Bufs<T>, rows: usize) -> &'b [T] {
+    /// `Ψᵀ` of the chunk (`[r, rows]`): `psit` when weighted, else `phit`.
+    pub(crate) fn psi<'b>(&self, b: &'b Bufs<T>, rows: usize, weighted: bool) -> &'b [T] {
         let len = self.r() * rows;
-        if self.center {
+        if weighted {
             &b.psit[..len]
         } else {
             &b.phit[..len]
         }
     }
 
-    /// `ve = [v, 1]` for `rows` rows.
-    fn aug_v(&self, v: &[T], rows: usize, ve: &mut [T]) {
+    /// `Ψᵀ` of the chunk, mutable (see [`psi`](Self::psi)).
+    pub(crate) fn psi_mut<'b>(&self, b: &'b mut Bufs<T>, rows: usize, weighted: bool) -> &'b mut [T] {
+        let len = self.r() * rows;
+        if weighted {
+            &mut b.psit[..len]
+        } else {
+            &mut b.phit[..len]
+        }
+    }
+
+    /// `ve = [v, 1]` for the rows of `v`.
+    pub(crate) fn aug_v(&self, v: Rows<'_, T>, ve: &mut [T]) {
         let (dv, e) = (self.dv, self.e());
-        for (dst, src) in ve[..rows * e].chunks_exact_mut(e).zip(v[..rows * dv].chunks_exact(dv)) {
-            dst[..dv].copy_from_slice(src);
+        for (i, dst) in ve[..v.rows() * e].chunks_exact_mut(e).enumerate() {
+            dst[..dv].copy_from_slice(v.row(i));
             dst[dv] = T::one();
         }
     }
 
-    /// `dy_i = [G_i/den_i, −(G_i·O_i)/den_i]` for `rows` rows.
-    fn dy(&self, g: &[T], o: &[T], den: &[T], rows: usize, dy: &mut [T]) {
+    /// `dy_i = [G_i/den_i, −(G_i·O_i)/den_i]` for the rows of `g`.
+    fn dy(&self, g: Rows<'_, T>, o: Rows<'_, T>, den: &[T], dy: &mut [T]) {
         let (dv, e) = (self.dv, self.e());
-        for i in 0..rows {
-            let (gi, oi) = (&g[i * dv..(i + 1) * dv], &o[i * dv..(i + 1) * dv]);
+        for i in 0..g.rows() {
+            let (gi, oi) = (g.row(i), o.row(i));
             let inv = T::one() / den[i];
             let delta: T = gi.iter().zip(oi).map(|(a, b)| *a * *b).sum();
             let row = &mut dy[i * e..(i + 1) * e];
@@ -248,10 +515,10 @@ impl<T: Scalar> Head<'_, T> {
         }
     }
 
-    /// `o_i = y_i[..dv] / y_i[dv]`, `den_i = y_i[dv]`.
-    fn finish(&self, y: &[T], rows: usize, o: &mut [T], den: &mut [T]) {
+    /// `o_i = y_i[..dv] / y_i[dv]`, `den_i = y_i[dv]` for the rows of `o`.
+    fn finish(&self, y: &[T], o: &mut RowsMut<'_, T>, den: &mut [T]) {
         let (dv, e) = (self.dv, self.e());
-        for i in 0..rows {
+        for i in 0..o.rows() {
             let dn = y[i * e + dv];
             debug_assert!(
                 dn > T::zero(),
@@ -259,21 +526,21 @@ impl<T: Scalar> Head<'_, T> {
             );
             den[i] = dn;
             let inv = T::one() / dn;
-            for (x, yv) in o[i * dv..(i + 1) * dv].iter_mut().zip(&y[i * e..i * e + dv]) {
+            for (x, yv) in o.row_mut(i).iter_mut().zip(&y[i * e..i * e + dv]) {
                 *x = *yv * inv;
             }
         }
     }
 
-    /// Adds `√τ dxt` (`[d, rows]`) to the row-major `dx [rows, d]`.
-    fn add_transposed(&self, dxt: &[T], rows: usize, dx: &mut [T]) {
-        let d = self.d();
+    /// Adds `√τ dxt` (`[d, rows]`) to the rows of `dx`.
+    fn add_transposed(&self, dxt: &[T], dx: &mut RowsMut<'_, T>) {
+        let rows = dx.rows();
         let st = self.sqrt_tau();
         simd(
             #[inline(always)]
             || {
-                for (i, row) in dx[..rows * d].chunks_exact_mut(d).enumerate() {
-                    for (c, x) in row.iter_mut().enumerate() {
+                for i in 0..rows {
+                    for (c, x) in dx.row_mut(i).iter_mut().enumerate() {
                         *x += dxt[c * rows + i] * st;
                     }
                 }
@@ -283,32 +550,23 @@ impl<T: Scalar> Head<'_, T> {
 
     /// Query-side chain rule once `b.dphit = dΨᵀ` is known for `rows` rows: adds the inter-chunk
     /// `dm_i` (when centering), turns `dΨ` into `dφ = w ∘ dΨ`, and adds `√τ J_φᵀ dφ_i` to `dq_i`.
-    fn query_vjp(&self, rows: usize, b: &mut Bufs<T>, dm: &mut [T], dq: &mut [T]) {
-        let (d, r) = (self.d(), self.r());
+    fn query_vjp(&self, rows: usize, weighted: bool, b: &mut Bufs<T>, dm: &mut [T], dq: &mut RowsMut<'_, T>) {
         if self.center {
             simd(
                 #[inline(always)]
-                || self.unweigh(rows, b, dm),
+                || self.unweigh(rows, weighted, b, dm),
             );
         }
-        self.fm.vjp_cols(
-            &b.xt[..rows * d],
-            &b.phit[..rows * r],
-            &mut b.dphit[..rows * r],
-            rows,
-            &mut b.dxt[..rows * d],
-        );
-        self.add_transposed(&b.dxt, rows, dq);
+        self.feature_vjp(b, dq);
     }
 
-    /// `dm_i −= Σ_{t<g} w_{t+1}(i) ⟨φ_t(q'_i), dΨ_{i,t}⟩` (since `∂w_t/∂m = −T_{g−t−1}(−m) = −w_{t+1}`),
-    /// then `dΨ ← w ∘ dΨ` blockwise (which is `dφ`).
+    /// `dm_i −= Σ_{t<g} w_{t+1}(i) ⟨φ_t(q'_i), dΨ_{i,t}⟩` (since `∂w_t/∂m = −T_{g−t−1}(−m) = −w_{t+1}`;
+    /// `w = 1` unweighted), then `dΨ ← w ∘ dΨ` blockwise (which is `dφ`).
     #[inline(always)]
-    fn unweigh(&self, rows: usize, b: &mut Bufs<T>, dm: &mut [T]) {
+    fn unweigh(&self, rows: usize, weighted: bool, b: &mut Bufs<T>, dm: &mut [T]) {
         let g = self.g();
         for t in 0..=g {
             let blk = self.fm.block(t);
-            let w = &b.w[t * rows..(t + 1) * rows];
             let phi = &b.phit[blk.start * rows..blk.end * rows];
             let dpsi = &mut b.dphit[blk.start * rows..blk.end * rows];
             if t < g {
@@ -319,23 +577,32 @@ impl<T: Scalar> Head<'_, T> {
                         *a += *f * *dp;
                     }
                 }
-                let wn = &b.w[(t + 1) * rows..(t + 2) * rows];
-                for ((x, a), wv) in dm[..rows].iter_mut().zip(acc.iter()).zip(wn) {
-                    *x -= *wv * *a;
+                if weighted {
+                    let wn = &b.w[(t + 1) * rows..(t + 2) * rows];
+                    for ((x, a), wv) in dm[..rows].iter_mut().zip(acc.iter()).zip(wn) {
+                        *x -= *wv * *a;
+                    }
+                } else {
+                    for (x, a) in dm[..rows].iter_mut().zip(acc.iter()) {
+                        *x -= *a;
+                    }
                 }
             }
-            for dr in dpsi.chunks_exact_mut(rows) {
-                for (x, wi) in dr.iter_mut().zip(w) {
-                    *x *= *wi;
+            if weighted {
+                let w = &b.w[t * rows..(t + 1) * rows];
+                for dr in dpsi.chunks_exact_mut(rows) {
+                    for (x, wi) in dr.iter_mut().zip(w) {
+                        *x *= *wi;
+                    }
                 }
             }
         }
     }
 
-    /// Key-side chain rule: adds `√τ J_φ(k'_j)ᵀ dφ_j` to `dk_j` for `rows` rows (`b.xt`, `b.phit`
-    /// hold the keys, `b.dphit` the feature gradients).
-    fn key_vjp(&self, rows: usize, b: &mut Bufs<T>, dk: &mut [T]) {
-        let (d, r) = (self.d(), self.r());
+    /// Feature chain rule: adds `√τ J_φ(x'_i)ᵀ dφ_i` to `dx_i` for the rows of `dx` (`b.xt`,
+    /// `b.phit` hold the inputs' features, `b.dphit` their gradients).
+    fn feature_vjp(&self, b: &mut Bufs<T>, dx: &mut RowsMut<'_, T>) {
+        let (d, r, rows) = (self.d(), self.r(), dx.rows());
         self.fm.vjp_cols(
             &b.xt[..rows * d],
             &b.phit[..rows * r],
@@ -343,284 +610,816 @@ impl<T: Scalar> Head<'_, T> {
             rows,
             &mut b.dxt[..rows * d],
         );
-        self.add_transposed(&b.dxt, rows, dk);
+        self.add_transposed(&b.dxt, dx);
     }
 
-    /// Non-causal key/value state `H' = Φ_Kᵀ [V 1]`, `[r, dv + 1]` row-major (one pass over key chunks).
-    pub fn kv_state(&self, k: &[T], v: &[T]) -> Vec<T> {
-        let (d, r, e, dv) = (self.d(), self.r(), self.e(), self.dv);
-        let mut b = self.bufs();
-        let mut h = vec![T::zero(); r * e];
-        for (j0, cn) in self.chunks() {
-            self.features(&k[j0 * d..(j0 + cn) * d], cn, &mut b.xt, &mut b.phit);
-            self.aug_v(&v[j0 * dv..(j0 + cn) * dv], cn, &mut b.ve);
-            let (phit, ve) = (rm(&b.phit[..r * cn], r, cn), rm(&b.ve[..cn * e], cn, e));
-            matmul(rm_mut(&mut h, r, e), true, phit, ve, T::one(), Par::Seq);
-        }
-        h
+    /// Intra-chunk scores `s = τ q_i·(k_j − c)` (`rows × rows`) from the queries and
+    /// `xtk = √τ (K_c − c)ᵀ`.
+    pub(crate) fn intra_scores(&self, qc: Rows<'_, T>, xtk: &[T], s: &mut [T]) {
+        let (d, rows) = (self.d(), qc.rows());
+        let kt = rm(&xtk[..d * rows], d, rows);
+        matmul(rm_mut(&mut s[..rows * rows], rows, rows), false, qc.mat(), kt, self.sqrt_tau(), Par::Seq);
     }
 
-    /// Non-causal forward of one query head given the key/value state from [`kv_state`](Self::kv_state):
-    /// `q [n, d]`, row shifts `m [n]`; returns `(o [n, dv], den [n])`.
-    pub fn forward_queries(&self, q: &[T], m: &[T], state: &[T]) -> (Vec<T>, Vec<T>) {
-        let (n, d, r, e, dv) = (self.n, self.d(), self.r(), self.e(), self.dv);
-        let mut b = self.bufs();
-        let (mut o, mut den) = (vec![T::zero(); n * dv], vec![T::zero(); n]);
-        let mut y = std::mem::take(&mut b.y);
-        for (i0, cn) in self.chunks() {
-            self.query_features(&q[i0 * d..(i0 + cn) * d], &m[i0..i0 + cn], cn, &mut b);
-            let psi = rm(self.psi(&b, cn), r, cn).transpose();
-            matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
-            self.finish(&y, cn, &mut o[i0 * dv..(i0 + cn) * dv], &mut den[i0..i0 + cn]);
-        }
-        (o, den)
-    }
-
-    /// Non-causal backward, query side, of one query head: `q [n, d]`, `o [n, dv]`, `den [n]`,
-    /// `g = dL/do [n, dv]`, `m [n]`, global key mean `kbar [d]`, `state` from
-    /// [`kv_state`](Self::kv_state). Returns `(dq [n, d], dstate [r, dv+1], dkbar [d])` where
-    /// `dstate = Ψᵀ dY` feeds [`backward_keys`](Self::backward_keys) and `dkbar = τ Σ_i dm_i q_i`
-    /// (f64) is the gradient reaching the key mean (zeros without centering).
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_queries(
+    /// Masked intra-chunk weights in place: `s_ij ← T_g(s_ij − m_i)` for `j ≤ i`, 0 above
+    /// (`coef` from [`taylor_coefs`]). With `grad = (da, dm)`: also `da_ij ← da_ij T_{g−1}(s_ij − m_i)`
+    /// (0 above) and `dm_i −= Σ_j da_ij`.
+    pub(crate) fn intra_weights(
         &self,
-        q: &[T],
-        o: &[T],
-        den: &[T],
-        g: &[T],
+        coef: &[T],
         m: &[T],
-        kbar: &[T],
-        state: &[T],
-    ) -> (Vec<T>, Vec<T>, Vec<f64>) {
-        let (n, d, r, e, dv) = (self.n, self.d(), self.r(), self.e(), self.dv);
-        let mut b = self.bufs();
-        let mut dq = vec![T::zero(); n * d];
-        let mut dm = vec![T::zero(); n];
-        let mut dstate = vec![T::zero(); r * e];
-        for (i0, cn) in self.chunks() {
-            self.query_features(&q[i0 * d..(i0 + cn) * d], &m[i0..i0 + cn], cn, &mut b);
-            self.dy(&g[i0 * dv..], &o[i0 * dv..], &den[i0..], cn, &mut b.y);
-            let dy = rm(&b.y[..cn * e], cn, e);
-            // dΨᵀ = H' dYᵀ ;  dH' += Ψᵀ dY
-            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
-            matmul(rm_mut(&mut dstate, r, e), true, rm(self.psi(&b, cn), r, cn), dy, T::one(), Par::Seq);
-            self.query_vjp(cn, &mut b, &mut dm[i0..i0 + cn], &mut dq[i0 * d..(i0 + cn) * d]);
-        }
-        let mut dkbar = vec![0.0f64; d];
-        if self.center {
-            let tau = self.tau();
-            for i in 0..n {
-                let s = tau * dm[i];
-                for c in 0..d {
-                    dq[i * d + c] += s * kbar[c];
-                    dkbar[c] += (s * q[i * d + c]).as_f64();
-                }
-            }
-        }
-        (dq, dstate, dkbar)
-    }
-
-    /// Non-causal backward, key side, of one key/value head: `k [n, d]`, `v [n, dv]`, `dstate`
-    /// (the sum of [`backward_queries`](Self::backward_queries)' `dstate` over the query heads
-    /// sharing these keys) and `dkbar` (the same sum of their `dkbar`). Returns `(dk [n, d], dv [n, dv])`.
-    pub fn backward_keys(&self, k: &[T], v: &[T], dstate: &[T], dkbar: &[f64]) -> (Vec<T>, Vec<T>) {
-        let (n, d, r, e, dv) = (self.n, self.d(), self.r(), self.e(), self.dv);
-        let mut b = self.bufs();
-        let mut dk = vec![T::zero(); n * d];
-        let mut dvv = vec![T::zero(); n * dv];
-        let ds = rm(dstate, r, e);
-        let ds_v = rm_strided(dstate, r, dv, e);
-        for (j0, cn) in self.chunks() {
-            self.features(&k[j0 * d..(j0 + cn) * d], cn, &mut b.xt, &mut b.phit);
-            self.aug_v(&v[j0 * dv..(j0 + cn) * dv], cn, &mut b.ve);
-            // dΦ_Kᵀ = dH' V'ᵀ ;  dV = Φ_K dH'[:, :dv]
-            let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one(), Par::Seq);
-            let phi = rm(&b.phit[..r * cn], r, cn).transpose();
-            matmul(rm_mut(&mut dvv[j0 * dv..(j0 + cn) * dv], cn, dv), false, phi, ds_v, T::one(), Par::Seq);
-            self.key_vjp(cn, &mut b, &mut dk[j0 * d..(j0 + cn) * d]);
-        }
-        if self.center {
-            let share: Vec<T> = dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect();
-            for row in dk.chunks_exact_mut(d) {
-                for (x, s) in row.iter_mut().zip(&share) {
-                    *x += *s;
-                }
-            }
-        }
-        (dk, dvv)
-    }
-
-    /// Intra-chunk scores `s = τ Q_c K_cᵀ` (`rows × rows`) into `s`.
-    fn chunk_scores(&self, qc: &[T], kc: &[T], rows: usize, s: &mut [T]) {
-        let d = self.d();
-        matmul(
-            rm_mut(&mut s[..rows * rows], rows, rows),
-            false,
-            rm(&qc[..rows * d], rows, d),
-            rm(&kc[..rows * d], rows, d).transpose(),
-            self.tau(),
-            Par::Seq,
-        );
-    }
-
-    /// Causal forward of one head (MATH §4, chunked): `q [n, d]`, `k [n, d]`, `v [n, dv]`, row
-    /// shifts `m [n]` (prefix-mean shifts). Returns `(o [n, dv], den [n])`.
-    pub fn forward_causal(&self, q: &[T], k: &[T], v: &[T], m: &[T]) -> (Vec<T>, Vec<T>) {
-        let (n, d, r, e, dv, c) = (self.n, self.d(), self.r(), self.e(), self.dv, self.c());
-        let coef = taylor_coefs::<T>(self.g());
-        let mut b = self.bufs();
-        let mut s = vec![T::zero(); c * c];
-        let mut tmp = vec![T::zero(); c];
-        let mut state = vec![T::zero(); r * e];
-        let (mut o, mut den) = (vec![T::zero(); n * dv], vec![T::zero(); n]);
-        let mut y = std::mem::take(&mut b.y);
-        for (i0, cn) in self.chunks() {
-            let (qc, kc) = (&q[i0 * d..(i0 + cn) * d], &k[i0 * d..(i0 + cn) * d]);
-            // inter-chunk: Y = Ψ S'
-            self.query_features(qc, &m[i0..i0 + cn], cn, &mut b);
-            let psi = rm(self.psi(&b, cn), r, cn).transpose();
-            matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(&state, r, e), T::one(), Par::Seq);
-            // intra-chunk: Y += A V', a_ij = T_g(s_ij − m_i) for j ≤ i
-            self.chunk_scores(qc, kc, cn, &mut s);
-            simd(
-                #[inline(always)]
-                || {
-                    for il in 0..cn {
-                        let mi = if self.center { m[i0 + il] } else { T::zero() };
-                        let row = &mut s[il * cn..(il + 1) * cn];
-                        let sh = &mut tmp[..=il];
-                        for (a, x) in sh.iter_mut().zip(&row[..=il]) {
-                            *a = *x - mi;
-                        }
-                        horner_into(&coef, sh, &mut row[..=il]);
-                        row[il + 1..].fill(T::zero());
+        rows: usize,
+        b: &mut Bufs<T>,
+        mut grad: Option<(&mut [T], &mut [T])>,
+    ) {
+        let deg = self.g();
+        let (s, tmp, tmp2) = (&mut b.s, &mut b.tmp, &mut b.tmp2);
+        simd(
+            #[inline(always)]
+            || {
+                for il in 0..rows {
+                    let srow = &mut s[il * rows..(il + 1) * rows];
+                    let sh = &mut tmp[..=il];
+                    for (a, x) in sh.iter_mut().zip(&srow[..=il]) {
+                        *a = *x - m[il];
                     }
-                },
-            );
-            self.aug_v(&v[i0 * dv..(i0 + cn) * dv], cn, &mut b.ve);
-            let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul(rm_mut(&mut y[..cn * e], cn, e), true, rm(&s[..cn * cn], cn, cn), ve, T::one(), Par::Seq);
-            self.finish(&y, cn, &mut o[i0 * dv..(i0 + cn) * dv], &mut den[i0..i0 + cn]);
-            // S' += Φ_K,cᵀ V'_c
-            self.features(kc, cn, &mut b.xt, &mut b.phit);
-            matmul(rm_mut(&mut state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one(), Par::Seq);
-        }
-        (o, den)
-    }
-
-    /// Causal backward of one head (MATH §4): inputs as in [`forward_causal`](Self::forward_causal)
-    /// plus `o [n, dv]`, `den [n]` from it, `g = dL/do [n, dv]` and the prefix key means
-    /// `kbar [n, d]`. Returns `(dq [n, d], dk [n, d], dv [n, dv])`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_causal(
-        &self,
-        q: &[T],
-        k: &[T],
-        v: &[T],
-        o: &[T],
-        den: &[T],
-        g: &[T],
-        m: &[T],
-        kbar: &[T],
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let (n, d, r, e, dv, deg, c) = (self.n, self.d(), self.r(), self.e(), self.dv, self.g(), self.c());
-        let tau = self.tau();
-        let coef = taylor_coefs::<T>(deg);
-        let mut b = self.bufs();
-        let mut s = vec![T::zero(); c * c];
-        let mut da = vec![T::zero(); c * c];
-        let (mut tmp, mut tmp2) = (vec![T::zero(); c], vec![T::zero(); c]);
-        let mut dq = vec![T::zero(); n * d];
-        let mut dk = vec![T::zero(); n * d];
-        let mut dvv = vec![T::zero(); n * dv];
-        let mut dm = vec![T::zero(); n];
-        // Forward scan: dQ through the prefix state, and every intra-chunk term.
-        let mut state = vec![T::zero(); r * e];
-        for (i0, cn) in self.chunks() {
-            let (qc, kc) = (&q[i0 * d..(i0 + cn) * d], &k[i0 * d..(i0 + cn) * d]);
-            self.query_features(qc, &m[i0..i0 + cn], cn, &mut b);
-            self.dy(&g[i0 * dv..], &o[i0 * dv..], &den[i0..], cn, &mut b.y);
-            self.aug_v(&v[i0 * dv..(i0 + cn) * dv], cn, &mut b.ve);
-            // dΨᵀ = S' dYᵀ
-            let dy = rm(&b.y[..cn * e], cn, e);
-            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(&state, r, e), dy.transpose(), T::one(), Par::Seq);
-            self.query_vjp(cn, &mut b, &mut dm[i0..i0 + cn], &mut dq[i0 * d..(i0 + cn) * d]);
-            // intra: dA = dY V'ᵀ, A = T_g(s̃), dS̃ = dA ∘ T_{g−1}(s̃) (masked)
-            let (dy, ve) = (rm(&b.y[..cn * e], cn, e), rm(&b.ve[..cn * e], cn, e));
-            self.chunk_scores(qc, kc, cn, &mut s);
-            matmul(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, ve.transpose(), T::one(), Par::Seq);
-            simd(
-                #[inline(always)]
-                || {
-                    for il in 0..cn {
-                        let mi = if self.center { m[i0 + il] } else { T::zero() };
-                        let (srow, drow) = (&mut s[il * cn..(il + 1) * cn], &mut da[il * cn..(il + 1) * cn]);
-                        let (sh, t1) = (&mut tmp[..=il], &mut tmp2[..=il]);
-                        for (a, x) in sh.iter_mut().zip(&srow[..=il]) {
-                            *a = *x - mi;
-                        }
-                        horner_into(&coef, sh, &mut srow[..=il]); // a = T_g(s̃)
+                    horner_into(coef, sh, &mut srow[..=il]);
+                    srow[il + 1..].fill(T::zero());
+                    if let Some((da, dm)) = grad.as_mut() {
+                        let t1 = &mut tmp2[..=il];
                         horner_into(&coef[..deg], sh, t1); // T_{g−1}(s̃)
+                        let drow = &mut da[il * rows..(il + 1) * rows];
                         let mut dmi = T::zero();
                         for (dx, t) in drow[..=il].iter_mut().zip(t1.iter()) {
                             *dx *= *t;
                             dmi += *dx;
                         }
-                        srow[il + 1..].fill(T::zero());
                         drow[il + 1..].fill(T::zero());
-                        dm[i0 + il] -= dmi;
+                        dm[il] -= dmi;
                     }
-                },
-            );
-            let (sa, dsa) = (rm(&s[..cn * cn], cn, cn), rm(&da[..cn * cn], cn, cn));
-            matmul(rm_mut(&mut dq[i0 * d..(i0 + cn) * d], cn, d), true, dsa, rm(kc, cn, d), tau, Par::Seq);
-            matmul(rm_mut(&mut dk[i0 * d..(i0 + cn) * d], cn, d), true, dsa.transpose(), rm(qc, cn, d), tau, Par::Seq);
-            let dy_v = rm_strided(&b.y[..cn * e], cn, dv, e);
-            matmul(rm_mut(&mut dvv[i0 * dv..(i0 + cn) * dv], cn, dv), true, sa.transpose(), dy_v, T::one(), Par::Seq);
-            // S' += Φ_K,cᵀ V'_c
-            self.features(kc, cn, &mut b.xt, &mut b.phit);
-            matmul(rm_mut(&mut state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one(), Par::Seq);
+                }
+            },
+        );
+    }
+
+    /// Non-causal key/value state `H' = Φ_Kᵀ [V 1]`, `[r, dv + 1]` row-major, into `h` (one pass
+    /// over key chunks).
+    pub fn kv_state(&self, kv: &KvHead<'_, T>, h: &mut [T]) {
+        let (r, e, n) = (self.r(), self.e(), kv.k.rows());
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
+        h.fill(T::zero());
+        for (j0, cn) in self.chunks(n) {
+            self.key_features(kv, j0, cn, b);
+            self.aug_v(kv.v.sub(j0, cn), &mut b.ve);
+            let (phit, ve) = (rm(&b.phit[..r * cn], r, cn), rm(&b.ve[..cn * e], cn, e));
+            matmul(rm_mut(h, r, e), true, phit, ve, T::one(), Par::Seq);
         }
-        // Reverse scan: dK, dV through the suffix state dS' = Σ_{later i} Ψ_i dY_iᵀ.
-        let mut dstate = state;
-        dstate.fill(T::zero());
-        for (i0, cn) in self.chunks().rev() {
-            let kc = &k[i0 * d..(i0 + cn) * d];
-            self.features(kc, cn, &mut b.xt, &mut b.phit);
-            self.aug_v(&v[i0 * dv..(i0 + cn) * dv], cn, &mut b.ve);
-            // dΦ_Kᵀ = dS' V'ᵀ ;  dV += Φ_K dS'[:, :dv]
-            let (ds, ds_v) = (rm(&dstate, r, e), rm_strided(&dstate, r, dv, e));
+    }
+
+    /// Non-causal forward of one query head `q [n, d]` with row shifts `m [n]` and the state of
+    /// [`kv_state`](Self::kv_state): writes `o [n, dv]` and `den [n]`.
+    pub fn forward_queries(&self, q: Rows<'_, T>, m: &[T], state: &[T], o: &mut RowsMut<'_, T>, den: &mut [T]) {
+        let (n, r, e) = (q.rows(), self.r(), self.e());
+        let weighted = self.weighted(m);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
+        let mut y = std::mem::take(&mut b.y);
+        for (i0, cn) in self.chunks(n) {
+            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
+            let psi = rm(self.psi(b, cn, weighted), r, cn).transpose();
+            matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
+            self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
+        }
+    }
+
+    /// Whether the row shifts need the degree weights (some `m_i ≠ 0`).
+    pub(crate) fn weighted(&self, m: &[T]) -> bool {
+        self.center && m.iter().any(|x| *x != T::zero())
+    }
+
+    /// Non-causal backward, query side, of one query head `x`, with `kbar = k̄ − c [d]` and
+    /// `state` from [`kv_state`](Self::kv_state).
+    /// Adds into `dq [n, d]`, `dstate [r, dv+1]` (`Ψᵀ dY`, which feeds
+    /// [`backward_keys`](Self::backward_keys)) and `dkbar [d]` (`τ Σ_i dm_i q_i`, in f64, the
+    /// gradient reaching the key mean; untouched without centering).
+    pub fn backward_queries(
+        &self,
+        x: &QueryBack<'_, T>,
+        kbar: &[T],
+        state: &[T],
+        dq: &mut RowsMut<'_, T>,
+        dstate: &mut [T],
+        dkbar: &mut [f64],
+    ) {
+        let QueryBack { q, m, o, den, g } = *x;
+        let (n, r, e) = (q.rows(), self.r(), self.e());
+        let weighted = self.weighted(m);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
+        let mut dm = vec![T::zero(); n];
+        for (i0, cn) in self.chunks(n) {
+            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
+            self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
+            let dy = rm(&b.y[..cn * e], cn, e);
+            // dΨᵀ = H' dYᵀ ;  dH' += Ψᵀ dY
+            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
+            matmul(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
+            self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
+        }
+        if self.center {
+            let tau = self.tau();
+            for (i, dmi) in dm.iter().enumerate() {
+                let s = tau * *dmi;
+                for ((x, qv), (kb, dkb)) in
+                    dq.row_mut(i).iter_mut().zip(q.row(i)).zip(kbar.iter().zip(dkbar.iter_mut()))
+                {
+                    *x += s * *kb;
+                    *dkb += (s * *qv).as_f64();
+                }
+            }
+        }
+    }
+
+    /// Non-causal backward, key side, of one key/value head: `dstate` and `dkbar` are the sums over
+    /// the query heads sharing these keys of [`backward_queries`](Self::backward_queries)' outputs.
+    /// Adds into `dk [n, d]` and `dv [n, dv]`.
+    pub fn backward_keys(
+        &self,
+        kv: &KvHead<'_, T>,
+        dstate: &[T],
+        dkbar: &[f64],
+        dk: &mut RowsMut<'_, T>,
+        dv: &mut RowsMut<'_, T>,
+    ) {
+        let (n, r, e, dvw) = (kv.k.rows(), self.r(), self.e(), self.dv);
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
+        let ds = rm(dstate, r, e);
+        let ds_v = rm_strided(dstate, r, dvw, e);
+        for (j0, cn) in self.chunks(n) {
+            self.key_features(kv, j0, cn, b);
+            self.aug_v(kv.v.sub(j0, cn), &mut b.ve);
+            // dΦ_Kᵀ = dH' V'ᵀ ;  dV = Φ_K dH'[:, :dv]
             let ve = rm(&b.ve[..cn * e], cn, e);
             matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one(), Par::Seq);
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
-            matmul(rm_mut(&mut dvv[i0 * dv..(i0 + cn) * dv], cn, dv), true, phi, ds_v, T::one(), Par::Seq);
-            self.key_vjp(cn, &mut b, &mut dk[i0 * d..(i0 + cn) * d]);
-            // dS' += Ψᵀ dY
-            self.query_features(&q[i0 * d..(i0 + cn) * d], &m[i0..i0 + cn], cn, &mut b);
-            self.dy(&g[i0 * dv..], &o[i0 * dv..], &den[i0..], cn, &mut b.y);
-            let dy = rm(&b.y[..cn * e], cn, e);
-            matmul(rm_mut(&mut dstate, r, e), true, rm(self.psi(&b, cn), r, cn), dy, T::one(), Par::Seq);
+            matmul(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one(), Par::Seq);
+            self.feature_vjp(b, &mut dk.sub_mut(j0, cn));
         }
-        // Through the shift: dq_i += τ dm_i k̄_i; key j gets Σ_{i≥j} τ dm_i q_i/(i+1) (suffix sum).
+        if self.center {
+            let share: Vec<T> = dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect();
+            for i in 0..n {
+                for (x, s) in dk.row_mut(i).iter_mut().zip(&share) {
+                    *x += *s;
+                }
+            }
+        }
+    }
+
+    /// Causal forward of one query head (MATH §4, chunked): `q [n, d]`, row shifts `m [n]`,
+    /// `state` = `S'` of the keys before these (`[r, dv+1]`, zeros for none; `kv.offset` of them),
+    /// which holds `S'` after them on return. Writes `o [n, dv]` and `den [n]`.
+    pub fn forward_causal(
+        &self,
+        q: Rows<'_, T>,
+        kv: &KvHead<'_, T>,
+        m: &[T],
+        state: &mut [T],
+        o: &mut RowsMut<'_, T>,
+        den: &mut [T],
+    ) {
+        let (n, d, r, e) = (q.rows(), self.d(), self.r(), self.e());
+        let weighted = self.weighted(m);
+        let coef = taylor_coefs::<T>(self.g());
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
+        let mut y = std::mem::take(&mut b.y);
+        for (i0, cn) in self.chunks(n) {
+            let qc = q.sub(i0, cn);
+            // inter-chunk: Y = Ψ S'
+            self.query_features(qc, &m[i0..], weighted, b);
+            let psi = rm(self.psi(b, cn, weighted), r, cn).transpose();
+            matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
+            // intra-chunk: Y += A V', a_ij = T_g(τ q_i·(k_j − c) − m_i) for j ≤ i
+            self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
+            self.intra_scores(qc, &b.xtk, &mut b.s);
+            self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, None);
+            self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
+            let ve = rm(&b.ve[..cn * e], cn, e);
+            matmul(rm_mut(&mut y[..cn * e], cn, e), true, rm(&b.s[..cn * cn], cn, cn), ve, T::one(), Par::Seq);
+            self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
+            // S' += Φ_K,cᵀ V'_c
+            self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
+            matmul(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one(), Par::Seq);
+        }
+    }
+
+    /// Causal backward of one query head `x` (MATH §4) against `kv`; `state` = the initial `S'` of
+    /// [`forward_causal`](Self::forward_causal), used as scratch. `dstate` holds `dL/dS'` of the final
+    /// state on entry (zeros for none) and `dL/dS'` of the initial state on return. Adds into
+    /// `dq [n, d]`, `dk [n, d]`, `dv [n, dv]` and `dkey_sum [d]` (the gradient of the initial key
+    /// sum through the prefix means, `Σ_i τ dm_i q_i/(offset + i + 1)`, f64).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_causal(
+        &self,
+        x: &QueryBack<'_, T>,
+        kv: &KvHead<'_, T>,
+        state: &mut [T],
+        dstate: &mut [T],
+        dq: &mut RowsMut<'_, T>,
+        dk: &mut RowsMut<'_, T>,
+        dv: &mut RowsMut<'_, T>,
+        dkey_sum: &mut [f64],
+    ) {
+        let QueryBack { q, m, o, den, g } = *x;
+        let (n, d, r, e, dvw) = (q.rows(), self.d(), self.r(), self.e(), self.dv);
+        let weighted = self.weighted(m);
+        let tau = self.tau();
+        let coef = taylor_coefs::<T>(self.g());
+        let mut pooled = self.bufs(n);
+        let b = &mut *pooled;
+        let mut da = std::mem::take(&mut b.da);
+        let mut dm = vec![T::zero(); n];
+        // Forward scan: dQ through the prefix state, and every intra-chunk term.
+        for (i0, cn) in self.chunks(n) {
+            let qc = q.sub(i0, cn);
+            self.query_features(qc, &m[i0..], weighted, b);
+            self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
+            self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
+            // dΨᵀ = S' dYᵀ
+            let dy = rm(&b.y[..cn * e], cn, e);
+            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
+            let mut dqc = dq.sub_mut(i0, cn);
+            self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dqc);
+            // intra: dA = dY V'ᵀ, A = T_g(s̃), dS̃ = dA ∘ T_{g−1}(s̃) (masked)
+            self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
+            self.intra_scores(qc, &b.xtk, &mut b.s);
+            let (dy, ve) = (rm(&b.y[..cn * e], cn, e), rm(&b.ve[..cn * e], cn, e));
+            matmul(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, ve.transpose(), T::one(), Par::Seq);
+            self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, Some((&mut da, &mut dm[i0..i0 + cn])));
+            let (sa, dsa) = (rm(&b.s[..cn * cn], cn, cn), rm(&da[..cn * cn], cn, cn));
+            // dq_i += τ Σ_j dS̃_ij (k_j − c) = √τ dS̃ xtkᵀ ;  dk_j += τ Σ_i dS̃_ij q_i
+            let kt = rm(&b.xtk[..d * cn], d, cn).transpose();
+            matmul(dqc.mat_mut(), true, dsa, kt, self.sqrt_tau(), Par::Seq);
+            matmul(dk.sub_mut(i0, cn).mat_mut(), true, dsa.transpose(), qc.mat(), tau, Par::Seq);
+            let dy_v = rm_strided(&b.y[..cn * e], cn, dvw, e);
+            matmul(dv.sub_mut(i0, cn).mat_mut(), true, sa.transpose(), dy_v, T::one(), Par::Seq);
+            // S' += Φ_K,cᵀ V'_c
+            self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
+            let ve = rm(&b.ve[..cn * e], cn, e);
+            matmul(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one(), Par::Seq);
+        }
+        // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ.
+        for (i0, cn) in self.chunks(n).rev() {
+            self.key_features(kv, i0, cn, b);
+            self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
+            // dΦ_Kᵀ = dS' V'ᵀ ;  dV += Φ_K dS'[:, :dv]
+            let (ds, ds_v) = (rm(dstate, r, e), rm_strided(dstate, r, dvw, e));
+            let ve = rm(&b.ve[..cn * e], cn, e);
+            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one(), Par::Seq);
+            let phi = rm(&b.phit[..r * cn], r, cn).transpose();
+            matmul(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one(), Par::Seq);
+            self.feature_vjp(b, &mut dk.sub_mut(i0, cn));
+            // dS' += Ψᵀ dY
+            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
+            self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
+            let dy = rm(&b.y[..cn * e], cn, e);
+            matmul(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
+        }
+        // Through the shift: dq_i += τ dm_i (k̄_i − c); key j (and the initial key sum) gets
+        // Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum).
         if self.center {
             let mut acc = vec![0.0f64; d];
             for i in (0..n).rev() {
                 let s = tau * dm[i];
-                let inv = 1.0 / (i + 1) as f64;
-                for ch in 0..d {
-                    dq[i * d + ch] += s * kbar[i * d + ch];
-                    acc[ch] += (s * q[i * d + ch]).as_f64() * inv;
-                    dk[i * d + ch] += T::from_f64(acc[ch]);
+                let inv = 1.0 / (kv.offset + i + 1) as f64;
+                let kb = &kv.kbar[i * d..(i + 1) * d];
+                for ((x, kbv), (a, qv)) in dq.row_mut(i).iter_mut().zip(kb).zip(acc.iter_mut().zip(q.row(i))) {
+                    *x += s * *kbv;
+                    *a += (s * *qv).as_f64() * inv;
+                }
+                for (x, a) in dk.row_mut(i).iter_mut().zip(&acc) {
+                    *x += T::from_f64(*a);
                 }
             }
+            for (x, a) in dkey_sum.iter_mut().zip(&acc) {
+                *x += a;
+            }
         }
-        (dq, dk, dvv)
     }
 }
 
+/// Row shifts `m_i = τ q_i·kbar_i` of one query head (MATH §3; `kbar` = `k̄ − c` of a [`KvHead`]:
+/// `[d]` for every row or `[n, d]` row by row; dot products in f64); zeros without `center`.
+pub fn row_shifts<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64, center: bool) -> Vec<T> {
+    if !center {
+        return vec![T::zero(); q.rows()];
+    }
+    super::bound::row_shift_rows(q, kbar, scale)
+}
+
+/// `lse_i = τ q_i·c + m_i + ln den_i` (in f64) into `lse`: the log of the polynomial model's
+/// normalizer of the unshifted scores `τ q_i·k_j`, since the kernels' shifted score is
+/// `τ q_i·k_j − τ q_i·k̄_i = τ q_i·(k_j − c) − m_i`.
+pub(crate) fn fill_lse<T: Scalar>(q: Rows<'_, T>, c: &[T], m: &[T], den: &[T], scale: f64, lse: &mut [T]) {
+    for (i, l) in lse.iter_mut().enumerate() {
+        let qc: f64 = q.row(i).iter().zip(c).map(|(a, b)| a.as_f64() * b.as_f64()).sum();
+        *l = T::from_f64(scale * qc + m[i].as_f64() + den[i].as_f64().ln());
+    }
+}
+
+/// The key/value state a query head's kernel reads (MATH §4).
+pub enum State<'s, T> {
+    /// Non-causal: `H' = Φ_Kᵀ [V 1]` of [`Head::kv_state`], `[r, dv+1]`.
+    Keys(&'s [T]),
+    /// Causal: `S'` of the keys before these (`[r, dv+1]`, zeros for none); the forward leaves the
+    /// final `S'` in it, the backward uses it as scratch.
+    Scan(&'s mut [T]),
+}
+
+/// Forward of one query head `q [n, d]` against its key/value head (MATH §4): writes
+/// `o [n, dv]`, `lse [n]` and `den [n]`.
+pub(crate) fn forward_one<T: Scalar>(
+    head: &Head<'_, T>,
+    q: Rows<'_, T>,
+    kv: &KvHead<'_, T>,
+    state: State<'_, T>,
+    o: &mut RowsMut<'_, T>,
+    lse: &mut [T],
+    den: &mut [T],
+) {
+    let m = row_shifts(q, &kv.kbar, head.scale, head.center);
+    match state {
+        State::Scan(s) => head.forward_causal(q, kv, &m, s, o, den),
+        State::Keys(h) => head.forward_queries(q, &m, h, o, den),
+    }
+    fill_lse(q, &kv.c, &m, den, head.scale, lse);
+}
+
+/// Backward of one query head against its own key/value head (no GQA sharing of the key side):
+/// `state` as in [`forward_one`] (its initial value), `dstate` the gradient of the final `S'`
+/// (causal; zeros for none; the initial state's on return; unused non-causal). Adds into `dq`,
+/// `dk`, `dv` and (causal) `dkey_sum`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_one<T: Scalar>(
+    head: &Head<'_, T>,
+    q: Rows<'_, T>,
+    kv: &KvHead<'_, T>,
+    state: State<'_, T>,
+    o: Rows<'_, T>,
+    den: &[T],
+    g: Rows<'_, T>,
+    dstate: &mut [T],
+    dq: &mut RowsMut<'_, T>,
+    dk: &mut RowsMut<'_, T>,
+    dv: &mut RowsMut<'_, T>,
+    dkey_sum: &mut [f64],
+) {
+    let m = row_shifts(q, &kv.kbar, head.scale, head.center);
+    match state {
+        State::Scan(s) => head.backward_causal(&QueryBack { q, m: &m, o, den, g }, kv, s, dstate, dq, dk, dv, dkey_sum),
+        State::Keys(h) => {
+            let mut dh = vec![T::zero(); h.len()];
+            let mut dkbar = vec![0.0f64; head.d()];
+            head.backward_queries(&QueryBack { q, m: &m, o, den, g }, &kv.kbar, h, dq, &mut dh, &mut dkbar);
+            head.backward_keys(kv, &dh, &dkbar, dk, dv);
+        }
+    }
+}
+
+/// Whether a polynomial call is causal. Its mask must be [`Mask::Full`] or [`Mask::Causal`] whose
+/// query offset is the initial state's count `count` (0 without one: the earlier keys live in the
+/// state, the call's own keys are its rows, `kv_len == seq_len`).
+///
+/// Errors: [`Error::BadInput`] (input `mask`) for a sliding window, another query offset, or
+/// `kv_len ≠ seq_len`.
+pub fn poly_mask(opts: &AttnOptions, s: &AttnShape, count: usize) -> Result<bool> {
+    s.check_self("mask")?;
+    match opts.mask {
+        Mask::Full => Ok(false),
+        Mask::Causal { q_offset } if q_offset == count => Ok(true),
+        Mask::Causal { q_offset } => Err(Error::bad(
+            "mask",
+            format!(
+                "query offset {q_offset} is not the position after the initial state's {count} keys: polynomial \
+                 attention keeps earlier keys in its state (forward_poly_state)"
+            ),
+        )),
+        Mask::Window { .. } => {
+            Err(Error::bad("mask", "polynomial attention supports the full and causal masks, not a sliding window"))
+        }
+    }
+}
+
+/// Checks a state's buffers against the shape and feature width `r`.
+///
+/// Errors: [`Error::BadInput`] naming `name` when a buffer has the wrong length.
+fn check_state<T>(name: &str, st: &PolyState<T>, s: &AttnShape, r: usize) -> Result<()> {
+    let (hkv, d, e) = (s.kv_heads(), s.head_dim, s.head_dim_v + 1);
+    for (field, len, want) in [
+        ("s", st.s.len(), hkv * r * e),
+        ("key_sum", st.key_sum.len(), hkv * d),
+        ("reference", st.reference.len(), hkv * d),
+    ] {
+        if len != want {
+            return Err(Error::bad(
+                name,
+                format!(
+                    "{field} has {len} values, expected {want} ([batch, num_kv_heads, …] for r = {r}): a state of \
+                     another shape or degree"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The reference point of every key/value head (`[batch, num_kv_heads, head_dim]`): `reference`
+/// if given, else the initial state's, else `None` (each head's default, [`kv_head`]).
+///
+/// Errors: [`Error::BadInput`] (input `reference`) for a wrong length, a reference without
+/// centering, or one that differs from the initial state's.
+fn resolve_reference<'a, T: Scalar>(
+    s: &AttnShape,
+    center: bool,
+    reference: Option<&'a [T]>,
+    initial: Option<&'a PolyState<T>>,
+) -> Result<Option<&'a [T]>> {
+    let want = s.kv_heads() * s.head_dim;
+    if let Some(r) = reference {
+        if r.len() != want {
+            return Err(Error::bad(
+                "reference",
+                format!("expected {want} values ([batch, num_kv_heads, head_dim]), got {}", r.len()),
+            ));
+        }
+        if !center {
+            return Err(Error::bad("reference", "a reference point needs centering (PolyOptions::center)"));
+        }
+    }
+    let from_state = initial.map(|st| st.reference.as_slice());
+    if !center {
+        if from_state.is_some_and(|c| c.iter().any(|x| *x != T::zero())) {
+            return Err(Error::bad("initial", "the state was computed with centering, this call has none"));
+        }
+        return Ok(None);
+    }
+    match (reference, from_state) {
+        (Some(r), Some(c)) if r != c => {
+            Err(Error::bad("reference", "differs from the initial state's reference point: a sequence keeps one"))
+        }
+        (Some(r), _) => Ok(Some(r)),
+        (None, c) => Ok(c),
+    }
+}
+
+/// Every key/value head's [`KvHead`] over the batch ([`AttnShape::kv_heads`]): reference points
+/// `reference` (`[batch, num_kv_heads, head_dim]`, default per head when `None`) and, causal, the
+/// initial state's key sums and count.
+pub(crate) fn kv_heads<'a, T: Scalar>(
+    x: &Qkv<'a, T>,
+    causal: bool,
+    popts: &PolyOptions,
+    reference: Option<&[T]>,
+    initial: Option<&PolyState<T>>,
+) -> Vec<KvHead<'a, T>> {
+    let d = x.shape().head_dim;
+    let block = |v: &'_ [T], h: usize| -> Vec<T> { v[h * d..(h + 1) * d].to_vec() };
+    (0..x.shape().kv_heads())
+        .into_par_iter()
+        .map(|h| {
+            let (kh, vh) = x.kv(h);
+            let c = reference.map(|r| block(r, h));
+            let ks = initial.map(|st| block(&st.key_sum, h));
+            let offset = initial.map_or(0, |st| st.count);
+            kv_head(kh, vh, causal, popts.center, popts.chunk, c.as_deref(), ks.as_deref(), offset)
+        })
+        .collect()
+}
+
+/// Non-causal `H'` of every key/value head, `[kv_heads, r, dv+1]` (empty under the causal mask).
+pub(crate) fn kv_states<T: Scalar>(head: &Head<'_, T>, kvs: &[KvHead<'_, T>], causal: bool) -> Vec<T> {
+    if causal {
+        return Vec::new();
+    }
+    let len = head.r() * head.e();
+    let mut out = vec![T::zero(); kvs.len() * len];
+    out.par_chunks_mut(len).zip(kvs.par_iter()).for_each(|(h, kv)| head.kv_state(kv, h));
+    out
+}
+
+/// Polynomial attention, forward, starting a sequence (see [`forward_poly_state`], with no initial
+/// state and default reference points).
+///
+/// Errors: as [`forward_poly_state`].
+pub fn forward_poly<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions, popts: &PolyOptions) -> Result<PolyOutput<T>> {
+    forward_poly_state(x, opts, popts, None, None)
+}
+
+/// Polynomial attention, forward (MATH §3–4; AS23 Lemma 3.4, LSSSZ Lemma I.3); also ALTGrad's
+/// forward (MATH §5: the same `Õ = D̃⁻¹ Φ_Q Φ_Kᵀ V`). The softmax weights `exp(s_ij)` are replaced
+/// by `T_g(s_ij − τ q_i·k̄_i)` (degree `popts.degree`, row shift when `popts.center`, formed
+/// without cancellation as `τ q_i·(k_j − c) − m_i`, MATH §3 "Reference point"). O(n·r·d_v) time
+/// and O(C·r + r·d_v) extra memory per head with `r = C(d+g, g)`; the (sequence, head) pairs in
+/// parallel, each sequential.
+///
+/// The mask is [`Mask::Full`] or [`Mask::Causal`] ([`poly_mask`]). Causal calls can continue a
+/// sequence: `initial` is the [`PolySaved::final_state`] of the previous piece (row `i` is then
+/// position `initial.count + i`, the mask's query offset, and `k̄_i` counts the earlier keys), and
+/// the output's `final_state` continues this one. `reference`
+/// (`[batch, num_kv_heads, head_dim]`) fixes the reference points, so that separate callers
+/// (processes) can agree on one; by default the initial state's, else the mean of the first
+/// `min(chunk, seq_len)` keys (causal) or of all keys (non-causal) of each key/value head.
+///
+/// Returns a [`PolyOutput`]: `o`, `lse = τ q_i·k̄_i + ln den_i`, the denominators and the
+/// [`PolySaved`] states, reference points, shape and options, which [`backward_poly`] and
+/// [`super::backward_altgrad`] reuse.
+///
+/// Errors: [`Error::BadInput`] for a non-positive scale, an odd or zero degree ("degree must be
+/// even: …"), a zero chunk, a feature width above [`super::features::MAX_FEATURE_DIM`], a mask
+/// [`poly_mask`] rejects, an `initial` state without the causal mask or of the wrong size, or a
+/// `reference` of the wrong size, without centering, or other than the initial state's.
+pub fn forward_poly_state<T: Scalar>(
+    x: &Qkv<'_, T>,
+    opts: &AttnOptions,
+    popts: &PolyOptions,
+    initial: Option<&PolyState<T>>,
+    reference: Option<&[T]>,
+) -> Result<PolyOutput<T>> {
+    let s = *x.shape();
+    let rows = s.heads() * s.seq_len;
+    let (mut o, mut lse, mut den) =
+        (vec![T::zero(); rows * s.head_dim_v], vec![T::zero(); rows], vec![T::zero(); rows]);
+    let out = PolyBuffers { o: &mut o, lse: &mut lse, den: &mut den };
+    let saved = forward_poly_into(x, opts, popts, initial, reference, out, &Workspace::new())?;
+    Ok(PolyOutput { o, lse, den, saved })
+}
+
+/// [`forward_poly_state`] into caller-owned buffers (overwritten), with scratch from `ws`; returns
+/// the rest of the output.
+///
+/// Errors: as [`forward_poly_state`], or [`Error::BadInput`] (input `o`, `lse` or `den`) for a
+/// buffer of the wrong length.
+pub fn forward_poly_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    opts: &AttnOptions,
+    popts: &PolyOptions,
+    initial: Option<&PolyState<T>>,
+    reference: Option<&[T]>,
+    out: PolyBuffers<'_, T>,
+    ws: &Workspace<T>,
+) -> Result<PolySaved<T>> {
+    opts.validate()?;
+    popts.validate()?;
+    let s = *x.shape();
+    let causal = poly_mask(opts, &s, initial.map_or(0, |st| st.count))?;
+    let (n, d, dv) = (s.seq_len, s.head_dim, s.head_dim_v);
+    s.check_len("o", out.o, s.num_heads, dv)?;
+    s.check_rowwise("lse", out.lse)?;
+    s.check_rowwise("den", out.den)?;
+    let fm = FeatureMap::<T>::new(d, popts.degree)?;
+    let head = Head { fm: &fm, dv, scale: opts.scale, center: popts.center, chunk: popts.chunk, ws };
+    let len = head.r() * head.e();
+    if let Some(st) = initial {
+        if !causal {
+            return Err(Error::bad("initial", "a state continues a causal sequence: the call has no causal mask"));
+        }
+        check_state("initial", st, &s, head.r())?;
+    }
+    let reference = resolve_reference(&s, popts.center, reference, initial)?;
+    let kvs = kv_heads(x, causal, popts, reference, initial);
+    let kv_state = kv_states(&head, &kvs, causal);
+    let scans: Vec<Vec<T>> = s
+        .query_views(out.o, dv)
+        .into_par_iter()
+        .zip(out.lse.par_chunks_mut(n).zip(out.den.par_chunks_mut(n)))
+        .enumerate()
+        .map(|(h, (mut oh, (lh, dh)))| {
+            let kvh = h / s.group();
+            let qh = s.query(x.q(), h);
+            if !causal {
+                let state = State::Keys(&kv_state[kvh * len..(kvh + 1) * len]);
+                forward_one(&head, qh, &kvs[kvh], state, &mut oh, lh, dh);
+                return Vec::new();
+            }
+            let mut scan = initial.map_or_else(|| vec![T::zero(); len], |st| st.s[kvh * len..(kvh + 1) * len].to_vec());
+            forward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), &mut oh, lh, dh);
+            // every query head of a group scans the same keys: keep the first one's final state
+            if h % s.group() == 0 {
+                scan
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    let reference: Vec<T> = kvs.iter().flat_map(|kv| kv.c.iter().copied()).collect();
+    let final_state = causal.then(|| {
+        let mut key_sum = Vec::with_capacity(s.kv_heads() * d);
+        for (h, kv) in kvs.iter().enumerate() {
+            let mut acc: Vec<f64> = match initial {
+                Some(st) => st.key_sum[h * d..(h + 1) * d].iter().map(|x| x.as_f64()).collect(),
+                None => vec![0.0; d],
+            };
+            for i in 0..n {
+                for (a, x) in acc.iter_mut().zip(kv.k.row(i)) {
+                    *a += x.as_f64();
+                }
+            }
+            key_sum.extend(acc.into_iter().map(T::from_f64));
+        }
+        PolyState {
+            s: scans.concat(),
+            key_sum,
+            reference: reference.clone(),
+            count: initial.map_or(0, |st| st.count) + n,
+        }
+    });
+    Ok(PolySaved { kv_state, reference, initial: initial.cloned(), final_state, shape: s, opts: *opts, popts: *popts })
+}
+
+/// Checks a saved polynomial forward against the inputs, its `o`, `den` and `dout`, and builds
+/// its feature map.
+///
+/// Errors: [`Error::BadInput`] when `fwd` was computed for another shape, for an `o`, `den`,
+/// `dout`, reference, state or key/value state of the wrong size, or invalid saved options.
+pub(crate) fn check_saved<T: Scalar>(
+    x: &Qkv<'_, T>,
+    fwd: &PolySaved<T>,
+    o: &[T],
+    den: &[T],
+    dout: &[T],
+) -> Result<FeatureMap<T>> {
+    super::check_backward(x, &fwd.shape, o, dout)?;
+    fwd.shape.check_rowwise("den", den)?;
+    fwd.opts.validate()?;
+    fwd.popts.validate()?;
+    let s = fwd.shape;
+    if fwd.reference.len() != s.kv_heads() * s.head_dim {
+        return Err(Error::bad(
+            "fwd",
+            format!("reference has {} values, expected [batch, num_kv_heads, head_dim]", fwd.reference.len()),
+        ));
+    }
+    let fm = FeatureMap::<T>::new(s.head_dim, fwd.popts.degree)?;
+    let state_len = fm.dim() * (s.head_dim_v + 1);
+    if !fwd.opts.is_causal() && fwd.kv_state.len() != s.kv_heads() * state_len {
+        return Err(Error::bad(
+            "fwd",
+            format!("key/value state is not {} heads of [r, head_dim_v + 1] = {state_len} values", s.kv_heads()),
+        ));
+    }
+    if let Some(st) = &fwd.initial {
+        check_state("fwd", st, &s, fm.dim())?;
+    }
+    Ok(fm)
+}
+
+/// Polynomial attention, backward of a call without a loss on its final state (see
+/// [`backward_poly_state`]).
+///
+/// Errors: as [`backward_poly_state`].
+pub fn backward_poly<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T]) -> Result<AttnGrads<T>> {
+    Ok(backward_poly_state(x, fwd, dout, None)?.0)
+}
+
+/// Polynomial attention, backward: the exact gradient of [`forward_poly_state`]'s function
+/// (MATH §4), including the chain rule through the row shift `m_i` (which depends on `q_i` and the
+/// keys; the reference point is a constant, as the function does not depend on it). `fwd` must
+/// come from [`forward_poly_state`] on the same inputs (its shape, options, reference points and
+/// initial state are used); `dout = dL/do [batch, seq_len, num_heads, head_dim_v]`; `dfinal`
+/// (causal) is `dL/d(final state)` when the final state feeds a later piece or a loss (fla's
+/// `dht`; zero when `None`).
+///
+/// Returns the gradients of `q`, `k`, `v` and, causal, the gradient of the initial state (fla's
+/// `dh0`; `dkey_sum` collects `Σ_i τ dm_i q_i/(count + i + 1)` from the prefix means, plus
+/// `dfinal`'s); chain pieces backwards by passing it as the previous piece's `dfinal`.
+/// Non-causal: per query head `dΨ`, `dQ` and `dH'`; then per key/value head `dK`, `dV` from the
+/// group's summed `dH'`. Causal: per query head a forward scan (`dQ`, intra-chunk terms) and a
+/// reverse scan from `dS'_final` (`dK`, `dV`, `dS'_initial`), summed over each group.
+///
+/// Errors: [`Error::BadInput`] when `fwd` was computed for another shape, `fwd`/`dout`/`dfinal`
+/// have the wrong sizes, or `dfinal` is given without the causal mask.
+pub fn backward_poly_state<T: Scalar>(
+    x: &Qkv<'_, T>,
+    fwd: &PolyOutput<T>,
+    dout: &[T],
+    dfinal: Option<&PolyStateGrad<T>>,
+) -> Result<(AttnGrads<T>, Option<PolyStateGrad<T>>)> {
+    let mut grads = AttnGrads::zeros(x.shape());
+    let dinit = backward_poly_into(x, &fwd.saved, &fwd.o, &fwd.den, dout, dfinal, grads.as_mut(), &Workspace::new())?;
+    Ok((grads, dinit))
+}
+
+/// [`backward_poly_state`] from a forward's [`PolySaved`] and its caller-owned `o` and `den`, into
+/// caller-owned gradients (overwritten), with scratch from `ws`; returns the initial state's
+/// gradient (causal).
+///
+/// Errors: as [`backward_poly_state`], or [`Error::BadInput`] naming a buffer of the wrong length.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_poly_into<T: Scalar>(
+    x: &Qkv<'_, T>,
+    fwd: &PolySaved<T>,
+    o: &[T],
+    den: &[T],
+    dout: &[T],
+    dfinal: Option<&PolyStateGrad<T>>,
+    mut grads: AttnGradsMut<'_, T>,
+    ws: &Workspace<T>,
+) -> Result<Option<PolyStateGrad<T>>> {
+    let fm = check_saved(x, fwd, o, den, dout)?;
+    let (s, opts, popts) = (fwd.shape, fwd.opts, fwd.popts);
+    grads.check(&s)?;
+    let (n, d, causal) = (s.seq_len, s.head_dim, opts.is_causal());
+    let head = Head { fm: &fm, dv: s.head_dim_v, scale: opts.scale, center: popts.center, chunk: popts.chunk, ws };
+    let len = head.r() * head.e();
+    if let Some(df) = dfinal {
+        if !causal {
+            return Err(Error::bad("dfinal", "a state gradient needs the causal mask"));
+        }
+        let want = (s.kv_heads() * len, s.kv_heads() * d);
+        if (df.ds.len(), df.dkey_sum.len()) != want {
+            return Err(Error::bad("dfinal", format!("expected ds of {} and dkey_sum of {} values", want.0, want.1)));
+        }
+    }
+    let kvs = kv_heads(x, causal, &popts, Some(&fwd.reference), fwd.initial.as_ref());
+    let view = |h: usize| (s.query(x.q(), h), s.out(o, h), s.out(dout, h), &den[h * n..(h + 1) * n]);
+    if causal {
+        let per_head = query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
+            let (qh, oh, gh, dh) = view(h);
+            let kvh = h / s.group();
+            let block = kvh * len..(kvh + 1) * len;
+            let mut scan = fwd.initial.as_ref().map_or_else(|| vec![T::zero(); len], |st| st.s[block.clone()].to_vec());
+            // the final state's gradient enters once per group, through its first query head
+            let mut dscan = match dfinal {
+                Some(df) if h % s.group() == 0 => df.ds[block].to_vec(),
+                _ => vec![T::zero(); len],
+            };
+            let mut dks = vec![0.0f64; d];
+            backward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), oh, dh, gh, &mut dscan, dq, dk, dv, &mut dks);
+            Ok((dscan, dks))
+        })?;
+        let sums = sum_groups(per_head, s.group());
+        // key_sum_final = key_sum_initial + Σ_j k_j: dfinal's dkey_sum reaches every key and the
+        // initial sum
+        let dsum = |h: usize| -> Vec<T> {
+            dfinal.map_or_else(|| vec![T::zero(); d], |df| df.dkey_sum[h * d..(h + 1) * d].to_vec())
+        };
+        if dfinal.is_some() {
+            s.kv_views(grads.dk, d).into_par_iter().enumerate().for_each(|(h, mut dkh)| {
+                let add = dsum(h);
+                for i in 0..dkh.rows() {
+                    for (x, a) in dkh.row_mut(i).iter_mut().zip(&add) {
+                        *x += *a;
+                    }
+                }
+            });
+        }
+        let dkey_sum = sums
+            .iter()
+            .enumerate()
+            .flat_map(|(h, (_, dks))| {
+                dks.iter().zip(dsum(h)).map(|(a, b)| T::from_f64(a + b.as_f64())).collect::<Vec<_>>()
+            })
+            .collect();
+        let ds = sums.into_iter().flat_map(|(ds, _)| ds).collect();
+        return Ok(Some(PolyStateGrad { ds, dkey_sum }));
+    }
+    // Non-causal: per query head dQ, dH' and dk̄; the group's sums feed one key pass per key/value head.
+    grads.zero();
+    let per_head: Vec<(Vec<T>, Vec<f64>)> = s
+        .query_views(grads.dq, d)
+        .into_par_iter()
+        .enumerate()
+        .map(|(h, mut dqh)| {
+            let (qh, oh, gh, dh) = view(h);
+            let kvh = h / s.group();
+            let kv = &kvs[kvh];
+            let m = row_shifts(qh, &kv.kbar, opts.scale, popts.center);
+            let (mut dstate, mut dkbar) = (vec![T::zero(); len], vec![0.0f64; d]);
+            let x = QueryBack { q: qh, m: &m, o: oh, den: dh, g: gh };
+            head.backward_queries(
+                &x,
+                &kv.kbar,
+                &fwd.kv_state[kvh * len..(kvh + 1) * len],
+                &mut dqh,
+                &mut dstate,
+                &mut dkbar,
+            );
+            (dstate, dkbar)
+        })
+        .collect();
+    let sums = sum_groups(per_head, s.group());
+    let dks = s.kv_views(grads.dk, d);
+    let dvs = s.kv_views(grads.dv, s.head_dim_v);
+    dks.into_par_iter().zip(dvs).zip(kvs.par_iter().zip(sums.par_iter())).for_each(
+        |((mut dkh, mut dvh), (kv, (dstate, dkbar)))| head.backward_keys(kv, dstate, dkbar, &mut dkh, &mut dvh),
+    );
+    Ok(None)
+}
+
 /// `[1/0!, 1/1!, …, 1/g!]`: the coefficients of `T_g`.
-fn taylor_coefs<T: Scalar>(g: usize) -> Vec<T> {
+pub(crate) fn taylor_coefs<T: Scalar>(g: usize) -> Vec<T> {
     let mut c = Vec::with_capacity(g + 1);
     let mut f = 1.0f64;
     for t in 0..=g {

@@ -8,8 +8,8 @@ use super::{loglog_slope, method_flops};
 use crate::attention::bound::{choose_degree, eps_a};
 use crate::attention::bound::{key_means, row_shift};
 use crate::attention::features::feature_dim;
-use crate::attention::gather_head;
 use crate::attention::mixed::HeadPlan;
+use crate::attention::view::Rows;
 use crate::attention::{Method, PolyOptions};
 use crate::linalg::rel_err;
 use crate::linalg::{matmul, par_all, rm, rm_mut};
@@ -359,13 +359,13 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
 /// tiles of 256 query rows (one GEMM each). O(n²·d) per head.
 fn max_shifted_score(inp: &Inputs<f64>) -> f64 {
     let s = inp.shape;
-    let (n, d, tau, causal) = (s.seq_len, s.head_dim, inp.opts.scale, inp.opts.causal);
+    let (n, d, tau, causal) = (s.seq_len, s.head_dim, inp.opts.scale, inp.opts.is_causal());
     const TILE: usize = 256;
     let mut best = 0.0f64;
     let mut tile = vec![0.0f64; TILE * n];
     for h in 0..s.num_heads {
-        let q = gather_head(&inp.q, n, s.num_heads, d, h);
-        let k = gather_head(&inp.k, n, s.num_kv_heads, d, h / s.group());
+        let q = Rows::head(&inp.q, n, s.num_heads, d, 0, h).to_vec();
+        let k = Rows::head(&inp.k, n, s.num_kv_heads, d, 0, h / s.group()).to_vec();
         let kbar = key_means(&k, n, d, causal);
         let m = row_shift(&q, &kbar, n, d, tau);
         let mut i0 = 0;

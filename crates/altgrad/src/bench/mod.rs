@@ -175,11 +175,12 @@ pub fn time_exact(n: usize, head_dim: usize, num_heads: usize, causal: bool, rep
         (0..len).map(|i| (((i * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0).collect()
     };
     let (q, k, v, g) = (gen(1), gen(2), gen(3), gen(4));
+    let x = attention::Qkv::new(&q, &k, &v, &s).unwrap();
     let mut fwd = None;
-    let fwd_s = median_time(reps, || fwd = Some(attention::forward_exact(&q, &k, &v, &s, &opts).unwrap()));
+    let fwd_s = median_time(reps, || fwd = Some(attention::forward_exact(&x, &opts).unwrap()));
     let fwd = fwd.unwrap();
     let bwd_s = median_time(reps, || {
-        std::hint::black_box(attention::backward_exact(&q, &k, &v, &fwd, &g, &s, &opts).unwrap());
+        std::hint::black_box(attention::backward_exact(&x, &fwd, &g).unwrap());
     });
     let flops = exact_attention_flops(&s, causal);
     ExactRun { n, head_dim, num_heads, causal, fwd_s, bwd_s, flops, gflops: flops / (fwd_s + bwd_s) / 1e9 }

@@ -5,11 +5,12 @@
 //! remainder absorbs the difference).
 
 use super::median_time;
-use crate::attention::bound::{key_means, poly_flops, row_shift};
+use crate::attention::bound::poly_flops;
 use crate::attention::exact::{self, BLOCK_K, BLOCK_Q};
 use crate::attention::features::FeatureMap;
-use crate::attention::poly::Head;
-use crate::attention::AttnOptions;
+use crate::attention::poly::{kv_head, row_shifts, Head, QueryBack, State};
+use crate::attention::view::{Rows, RowsMut};
+use crate::attention::{AttnOptions, Workspace};
 use crate::linalg::{matmul, rm, rm_mut, Scalar};
 use crate::Result;
 use faer::Par;
@@ -181,24 +182,46 @@ pub fn profile_poly_stages(
     let e = dv + 1;
     let scale = 1.0 / (d as f64).sqrt();
     let c = chunk.max(1).min(n);
-    let head = Head { fm: &fm, n, dv, scale, center: true, chunk: c };
+    let ws = Workspace::new();
+    let head = Head { fm: &fm, dv, scale, center: true, chunk: c, ws: &ws };
     let (q, k, v, gr) = (gen(n * d, 11), gen(n * d, 12), gen(n * dv, 13), gen(n * dv, 14));
-    let kbar = key_means(&k, n, d, causal);
-    let m = row_shift(&q, &kbar, n, d, scale);
+    let (qr, gv) = (Rows::contiguous(&q, n, d), Rows::contiguous(&gr, n, dv));
+    let kv = kv_head(Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv), causal, true, c, None, None, 0);
+    let m = row_shifts(qr, &kv.kbar, scale, true);
     let reps = 3;
-    let total = if causal {
-        median_time(reps, || {
-            let (o, den) = head.forward_causal(&q, &k, &v, &m);
-            std::hint::black_box(head.backward_causal(&q, &k, &v, &o, &den, &gr, &m, &kbar));
-        })
-    } else {
-        median_time(reps, || {
-            let st = head.kv_state(&k, &v);
-            let (o, den) = head.forward_queries(&q, &m, &st);
-            let (_, dstate, dkbar) = head.backward_queries(&q, &o, &den, &gr, &m, &kbar, &st);
-            std::hint::black_box(head.backward_keys(&k, &v, &dstate, &dkbar));
-        })
-    };
+    let (mut o, mut den) = (vec![0.0f32; n * dv], vec![0.0f32; n]);
+    let (mut dq, mut dk, mut dvv) = (vec![0.0f32; n * d], vec![0.0f32; n * d], vec![0.0f32; n * dv]);
+    let mut st = vec![0.0f32; r * e];
+    let mut dst = vec![0.0f32; r * e];
+    let mut dks = vec![0.0f64; d];
+    let total = median_time(reps, || {
+        st.fill(0.0);
+        if !causal {
+            head.kv_state(&kv, &mut st);
+        }
+        {
+            let mut om = RowsMut::contiguous(&mut o, n, dv);
+            let state = if causal { State::Scan(&mut st) } else { State::Keys(&st) };
+            match state {
+                State::Scan(s) => head.forward_causal(qr, &kv, &m, s, &mut om, &mut den),
+                State::Keys(s) => head.forward_queries(qr, &m, s, &mut om, &mut den),
+            }
+        }
+        let or = Rows::contiguous(&o, n, dv);
+        let (mut dqm, mut dkm) = (RowsMut::contiguous(&mut dq, n, d), RowsMut::contiguous(&mut dk, n, d));
+        let mut dvm = RowsMut::contiguous(&mut dvv, n, dv);
+        dst.fill(0.0);
+        if causal {
+            st.fill(0.0);
+            let x = QueryBack { q: qr, m: &m, o: or, den: &den, g: gv };
+            head.backward_causal(&x, &kv, &mut st, &mut dst, &mut dqm, &mut dkm, &mut dvm, &mut dks);
+        } else {
+            let x = QueryBack { q: qr, m: &m, o: or, den: &den, g: gv };
+            head.backward_queries(&x, &kv.kbar, &st, &mut dqm, &mut dst, &mut dks);
+            head.backward_keys(&kv, &dst, &dks, &mut dkm, &mut dvm);
+        }
+        std::hint::black_box(&dvv);
+    });
     let chunks = n.div_ceil(c);
     // feature passes over all n rows: non-causal K, Q (fwd), Q, K (bwd); causal Q, K (fwd), Q, K (fwd scan), K, Q (reverse)
     let (apply_passes, vjp_passes) = if causal { (6, 2) } else { (4, 2) };
@@ -293,9 +316,26 @@ pub fn profile_exact_stages(n: usize, d: usize, causal: bool, peak1: f64) -> Sta
     let dv = d;
     let opts = AttnOptions::standard(d, causal);
     let (q, k, v, gr) = (gen(n * d, 31), gen(n * d, 32), gen(n * dv, 33), gen(n * dv, 34));
+    let ws = Workspace::new();
     let total = median_time(3, || {
-        let (o, lse) = exact::forward_head(&q, &k, &v, n, d, dv, &opts);
-        std::hint::black_box(exact::backward_head(&q, &k, &v, &o, &lse, &gr, n, d, dv, &opts));
+        let (qr, kr, vr) = (Rows::contiguous(&q, n, d), Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv));
+        let (mut o, mut lse) = (vec![0.0f32; n * dv], vec![0.0f32; n]);
+        exact::forward_head(qr, kr, vr, &opts, &mut RowsMut::contiguous(&mut o, n, dv), &mut lse, &ws);
+        let (mut dq, mut dk, mut dvv) = (vec![0.0f32; n * d], vec![0.0f32; n * d], vec![0.0f32; n * dv]);
+        exact::backward_head(
+            qr,
+            kr,
+            vr,
+            Rows::contiguous(&o, n, dv),
+            &lse,
+            Rows::contiguous(&gr, n, dv),
+            &opts,
+            &mut RowsMut::contiguous(&mut dq, n, d),
+            &mut RowsMut::contiguous(&mut dk, n, d),
+            &mut RowsMut::contiguous(&mut dvv, n, dv),
+            &ws,
+        );
+        std::hint::black_box(&dvv);
     });
     // tile counts (full tiles; partial tiles at the end counted as full: n a multiple of 128 here)
     let (mut fwd_tiles, mut bwd_tiles) = (0usize, 0usize);

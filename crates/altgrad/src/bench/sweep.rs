@@ -364,25 +364,26 @@ pub(crate) fn run_method<T: Scalar>(
     inp: &Inputs<T>,
     popts: &PolyOptions,
 ) -> Result<(f64, f64, Vec<T>, AttnGrads<T>)> {
-    let (q, k, v, g, s, o) = (&inp.q, &inp.k, &inp.v, &inp.g, &inp.shape, &inp.opts);
+    let (x, g, o) = (attention::Qkv::new(&inp.q, &inp.k, &inp.v, &inp.shape)?, &inp.g, &inp.opts);
     let t0 = Instant::now();
     Ok(match method {
         Method::Exact => {
-            let f = attention::forward_exact(q, k, v, s, o)?;
+            let f = attention::forward_exact(&x, o)?;
             let t1 = t0.elapsed().as_secs_f64();
-            let gr = attention::backward_exact(q, k, v, &f, g, s, o)?;
+            let gr = attention::backward_exact(&x, &f, g)?;
             (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
         }
-        Method::Poly => {
-            let f = attention::forward_poly(q, k, v, s, o, popts)?;
+        Method::Poly | Method::AltGrad => {
+            if method == Method::AltGrad {
+                attention::altgrad::check_kron_state(&inp.shape, popts)?;
+            }
+            let f = attention::forward_poly(&x, o, popts)?;
             let t1 = t0.elapsed().as_secs_f64();
-            let gr = attention::backward_poly(q, k, v, &f, g, s, o, popts)?;
-            (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
-        }
-        Method::AltGrad => {
-            let f = attention::forward_altgrad(q, k, v, s, o, popts)?;
-            let t1 = t0.elapsed().as_secs_f64();
-            let gr = attention::backward_altgrad(q, k, v, &f, g, s, o, popts)?;
+            let gr = if method == Method::Poly {
+                attention::backward_poly(&x, &f, g)?
+            } else {
+                attention::backward_altgrad(&x, &f, g)?
+            };
             (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
         }
     })

@@ -124,7 +124,7 @@ pub fn decide<T: Scalar>(
                 HeadDecision { plan, bound: r, rank: feature_dim(d, g), predicted_rel_err: output_bound(r, g), reason }
             }
             AttentionPolicy::Auto { tol, max_rank, chunk } => {
-                let p = Policy::choose(n, d, dv, opts.causal, r, *tol, *max_rank);
+                let p = Policy::choose(n, d, dv, opts.is_causal(), r, *tol, *max_rank);
                 let plan = match p.degree {
                     Some(g) => HeadPlan::Poly(PolyOptions { degree: g, center: true, chunk: *chunk }),
                     None => HeadPlan::Exact,

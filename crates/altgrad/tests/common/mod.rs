@@ -107,3 +107,13 @@ pub fn layernorm_ref(x: &[f64], dim: usize, w: &[f64], b: &[f64], eps: f64) -> V
     }
     y
 }
+
+/// The checked inputs of one attention call (panics on a length mismatch: test data is built to fit).
+pub fn qkv<'a, T>(
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    s: &altgrad::attention::AttnShape,
+) -> altgrad::attention::Qkv<'a, T> {
+    altgrad::attention::Qkv::new(q, k, v, s).unwrap()
+}

@@ -137,7 +137,7 @@ impl<T: Scalar> BertModel<T> {
     }
 
     fn attn_opts(&self) -> AttnOptions {
-        AttnOptions { causal: false, scale: 1.0 / (self.cfg.head_dim as f64).sqrt() }
+        AttnOptions::full(self.cfg.head_dim)
     }
 }
 

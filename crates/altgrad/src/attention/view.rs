@@ -1,0 +1,175 @@
+//! Strided row views: one head of a `[batch, seq, heads, width]` tensor (MATH §1's layout) is a
+//! `seq × width` matrix with row stride `heads · width`, read and written in place (no per-head
+//! copies). [`Rows`] reads; [`RowsMut`] writes and is built by splitting one tensor into disjoint
+//! heads ([`heads_mut`]), so heads can be written in parallel.
+
+use crate::linalg::{rm_strided, Scalar};
+use faer::prelude::ReborrowMut;
+use faer::{MatMut, MatRef};
+
+/// A read-only `rows × cols` matrix whose row `i` is `data[i·stride .. i·stride + cols]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+}
+
+impl<'a, T> Rows<'a, T> {
+    /// Rows `0..rows` of width `cols` starting at `data[0]`, `stride` apart (`stride ≥ cols`).
+    /// Panics if `data` is too short (a programming error: callers check lengths first).
+    pub fn new(data: &'a [T], rows: usize, cols: usize, stride: usize) -> Self {
+        assert!(stride >= cols, "Rows: stride {stride} < cols {cols}");
+        assert!(rows == 0 || cols == 0 || data.len() >= (rows - 1) * stride + cols, "Rows: data too short");
+        Rows { data, rows, cols, stride }
+    }
+
+    /// A contiguous row-major `rows × cols` matrix (`data.len() == rows·cols`).
+    pub fn contiguous(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "Rows::contiguous: wrong length");
+        Rows::new(data, rows, cols, cols)
+    }
+
+    /// Head `(b, h)` of `x [batch, seq, heads, width]` (row-major, contiguous): `seq × width`.
+    pub fn head(x: &'a [T], seq: usize, heads: usize, width: usize, b: usize, h: usize) -> Self {
+        let start = (b * seq * heads + h) * width;
+        Rows::new(&x[start.min(x.len())..], seq, width, heads * width)
+    }
+
+    /// Number of rows.
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row width.
+    #[inline]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `i` (`i < rows`).
+    #[inline]
+    pub fn row(&self, i: usize) -> &'a [T] {
+        debug_assert!(i < self.rows);
+        let s = i * self.stride;
+        &self.data[s..s + self.cols]
+    }
+
+    /// Rows `i0..i0 + n`.
+    #[inline]
+    pub fn sub(&self, i0: usize, n: usize) -> Rows<'a, T> {
+        assert!(i0 + n <= self.rows, "Rows::sub out of range");
+        let start = if n == 0 { 0 } else { i0 * self.stride };
+        Rows { data: &self.data[start..], rows: n, cols: self.cols, stride: self.stride }
+    }
+
+    /// A contiguous row-major copy (`rows·cols` values), for callers that need one.
+    pub fn to_vec(&self) -> Vec<T>
+    where
+        T: Clone,
+    {
+        (0..self.rows).flat_map(|i| self.row(i).iter().cloned()).collect()
+    }
+
+    /// The rows as a faer matrix view (row stride `stride`, column stride 1).
+    #[inline]
+    pub fn mat(&self) -> MatRef<'a, T> {
+        rm_strided(self.data, self.rows, self.cols, self.stride)
+    }
+}
+
+/// A writable `rows × cols` matrix with unit column stride: one head of an output tensor, or a
+/// contiguous buffer.
+#[derive(Debug)]
+pub struct RowsMut<'a, T> {
+    m: MatMut<'a, T>,
+}
+
+impl<'a, T: Scalar> RowsMut<'a, T> {
+    /// A contiguous row-major `rows × cols` buffer (`data.len() == rows·cols`).
+    pub fn contiguous(data: &'a mut [T], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "RowsMut::contiguous: wrong length");
+        RowsMut { m: MatMut::from_row_major_slice_mut(data, rows, cols) }
+    }
+
+    /// Number of rows.
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.m.nrows()
+    }
+
+    /// Row `i`, as a slice.
+    #[inline]
+    pub fn row_mut(&mut self, i: usize) -> &mut [T] {
+        self.m.rb_mut().row_mut(i).try_as_row_major_mut().expect("unit column stride").as_slice_mut()
+    }
+
+    /// Rows `i0..i0 + n`.
+    #[inline]
+    pub fn sub_mut(&mut self, i0: usize, n: usize) -> RowsMut<'_, T> {
+        RowsMut { m: self.m.rb_mut().subrows_mut(i0, n) }
+    }
+
+    /// The rows as a faer matrix view.
+    #[inline]
+    pub fn mat_mut(&mut self) -> MatMut<'_, T> {
+        self.m.rb_mut()
+    }
+
+    /// Sets every entry to zero.
+    pub fn fill_zero(&mut self) {
+        self.m.fill(T::zero());
+    }
+}
+
+/// Every head of `x [batch, seq, heads, width]` (row-major, contiguous) as a disjoint writable
+/// `seq × width` view, in the order `b · heads + h`. Panics if `x.len() != batch·seq·heads·width`.
+pub fn heads_mut<T: Scalar>(x: &mut [T], batch: usize, seq: usize, heads: usize, width: usize) -> Vec<RowsMut<'_, T>> {
+    assert_eq!(x.len(), batch * seq * heads * width, "heads_mut: wrong length");
+    let mut out = Vec::with_capacity(batch * heads);
+    if seq == 0 || width == 0 {
+        for _ in 0..batch * heads {
+            out.push(RowsMut { m: MatMut::from_row_major_slice_mut(&mut [], seq, width) });
+        }
+        return out;
+    }
+    let mut rest = MatMut::from_row_major_slice_mut(x, batch * seq, heads * width);
+    for _ in 0..batch {
+        let (mut seq_rows, tail) = rest.split_at_row_mut(seq);
+        rest = tail;
+        for _ in 0..heads {
+            let (head, right) = seq_rows.split_at_col_mut(width);
+            seq_rows = right;
+            out.push(RowsMut { m: head });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_strided_views() {
+        let (b, n, h, w) = (2, 3, 4, 5);
+        let x: Vec<f64> = (0..b * n * h * w).map(|i| i as f64).collect();
+        let mut y = vec![0.0f64; x.len()];
+        {
+            let mut views = heads_mut(&mut y, b, n, h, w);
+            for bi in 0..b {
+                for hi in 0..h {
+                    let r = Rows::head(&x, n, h, w, bi, hi);
+                    let out = &mut views[bi * h + hi];
+                    for i in 0..n {
+                        out.row_mut(i).copy_from_slice(r.row(i));
+                        assert_eq!(r.row(i)[0], x[((bi * n + i) * h + hi) * w]);
+                    }
+                }
+            }
+        }
+        assert_eq!(x, y);
+    }
+}
