@@ -9,7 +9,7 @@
 """
 
 from . import _core
-from .attention import METHODS, AltGradAttention, ExactAttention, PolyAttention, attention
+from .attention import METHODS, AltGradAttention, ExactAttention, PolyAttention, PolyState, attention
 from .model import Model, load
 
 __version__ = _core.__version__
@@ -20,6 +20,7 @@ __all__ = [
     "ExactAttention",
     "PolyAttention",
     "AltGradAttention",
+    "PolyState",
     "load",
     "Model",
     "set_num_threads",

@@ -5,11 +5,11 @@ Layout (flash-attn, MATH §1): ``q [B, T, H, D]``, ``k [B, T, H_kv, D]``, ``v [B
 of one dtype, float32 or float64. Forward and backward run in Rust (``altgrad._core``) with the GIL
 released; contiguous inputs are read in place, outputs are handed over without a copy.
 
-Structure, for the state in/out that is still to come (see ``_STATE_TODO``): every call builds
-one frozen ``_Options``; ``_AttentionFunction.forward(ctx, opts, q, k, v, *initial_state)``
-returns ``(o, *final_state)`` and ``backward(ctx, do, *d_final_state)`` returns
-``(None, dq, dk, dv, *d_initial_state)``. Today ``initial_state`` is empty and only ``o`` is
-returned.
+Every call builds one frozen ``_Options``; ``_AttentionFunction.forward(ctx, opts, q, k, v, s0,
+key_sum0, reference0, count0)`` returns ``o`` or ``(o, *final_state)`` and ``backward`` returns
+``(None, dq, dk, dv, ds0, dkey_sum0, None, None)``: the causal polynomial scan's state goes in and
+out as the four tensors of a :class:`PolyState` (fla's ``initial_state`` / ``output_final_state``),
+and gradients flow through it.
 """
 
 from __future__ import annotations
@@ -18,28 +18,49 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import _core
 
-__all__ = ["attention", "METHODS", "ExactAttention", "PolyAttention", "AltGradAttention"]
+__all__ = ["attention", "METHODS", "PolyState", "ExactAttention", "PolyAttention", "AltGradAttention"]
 
 #: The methods ``attention`` accepts.
 METHODS = ("exact", "poly", "altgrad")
 
 #: The forward tensors each method saves for its backward, besides ``q, k, v`` (names of the dict
-#: ``_core.attention_forward`` returns): ``o [B, T, H, D_v]``, ``lse [B, H, T]``, and for poly the
-#: denominators ``den [B, H, T]`` and the non-causal state ``kv_state [B, H_kv, r, D_v + 1]``.
-_SAVED = {"exact": ("o", "lse"), "poly": ("o", "lse", "den", "kv_state"), "altgrad": ("o", "lse")}
+#: ``_core.attention_forward`` returns): ``o [B, T, H, D_v]``, and ``lse [B, H, T]`` (exact) or the
+#: denominators ``den [B, H, T]``, the non-causal state ``kv_state [B, H_kv, r, D_v + 1]`` and the
+#: reference points ``reference [B, H_kv, D]`` (poly, altgrad).
+_SAVED = {
+    "exact": ("o", "lse"),
+    "poly": ("o", "den", "kv_state", "reference"),
+    "altgrad": ("o", "den", "kv_state", "reference"),
+}
 
-_STATE_TODO = (
-    "initial_state/output_final_state: carrying the polynomial scan's state across calls needs the "
-    "library's PolyState (S' [B, H_kv, r, D_v+1], key prefix sum, reference point, count), which is "
-    "not in this version of altgrad yet"
-)
+
+class PolyState(NamedTuple):
+    """The causal polynomial scan's state after the keys of one piece of a sequence (MATH §4
+    "Causal"; fla's ``final_state`` / ``initial_state``), with ``r = C(D + g, g)``:
+
+    - ``s [B, H_kv, r, D_v + 1]``: ``S' = Σ_j φ(√τ (k_j − c)) [v_j, 1]ᵀ`` over every key so far
+      (numerator and denominator state, relative to the reference point ``c``);
+    - ``key_sum [B, H_kv, D]``: ``Σ_j k_j`` (the prefix means of the row shift);
+    - ``reference [B, H_kv, D]``: ``c``, the mean of the sequence's first ``min(chunk, T)`` keys
+      (zeros without ``center``); a constant: it has no gradient, and a loss on ``s`` itself treats
+      it as fixed;
+    - ``count``: an int64 scalar tensor, the keys so far (the next piece's row ``i`` is position
+      ``count + i``).
+
+    Gradients flow through ``s`` and ``key_sum``. A state belongs to one degree, scale, value width
+    and centering: continue it with the same options."""
+
+    s: torch.Tensor
+    key_sum: torch.Tensor
+    reference: torch.Tensor
+    count: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -52,11 +73,21 @@ class _Options:
     degree: int
     center: bool
     chunk: int
+    window: Optional[int] = None
+    sinks: int = 0
     output_final_state: bool = False
 
     def core_kwargs(self) -> dict:
         """Keyword arguments of ``_core.attention_forward`` / ``attention_backward``."""
-        return dict(causal=self.causal, scale=self.scale, degree=self.degree, center=self.center, chunk=self.chunk)
+        return dict(
+            causal=self.causal,
+            scale=self.scale,
+            degree=self.degree,
+            center=self.center,
+            chunk=self.chunk,
+            window=self.window,
+            sinks=self.sinks,
+        )
 
 
 def _np(x: torch.Tensor):
@@ -64,39 +95,72 @@ def _np(x: torch.Tensor):
     return x.detach().numpy()
 
 
+def _state_np(s0, key_sum0, reference0, count0):
+    """The core's ``initial_state`` tuple from the state tensors (``None`` without a state)."""
+    if s0 is None:
+        return None
+    return (_np(s0.contiguous()), _np(key_sum0.contiguous()), _np(reference0.contiguous()), int(count0))
+
+
 class _AttentionFunction(torch.autograd.Function):
     """Shared forward/backward of the three methods (the subclasses below differ in docs only)."""
 
     @staticmethod
-    def forward(ctx, opts: _Options, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # STATE: `*initial_state` tensors follow `v` in the signature; pass them to
-        # _core.attention_forward, save them, and return `(o, *final_state)` when
-        # opts.output_final_state (mark the state's integer count non-differentiable).
-        out = _core.attention_forward(opts.method, _np(q), _np(k), _np(v), **opts.core_kwargs())
+    def forward(ctx, opts: _Options, q, k, v, s0=None, key_sum0=None, reference0=None, count0=None):
+        init = _state_np(s0, key_sum0, reference0, count0)
+        out = _core.attention_forward(
+            opts.method,
+            _np(q),
+            _np(k),
+            _np(v),
+            initial_state=init,
+            output_final_state=opts.output_final_state,
+            **opts.core_kwargs(),
+        )
         saved = [torch.from_numpy(out[name]) for name in _SAVED[opts.method]]
-        ctx.save_for_backward(q, k, v, *saved)
+        state = [] if s0 is None else [s0, key_sum0, reference0]
+        ctx.save_for_backward(q, k, v, *saved, *state)
         ctx.opts = opts
-        return saved[0]
+        ctx.count0 = None if s0 is None else int(count0)
+        ctx.set_materialize_grads(False)
+        o = saved[0]
+        if not opts.output_final_state:
+            return o
+        final = [torch.from_numpy(out[f"final_{name}"]) for name in ("s", "key_sum", "reference")]
+        count = torch.tensor(out["final_count"], dtype=torch.int64)
+        ctx.mark_non_differentiable(final[2], count)
+        return (o, *final, count)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_o: torch.Tensor):
-        # STATE: `*grad_final_state` follow `grad_o`; hand them to _core.attention_backward and
-        # return the initial state's gradients after dv.
+    def backward(ctx, grad_o, grad_s=None, grad_key_sum=None, *_):
         opts: _Options = ctx.opts
         q, k, v, *rest = ctx.saved_tensors
-        saved = {name: _np(t) for name, t in zip(_SAVED[opts.method], rest)}
+        n = len(_SAVED[opts.method])
+        saved = {name: _np(t) for name, t in zip(_SAVED[opts.method], rest[:n])}
+        init = None
+        if ctx.count0 is not None:
+            init = _state_np(*rest[n:], ctx.count0)
+        if grad_o is None:
+            grad_o = torch.zeros_like(rest[0])
         g = grad_o.to(q.dtype).contiguous()
-        dq, dk, dv = _core.attention_backward(
-            opts.method, _np(q), _np(k), _np(v), saved, _np(g), **opts.core_kwargs()
+        grad_final = None
+        if grad_s is not None or grad_key_sum is not None:
+            grad_final = tuple(None if x is None else _np(x.to(q.dtype).contiguous()) for x in (grad_s, grad_key_sum))
+        dq, dk, dv, ds0, dks0 = _core.attention_backward(
+            opts.method,
+            _np(q),
+            _np(k),
+            _np(v),
+            saved,
+            _np(g),
+            initial_state=init,
+            grad_final_state=grad_final,
+            **opts.core_kwargs(),
         )
         need = ctx.needs_input_grad
-        return (
-            None,
-            torch.from_numpy(dq) if need[1] else None,
-            torch.from_numpy(dk) if need[2] else None,
-            torch.from_numpy(dv) if need[3] else None,
-        )
+        t = lambda x, i: torch.from_numpy(x) if (x is not None and need[i]) else None  # noqa: E731
+        return (None, t(dq, 1), t(dk, 2), t(dv, 3), t(ds0, 4), t(dks0, 5), None, None)
 
 
 class ExactAttention(_AttentionFunction):
@@ -160,7 +224,7 @@ def _check_int(name: str, x) -> int:
         raise TypeError(f"{name}: expected an int, got {type(x).__name__}") from None
 
 
-def _options(method, causal, scale, degree, center, chunk, output_final_state: bool) -> _Options:
+def _options(method, causal, scale, degree, center, chunk, window, sinks, output_final_state: bool) -> _Options:
     """The checked options of one call (MATH §3: even degree ≥ 2; positive finite scale and chunk);
     ``TypeError`` / ``ValueError`` naming the argument otherwise."""
     if not isinstance(method, str):
@@ -186,7 +250,65 @@ def _options(method, causal, scale, degree, center, chunk, output_final_state: b
     chunk = _core.DEFAULT_CHUNK if chunk is None else _check_int("chunk", chunk)
     if chunk < 1:
         raise ValueError(f"chunk: must be at least 1, got {chunk}")
-    return _Options(method, causal, scale, degree, center, chunk, output_final_state)
+    if window is not None:
+        window = _check_int("window", window)
+        if window < 1:
+            raise ValueError(f"window: must be at least 1 (keys per row, diagonal included), got {window}")
+        if method != "exact":
+            raise ValueError('window: a sliding window is an exact-attention mask (method="exact")')
+        if not causal:
+            raise ValueError("window: a sliding window is causal: pass causal=True")
+    sinks = _check_int("sinks", sinks)
+    if sinks < 0:
+        raise ValueError(f"sinks: must be non-negative, got {sinks}")
+    if sinks > 0 and window is None:
+        raise ValueError("sinks: attention sinks belong to a sliding window: pass window too")
+    output_final_state = _check_bool("output_final_state", output_final_state)
+    return _Options(method, causal, scale, degree, center, chunk, window, sinks, output_final_state)
+
+
+def _check_stateful(opts: _Options, what: str) -> None:
+    """``ValueError`` naming ``what`` unless the call is causal polynomial attention."""
+    if opts.method == "altgrad":
+        raise ValueError(
+            f"{what}: ALTGrad's backward (the paper's Algorithm 1) does not continue a state; use "
+            'method="poly" (the same forward, with its exact gradient) or run the sequence in one call'
+        )
+    if opts.method != "poly":
+        raise ValueError(f'{what}: only the causal polynomial method (method="poly", causal=True) carries a state')
+    if not opts.causal:
+        raise ValueError(f"{what}: the polynomial scan's state continues a causal sequence: pass causal=True")
+
+
+def _check_state(state, dtype: torch.dtype):
+    """``state`` as the four tensors ``(s, key_sum, reference, count)`` of a :class:`PolyState`
+    (a PolyState or any 4-sequence; ``count`` an int or an integer scalar tensor), else
+    ``TypeError`` / ``ValueError`` naming ``initial_state``; the shapes are checked in Rust."""
+    if not isinstance(state, (tuple, list)) or len(state) != 4:
+        raise TypeError(
+            "initial_state: expected a PolyState (s, key_sum, reference, count), as output_final_state=True "
+            f"returns, got {type(state).__name__}"
+        )
+    out = []
+    for name, x in zip(("s", "key_sum", "reference"), state[:3]):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"initial_state.{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.device.type != "cpu":
+            raise ValueError(f"initial_state.{name}: altgrad runs on the CPU; got a tensor on {x.device}")
+        if x.dtype != dtype:
+            raise TypeError(f"initial_state.{name}: dtype {x.dtype} differs from q's {dtype}")
+        out.append(x)
+    count = state[3]
+    if isinstance(count, torch.Tensor):
+        if count.numel() != 1 or count.is_floating_point() or count.is_complex():
+            raise TypeError("initial_state.count: expected an integer scalar tensor or an int")
+        count = int(count.item())
+    else:
+        count = _check_int("initial_state.count", count)
+    if count < 0:
+        raise ValueError(f"initial_state.count: must be non-negative, got {count}")
+    out.append(torch.tensor(count, dtype=torch.int64))
+    return out
 
 
 def attention(
@@ -200,7 +322,9 @@ def attention(
     degree: int = 2,
     center: bool = True,
     chunk: Optional[int] = None,
-    initial_state=None,
+    window: Optional[int] = None,
+    sinks: int = 0,
+    initial_state: Optional[PolyState] = None,
     output_final_state: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, object]]:
     """Attention of ``q`` over ``k``, ``v``, differentiable by torch autograd (backward in Rust).
@@ -233,14 +357,22 @@ def attention(
         degree: even degree g ≥ 2 of ``T_g`` (poly and altgrad only).
         center: the row shift ``m_i`` (poly and altgrad only; MATH §3).
         chunk: rows per chunk of the polynomial kernels (``None``: 64).
-        initial_state: not supported yet (raises ``NotImplementedError``): the polynomial scan's
-            state to start from.
-        output_final_state: not supported yet (``True`` raises ``NotImplementedError``): also
-            return the scan's final state, as ``(o, final_state)``.
+        window: exact causal attention only: a sliding window of ``window`` keys per row
+            (diagonal included: row ``i`` sees ``i − window < j ≤ i``); ``None`` for none.
+        sinks: with ``window``: the first ``sinks`` keys, which every row also sees (attention
+            sinks, StreamingLLM).
+        initial_state: causal ``"poly"`` only: the :class:`PolyState` a previous call returned
+            for the preceding piece of the same sequences; this call's row ``i`` is then position
+            ``count + i``. Gradients flow into it.
+        output_final_state: causal ``"poly"`` only: also return the scan's final
+            :class:`PolyState`, as ``(o, final_state)``; pass it as the next piece's
+            ``initial_state``. Pieces chained this way give the output and gradients of one call
+            over the whole sequence (to rounding; the state's reference point is the mean of the
+            first ``min(chunk, T)`` keys of the first piece).
 
     Returns:
-        ``o [B, T, H, D_v]`` of the input dtype (``(o, final_state)`` when
-        ``output_final_state``, once supported).
+        ``o [B, T, H, D_v]`` of the input dtype, or ``(o, final_state)`` when
+        ``output_final_state``.
 
     Raises:
         TypeError: an input that is not a torch tensor, not float32/float64, or not all of one
@@ -249,18 +381,22 @@ def attention(
             or ``H_kv``, ``H`` not a multiple of ``H_kv``, an empty dimension), a NaN or infinity
             in an input (or, in backward, in the incoming gradient), an unknown method, an odd or
             too small degree, a degree whose feature width is too large, a non-positive scale or
-            chunk.
-        NotImplementedError: ``initial_state`` or ``output_final_state``.
+            chunk, a window on a non-exact or non-causal call, sinks without a window; a state on
+            another method than causal poly, or one of the wrong shape or degree.
         MemoryError: when the call would need more memory than the machine has free.
         RuntimeError: an internal error of altgrad (a bug; never a crash of the interpreter).
     """
     q = _check_tensor("q", q, None)
     k = _check_tensor("k", k, q.dtype)
     v = _check_tensor("v", v, q.dtype)
-    opts = _options(method, causal, scale, degree, center, chunk, bool(output_final_state))
-    if initial_state is not None or output_final_state:
-        # STATE: validate `initial_state` (an altgrad PolyState of tensors) here and pass its
-        # tensors to `_FUNCTIONS[...].apply(opts, q, k, v, *state_tensors)`; with
-        # output_final_state, wrap the returned state tensors back into a PolyState.
-        raise NotImplementedError(_STATE_TODO)
-    return _FUNCTIONS[opts.method].apply(opts, q.contiguous(), k.contiguous(), v.contiguous())
+    opts = _options(method, causal, scale, degree, center, chunk, window, sinks, output_final_state)
+    state = [None] * 4
+    if output_final_state:
+        _check_stateful(opts, "output_final_state")
+    if initial_state is not None:
+        _check_stateful(opts, "initial_state")
+        state = _check_state(initial_state, q.dtype)
+    out = _FUNCTIONS[opts.method].apply(opts, q.contiguous(), k.contiguous(), v.contiguous(), *state)
+    if not output_final_state:
+        return out
+    return out[0], PolyState(*out[1:])

@@ -1,20 +1,22 @@
 //! `attention_forward` / `attention_backward`: one attention call over a batch, on numpy arrays
 //! in the flash-attn layout `q [B, T, H, D]`, `k [B, T, H_kv, D]`, `v [B, T, H_kv, D_v]` (MATH §1),
-//! float32 or float64, C-contiguous. Inputs are read in place (zero-copy); outputs are the
-//! library's own buffers handed to numpy without a copy when `B = 1` (one copy per output to
-//! stack the batch otherwise). The library's API has no batch dimension yet, so each call loops
-//! over the batch (batch `b` of a contiguous `[B, T, H, D]` array is a contiguous slice) inside
-//! one GIL-released call. The Python package's `torch.autograd.Function`s
+//! float32 or float64, C-contiguous. Inputs are read in place (zero-copy) as one batched
+//! [`Qkv`]: the library's kernels run every (sequence, head) pair in parallel in one call, and
+//! their output buffers are handed to numpy without a copy. The causal polynomial scan's state
+//! ([`PolyState`]: `s [B, H_kv, r, D_v+1]`, `key_sum [B, H_kv, D]`, `reference [B, H_kv, D]`,
+//! `count`) goes in and out as a tuple of arrays. The Python package's `torch.autograd.Function`s
 //! (`python/altgrad/attention.py`) are the intended callers; the checks here stand on their own.
 
 use crate::runtime::{check_memory, record_kernel, run};
-use altgrad::attention::{self as at, features, AttnOptions, AttnOutput, AttnShape, PolyOptions, PolyOutput};
+use altgrad::attention::{
+    self as at, features, AttnOptions, AttnShape, Mask, PolyOptions, PolySaved, PolyState, PolyStateGrad, Qkv,
+};
 use altgrad::linalg::Scalar;
 use altgrad::Error;
 use numpy::{Element, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 use std::time::Instant;
 
 /// The three methods of one attention call.
@@ -37,62 +39,57 @@ fn parse_method(s: &str) -> PyResult<Method> {
     }
 }
 
-/// Everything that fixes one call: method, batch, per-batch shape and options.
+/// Everything that fixes one call: method, batched shape, options (the mask's query offset is 0;
+/// a state's count moves it, [`Call::opts_at`]).
 #[derive(Clone, Copy, Debug)]
 struct Call {
     method: Method,
-    batch: usize,
     shape: AttnShape,
     opts: AttnOptions,
     popts: PolyOptions,
 }
 
 impl Call {
-    fn q_len(&self) -> usize {
-        let s = &self.shape;
-        s.seq_len * s.num_heads * s.head_dim
-    }
-    fn k_len(&self) -> usize {
-        let s = &self.shape;
-        s.seq_len * s.num_kv_heads * s.head_dim
-    }
-    fn v_len(&self) -> usize {
-        let s = &self.shape;
-        s.seq_len * s.num_kv_heads * s.head_dim_v
-    }
-    fn o_len(&self) -> usize {
-        let s = &self.shape;
-        s.seq_len * s.num_heads * s.head_dim_v
-    }
-    fn lse_len(&self) -> usize {
-        self.shape.seq_len * self.shape.num_heads
-    }
     /// Feature width `r = C(d+g, g)` (MATH §3), when representable.
     fn rank(&self) -> Option<usize> {
         features::feature_dim(self.shape.head_dim, self.popts.degree)
     }
-    /// Values of one batch's non-causal poly state: `H_kv · r · (D_v + 1)`.
+    fn causal(&self) -> bool {
+        self.opts.is_causal()
+    }
+    /// Values of the polynomial state `[B, H_kv, r, D_v + 1]` (0 when `r` is not representable).
     fn state_len(&self) -> usize {
-        match (self.method, self.opts.causal, self.rank()) {
-            (Method::Poly, false, Some(r)) => self.shape.num_kv_heads * r * (self.shape.head_dim_v + 1),
-            _ => 0,
+        let s = &self.shape;
+        self.rank().map_or(0, |r| s.kv_heads() * r * (s.head_dim_v + 1))
+    }
+    /// The options of a call whose rows start at position `count` (a state's keys so far).
+    fn opts_at(&self, count: usize) -> AttnOptions {
+        match self.opts.mask {
+            Mask::Causal { .. } => self.opts.with_mask(Mask::Causal { q_offset: count }),
+            _ => self.opts,
         }
     }
-    /// A rough upper estimate of the working memory in bytes, for [`check_memory`]: outputs and
-    /// saved tensors (twice: the library's buffers and the stacked or copied ones), and for the
-    /// polynomial methods the per-thread scratch of [`at::bound::poly_state_bytes`], every batch's
-    /// non-causal state `H_kv·r·(D_v+1)` and, for ALTGrad's backward, two Kronecker states per
-    /// running head (at most 8 bytes per value, capped as the library caps them).
+    /// The shape of a 4-D output `[B, T, heads, width]`.
+    fn dims(&self, heads: usize, width: usize) -> [usize; 4] {
+        [self.shape.batch, self.shape.seq_len, heads, width]
+    }
+    /// A rough upper estimate of the working memory in bytes, for [`check_memory`]: inputs,
+    /// outputs and saved tensors, and for the polynomial methods the per-thread scratch of
+    /// [`at::bound::poly_state_bytes`], the states `[B, H_kv, r, D_v+1]` (twice: forward state and
+    /// its gradient) and, for ALTGrad's backward, two Kronecker states per running head (at most
+    /// 8 bytes per value, capped as the library caps them).
     fn memory_bytes(&self, elem: usize, backward: bool) -> f64 {
-        let (s, b, e) = (&self.shape, self.batch as f64, elem as f64);
-        let threads = crate::runtime::num_threads().max(1).min(s.num_heads) as f64;
-        let io = (self.q_len() + self.k_len() + self.v_len() + 2 * self.o_len() + 2 * self.lse_len()) as f64;
-        let mut bytes = 2.0 * b * io * e;
+        let (s, e) = (&self.shape, elem as f64);
+        let threads = crate::runtime::num_threads().max(1).min(s.heads()) as f64;
+        let rows = (s.batch * s.seq_len) as f64;
+        let io = rows
+            * (2.0 * (s.num_heads * s.head_dim) as f64 + 2.0 * (s.num_kv_heads * (s.head_dim + s.head_dim_v)) as f64);
+        let mut bytes = (io + rows * (2 * s.num_heads * s.head_dim_v + 2 * s.num_heads) as f64) * e;
         // A feature width above the library's limit is refused by the library itself.
         let r = self.rank().filter(|&r| r <= features::MAX_FEATURE_DIM);
         if let (true, Some(r)) = (self.method != Method::Exact, r) {
             bytes += threads * at::bound::poly_state_bytes(s.head_dim, s.head_dim_v, r, self.popts.chunk, elem) as f64;
-            bytes += b * (s.num_kv_heads * r * (s.head_dim_v + 1)) as f64 * e;
+            bytes += 2.0 * self.state_len() as f64 * e;
             if backward && self.method == Method::AltGrad {
                 let kron = at::altgrad::kron_state_len(r, s.head_dim_v, s.head_dim).unwrap_or(usize::MAX);
                 bytes += threads * 2.0 * kron.min(at::altgrad::MAX_KRON_STATE) as f64 * 8.0;
@@ -103,6 +100,8 @@ impl Call {
 }
 
 /// Reads `[B, T, H, D]`, `[B, T, H_kv, D]`, `[B, T, H_kv, D_v]` and the options into a [`Call`].
+/// `window` (keys per row, diagonal included) and `sinks` (leading keys every row sees) make the
+/// exact method's mask a sliding window (MATH §1 "Masks"; causal only).
 #[allow(clippy::too_many_arguments)]
 fn call_of(
     method: &str,
@@ -114,6 +113,8 @@ fn call_of(
     degree: usize,
     center: bool,
     chunk: usize,
+    window: Option<usize>,
+    sinks: usize,
 ) -> PyResult<Call> {
     let method = parse_method(method)?;
     for (name, s, want) in [("q", q, "[B, T, H, D]"), ("k", k, "[B, T, H_kv, D]"), ("v", v, "[B, T, H_kv, D_v]")] {
@@ -151,11 +152,27 @@ fn call_of(
     if method != Method::Exact {
         popts.validate().map_err(crate::runtime::to_py_err)?;
     }
+    let mask = match window {
+        None if sinks > 0 => {
+            return Err(PyValueError::new_err("sinks: attention sinks belong to a sliding window: pass window too"))
+        }
+        None => Mask::from_causal(causal),
+        Some(_) if method != Method::Exact => {
+            return Err(PyValueError::new_err(
+                "window: a sliding window is an exact-attention mask (method=\"exact\"); the polynomial methods \
+                 take the full or the causal mask",
+            ))
+        }
+        Some(_) if !causal => {
+            return Err(PyValueError::new_err("window: a sliding window is causal: pass causal=True"))
+        }
+        Some(0) => return Err(PyValueError::new_err("window: must be at least 1 (keys per row, diagonal included)")),
+        Some(window) => Mask::Window { window, sinks, q_offset: 0 },
+    };
     Ok(Call {
         method,
-        batch: b,
-        shape: AttnShape { seq_len: t, num_heads: h, num_kv_heads: hkv, head_dim: d, head_dim_v: dv },
-        opts: AttnOptions { causal, scale },
+        shape: AttnShape::new(t, h, hkv, d).with_head_dim_v(dv).with_batch(b),
+        opts: AttnOptions { mask, scale },
         popts,
     })
 }
@@ -210,75 +227,127 @@ fn check_finite<T: Scalar>(name: &str, x: &[T]) -> altgrad::Result<()> {
     }
 }
 
-/// Concatenates per-batch outputs; the single batch's buffer is moved, not copied.
-struct Stack<T> {
-    data: Vec<T>,
-    parts: usize,
+/// The 4- or 3-D shape of a numpy array, else `TypeError` naming it.
+fn shape_of(name: &str, x: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    x.cast::<numpy::PyUntypedArray>()
+        .map(|a| a.shape().to_vec())
+        .map_err(|_| PyTypeError::new_err(format!("{name}: expected a numpy array")))
 }
 
-impl<T: Copy> Stack<T> {
-    fn new(batch: usize, len: usize) -> Self {
-        Stack { data: if batch > 1 { Vec::with_capacity(batch * len) } else { Vec::new() }, parts: batch }
+/// A copy of array `x` (`name`), which must have shape `want` and finite values.
+fn owned<T: Scalar + Element>(name: &str, x: &Bound<'_, PyAny>, want: &[usize], dtype: &str) -> PyResult<Vec<T>> {
+    let got = shape_of(name, x)?;
+    if got != want {
+        return Err(PyValueError::new_err(format!("{name}: shape {got:?}, expected {want:?}")));
     }
-    fn push(&mut self, v: Vec<T>) {
-        if self.parts == 1 {
-            self.data = v;
-        } else {
-            self.data.extend_from_slice(&v);
-        }
+    let a = typed::<T>(name, x, dtype)?;
+    let r = borrow(name, &a)?;
+    let s = data(name, &r, want.iter().product())?;
+    check_finite(name, s).map_err(crate::runtime::to_py_err)?;
+    Ok(s.to_vec())
+}
+
+/// The dims of a state's `s` and of its `key_sum` / `reference`.
+fn state_dims(c: &Call) -> PyResult<([usize; 4], [usize; 3])> {
+    let s = &c.shape;
+    let r = c.rank().filter(|&r| r <= features::MAX_FEATURE_DIM).ok_or_else(|| {
+        PyValueError::new_err(format!("degree: feature width C(D+g, g) for D = {} is too large", s.head_dim))
+    })?;
+    Ok(([s.batch, s.num_kv_heads, r, s.head_dim_v + 1], [s.batch, s.num_kv_heads, s.head_dim]))
+}
+
+/// Checks that a call may carry a state: causal polynomial attention (MATH §4 "Causal").
+fn check_stateful(c: &Call, what: &str) -> PyResult<()> {
+    match c.method {
+        Method::Poly if c.causal() => Ok(()),
+        Method::Poly => Err(PyValueError::new_err(format!(
+            "{what}: the polynomial scan's state continues a causal sequence: pass causal=True"
+        ))),
+        Method::AltGrad => Err(PyValueError::new_err(format!(
+            "{what}: ALTGrad's backward (the paper's Algorithm 1) does not continue a state; use method=\"poly\" \
+             (the same forward, with its exact gradient) or run the sequence in one call"
+        ))),
+        Method::Exact => Err(PyValueError::new_err(format!(
+            "{what}: only the causal polynomial method (method=\"poly\", causal=True) carries a state"
+        ))),
     }
 }
 
-/// What the forward of one call produced, stacked over the batch.
+/// `initial_state = (s, key_sum, reference, count)` as a [`PolyState`] (copied; each array checked
+/// by name: `s [B, H_kv, r, D_v+1]`, `key_sum` and `reference` `[B, H_kv, D]`, `count ≥ 0`).
+fn state_of<T: Scalar + Element>(c: &Call, st: &Bound<'_, PyAny>, dtype: &str) -> PyResult<PolyState<T>> {
+    check_stateful(c, "initial_state")?;
+    let st = st.cast::<PyTuple>().map_err(|_| {
+        PyTypeError::new_err(
+            "initial_state: expected a tuple (s, key_sum, reference, count), as output_final_state returns",
+        )
+    })?;
+    if st.len() != 4 {
+        return Err(PyValueError::new_err(format!(
+            "initial_state: expected 4 items (s, key_sum, reference, count), got {}",
+            st.len()
+        )));
+    }
+    let (ds, dk) = state_dims(c)?;
+    let count: usize = st
+        .get_item(3)?
+        .extract()
+        .map_err(|_| PyTypeError::new_err("initial_state.count: expected a non-negative int (keys so far)"))?;
+    Ok(PolyState {
+        s: owned("initial_state.s", &st.get_item(0)?, &ds, dtype)?,
+        key_sum: owned("initial_state.key_sum", &st.get_item(1)?, &dk, dtype)?,
+        reference: owned("initial_state.reference", &st.get_item(2)?, &dk, dtype)?,
+        count,
+    })
+}
+
+/// What the forward of one call produced.
 struct Fwd<T> {
     o: Vec<T>,
     lse: Vec<T>,
     den: Vec<T>,
-    state: Vec<T>,
+    kv_state: Vec<T>,
+    reference: Vec<T>,
+    final_state: Option<PolyState<T>>,
 }
 
-fn forward_batches<T: Scalar>(c: &Call, q: &[T], k: &[T], v: &[T]) -> altgrad::Result<Fwd<T>> {
+fn forward_all<T: Scalar>(
+    c: &Call,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    initial: Option<&PolyState<T>>,
+) -> altgrad::Result<Fwd<T>> {
     check_finite("q", q)?;
     check_finite("k", k)?;
     check_finite("v", v)?;
-    let (b, s) = (c.batch, &c.shape);
-    let (mut o, mut lse) = (Stack::new(b, c.o_len()), Stack::new(b, c.lse_len()));
-    let poly = c.method == Method::Poly;
-    let (mut den, mut state) = (Stack::new(if poly { b } else { 0 }, c.lse_len()), Vec::new());
-    let mut kernel = 0.0;
-    for bi in 0..b {
-        let qb = &q[bi * c.q_len()..(bi + 1) * c.q_len()];
-        let kb = &k[bi * c.k_len()..(bi + 1) * c.k_len()];
-        let vb = &v[bi * c.v_len()..(bi + 1) * c.v_len()];
-        let t0 = Instant::now();
-        match c.method {
-            Method::Exact => {
-                let f = at::forward_exact(qb, kb, vb, s, &c.opts)?;
-                kernel += t0.elapsed().as_secs_f64();
-                o.push(f.o);
-                lse.push(f.lse);
+    let x = Qkv::new(q, k, v, &c.shape)?;
+    let t0 = Instant::now();
+    let f = match c.method {
+        Method::Exact => {
+            let f = at::forward_exact(&x, &c.opts)?;
+            Fwd { o: f.o, lse: f.lse, den: Vec::new(), kv_state: Vec::new(), reference: Vec::new(), final_state: None }
+        }
+        Method::Poly | Method::AltGrad => {
+            if c.method == Method::AltGrad {
+                // the backward's Kronecker state: refused before any work
+                at::altgrad::check_kron_state(&c.shape, &c.popts)?;
             }
-            Method::AltGrad => {
-                let f = at::forward_altgrad(qb, kb, vb, s, &c.opts, &c.popts)?;
-                kernel += t0.elapsed().as_secs_f64();
-                o.push(f.o);
-                lse.push(f.lse);
-            }
-            Method::Poly => {
-                let f = at::forward_poly(qb, kb, vb, s, &c.opts, &c.popts)?;
-                kernel += t0.elapsed().as_secs_f64();
-                o.push(f.o);
-                lse.push(f.lse);
-                den.push(f.den);
-                // STATE: with the library's PolyState, the causal final state is returned here too.
-                for h in f.kv_state {
-                    state.extend_from_slice(&h);
-                }
+            let opts = c.opts_at(initial.map_or(0, |st| st.count));
+            let f = at::forward_poly_state(&x, &opts, &c.popts, initial, None)?;
+            let saved = f.saved;
+            Fwd {
+                o: f.o,
+                lse: f.lse,
+                den: f.den,
+                kv_state: saved.kv_state,
+                reference: saved.reference,
+                final_state: saved.final_state,
             }
         }
-    }
-    record_kernel(kernel);
-    Ok(Fwd { o: o.data, lse: lse.data, den: den.data, state })
+    };
+    record_kernel(t0.elapsed().as_secs_f64());
+    Ok(f)
 }
 
 /// Forward of one attention call on numpy arrays: see `attention_forward`.
@@ -288,48 +357,66 @@ fn forward_t<'py, T: Scalar + Element>(
     q: &Bound<'py, PyArrayDyn<T>>,
     k: &Bound<'py, PyAny>,
     v: &Bound<'py, PyAny>,
+    initial: Option<&Bound<'py, PyAny>>,
+    output_final_state: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let dtype = T::DTYPE.to_lowercase().replace('f', "float");
     let (k, v) = (typed::<T>("k", k, &dtype)?, typed::<T>("v", v, &dtype)?);
     let (qr, kr, vr) = (borrow("q", q)?, borrow("k", &k)?, borrow("v", &v)?);
-    let (qs, ks, vs) = (
-        data("q", &qr, c.batch * c.q_len())?,
-        data("k", &kr, c.batch * c.k_len())?,
-        data("v", &vr, c.batch * c.v_len())?,
-    );
+    let s = c.shape;
+    let (b, t, h, hkv, d, dv) = (s.batch, s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
+    let (qs, ks, vs) =
+        (data("q", &qr, b * t * h * d)?, data("k", &kr, b * t * hkv * d)?, data("v", &vr, b * t * hkv * dv)?);
+    if output_final_state {
+        check_stateful(c, "output_final_state")?;
+    }
+    let initial = initial.map(|st| state_of::<T>(c, st, &dtype)).transpose()?;
     check_memory(c.memory_bytes(std::mem::size_of::<T>(), false), "this attention forward")?;
-    let f = run(py, || forward_batches(c, qs, ks, vs))?;
-    let s = &c.shape;
-    let (b, t, h, hkv, dv) = (c.batch, s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim_v);
+    let f = run(py, || forward_all(c, qs, ks, vs, initial.as_ref()))?;
     let out = PyDict::new(py);
-    out.set_item("o", PyArray1::from_vec(py, f.o).reshape([b, t, h, dv])?)?;
+    out.set_item("o", PyArray1::from_vec(py, f.o).reshape(c.dims(h, dv))?)?;
     out.set_item("lse", PyArray1::from_vec(py, f.lse).reshape([b, h, t])?)?;
-    if c.method == Method::Poly {
+    if c.method != Method::Exact {
+        let (ds, dk) = state_dims(c)?;
         out.set_item("den", PyArray1::from_vec(py, f.den).reshape([b, h, t])?)?;
-        let r = if c.opts.causal { 0 } else { c.rank().unwrap_or(0) };
-        let e = if c.opts.causal { 0 } else { dv + 1 };
-        out.set_item("kv_state", PyArray1::from_vec(py, f.state).reshape([b, hkv, r, e])?)?;
+        let kv = if c.causal() { [b, hkv, 0, 0] } else { ds };
+        out.set_item("kv_state", PyArray1::from_vec(py, f.kv_state).reshape(kv)?)?;
+        out.set_item("reference", PyArray1::from_vec(py, f.reference).reshape(dk)?)?;
+        if let (true, Some(st)) = (output_final_state, f.final_state) {
+            out.set_item("final_s", PyArray1::from_vec(py, st.s).reshape(ds)?)?;
+            out.set_item("final_key_sum", PyArray1::from_vec(py, st.key_sum).reshape(dk)?)?;
+            out.set_item("final_reference", PyArray1::from_vec(py, st.reference).reshape(dk)?)?;
+            out.set_item("final_count", st.count)?;
+        }
     }
     Ok(out)
 }
 
-/// `_core.attention_forward(method, q, k, v, *, causal, scale, degree, center, chunk) -> dict`.
+/// `_core.attention_forward(method, q, k, v, *, causal, scale, degree, center, chunk, window=None,
+/// sinks=0, initial_state=None, output_final_state=False) -> dict`.
 ///
 /// `q [B, T, H, D]`, `k [B, T, H_kv, D]`, `v [B, T, H_kv, D_v]`: C-contiguous numpy arrays of one
 /// dtype (float32 or float64), `H` a multiple of `H_kv`, every size positive and every value
 /// finite. `method` `"exact"` (MATH §2), `"poly"` (MATH §3–4) or `"altgrad"` (MATH §5; same
 /// forward as poly); `scale` τ (`None`: `1/√D`); `degree` (even ≥ 2), `center` (row shift, MATH
-/// §3) and `chunk` (≥ 1) are used by poly and altgrad only. Returns `o [B, T, H, D_v]` and
-/// `lse [B, H, T]`, and for poly also `den [B, H, T]` and `kv_state [B, H_kv, r, D_v + 1]`
-/// (non-causal `H' = Φ_Kᵀ [V 1]`, MATH §4; `[B, H_kv, 0, 0]` causal), all of the input dtype:
-/// what `attention_backward` needs.
+/// §3) and `chunk` (≥ 1) are used by poly and altgrad only; `window` / `sinks` make exact causal
+/// attention a sliding window with attention sinks (row `i` sees `j ≤ i` with `i − j < window`,
+/// or `j < sinks`). `initial_state = (s, key_sum, reference, count)` continues a causal poly
+/// sequence (rows are then positions `count..count+T`).
+///
+/// Returns `o [B, T, H, D_v]` and `lse [B, H, T]`; for poly and altgrad also `den [B, H, T]`,
+/// `kv_state [B, H_kv, r, D_v + 1]` (non-causal `H' = Φ_Kᵀ [V 1]`, MATH §4; `[B, H_kv, 0, 0]`
+/// causal) and `reference [B, H_kv, D]`; with `output_final_state` (causal poly) `final_s`,
+/// `final_key_sum`, `final_reference` and `final_count`: what `attention_backward` and the next
+/// piece need.
 ///
 /// Errors: `TypeError` for arrays that are not float32/float64 or not all of one dtype;
-/// `ValueError` naming the argument for a bad method, shape, scale, degree, chunk, a
-/// non-contiguous array or a NaN/Inf; `MemoryError` when the working memory would exceed the
+/// `ValueError` naming the argument for a bad method, shape, scale, degree, chunk, window, state,
+/// a non-contiguous array or a NaN/Inf; `MemoryError` when the working memory would exceed the
 /// free memory; `RuntimeError` for an internal error.
 #[pyfunction]
-#[pyo3(signature = (method, q, k, v, *, causal, scale, degree, center, chunk))]
+#[pyo3(signature = (method, q, k, v, *, causal, scale, degree, center, chunk, window=None, sinks=0,
+    initial_state=None, output_final_state=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<'py>(
     py: Python<'py>,
@@ -342,17 +429,18 @@ pub fn attention_forward<'py>(
     degree: usize,
     center: bool,
     chunk: usize,
+    window: Option<usize>,
+    sinks: usize,
+    initial_state: Option<&Bound<'py, PyAny>>,
+    output_final_state: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let shape = |name: &str, x: &Bound<'py, PyAny>| -> PyResult<Vec<usize>> {
-        x.cast::<numpy::PyUntypedArray>()
-            .map(|a| a.shape().to_vec())
-            .map_err(|_| PyTypeError::new_err(format!("{name}: expected a numpy array")))
-    };
-    let c = call_of(method, &shape("q", q)?, &shape("k", k)?, &shape("v", v)?, causal, scale, degree, center, chunk)?;
+    let (qd, kd, vd) = (shape_of("q", q)?, shape_of("k", k)?, shape_of("v", v)?);
+    let c = call_of(method, &qd, &kd, &vd, causal, scale, degree, center, chunk, window, sinks)?;
+    let initial_state = initial_state.filter(|x| !x.is_none());
     if let Ok(q) = q.cast::<PyArrayDyn<f32>>() {
-        forward_t::<f32>(py, &c, q, k, v)
+        forward_t::<f32>(py, &c, q, k, v, initial_state, output_final_state)
     } else if let Ok(q) = q.cast::<PyArrayDyn<f64>>() {
-        forward_t::<f64>(py, &c, q, k, v)
+        forward_t::<f64>(py, &c, q, k, v, initial_state, output_final_state)
     } else {
         Err(PyTypeError::new_err("q: expected a float32 or float64 array"))
     }
@@ -363,63 +451,93 @@ struct Saved<'a, T> {
     o: &'a [T],
     lse: &'a [T],
     den: &'a [T],
-    state: &'a [T],
+    kv_state: &'a [T],
+    reference: &'a [T],
 }
 
-fn backward_batches<T: Scalar>(
+/// Input gradients and, for a call with a state, the initial state's gradient.
+type Back<T> = (altgrad::attention::AttnGrads<T>, Option<PolyStateGrad<T>>);
+
+#[allow(clippy::too_many_arguments)]
+fn backward_all<T: Scalar>(
     c: &Call,
     q: &[T],
     k: &[T],
     v: &[T],
     sv: &Saved<'_, T>,
     dout: &[T],
-) -> altgrad::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    initial: Option<PolyState<T>>,
+    dfinal: Option<PolyStateGrad<T>>,
+) -> altgrad::Result<Back<T>> {
     check_finite("grad_output", dout)?;
-    let b = c.batch;
-    let s = &c.shape;
-    let (mut dq, mut dk, mut dv) = (Stack::new(b, c.q_len()), Stack::new(b, c.k_len()), Stack::new(b, c.v_len()));
-    let st = c.state_len();
-    let mut kernel = 0.0;
-    for bi in 0..b {
-        let qb = &q[bi * c.q_len()..(bi + 1) * c.q_len()];
-        let kb = &k[bi * c.k_len()..(bi + 1) * c.k_len()];
-        let vb = &v[bi * c.v_len()..(bi + 1) * c.v_len()];
-        let gb = &dout[bi * c.o_len()..(bi + 1) * c.o_len()];
-        let o = sv.o[bi * c.o_len()..(bi + 1) * c.o_len()].to_vec();
-        let lse = sv.lse[bi * c.lse_len()..(bi + 1) * c.lse_len()].to_vec();
-        let (t0, g) = match c.method {
-            Method::Exact => {
-                let fwd = AttnOutput { o, lse };
-                let t0 = Instant::now();
-                (t0, at::backward_exact(qb, kb, vb, &fwd, gb, s, &c.opts)?)
+    let x = Qkv::new(q, k, v, &c.shape)?;
+    let mut grads = altgrad::attention::AttnGrads::zeros(&c.shape);
+    let ws = at::Workspace::new();
+    let t0 = Instant::now();
+    let dinit = match c.method {
+        Method::Exact => {
+            at::backward_exact_into(&x, &c.opts, sv.o, sv.lse, dout, grads.as_mut(), &ws)?;
+            None
+        }
+        Method::Poly | Method::AltGrad => {
+            let saved = PolySaved {
+                kv_state: sv.kv_state.to_vec(),
+                reference: sv.reference.to_vec(),
+                opts: c.opts_at(initial.as_ref().map_or(0, |st| st.count)),
+                initial,
+                final_state: None,
+                shape: c.shape,
+                popts: c.popts,
+            };
+            if c.method == Method::Poly {
+                at::backward_poly_into(&x, &saved, sv.o, sv.den, dout, dfinal.as_ref(), grads.as_mut(), &ws)?
+            } else {
+                at::backward_altgrad_into(&x, &saved, sv.o, sv.den, dout, grads.as_mut(), &ws)?;
+                None
             }
-            Method::AltGrad => {
-                let fwd = AttnOutput { o, lse };
-                let t0 = Instant::now();
-                (t0, at::backward_altgrad(qb, kb, vb, &fwd, gb, s, &c.opts, &c.popts)?)
-            }
-            Method::Poly => {
-                let den = sv.den[bi * c.lse_len()..(bi + 1) * c.lse_len()].to_vec();
-                let kv_state = if st == 0 {
-                    Vec::new()
-                } else {
-                    sv.state[bi * st..(bi + 1) * st].chunks_exact(st / s.num_kv_heads).map(|x| x.to_vec()).collect()
-                };
-                // STATE: the initial state and dL/d(final state) enter the library's backward here,
-                // and dL/d(initial state) comes back with the input gradients.
-                let fwd = PolyOutput { o, lse, den, kv_state };
-                let t0 = Instant::now();
-                (t0, at::backward_poly(qb, kb, vb, &fwd, gb, s, &c.opts, &c.popts)?)
-            }
-        };
-        kernel += t0.elapsed().as_secs_f64();
-        dq.push(g.dq);
-        dk.push(g.dk);
-        dv.push(g.dv);
-    }
-    record_kernel(kernel);
-    Ok((dq.data, dk.data, dv.data))
+        }
+    };
+    record_kernel(t0.elapsed().as_secs_f64());
+    Ok((grads, dinit))
 }
+
+/// `grad_final_state = (ds, dkey_sum)`, either `None` (zero), as a [`PolyStateGrad`]; `None` when
+/// both are.
+fn state_grad_of<T: Scalar + Element>(
+    c: &Call,
+    g: &Bound<'_, PyAny>,
+    dtype: &str,
+) -> PyResult<Option<PolyStateGrad<T>>> {
+    check_stateful(c, "grad_final_state")?;
+    let g = g
+        .cast::<PyTuple>()
+        .map_err(|_| PyTypeError::new_err("grad_final_state: expected a tuple (ds, dkey_sum), items may be None"))?;
+    if g.len() != 2 {
+        return Err(PyValueError::new_err(format!(
+            "grad_final_state: expected 2 items (ds, dkey_sum), got {}",
+            g.len()
+        )));
+    }
+    let (ds, dk) = state_dims(c)?;
+    let (a, b) = (g.get_item(0)?, g.get_item(1)?);
+    if a.is_none() && b.is_none() {
+        return Ok(None);
+    }
+    let read = |name: &str, x: &Bound<'_, PyAny>, want: &[usize]| -> PyResult<Vec<T>> {
+        if x.is_none() {
+            Ok(vec![T::zero(); want.iter().product()])
+        } else {
+            owned(name, x, want, dtype)
+        }
+    };
+    Ok(Some(PolyStateGrad {
+        ds: read("grad_final_state.ds", &a, &ds)?,
+        dkey_sum: read("grad_final_state.dkey_sum", &b, &dk)?,
+    }))
+}
+
+type Grads<'py> =
+    (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>, Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
 #[allow(clippy::too_many_arguments)]
 fn backward_t<'py, T: Scalar + Element>(
@@ -430,7 +548,9 @@ fn backward_t<'py, T: Scalar + Element>(
     v: &Bound<'py, PyAny>,
     saved: &Bound<'py, PyDict>,
     dout: &Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    initial: Option<&Bound<'py, PyAny>>,
+    grad_final: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Grads<'py>> {
     let dtype = T::DTYPE.to_lowercase().replace('f', "float");
     let (k, v, g) =
         (typed::<T>("k", k, &dtype)?, typed::<T>("v", v, &dtype)?, typed::<T>("grad_output", dout, &dtype)?);
@@ -440,52 +560,83 @@ fn backward_t<'py, T: Scalar + Element>(
             None => Err(PyValueError::new_err(format!("saved: missing `{name}` (pass attention_forward's dict)"))),
         }
     };
-    let poly = c.method == Method::Poly;
-    let (o, lse) = (get("o")?, get("lse")?);
-    let (den, state) = if poly { (Some(get("den")?), Some(get("kv_state")?)) } else { (None, None) };
+    let s = c.shape;
+    let (b, t, h, hkv, d, dv) = (s.batch, s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
+    let exact = c.method == Method::Exact;
+    let o = get("o")?;
+    let lse = if exact { Some(get("lse")?) } else { None };
+    let (den, kvs, rf) =
+        if exact { (None, None, None) } else { (Some(get("den")?), Some(get("kv_state")?), Some(get("reference")?)) };
     let (qr, kr, vr, gr) = (borrow("q", q)?, borrow("k", &k)?, borrow("v", &v)?, borrow("grad_output", &g)?);
-    let (or, lr) = (borrow("o", &o)?, borrow("lse", &lse)?);
+    let or = borrow("o", &o)?;
+    let lr = lse.as_ref().map(|x| borrow("lse", x)).transpose()?;
     let dr = den.as_ref().map(|x| borrow("den", x)).transpose()?;
-    let sr = state.as_ref().map(|x| borrow("kv_state", x)).transpose()?;
-    let b = c.batch;
-    let (qs, ks, vs) = (data("q", &qr, b * c.q_len())?, data("k", &kr, b * c.k_len())?, data("v", &vr, b * c.v_len())?);
-    let gs = data("grad_output", &gr, b * c.o_len())?;
+    let kr2 = kvs.as_ref().map(|x| borrow("kv_state", x)).transpose()?;
+    let rr = rf.as_ref().map(|x| borrow("reference", x)).transpose()?;
+    let (qs, ks, vs) =
+        (data("q", &qr, b * t * h * d)?, data("k", &kr, b * t * hkv * d)?, data("v", &vr, b * t * hkv * dv)?);
+    let gs = data("grad_output", &gr, b * t * h * dv)?;
+    let empty: &[T] = &[];
     let sv = Saved {
-        o: data("o", &or, b * c.o_len())?,
-        lse: data("lse", &lr, b * c.lse_len())?,
-        den: match &dr {
-            Some(x) => data("den", x, b * c.lse_len())?,
-            None => &[],
+        o: data("o", &or, b * t * h * dv)?,
+        lse: match &lr {
+            Some(x) => data("lse", x, b * h * t)?,
+            None => empty,
         },
-        state: match &sr {
-            Some(x) => data("kv_state", x, b * c.state_len())?,
-            None => &[],
+        den: match &dr {
+            Some(x) => data("den", x, b * h * t)?,
+            None => empty,
+        },
+        kv_state: match &kr2 {
+            Some(x) => data("kv_state", x, if c.causal() { 0 } else { c.state_len() })?,
+            None => empty,
+        },
+        reference: match &rr {
+            Some(x) => data("reference", x, b * hkv * d)?,
+            None => empty,
         },
     };
+    let initial = initial.map(|st| state_of::<T>(c, st, &dtype)).transpose()?;
+    let dfinal = match grad_final {
+        Some(g) => state_grad_of::<T>(c, g, &dtype)?,
+        None => None,
+    };
     check_memory(c.memory_bytes(std::mem::size_of::<T>(), true), "this attention backward")?;
-    let (dq, dk, dv) = run(py, || backward_batches(c, qs, ks, vs, &sv, gs))?;
-    let s = &c.shape;
-    let (t, h, hkv, d, dvv) = (s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
+    let (grads, dinit) = run(py, || backward_all(c, qs, ks, vs, &sv, gs, initial, dfinal))?;
+    let (ds, dk) = if exact { ([0; 4], [0; 3]) } else { state_dims(c)? };
+    let (dinit_s, dinit_k) = match dinit {
+        Some(g) => (
+            Some(PyArray1::from_vec(py, g.ds).reshape(ds)?.into_any()),
+            Some(PyArray1::from_vec(py, g.dkey_sum).reshape(dk)?.into_any()),
+        ),
+        None => (None, None),
+    };
     Ok((
-        PyArray1::from_vec(py, dq).reshape([b, t, h, d])?.into_any(),
-        PyArray1::from_vec(py, dk).reshape([b, t, hkv, d])?.into_any(),
-        PyArray1::from_vec(py, dv).reshape([b, t, hkv, dvv])?.into_any(),
+        PyArray1::from_vec(py, grads.dq).reshape(c.dims(h, d))?.into_any(),
+        PyArray1::from_vec(py, grads.dk).reshape(c.dims(hkv, d))?.into_any(),
+        PyArray1::from_vec(py, grads.dv).reshape(c.dims(hkv, dv))?.into_any(),
+        dinit_s,
+        dinit_k,
     ))
 }
 
 /// `_core.attention_backward(method, q, k, v, saved, grad_output, *, causal, scale, degree,
-/// center, chunk) -> (dq, dk, dv)`.
+/// center, chunk, window=None, sinks=0, initial_state=None, grad_final_state=None) -> (dq, dk, dv,
+/// d_initial_s, d_initial_key_sum)`.
 ///
-/// `saved` is the dict `attention_forward` returned for the same inputs and options;
-/// `grad_output = dL/do [B, T, H, D_v]` (finite). Exact: FA2's backward (MATH §2). Poly: the exact
-/// gradient of the polynomial forward, through the row shift (MATH §4). ALTGrad: the paper's
-/// Algorithm 1 (MATH §5) — the softmax-gradient formula with the low-rank `f̃`, not the gradient
-/// of any function. Returns `dq [B, T, H, D]`, `dk [B, T, H_kv, D]`, `dv [B, T, H_kv, D_v]`
-/// (GQA groups summed), of the input dtype.
+/// `saved` is the dict `attention_forward` returned for the same inputs, options and
+/// `initial_state`; `grad_output = dL/do [B, T, H, D_v]` (finite); `grad_final_state = (ds,
+/// dkey_sum)` is `dL/d(final state)` (fla's `dht`; either may be `None` for zero). Exact: FA2's
+/// backward (MATH §2). Poly: the exact gradient of the polynomial forward, through the row shift
+/// and the state (MATH §4). ALTGrad: the paper's Algorithm 1 (MATH §5) — the softmax-gradient
+/// formula with the low-rank `f̃`, not the gradient of any function. Returns `dq [B, T, H, D]`,
+/// `dk [B, T, H_kv, D]`, `dv [B, T, H_kv, D_v]` (GQA groups summed), of the input dtype, and with
+/// an initial state its gradient `ds [B, H_kv, r, D_v+1]`, `dkey_sum [B, H_kv, D]` (else `None`).
 ///
 /// Errors: as `attention_forward`, plus `ValueError` for a missing or mis-sized saved array.
 #[pyfunction]
-#[pyo3(signature = (method, q, k, v, saved, grad_output, *, causal, scale, degree, center, chunk))]
+#[pyo3(signature = (method, q, k, v, saved, grad_output, *, causal, scale, degree, center, chunk, window=None,
+    sinks=0, initial_state=None, grad_final_state=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<'py>(
     py: Python<'py>,
@@ -500,25 +651,27 @@ pub fn attention_backward<'py>(
     degree: usize,
     center: bool,
     chunk: usize,
-) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let shape = |name: &str, x: &Bound<'py, PyAny>| -> PyResult<Vec<usize>> {
-        x.cast::<numpy::PyUntypedArray>()
-            .map(|a| a.shape().to_vec())
-            .map_err(|_| PyTypeError::new_err(format!("{name}: expected a numpy array")))
-    };
-    let c = call_of(method, &shape("q", q)?, &shape("k", k)?, &shape("v", v)?, causal, scale, degree, center, chunk)?;
-    let gshape = shape("grad_output", grad_output)?;
+    window: Option<usize>,
+    sinks: usize,
+    initial_state: Option<&Bound<'py, PyAny>>,
+    grad_final_state: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Grads<'py>> {
+    let (qd, kd, vd) = (shape_of("q", q)?, shape_of("k", k)?, shape_of("v", v)?);
+    let c = call_of(method, &qd, &kd, &vd, causal, scale, degree, center, chunk, window, sinks)?;
+    let gshape = shape_of("grad_output", grad_output)?;
     let s = &c.shape;
-    if gshape != [c.batch, s.seq_len, s.num_heads, s.head_dim_v] {
+    let want = c.dims(s.num_heads, s.head_dim_v);
+    if gshape != want {
         return Err(PyValueError::new_err(format!(
-            "grad_output: shape {gshape:?}, expected [B, T, H, D_v] = {:?}",
-            [c.batch, s.seq_len, s.num_heads, s.head_dim_v]
+            "grad_output: shape {gshape:?}, expected [B, T, H, D_v] = {want:?}"
         )));
     }
+    let initial_state = initial_state.filter(|x| !x.is_none());
+    let grad_final_state = grad_final_state.filter(|x| !x.is_none());
     if let Ok(q) = q.cast::<PyArrayDyn<f32>>() {
-        backward_t::<f32>(py, &c, q, k, v, saved, grad_output)
+        backward_t::<f32>(py, &c, q, k, v, saved, grad_output, initial_state, grad_final_state)
     } else if let Ok(q) = q.cast::<PyArrayDyn<f64>>() {
-        backward_t::<f64>(py, &c, q, k, v, saved, grad_output)
+        backward_t::<f64>(py, &c, q, k, v, saved, grad_output, initial_state, grad_final_state)
     } else {
         Err(PyTypeError::new_err("q: expected a float32 or float64 array"))
     }

@@ -122,7 +122,7 @@ fn sample_rows<T: Scalar>(q: &Rows<T>, spec: &EstimateSpec) -> Vec<(usize, bool)
     let mut rows: Vec<(usize, bool)> = by_norm[..top].iter().map(|&(_, i)| (i, true)).collect();
     let mut rest: Vec<usize> = by_norm[top..].iter().map(|&(_, i)| i).collect();
     let m = spec.uniform.min(rest.len());
-    let mut rng = Mix(spec.seed ^ 0x5EED_0F_E57);
+    let mut rng = Mix(spec.seed ^ 0x0005_EED0_FE57);
     for t in 0..m {
         let j = t + (rng.next() % (rest.len() - t) as u64) as usize;
         rest.swap(t, j);
@@ -153,7 +153,7 @@ fn row_errors<T: Scalar>(
             }
         }
     }
-    let mut rng = Mix(spec.seed ^ 0x6_0A55_1A4);
+    let mut rng = Mix(spec.seed ^ 0x60A5_51A4);
     let mut out = vec![Vec::with_capacity(rows.len()); degrees.len()];
     let mut s = vec![0.0f64; n];
     let mut vd: Vec<Vec<f64>> = Vec::new();
