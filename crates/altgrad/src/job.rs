@@ -2,6 +2,8 @@
 //! attention policy, and the per-layer comparison of two passes (approximate vs exact) that
 //! `altgrad grad --compare` reports (ARCHITECTURE "grad --json keys").
 
+use crate::attention::mixed::HeadPlan;
+use crate::error::check_finite_result;
 use crate::io::AnyModel;
 use crate::linalg::{rel_err, Scalar};
 use crate::model::bert::pooled_norm_loss;
@@ -57,8 +59,47 @@ fn collect<T: Scalar>(
 
 /// Runs forward (with `policy`), the model's default loss, and backward over `ids`.
 ///
-/// Errors: bad ids (naming `input`), fewer than 2 tokens for decoders, invalid plans.
+/// Errors: bad ids (naming `input`), fewer than 2 tokens for decoders, invalid plans, and a
+/// non-finite forward output, loss or gradient (`BadInput` naming the stage and what to change:
+/// float64, a lower degree) — finite inputs whose intermediates overflowed never pass silently.
 pub fn run_pass<T: Scalar>(model: &AnyModel<T>, ids: &[u32], input: &str, policy: &AttentionPolicy) -> Result<Pass<T>> {
+    let pass = run_pass_unchecked(model, ids, input, policy)?;
+    let advice = overflow_advice::<T>(policy);
+    check_finite_result(&format!("loss ({})", pass.loss_name), &[pass.loss], &advice)?;
+    for (name, _, g) in &pass.grads {
+        check_finite_result(&format!("gradient {name}"), g, &advice)?;
+    }
+    Ok(pass)
+}
+
+/// What to change when a pass with `policy` in `T` overflowed.
+fn overflow_advice<T: Scalar>(policy: &AttentionPolicy) -> String {
+    let f32 = T::DTYPE != "F64";
+    match (policy, f32) {
+        (AttentionPolicy::Fixed(HeadPlan::Exact), true) => "use --dtype f64 (float64)".into(),
+        (AttentionPolicy::Fixed(HeadPlan::Exact), false) => {
+            "it overflows even in float64: check the model's weights and inputs".into()
+        }
+        (AttentionPolicy::Fixed(p), true) => {
+            format!("use --dtype f64 (float64) or a lower --degree than {}", p.degree().unwrap_or(2))
+        }
+        (AttentionPolicy::Fixed(p), false) => format!("use a lower --degree than {}", p.degree().unwrap_or(2)),
+        (_, true) => "use --dtype f64 (float64), a lower --tol or --attention exact".into(),
+        (_, false) => "use a lower --tol or --attention exact".into(),
+    }
+}
+
+/// Checks the forward's final hidden states before the loss is taken from them.
+fn check_forward<T: Scalar>(hidden: &[T], policy: &AttentionPolicy) -> Result<()> {
+    check_finite_result("forward pass (final hidden states)", hidden, &overflow_advice::<T>(policy))
+}
+
+fn run_pass_unchecked<T: Scalar>(
+    model: &AnyModel<T>,
+    ids: &[u32],
+    input: &str,
+    policy: &AttentionPolicy,
+) -> Result<Pass<T>> {
     match model {
         AnyModel::Llama(m) => {
             m.check_ids(ids, input)?;
@@ -67,6 +108,7 @@ pub fn run_pass<T: Scalar>(model: &AnyModel<T>, ids: &[u32], input: &str, policy
             }
             let t0 = Instant::now();
             let cache = m.forward_with(ids, policy)?;
+            check_forward(&cache.hidden, policy)?;
             let mut grads = m.zero_grads(ids.len());
             grads.layer_dx = Some(Vec::new());
             let (loss, dhidden) = m.lm_loss(&cache, &mut grads)?;
@@ -96,6 +138,7 @@ pub fn run_pass<T: Scalar>(model: &AnyModel<T>, ids: &[u32], input: &str, policy
             m.check_ids(ids, input)?;
             let t0 = Instant::now();
             let cache = m.forward_with(ids, policy)?;
+            check_forward(&cache.hidden, policy)?;
             let (loss, dhidden) = pooled_norm_loss(&cache.hidden, ids.len());
             let t_fwd = t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
