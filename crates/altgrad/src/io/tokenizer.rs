@@ -271,32 +271,27 @@ fn guard<R>(source: &str, doing: &str, f: impl FnOnce() -> R) -> Result<R> {
 /// and then panics when encoding; found by fuzzing). `Sequence` processors are checked
 /// recursively.
 fn check_post_processor(pp: &serde_json::Value) -> std::result::Result<(), String> {
-    match pp.get("type").and_then(|t| t.as_str()) {
-        Some("Sequence") => {
-            for p in pp.get("processors").and_then(|p| p.as_array()).into_iter().flatten() {
-                check_post_processor(p)?;
-            }
-            Ok(())
-        }
-        Some("TemplateProcessing") => {
-            let defined = pp.get("special_tokens").and_then(|t| t.as_object());
-            for template in ["single", "pair"] {
-                for piece in pp.get(template).and_then(|t| t.as_array()).into_iter().flatten() {
-                    let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")).and_then(|i| i.as_str()) else {
-                        continue;
-                    };
-                    if !defined.is_some_and(|d| d.contains_key(id)) {
-                        return Err(format!(
-                            "post_processor template `{template}` uses special token {id:?}, which its special_tokens \
-                             do not define"
-                        ));
-                    }
-                }
-            }
-            Ok(())
-        }
-        _ => Ok(()),
+    // Structural, whatever `type` says: the crate's post-processor wrapper is untagged, so an
+    // object with template fields becomes a TemplateProcessing even under a misspelled type
+    // (found by fuzzing).
+    for p in pp.get("processors").and_then(|p| p.as_array()).into_iter().flatten() {
+        check_post_processor(p)?;
     }
+    let defined = pp.get("special_tokens").and_then(|t| t.as_object());
+    for template in ["single", "pair"] {
+        for piece in pp.get(template).and_then(|t| t.as_array()).into_iter().flatten() {
+            let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")).and_then(|i| i.as_str()) else {
+                continue;
+            };
+            if !defined.is_some_and(|d| d.contains_key(id)) {
+                return Err(format!(
+                    "post_processor template `{template}` uses special token {id:?}, which its special_tokens do not \
+                     define"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The HF pre-tokenizer equivalent to llama.cpp's pre-tokenizer `pre` for a byte-level BPE vocabulary.
