@@ -149,7 +149,7 @@ fn a_signal_during_train_leaves_a_checkpoint_that_resumes() {
     // Resume continues after it (with the same options).
     let mut resume = args("100000");
     resume.push("--resume".into());
-    let child = bin().args(&resume).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = bin().args(resume).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for("a resumed update", 120.0, || lines() > done);
     kill(&child, libc::SIGINT);
     let o = child.wait_with_output().unwrap();
