@@ -1,10 +1,10 @@
 //! The `altgrad` command line: parses, calls the library, prints. No math here.
 
+use altgrad::attention;
 use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::AttnOptions;
 use altgrad::attention::PolyOptions;
-use altgrad::attention::{self, AttnOptions, AttnShape};
-use altgrad::io::Loaded;
-use altgrad::io::{self as aio, TensorF64};
+use altgrad::io::{self as aio, Loaded};
 use altgrad::job;
 use altgrad::linalg::norm;
 use altgrad::linalg::Scalar;
@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 mod bench_args;
+mod interrupt;
 mod plot;
 
 /// Loss and gradients of multi-layer transformers, exact or in almost linear time.
@@ -40,6 +41,8 @@ enum Cmd {
     Train(Box<TrainArgs>),
     /// Plot loss (and accuracy) curves of `train --json` logs.
     TrainPlot(TrainPlotArgs),
+    /// Write a training checkpoint as an HF directory (config.json + model.safetensors).
+    Export(ExportArgs),
     /// Benchmarks: exact/poly/altgrad × n × head_dim × degree × causal, GEMM peak, fits, claims.
     Bench(BenchCmd),
 }
@@ -54,6 +57,17 @@ enum Method {
     Altgrad,
     /// Per head: polynomial where the measured bound meets --tol and it is cheaper, else exact.
     Auto,
+}
+
+/// The methods `attn` takes (one method for every head; no `auto`).
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum AttnMethod {
+    /// Exact softmax attention (tiled, O(n²) time, O(n) memory).
+    Exact,
+    /// Polynomial attention: degree-g Taylor softmax with its exact gradient, O(n·r·d).
+    Poly,
+    /// The paper's Algorithm 1 (ALTGrad): the softmax gradient formula with the low-rank f̃.
+    Altgrad,
 }
 
 impl Method {
@@ -278,8 +292,19 @@ struct TrainPlotArgs {
 }
 
 #[derive(clap::Args)]
+struct ExportArgs {
+    /// Checkpoint directory (`train --checkpoint DIR`).
+    checkpoint: PathBuf,
+    /// Output HF directory (created if needed): config.json, model.safetensors and, when the
+    /// trained model had one, tokenizer.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct TokenizeArgs {
-    /// Model: `tiny` (bytes), a `.gguf` file, or an HF directory with tokenizer.json.
+    /// Model: `tiny` (bytes), a `.gguf` file, an HF directory with tokenizer.json, or a
+    /// training checkpoint.
     #[arg(long)]
     model: String,
     /// Text file.
@@ -311,8 +336,8 @@ struct InspectArgs {
     #[arg(long)]
     json: Option<String>,
     /// Heatmap of the needed degree (layers × heads) to STEM.png and STEM.svg.
-    #[arg(long, default_value = "inspect_degrees")]
-    plot: PathBuf,
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -326,12 +351,13 @@ struct AttnArgs {
     /// safetensors with q [b,n,h,d], k [b,n,h_kv,d], v [b,n,h_kv,d_v], optional do [b,n,h,d_v].
     #[arg(long)]
     input: PathBuf,
-    /// Output safetensors: o, and dq, dk, dv when `do` is given (input dtype).
+    /// Output safetensors: o, and dq, dk, dv when `do` is given, in the inputs' dtype (F32,
+    /// F64, F16 or BF16; computed in f64 for F64 inputs, in f32 otherwise).
     #[arg(long)]
     out: PathBuf,
-    /// Attention method: exact, poly or altgrad.
+    /// Attention method for every head.
     #[arg(long, value_enum, default_value = "exact")]
-    attention: Method,
+    attention: AttnMethod,
     /// Polynomial degree (even, ≥ 2) for poly/altgrad.
     #[arg(long, default_value_t = 2)]
     degree: usize,
@@ -344,8 +370,8 @@ struct AttnArgs {
     /// Causal mask (j ≤ i).
     #[arg(long)]
     causal: bool,
-    /// Score scale τ (default 1/√d).
-    #[arg(long)]
+    /// Score scale τ (default 1/√d; must be positive).
+    #[arg(long, allow_negative_numbers = true)]
     scale: Option<f64>,
     /// Worker threads (default: all cores).
     #[arg(long)]
@@ -364,6 +390,9 @@ fn main() {
             std::process::exit(code);
         }
     };
+    if let Err(e) = interrupt::install() {
+        eprintln!("warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run may leave temporary files");
+    }
     // No subcommand: the default run, `altgrad grad` with its defaults.
     let cmd = cli.cmd.or_else(|| Cli::parse_from(["altgrad", "grad"]).cmd).expect("grad parses");
     let res = match cmd {
@@ -374,6 +403,7 @@ fn main() {
         Cmd::Train(a) => run_train_cmd(&a),
         Cmd::Bench(a) => run_bench_cmd(&a),
         Cmd::TrainPlot(a) => run_train_plot(&a),
+        Cmd::Export(a) => run_export(&a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -401,22 +431,36 @@ fn set_threads(t: Option<usize>) -> Result<()> {
 }
 
 fn token_ids<T: Scalar>(a: &Inputs, loaded: &Loaded<T>, max_len: usize) -> Result<Vec<u32>> {
-    let mut ids = if let Some(p) = &a.tokens {
-        aio::read_tokens(p)?
+    if a.seq_len == Some(0) {
+        return Err(Error::bad("--seq-len", "must be at least 1").into());
+    }
+    let limit = match (a.seq_len, &a.tokens, &a.text) {
+        (Some(n), ..) => n,
+        (None, None, None) => 1024.min(max_len),
+        (None, ..) => usize::MAX,
+    };
+    let (ids, total) = if let Some(p) = &a.tokens {
+        let ids = aio::read_tokens(p)?;
+        let total = ids.len();
+        (ids.into_iter().take(limit).collect(), total)
     } else {
         let text = match &a.text {
-            Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p.display().to_string(), e))?,
+            Some(p) => {
+                let t = std::fs::read_to_string(p).map_err(|e| Error::io(p.display().to_string(), e))?;
+                if t.trim().is_empty() {
+                    return Err(Error::bad(p.display().to_string(), "is empty: there is no text to tokenize").into());
+                }
+                t
+            }
             None => DEFAULT_TEXT.to_string(),
         };
-        loaded.encode(&text)?
+        // Trailing special tokens (BERT's [SEP]) survive the cut, as in transformers.
+        loaded.encode_limited(&text, limit)?
     };
     if let Some(n) = a.seq_len {
-        if n == 0 {
-            return Err(Error::bad("--seq-len", "must be at least 1").into());
+        if n > total {
+            eprintln!("note: --seq-len {n} is more than the {total} tokens of {}: using all {total}", input_name(a));
         }
-        ids.truncate(n);
-    } else if a.tokens.is_none() && a.text.is_none() {
-        ids.truncate(1024.min(max_len));
     }
     Ok(ids)
 }
@@ -440,28 +484,28 @@ fn input_name(a: &Inputs) -> String {
     a.tokens.as_ref().or(a.text.as_ref()).map(|p| p.display().to_string()).unwrap_or("built-in text".into())
 }
 
-/// Fails early (before any computation) when `path` cannot be an output file: its directory
-/// must exist and `path` must not be a directory.
-fn check_output_path(flag: &str, path: &Path) -> Result<()> {
-    let shown = path.display().to_string();
-    if path.is_dir() {
-        return Err(Error::bad(format!("{flag} {shown}"), "is a directory, expected a file path").into());
-    }
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        return Err(
-            Error::bad(format!("{flag} {shown}"), format!("directory {} does not exist", parent.display())).into()
-        );
-    }
-    Ok(())
-}
-
 fn spinner(msg: &str) -> ProgressBar {
     let pb = ProgressBar::new_spinner();
     pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     pb
+}
+
+/// A FLOP count with a unit that shows it (`512 kFLOP`, `3.2 GFLOP`), never `0.0 GFLOP`.
+fn fmt_flops(x: f64) -> String {
+    let (v, unit) = match x.abs() {
+        a if a >= 1e12 => (x / 1e12, "TFLOP"),
+        a if a >= 1e9 => (x / 1e9, "GFLOP"),
+        a if a >= 1e6 => (x / 1e6, "MFLOP"),
+        a if a >= 1e3 => (x / 1e3, "kFLOP"),
+        _ => (x, "FLOP"),
+    };
+    if v.abs() >= 100.0 || unit == "FLOP" {
+        format!("{v:.0} {unit}")
+    } else {
+        format!("{v:.1} {unit}")
+    }
 }
 
 fn fmt_err(x: f64) -> String {
@@ -474,6 +518,14 @@ fn fmt_err(x: f64) -> String {
 
 fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let policy = a.method.policy()?;
+    for (flag, path) in [("--out", a.out.as_deref()), ("--hidden-out", a.hidden_out.as_deref())]
+        .into_iter()
+        .chain(std::iter::once(("--json", a.json.as_deref().filter(|j| *j != "-").map(Path::new))))
+    {
+        if let Some(p) = path {
+            aio::check_output_file(flag, p)?;
+        }
+    }
     let pb = spinner("loading model");
     let loaded = job::load_model::<T>(&a.model, a.seed)?;
     let shape = loaded.model.summary();
@@ -492,20 +544,12 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
             if pf > 10.0 * ef && r <= altgrad::attention::features::MAX_FEATURE_DIM {
                 eprintln!(
                     "warning: degree {g} at head_dim {d} has feature width r = {r}: about {:.0}× the FLOPs of exact \
-                     attention at n = {n} ({:.1} vs {:.1} GFLOP per head); this will be slow",
+                     attention at n = {n} ({} vs {} per head); this will be slow",
                     pf / ef,
-                    pf / 1e9,
-                    ef / 1e9
+                    fmt_flops(pf),
+                    fmt_flops(ef)
                 );
             }
-        }
-    }
-    for (flag, path) in [("--out", a.out.as_deref()), ("--hidden-out", a.hidden_out.as_deref())]
-        .into_iter()
-        .chain(std::iter::once(("--json", a.json.as_deref().filter(|j| *j != "-").map(Path::new))))
-    {
-        if let Some(p) = path {
-            check_output_path(flag, p)?;
         }
     }
     let run = job::grad_run(&loaded, &ids, &input, &policy, a.method.attention.name(), a.compare, &|m| {
@@ -624,9 +668,12 @@ fn run_bench_cmd(a: &BenchCmd) -> Result<()> {
 }
 
 fn run_train_cmd(a: &TrainArgs) -> Result<()> {
-    use altgrad::train::{run_train, TinySize, TrainOptions};
+    use altgrad::train::{run_train_until, TinySize, TrainOptions};
     use std::io::IsTerminal;
     set_threads(a.threads)?;
+    if let Some(stem) = &a.plot {
+        aio::check_plot_stem("--plot", stem)?;
+    }
     let opts = TrainOptions {
         model: a.model.clone(),
         tiny: TinySize { layers: a.layers, hidden: a.hidden, heads: a.heads, kv_heads: a.kv_heads },
@@ -662,16 +709,31 @@ fn run_train_cmd(a: &TrainArgs) -> Result<()> {
         std::io::stderr().is_terminal(),
         "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
     );
-    let res = run_train(&opts, &|p| {
-        bar.set_length(p.total);
-        bar.set_position(p.done);
-        bar.set_message(p.message.to_string());
-    });
+    interrupt::set_graceful(true);
+    let res = run_train_until(
+        &opts,
+        &|p| {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+            bar.set_message(p.message.to_string());
+        },
+        &interrupt::stop_requested,
+    );
+    interrupt::set_graceful(false);
     match &res {
         Ok(_) => bar.finish(),
         Err(_) => bar.abandon(),
     }
     let sum = res?;
+    if sum.already_finished {
+        let dir = a.checkpoint.as_deref().map(|d| d.display().to_string()).unwrap_or_default();
+        eprintln!(
+            "nothing to do: the run in {dir} is already finished (update {} of {}); its final model is in the \
+             checkpoint (altgrad export {dir} --out DIR writes it as an HF directory)",
+            sum.last_step, a.steps
+        );
+        return Ok(());
+    }
     if let Some(stem) = &a.plot {
         for spec in sum.charts(stem) {
             plot::draw_spec(Path::new(""), &spec)?;
@@ -679,13 +741,23 @@ fn run_train_cmd(a: &TrainArgs) -> Result<()> {
     }
     if !to_stdout {
         println!("model        {} ({:.2}M params), attention {}", sum.model, sum.n_params as f64 / 1e6, sum.attention);
-        println!(
-            "updates      {}..{}{}",
-            sum.first_step,
-            sum.last_step,
-            if sum.stopped_early { " (stopped early)" } else { "" }
-        );
-        println!("final loss   {:.4} (training batch)", sum.final_loss);
+        if sum.losses.is_empty() {
+            println!("updates      none (interrupted before the first update of this run)");
+        } else {
+            println!(
+                "updates      {}..{}{}",
+                sum.first_step,
+                sum.last_step,
+                if sum.interrupted {
+                    " (interrupted)"
+                } else if sum.stopped_early {
+                    " (stopped early)"
+                } else {
+                    ""
+                }
+            );
+            println!("final loss   {:.4} (training batch)", sum.final_loss);
+        }
         if let Some(v) = sum.val_loss {
             println!("val loss     {v:.4}");
         }
@@ -700,10 +772,22 @@ fn run_train_cmd(a: &TrainArgs) -> Result<()> {
             println!("note         {note}");
         }
     }
+    if sum.interrupted {
+        match &sum.checkpoint {
+            Some(c) => eprintln!(
+                "interrupted after update {}: checkpoint in {}; continue with the same options and --resume",
+                sum.last_step,
+                c.display()
+            ),
+            None => eprintln!("interrupted after update {} (no --checkpoint: nothing saved)", sum.last_step),
+        }
+        std::process::exit(130);
+    }
     Ok(())
 }
 
 fn run_train_plot(a: &TrainPlotArgs) -> Result<()> {
+    aio::check_plot_stem("--out", &a.out)?;
     for spec in altgrad::train::run_charts(&a.logs, &a.out)? {
         plot::draw_spec(Path::new(""), &spec)?;
     }
@@ -719,10 +803,27 @@ fn progress_bar(show: bool, template: &str) -> ProgressBar {
     b
 }
 
+fn run_export(a: &ExportArgs) -> Result<()> {
+    let e = altgrad::train::checkpoint::export_checkpoint_hf(&a.checkpoint, &a.out)?;
+    println!(
+        "wrote {} (config.json, model.safetensors) from update {} of {}",
+        a.out.display(),
+        e.step,
+        a.checkpoint.display()
+    );
+    if let Some(t) = &e.tokenizer {
+        println!("tokenizer    {}", t.display());
+    }
+    for n in &e.notes {
+        println!("note         {n}");
+    }
+    Ok(())
+}
+
 fn run_tokenize(a: &TokenizeArgs) -> Result<()> {
     let loaded = aio::load_model::<f32>(&a.model, 0)?;
-    if loaded.tokenizer.is_none() && loaded.source() != "tiny" && loaded.source() != "tiny-bounded" {
-        return Err(Error::bad(&a.model, "this model directory has no tokenizer.json").into());
+    if loaded.tokenizer.is_none() && !loaded.byte_tokens {
+        return Err(Error::bad(&a.model, "has no tokenizer (no tokenizer.json): nothing to tokenize with").into());
     }
     let text = std::fs::read_to_string(&a.text).map_err(|e| Error::io(a.text.display().to_string(), e))?;
     let ids = loaded.encode(&text)?;
@@ -735,6 +836,12 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
     set_threads(a.threads)?;
     if !(a.tol.is_finite() && a.tol > 0.0) {
         return Err(Error::bad("--tol", format!("must be a positive number, got {}", a.tol)).into());
+    }
+    if let Some(stem) = &a.plot {
+        aio::check_plot_stem("--plot", stem)?;
+    }
+    if let Some(j) = a.json.as_deref().filter(|j| *j != "-") {
+        aio::check_output_file("--json", Path::new(j))?;
     }
     let pb = spinner("loading model");
     let loaded = job::load_model::<f32>(&a.model, a.seed)?;
@@ -763,10 +870,12 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
         a.tol,
         ids.len()
     );
-    plot::heatmap(
-        &a.plot,
-        &plot::Heatmap { title: &title, row_label: "layer", col_label: "head", values, cell_text: text },
-    )?;
+    if let Some(stem) = &a.plot {
+        plot::heatmap(
+            stem,
+            &plot::Heatmap { title: &title, row_label: "layer", col_label: "head", values, cell_text: text },
+        )?;
+    }
     if a.json.as_deref() != Some("-") {
         println!("model {} · {} tokens ({input}) · tol {:e}", loaded.source(), ids.len(), a.tol);
         println!("layer  head  max|score|  R shifted  R raw    degree  rank     auto");
@@ -789,7 +898,9 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
             "{bounded} of {} heads have a degree ≤ 8 meeting the tolerance; auto would use poly for {poly}",
             heads.len()
         );
-        println!("heatmap -> {}.png, {}.svg", a.plot.display(), a.plot.display());
+        if let Some(stem) = &a.plot {
+            println!("heatmap -> {}.png, {}.svg", stem.display(), stem.display());
+        }
     }
     if let Some(j) = &a.json {
         let s = serde_json::to_string_pretty(&report)?;
@@ -804,87 +915,33 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
 
 fn run_attn(a: &AttnArgs) -> Result<()> {
     set_threads(a.threads)?;
+    aio::check_output_file("--out", &a.out)?;
     let input = a.input.display().to_string();
-    let ts = aio::read_safetensors(&a.input)?;
-    let get = |name: &str| ts.iter().find(|t| t.name == name);
-    let need = |name: &str| get(name).ok_or_else(|| Error::bad(&input, format!("missing tensor `{name}`")));
-    let (q, k, v) = (need("q")?, need("k")?, need("v")?);
-    let dout = get("do");
-    for t in [Some(q), Some(k), Some(v), dout].into_iter().flatten() {
-        if t.shape.len() != 4 {
-            return Err(Error::bad(
-                &input,
-                format!("tensor `{}` must be 4-D [b, n, heads, dim], got {:?}", t.name, t.shape),
-            )
-            .into());
-        }
-        if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
-            return Err(Error::bad(&input, format!("tensor `{}` has a non-finite value at index {i}", t.name)).into());
-        }
-    }
-    let (b, n, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-    let (hkv, dv) = (k.shape[2], v.shape[3]);
-    if k.shape != [b, n, hkv, d] {
-        return Err(Error::bad(&input, format!("k has shape {:?}, expected [{b}, {n}, h_kv, {d}]", k.shape)).into());
-    }
-    if v.shape[..3] != [b, n, hkv] {
-        return Err(Error::bad(&input, format!("v has shape {:?}, expected [{b}, {n}, {hkv}, d_v]", v.shape)).into());
-    }
-    if let Some(g) = dout {
-        if g.shape != [b, n, h, dv] {
-            return Err(
-                Error::bad(&input, format!("do has shape {:?}, expected [{b}, {n}, {h}, {dv}]", g.shape)).into()
-            );
-        }
-    }
-    let shape = AttnShape::new(n, h, hkv, d).with_head_dim_v(dv).with_batch(b);
-    shape.validate().map_err(|e| Error::bad(&input, e.to_string()))?;
-    let scale = a.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let opts = AttnOptions { mask: attention::Mask::from_causal(a.causal), scale };
-    if q.dtype == "F64" {
-        attn_typed::<f64>(a, q, k, v, dout, &shape, &opts)
-    } else {
-        attn_typed::<f32>(a, q, k, v, dout, &shape, &opts)
-    }
-}
-
-fn attn_typed<T: Scalar>(
-    a: &AttnArgs,
-    q: &TensorF64,
-    k: &TensorF64,
-    v: &TensorF64,
-    dout: Option<&TensorF64>,
-    s: &AttnShape,
-    opts: &AttnOptions,
-) -> Result<()> {
-    let conv = |t: &TensorF64| -> Vec<T> { t.data.iter().map(|x| T::from_f64(*x)).collect() };
-    let (q, k, v) = (conv(q), conv(k), conv(v));
-    let g = dout.map(conv);
-    let (b, n, h, hkv, d, dv) = (s.batch, s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
+    let inp = aio::attn_file::attn_input(aio::read_safetensors(&a.input)?, &input)?;
     let p = PolyOptions { degree: a.degree, center: !a.no_center, chunk: a.chunk };
     let plan = match a.attention {
-        Method::Exact => HeadPlan::Exact,
-        Method::Poly => HeadPlan::Poly(p),
-        Method::Altgrad => HeadPlan::AltGrad(p),
-        Method::Auto => return Err(Error::bad("--attention", "attn takes exact, poly or altgrad").into()),
+        AttnMethod::Exact => HeadPlan::Exact,
+        AttnMethod::Poly => HeadPlan::Poly(p),
+        AttnMethod::Altgrad => HeadPlan::AltGrad(p),
     };
-    if a.attention != Method::Exact {
-        p.validate().map_err(|e| Error::bad("--degree/--chunk", e.to_string()))?;
+    if plan != HeadPlan::Exact {
+        p.validate().map_err(Error::for_flags)?;
     }
-    let plans = vec![plan; h];
-    // the whole batch in one call: the (sequence, head) pairs run in parallel
-    let fwd = attention::mixed::forward_mixed(&q, &k, &v, s, opts, &plans)?;
-    let grads = match &g {
-        Some(g) => Some(attention::mixed::backward_mixed(&q, &k, &v, &fwd, g, s, opts, &plans)?),
-        None => None,
+    let scale = a.scale.unwrap_or(1.0 / (inp.shape.head_dim as f64).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::bad("--scale", format!("must be a positive number, got {scale}")).into());
+    }
+    let opts = AttnOptions { mask: attention::Mask::from_causal(a.causal), scale };
+    let n = if inp.dtype == "F64" {
+        let out = aio::attn_file::run_attn::<f64>(&inp, &plan, &opts)?;
+        aio::write_safetensors_as(&a.out, &out, &inp.dtype)?;
+        out.len()
+    } else {
+        let out = aio::attn_file::run_attn::<f32>(&inp, &plan, &opts)?;
+        aio::write_safetensors_as(&a.out, &out, &inp.dtype)?;
+        out.len()
     };
-    let mut out = vec![("o".to_string(), vec![b, n, h, dv], fwd.o)];
-    if let Some(gr) = grads {
-        out.push(("dq".into(), vec![b, n, h, d], gr.dq));
-        out.push(("dk".into(), vec![b, n, hkv, d], gr.dk));
-        out.push(("dv".into(), vec![b, n, hkv, dv], gr.dv));
-    }
-    aio::write_safetensors(&a.out, &out)?;
-    println!("wrote {} ({} tensors, {})", a.out.display(), out.len(), T::DTYPE);
+    let computed = if inp.dtype == "F64" { "f64" } else { "f32" };
+    println!("wrote {} ({n} tensors, {}; computed in {computed})", a.out.display(), inp.dtype);
     Ok(())
 }

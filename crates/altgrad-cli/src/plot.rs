@@ -22,10 +22,13 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::bad(path.display().to_string(), format!("cannot draw plot: {e}"))
 }
 
-/// `dir/name.tmp-<pid>.ext`: the image encoder picks the format from the extension.
+/// `dir/name.tmp-<pid>.ext`: the image encoder picks the format from the extension. Registered
+/// with the library's temporary-file registry, so an interrupted run removes it.
 fn tmp_path(path: &Path) -> PathBuf {
     let ext = path.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_default();
-    path.with_extension(format!("tmp-{}.{ext}", std::process::id()))
+    let tmp = path.with_extension(format!("tmp-{}.{ext}", std::process::id()));
+    altgrad::io::register_temporary_file(&tmp);
+    tmp
 }
 
 pub use altgrad::chart::{ChartSpec, LineChart, Series};
@@ -58,6 +61,67 @@ fn range(vals: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     }
 }
 
+/// `v` rounded to 10 significant digits (tick values carry float noise: 9.999999999999998e-5).
+fn round_sig(v: f64) -> f64 {
+    if v == 0.0 || !v.is_finite() {
+        return v;
+    }
+    format!("{v:.9e}").parse().unwrap_or(v)
+}
+
+/// A number as a reader writes it: integers as integers (`10`, not `10.0`), small and large
+/// values in short scientific form (`1e-4`, `2.5e-4`, `3e5`), others with at most 3 decimals.
+pub fn fmt_number(v: f64) -> String {
+    let v = round_sig(v);
+    let a = v.abs();
+    if v == 0.0 {
+        return "0".into();
+    }
+    if !v.is_finite() {
+        return format!("{v}");
+    }
+    if !(1e-2..1e5).contains(&a) {
+        let e = a.log10().floor() as i32;
+        let m = round_sig(v / 10f64.powi(e));
+        let (m, e) = if m.abs() >= 10.0 { (m / 10.0, e + 1) } else { (m, e) };
+        let ms = format!("{m:.2}");
+        let ms = ms.trim_end_matches('0').trim_end_matches('.');
+        return format!("{ms}e{e}");
+    }
+    if (v - v.round()).abs() < 1e-9 * a.max(1.0) {
+        return format!("{}", v.round() as i64);
+    }
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Whether `v` is a power of ten (after rounding away float noise).
+fn is_pow10(v: f64) -> bool {
+    v > 0.0 && (v.log10() - v.log10().round()).abs() < 1e-9
+}
+
+/// The label of tick `v`: on a log axis spanning two decades or more only the powers of ten are
+/// labelled (`1e-4`, `1e-3`, `0.01`, `1`, `10`), so labels never run together.
+pub fn tick_label(v: f64, log: bool, lo: f64, hi: f64) -> String {
+    if log && hi / lo >= 100.0 {
+        if !is_pow10(round_sig(v)) {
+            return String::new();
+        }
+        let e = round_sig(v).log10().round() as i32;
+        return match e {
+            -2..=4 => fmt_number(10f64.powi(e)),
+            _ => format!("1e{e}"),
+        };
+    }
+    fmt_number(v)
+}
+
+/// Width in pixels of the legend column for these labels (13 px font).
+fn legend_width(series: &[Series]) -> u32 {
+    let chars = series.iter().map(|s| s.label.chars().count()).max().unwrap_or(0) as u32;
+    (chars * 8 + 56).clamp(140, 340)
+}
+
 fn draw_lines<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     c: &LineChart,
@@ -72,6 +136,12 @@ where
         series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| ok(*x, *y)).collect();
     let (x0, x1) = range(pts.iter().map(|p| p.0), c.log_x);
     let (y0, y1) = range(pts.iter().map(|p| p.1), c.log_y);
+    // Title on top; the legend in its own column to the right, off the data.
+    let body = root.titled(c.title, ("sans-serif", 20)).map_err(|e| e.to_string())?;
+    let (w, _) = body.dim_in_pixel();
+    let (plot_area, legend_area) = body.split_horizontally(w.saturating_sub(legend_width(series)));
+    let xf = |v: &f64| tick_label(*v, c.log_x, x0, x1);
+    let yf = |v: &f64| tick_label(*v, c.log_y, y0, y1);
     macro_rules! body {
         ($chart:expr) => {{
             let mut chart = $chart;
@@ -79,33 +149,26 @@ where
                 .configure_mesh()
                 .x_desc(c.x_label)
                 .y_desc(c.y_label)
+                .x_labels(8)
+                .y_labels(10)
+                .x_label_formatter(&xf)
+                .y_label_formatter(&yf)
                 .label_style(("sans-serif", 14))
+                .axis_desc_style(("sans-serif", 15))
                 .draw()
                 .map_err(|e| e.to_string())?;
             for (i, s) in series.iter().enumerate() {
                 let color = PALETTE[i % PALETTE.len()];
                 let p: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| ok(*x, *y)).collect();
-                chart
-                    .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))
-                    .map_err(|e| e.to_string())?
-                    .label(s.label.clone())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+                chart.draw_series(LineSeries::new(p.clone(), color.stroke_width(2))).map_err(|e| e.to_string())?;
                 chart
                     .draw_series(p.into_iter().map(|q| Circle::new(q, 3, color.filled())))
                     .map_err(|e| e.to_string())?;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 13))
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()
-                .map_err(|e| e.to_string())?;
         }};
     }
-    let mut b = ChartBuilder::on(&root);
-    b.caption(c.title, ("sans-serif", 20)).margin(12).x_label_area_size(44).y_label_area_size(64);
+    let mut b = ChartBuilder::on(&plot_area);
+    b.margin(12).margin_right(20).x_label_area_size(50).y_label_area_size(86);
     match (c.log_x, c.log_y) {
         (true, true) => {
             body!(b.build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale()).map_err(|e| e.to_string())?)
@@ -113,6 +176,15 @@ where
         (true, false) => body!(b.build_cartesian_2d((x0..x1).log_scale(), y0..y1).map_err(|e| e.to_string())?),
         (false, true) => body!(b.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(|e| e.to_string())?),
         (false, false) => body!(b.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| e.to_string())?),
+    }
+    let font = ("sans-serif", 13).into_font();
+    for (i, s) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let y = 24 + 22 * i as i32;
+        legend_area.draw(&PathElement::new(vec![(4, y), (28, y)], color.stroke_width(2))).map_err(|e| e.to_string())?;
+        legend_area.draw(&Circle::new((16, y), 3, color.filled())).map_err(|e| e.to_string())?;
+        let style = TextStyle::from(font.clone()).pos(Pos::new(HPos::Left, VPos::Center));
+        legend_area.draw(&Text::new(s.label.clone(), (34, y), style)).map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())
 }
@@ -138,9 +210,15 @@ pub fn line_chart(stem: &Path, chart: &LineChart, series: &[Series]) -> Result<(
 fn finish(tmp: &Path, path: &Path, res: std::result::Result<(), String>) -> Result<()> {
     if let Err(e) = res {
         let _ = std::fs::remove_file(tmp);
+        altgrad::io::forget_temporary(tmp);
         return Err(plot_err(path, e));
     }
-    std::fs::rename(tmp, path).map_err(|e| Error::io(path.display().to_string(), e))
+    let renamed = std::fs::rename(tmp, path).map_err(|e| Error::io(path.display().to_string(), e));
+    altgrad::io::forget_temporary(tmp);
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    renamed
 }
 
 /// A heatmap: `values[row][col]` (`None` = no value, drawn grey), with row/column labels.
@@ -264,6 +342,27 @@ pub fn draw_spec(dir: &Path, spec: &ChartSpec) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_read_like_numbers() {
+        assert_eq!(fmt_number(9.999999999999998e-5), "1e-4");
+        assert_eq!(fmt_number(0.00025), "2.5e-4");
+        assert_eq!(fmt_number(10.0), "10");
+        assert_eq!(fmt_number(120.0), "120");
+        assert_eq!(fmt_number(0.5), "0.5");
+        assert_eq!(fmt_number(2.25), "2.25");
+        assert_eq!(fmt_number(0.0), "0");
+        assert_eq!(fmt_number(3e5), "3e5");
+        assert_eq!(fmt_number(-1.5e-3), "-1.5e-3");
+        // Log axes over decades: only powers of ten, short.
+        assert_eq!(tick_label(9.999999999999998e-5, true, 1e-5, 1.0), "1e-4");
+        assert_eq!(tick_label(1e-3, true, 1e-5, 1.0), "1e-3");
+        assert_eq!(tick_label(0.01, true, 1e-5, 1.0), "0.01");
+        assert_eq!(tick_label(1.0, true, 1e-5, 1.0), "1");
+        assert_eq!(tick_label(3e-4, true, 1e-5, 1.0), "");
+        // A log axis within one decade keeps every label.
+        assert_eq!(tick_label(3.0, true, 2.0, 8.0), "3");
+    }
 
     #[test]
     fn draws_png_and_svg() {

@@ -36,6 +36,26 @@ impl Error {
     pub fn io(path: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), err: source }
     }
+    /// The same error reported against `input` (e.g. a command-line flag) instead of the name
+    /// it had (`degree` → `--degree`), so messages never stack two names
+    /// ("--degree: degree: …"). Other kinds are returned unchanged.
+    pub fn relabel(self, input: impl Into<String>) -> Self {
+        match self {
+            Error::BadInput { msg, .. } => Error::BadInput { input: input.into(), msg },
+            other => other,
+        }
+    }
+    /// [`Error::relabel`] by flag: an error about `degree` or `chunk` (as the attention
+    /// options name them) becomes one about `--degree` or `--chunk`.
+    pub fn for_flags(self) -> Self {
+        match &self {
+            Error::BadInput { input, .. } if !input.starts_with("--") => {
+                let flag = format!("--{}", input.replace(['_', ' '], "-"));
+                self.relabel(flag)
+            }
+            _ => self,
+        }
+    }
     /// True for errors caused by the user's input (exit code 2).
     pub fn is_user_error(&self) -> bool {
         !matches!(self, Error::Internal(_))
@@ -44,3 +64,24 @@ impl Error {
 
 /// `Result` with altgrad's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Checks that a computed result (attention output, loss, gradient, …) is finite: finite inputs
+/// whose intermediates overflow give NaN or ±inf, which must not pass silently.
+///
+/// Errors: `BadInput` whose input is `stage` (what was being computed) and whose message gives
+/// how many values are not finite, the first one and its index, and `advice` (what to change:
+/// float64, a lower degree, a lower learning rate, …).
+pub fn check_finite_result<T: crate::linalg::Scalar>(stage: &str, values: &[T], advice: &str) -> Result<()> {
+    let Some(first) = values.iter().position(|x| !x.as_f64().is_finite()) else { return Ok(()) };
+    let count = values.iter().filter(|x| !x.as_f64().is_finite()).count();
+    Err(Error::bad(
+        stage,
+        format!(
+            "{count} of {} values are not finite (first: {} at index {first}) although the inputs are: the \
+             computation overflowed {}; {advice}",
+            values.len(),
+            values[first].as_f64(),
+            T::DTYPE
+        ),
+    ))
+}

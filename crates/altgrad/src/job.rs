@@ -7,6 +7,7 @@
 use crate::attention::bound::validate_degree;
 use crate::attention::mixed::HeadPlan;
 use crate::attention::PolyOptions;
+use crate::error::check_finite_result;
 use crate::io::{AnyModel, Loaded};
 use crate::linalg::{rel_err, Scalar};
 use crate::model::{Activations, AttentionPolicy, HeadDecision, Network, ParamSet};
@@ -46,8 +47,47 @@ pub struct Pass<T> {
 
 /// Runs forward (with `policy`), the model's default loss, and backward over `ids`.
 ///
-/// Errors: bad ids (naming `input`), fewer than 2 tokens for decoders, invalid plans.
+/// Errors: bad ids (naming `input`), fewer than 2 tokens for decoders, invalid plans, and a
+/// non-finite forward output, loss or gradient (`BadInput` naming the stage and what to change:
+/// float64, a lower degree) — finite inputs whose intermediates overflowed never pass silently.
 pub fn run_pass<T: Scalar>(model: &AnyModel<T>, ids: &[u32], input: &str, policy: &AttentionPolicy) -> Result<Pass<T>> {
+    let pass = run_pass_unchecked(model, ids, input, policy)?;
+    let advice = overflow_advice::<T>(policy);
+    check_finite_result(&format!("loss ({})", pass.loss_name), &[pass.loss], &advice)?;
+    for (name, _, g) in &pass.grads {
+        check_finite_result(&format!("gradient {name}"), g, &advice)?;
+    }
+    Ok(pass)
+}
+
+/// What to change when a pass with `policy` in `T` overflowed.
+fn overflow_advice<T: Scalar>(policy: &AttentionPolicy) -> String {
+    let f32 = T::DTYPE != "F64";
+    match (policy, f32) {
+        (AttentionPolicy::Fixed(HeadPlan::Exact), true) => "use --dtype f64 (float64)".into(),
+        (AttentionPolicy::Fixed(HeadPlan::Exact), false) => {
+            "it overflows even in float64: check the model's weights and inputs".into()
+        }
+        (AttentionPolicy::Fixed(p), true) => {
+            format!("use --dtype f64 (float64) or a lower --degree than {}", p.degree().unwrap_or(2))
+        }
+        (AttentionPolicy::Fixed(p), false) => format!("use a lower --degree than {}", p.degree().unwrap_or(2)),
+        (_, true) => "use --dtype f64 (float64), a lower --tol or --attention exact".into(),
+        (_, false) => "use a lower --tol or --attention exact".into(),
+    }
+}
+
+/// Checks the forward's final hidden states before the loss is taken from them.
+fn check_forward<T: Scalar>(hidden: &[T], policy: &AttentionPolicy) -> Result<()> {
+    check_finite_result("forward pass (final hidden states)", hidden, &overflow_advice::<T>(policy))
+}
+
+fn run_pass_unchecked<T: Scalar>(
+    model: &AnyModel<T>,
+    ids: &[u32],
+    input: &str,
+    policy: &AttentionPolicy,
+) -> Result<Pass<T>> {
     match model {
         AnyModel::Llama(m) => run_pass_on(m, ids, input, policy),
         AnyModel::Bert(m) => run_pass_on(m, ids, input, policy),
@@ -68,6 +108,7 @@ pub fn run_pass_on<T: Scalar, N: Network<T>>(
     let summary = model.summary();
     let t0 = Instant::now();
     let cache = model.forward_with(ids, policy)?;
+    check_forward(cache.hidden(), policy)?;
     let mut grads = model.zero_grads(ids.len());
     grads.layer_dx = Some(Vec::new());
     let (loss, dhidden) = model.default_loss(&cache, &mut grads)?;
@@ -347,14 +388,10 @@ pub fn inspect_report<T: Scalar>(
 }
 
 /// Loads `spec` as the CLI's `--model` does ([`crate::io::load_model`]: `tiny`, `tiny-bounded`, a
-/// `.gguf` file, an HF directory), or a training checkpoint directory written by `altgrad train
-/// --checkpoint` ([`crate::train::checkpoint::load_checkpoint_model`]).
+/// `.gguf` file, an HF directory, or a training checkpoint directory written by `altgrad train
+/// --checkpoint`).
 ///
-/// Errors: those of the two loaders.
+/// Errors: those of the loader.
 pub fn load_model<T: Scalar>(spec: &str, seed: u64) -> Result<Loaded<T>> {
-    let path = std::path::Path::new(spec);
-    if spec != "tiny" && spec != "tiny-bounded" && crate::train::checkpoint::checkpoint_exists(path) {
-        return crate::train::checkpoint::load_checkpoint_model(path, seed);
-    }
     crate::io::load_model(spec, seed)
 }

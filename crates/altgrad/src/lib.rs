@@ -24,6 +24,9 @@ pub mod bench;
 pub mod chart;
 pub mod error;
 pub(crate) mod fastmath;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod job;
 pub mod linalg;

@@ -42,7 +42,7 @@ fn policy_falls_back_to_exact_when_poly_cannot_pay() {
     // Short sequence: exact is cheaper.
     let p = Policy::choose(64, 16, 16, true, 0.5, 1e-1, 1 << 16);
     assert_eq!(p.method, Method::Exact);
-    assert!(p.reason.contains("GFLOP"), "{}", p.reason);
+    assert!(p.reason.contains("FLOP vs"), "{}", p.reason);
     // Rank over the memory budget.
     let p = Policy::choose(1 << 20, 64, 64, true, 1.0, 1e-3, 1000);
     assert_eq!(p.method, Method::Exact);

@@ -268,9 +268,8 @@ impl Policy {
         let (pf, ef) = (poly_flops(n, d, dv, r, causal, DEFAULT_CHUNK), exact_flops(n, d, dv, causal));
         if pf >= ef {
             return exact(format!(
-                "polynomial attention (g = {g}, r = {r}) would cost {:.3} GFLOP vs {:.3} for exact at n = {n}",
-                pf / 1e9,
-                ef / 1e9
+                "polynomial attention (g = {g}, r = {r}) would cost {:.3e} FLOP vs {:.3e} for exact at n = {n}",
+                pf, ef
             ));
         }
         Policy {

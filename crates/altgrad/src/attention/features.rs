@@ -73,7 +73,7 @@ impl<T: Scalar> FeatureMap<T> {
         match feature_dim(d, g) {
             Some(r) if r <= MAX_FEATURE_DIM => {}
             r => {
-                let shown = r.map_or_else(|| "overflows usize".to_string(), |r| r.to_string());
+                let shown = r.map_or_else(|| "more than 2^64".to_string(), |r| r.to_string());
                 return Err(Error::bad(
                     "degree",
                     format!(

@@ -276,8 +276,8 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
             let exact_pred = last_exact.map_or(0.0, |(m, t): (usize, f64)| t * (n as f64 / m as f64).powi(2));
             if exact_pred > plan.b_limit_s {
                 skipped.push(format!(
-                    "n={n} causal={causal}: exact reference predicted {exact_pred:.0} s > limit {:.0} s",
-                    plan.b_limit_s
+                    "n={n} causal={causal}: exact reference {}",
+                    super::over_limit(exact_pred, plan.b_limit_s)
                 ));
                 continue;
             }
@@ -291,8 +291,8 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
                 });
                 if predicted > plan.b_limit_s {
                     skipped.push(format!(
-                        "{method} n={n} g={g} causal={causal}: predicted {predicted:.0} s > limit {:.0} s",
-                        plan.b_limit_s
+                        "{method} n={n} g={g} causal={causal}: {}",
+                        super::over_limit(predicted, plan.b_limit_s)
                     ));
                     continue;
                 }

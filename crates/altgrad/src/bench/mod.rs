@@ -274,3 +274,40 @@ mod tests {
         assert!(median(&mut []).is_nan());
     }
 }
+
+/// `"{predicted} s > limit {limit} s"` with as many decimals as it takes (up to 3) for the two
+/// numbers to print differently (never "predicted 10 s > limit 10 s").
+pub(crate) fn over_limit(predicted: f64, limit: f64) -> String {
+    for dec in 0..=3 {
+        let (p, l) = (format!("{predicted:.dec$}"), format!("{limit:.dec$}"));
+        if p != l || dec == 3 {
+            return format!("predicted {p} s > limit {l} s");
+        }
+    }
+    unreachable!()
+}
+
+/// `x` as a percentage of a single-thread `peak`, worded honestly above 100% (the peak was
+/// measured in the same run and the machine was busier then, or the stage used more threads).
+pub(crate) fn of_1thread_peak(x: f64, peak: f64) -> String {
+    let pct = 100.0 * x / peak;
+    if pct <= 100.0 {
+        format!("{pct:.0}% of the 1-thread GEMM peak ({peak:.1} GFLOP/s)")
+    } else {
+        format!("above the 1-thread GEMM peak ({peak:.1} GFLOP/s) measured in this run")
+    }
+}
+
+#[cfg(test)]
+mod wording_tests {
+    use super::*;
+
+    #[test]
+    fn limits_and_peaks_read_right() {
+        assert_eq!(over_limit(10.4, 10.0), "predicted 10.4 s > limit 10.0 s");
+        assert_eq!(over_limit(25.0, 10.0), "predicted 25 s > limit 10 s");
+        assert_eq!(over_limit(10.004, 10.0), "predicted 10.004 s > limit 10.000 s");
+        assert_eq!(of_1thread_peak(45.0, 90.0), "50% of the 1-thread GEMM peak (90.0 GFLOP/s)");
+        assert!(!of_1thread_peak(107.0, 90.0).contains('%'));
+    }
+}

@@ -77,16 +77,17 @@ impl StageProfile {
         };
         let _ = writeln!(
             s,
-            "**{} {cfg} causal={} n={}**: {:.3} s per head, {:.1} GFLOP/s = {:.0}% of the 1-thread GEMM peak ({:.1}){}.\n",
+            "**{} {cfg} causal={} n={}**: {:.3} s per head, {:.1} GFLOP/s = {}{}.\n",
             self.method,
             self.causal,
             self.n,
             self.total_s,
             self.gflops,
-            100.0 * self.frac_of_peak_1thread,
-            self.gemm_peak_1thread,
-            self.sweep_frac_of_peak
-                .map_or(String::new(), |f| format!("; the 4-head sweep point reached {:.0}% of the all-thread peak", 100.0 * f))
+            super::of_1thread_peak(self.gflops, self.gemm_peak_1thread),
+            self.sweep_frac_of_peak.map_or(String::new(), |f| format!(
+                "; the 4-head sweep point reached {:.0}% of the all-thread peak",
+                100.0 * f
+            ))
         );
         let _ = writeln!(s, "| stage | s | share | GFLOP/s |");
         let _ = writeln!(s, "|---|---|---|---|");
@@ -152,7 +153,7 @@ fn limiter(stages: &[Stage], peak1: f64) -> String {
     for st in stages.iter().take(3) {
         let _ = write!(s, "{} {:.0}%", st.name, 100.0 * st.share);
         if st.flops > 0.0 {
-            let _ = write!(s, " at {:.1} GFLOP/s ({:.0}% of the 1-thread peak)", st.gflops, 100.0 * st.gflops / peak1);
+            let _ = write!(s, " at {:.1} GFLOP/s ({})", st.gflops, super::of_1thread_peak(st.gflops, peak1));
         }
         s.push_str("; ");
     }

@@ -563,8 +563,8 @@ fn sweep(plan: &Plan, peak: f64, tick: &dyn Fn(&str)) -> Result<(Vec<BenchRun>, 
                     };
                     if predicted > plan.limit_s {
                         skipped.push(skip(format!(
-                            "predicted {predicted:.1} s for one fwd+bwd (from the previous size, ∝ n^{power}) > limit {:.0} s",
-                            plan.limit_s
+                            "{} for one fwd+bwd (from the previous size, ∝ n^{power})",
+                            super::over_limit(predicted, plan.limit_s)
                         )));
                         continue;
                     }

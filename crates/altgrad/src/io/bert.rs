@@ -33,7 +33,7 @@ struct HfBertConfig {
 }
 
 /// Parses the text of an HF BERT `config.json`; `source` names it in errors.
-fn parse_hf_bert_config(text: &str, source: &str) -> Result<BertConfig> {
+pub(crate) fn parse_hf_bert_config(text: &str, source: &str) -> Result<BertConfig> {
     let bad = |m: String| Error::bad(source, m);
     let json_err = |e: serde_json::Error| match e.classify() {
         serde_json::error::Category::Data => bad(format!("invalid config: {e}")),
@@ -128,11 +128,37 @@ pub fn load_hf_bert<T: Scalar>(dir: &Path) -> Result<BertModel<T>> {
         ));
     }
     let mapped = MappedSafetensors::open(&file)?;
+    bert_from(cfg, &shown_cfg, &mapped, shown_dir)
+}
+
+/// A BERT model from the text of its `config.json` (named `config_name` in messages) and its
+/// `model.safetensors` held in memory (named `weights_name`), checked as [`load_hf_bert`]
+/// checks a directory.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn load_hf_bert_bytes<T: Scalar>(
+    config_text: &str,
+    config_name: &str,
+    weights: Vec<u8>,
+    weights_name: &str,
+) -> Result<BertModel<T>> {
+    let cfg = parse_hf_bert_config(config_text, config_name)?;
+    let mapped = MappedSafetensors::from_bytes(weights_name, weights)?;
+    bert_from(cfg, config_name, &mapped, config_name.to_string())
+}
+
+/// Fills the weights of `cfg` from `mapped`; the model's source is `source`. Errors: as
+/// [`load_hf_bert`].
+fn bert_from<T: Scalar>(
+    cfg: BertConfig,
+    shown_cfg: &str,
+    mapped: &MappedSafetensors,
+    source: String,
+) -> Result<BertModel<T>> {
     let st = mapped.parse()?;
     let need = min_weight_bytes(&cfg);
     if need > mapped.len() as u128 {
         return Err(Error::bad(
-            &shown_cfg,
+            shown_cfg,
             format!("the config implies at least {need} bytes of weights but {} holds {}", mapped.name, mapped.len()),
         ));
     }
@@ -155,7 +181,7 @@ pub fn load_hf_bert<T: Scalar>(dir: &Path) -> Result<BertModel<T>> {
         }
         p.data = decode_finite::<T>(&mapped.name, &name, &view)?;
     }
-    BertModel::new(cfg, w, shown_dir)
+    BertModel::new(cfg, w, source)
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@
 //! - [`load_gguf_llama`] builds a [`LlamaConfig`] + [`LlamaWeights`] (tensors keep their GGUF
 //!   names) from a `general.architecture = "llama"` file.
 
+use super::bytes::Bytes;
 use crate::linalg::Scalar;
 use crate::model::{Linear, LlamaConfig, LlamaWeights, RopeLayout};
 use crate::{Error, Result};
@@ -544,7 +545,7 @@ pub struct GgufFile {
     tensor_index: HashMap<String, usize>,
     alignment: u64,
     data_offset: u64,
-    mmap: Mmap,
+    mmap: Bytes,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -771,6 +772,21 @@ impl GgufFile {
         // memory map, truncation of the file by another process while it is mapped is outside
         // our control; every offset is validated against the map's length before use.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&name, e))?;
+        Self::from_storage(name, Bytes::Mapped(mmap))
+    }
+
+    /// Parses and validates a GGUF file held in memory, exactly as [`GgufFile::open`] does a
+    /// file on disk; `name` stands for the file in error messages.
+    ///
+    /// Errors: those of [`GgufFile::open`] after the file is read (`BadInput` naming `name`).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<GgufFile> {
+        if bytes.is_empty() {
+            return Err(Error::bad(name, "empty file (expected a GGUF file)"));
+        }
+        Self::from_storage(name.to_string(), Bytes::Owned(bytes))
+    }
+
+    fn from_storage(name: String, mmap: Bytes) -> Result<GgufFile> {
         let parsed = parse(&name, &mmap)?;
         Ok(GgufFile {
             path: name,
@@ -1296,7 +1312,7 @@ fn rename_linear<T>(l: &mut Linear<T>, base: &str) {
 }
 
 /// Gives every tensor of `w` its GGUF (llama.cpp) name.
-fn rename_to_gguf<T>(w: &mut LlamaWeights<T>) {
+pub(crate) fn rename_to_gguf<T>(w: &mut LlamaWeights<T>) {
     w.embed.name = "token_embd.weight".into();
     for (i, l) in w.layers.iter_mut().enumerate() {
         l.attn_norm.name = format!("blk.{i}.attn_norm.weight");
@@ -1491,13 +1507,24 @@ fn check_tensor(g: &GgufFile, name: &str, shape: &[usize]) -> Result<()> {
 /// and — naming the tensor — a missing tensor or a wrong shape (both checked for every tensor
 /// before the weights are allocated), a type that cannot be dequantized, or a non-finite value.
 pub fn load_gguf_llama<T: Scalar>(path: &Path) -> Result<(LlamaConfig, LlamaWeights<T>, GgufFile)> {
-    let g = GgufFile::open(path)?;
+    load_gguf_llama_from(GgufFile::open(path)?)
+}
+
+/// [`load_gguf_llama`] of an already parsed file (on disk or from [`GgufFile::from_bytes`]).
+///
+/// Errors: as [`load_gguf_llama`] after opening.
+pub fn load_gguf_llama_from<T: Scalar>(g: GgufFile) -> Result<(LlamaConfig, LlamaWeights<T>, GgufFile)> {
     let cfg = llama_config(&g)?;
     let file = g.path();
     // Every tensor present with its shape before allocating: the weights then take at most as
     // many values as the file's tensors hold.
+    // Every type dequantizable too, so no buffer is reserved for a tensor that cannot be read.
     for (name, shape) in gguf_tensor_specs(&cfg) {
         check_tensor(&g, &name, &shape)?;
+        let ty = g.info_or_err(&name)?.ggml_type;
+        if !ty.can_dequantize() {
+            return Err(Error::bad(file, format!("tensor {name}: ggml type {ty} is not supported for dequantization")));
+        }
     }
     let mut w = LlamaWeights::<T>::zeros_hf(&cfg);
     rename_to_gguf(&mut w);

@@ -66,7 +66,7 @@ fn rope_scaling_is_default(v: &serde_json::Value) -> bool {
 }
 
 /// Parses the text of an HF Llama `config.json`; `source` names it in errors.
-fn parse_hf_llama_config(text: &str, source: &str) -> Result<LlamaConfig> {
+pub(crate) fn parse_hf_llama_config(text: &str, source: &str) -> Result<LlamaConfig> {
     let bad = |m: String| Error::bad(source, m);
     let json_err = |e: serde_json::Error| match e.classify() {
         serde_json::error::Category::Data => bad(format!("invalid config: {e}")),
@@ -159,7 +159,7 @@ pub fn read_hf_llama_config(path: &Path) -> Result<LlamaConfig> {
 
 /// Lower bound on the bytes the weights of `cfg` need (2-byte dtypes, no norms or biases), used
 /// to reject configs that would allocate far more than the weight files can fill.
-fn min_weight_bytes(cfg: &LlamaConfig) -> u128 {
+pub(crate) fn min_weight_bytes(cfg: &LlamaConfig) -> u128 {
     let (v, h, i, l) =
         (cfg.vocab_size as u128, cfg.hidden_size as u128, cfg.intermediate_size as u128, cfg.num_layers as u128);
     let (q, kv) = (cfg.q_dim() as u128, cfg.kv_dim() as u128);
@@ -231,21 +231,49 @@ pub fn load_hf_llama<T: Scalar>(dir: &Path) -> Result<(LlamaConfig, LlamaWeights
     };
 
     let mapped: Vec<MappedSafetensors> = files.iter().map(|p| MappedSafetensors::open(p)).collect::<Result<_>>()?;
+    let w = llama_weights(&cfg, &dir.join("config.json").display().to_string(), &mapped, weight_map.as_ref())?;
+    Ok((cfg, w))
+}
+
+/// An HF Llama model from the text of its `config.json` (named `config_name` in messages) and
+/// one `model.safetensors` held in memory (named `weights_name`), checked as
+/// [`load_hf_llama`] checks a directory.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn load_hf_llama_bytes<T: Scalar>(
+    config_text: &str,
+    config_name: &str,
+    weights: Vec<u8>,
+    weights_name: &str,
+) -> Result<(LlamaConfig, LlamaWeights<T>)> {
+    let cfg = parse_hf_llama_config(config_text, config_name)?;
+    let mapped = [MappedSafetensors::from_bytes(weights_name, weights)?];
+    let w = llama_weights(&cfg, config_name, &mapped, None)?;
+    Ok((cfg, w))
+}
+
+/// Fills the weights of `cfg` from the parsed weight files (`weight_map` says which file holds
+/// which tensor for a sharded model). Errors: as [`load_hf_llama`].
+fn llama_weights<T: Scalar>(
+    cfg: &LlamaConfig,
+    config_name: &str,
+    mapped: &[MappedSafetensors],
+    weight_map: Option<&ShardMap>,
+) -> Result<LlamaWeights<T>> {
     let parsed: Vec<SafeTensors<'_>> = mapped.iter().map(|m| m.parse()).collect::<Result<_>>()?;
     let total_bytes: u128 = mapped.iter().map(|m| m.len() as u128).sum();
-    let need = min_weight_bytes(&cfg);
+    let need = min_weight_bytes(cfg);
     if need > total_bytes {
         return Err(Error::bad(
-            dir.join("config.json").display().to_string(),
+            config_name,
             format!(
                 "the config implies at least {need} bytes of weights but the weight file(s) hold {total_bytes} bytes"
             ),
         ));
     }
 
-    let mut w = LlamaWeights::<T>::zeros_hf(&cfg);
+    let mut w = LlamaWeights::<T>::zeros_hf(cfg);
     for p in w.params_mut() {
-        let k = match &weight_map {
+        let k = match weight_map {
             None => 0,
             Some((index_name, map)) => *map
                 .get(&p.name)
@@ -264,7 +292,7 @@ pub fn load_hf_llama<T: Scalar>(dir: &Path) -> Result<(LlamaConfig, LlamaWeights
         }
         p.data = decode_finite::<T>(file, &p.name, &view)?;
     }
-    Ok((cfg, w))
+    Ok(w)
 }
 
 /// The HF `config.json` object for `cfg` (model_type llama, rotate-half RoPE, SiLU, f32).

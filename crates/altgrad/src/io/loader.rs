@@ -35,20 +35,42 @@ impl<T: Scalar> AnyModel<T> {
     }
 }
 
-/// A model and the tokenizer that came with it (`None` for `tiny`, which reads bytes).
+/// A model and the tokenizer that came with it.
 pub struct Loaded<T> {
     /// The model.
     pub model: AnyModel<T>,
     /// Its tokenizer, when the model has one.
     pub tokenizer: Option<TextTokenizer>,
+    /// True when the model reads bytes as token ids (`tiny`, and checkpoints trained from it).
+    /// A model with neither a tokenizer nor this cannot tokenize text (it needs token ids).
+    pub byte_tokens: bool,
 }
 
 impl<T: Scalar> Loaded<T> {
     /// Token ids of `text` as the model's own tokenizer produces them (bytes for `tiny`).
+    ///
+    /// Errors: `BadInput` naming the model when it has no tokenizer (an HF directory without
+    /// `tokenizer.json`): give token ids instead (`--tokens`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_limited(text, usize::MAX).map(|(ids, _)| ids)
+    }
+
+    /// Token ids of `text`, at most `max` of them, cut as `transformers` truncates (trailing
+    /// special tokens such as BERT's `[SEP]` are kept; see [`TextTokenizer::encode_limited`]),
+    /// and how many ids the whole text has. Errors: as [`Loaded::encode`].
+    pub fn encode_limited(&self, text: &str, max: usize) -> Result<(Vec<u32>, usize)> {
         match &self.tokenizer {
-            Some(t) => t.encode(text),
-            None => Ok(text.bytes().map(u32::from).collect()),
+            Some(t) => t.encode_limited(text, max),
+            None if self.byte_tokens => {
+                let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+                let total = ids.len();
+                Ok((ids.into_iter().take(max).collect(), total))
+            }
+            None => Err(Error::bad(
+                self.source(),
+                "has no tokenizer (no tokenizer.json), so text cannot be tokenized: give token ids with --tokens FILE \
+                 (whitespace-separated integers)",
+            )),
         }
     }
     /// Where the model came from.
@@ -103,16 +125,17 @@ pub fn gguf_tokenizer_parts(g: &GgufFile) -> Result<GgufTokenizerParts> {
 
 /// Loads `spec`: `tiny` (built-in, weights from `seed`), `tiny-bounded` (the same with q/k
 /// projections scaled by 1/4, so attention scores are bounded), a `.gguf` file (Llama architecture, its
-/// BPE tokenizer), or an HF directory whose `config.json` says `model_type` `llama` or `bert`
-/// (tokenizer from `tokenizer.json` when present).
+/// BPE tokenizer), an HF directory whose `config.json` says `model_type` `llama` or `bert`
+/// (tokenizer from `tokenizer.json` when present), or a training checkpoint directory
+/// (`altgrad train --checkpoint DIR`: the weights of its last completed update).
 ///
 /// Errors: a missing path, an unknown format or `model_type`, and every error of the loaders.
 pub fn load_model<T: Scalar>(spec: &str, seed: u64) -> Result<Loaded<T>> {
     if spec == "tiny" {
-        return Ok(Loaded { model: AnyModel::Llama(Model::tiny(seed)), tokenizer: None });
+        return Ok(Loaded { model: AnyModel::Llama(Model::tiny(seed)), tokenizer: None, byte_tokens: true });
     }
     if spec == "tiny-bounded" {
-        return Ok(Loaded { model: AnyModel::Llama(Model::tiny_bounded(seed)), tokenizer: None });
+        return Ok(Loaded { model: AnyModel::Llama(Model::tiny_bounded(seed)), tokenizer: None, byte_tokens: true });
     }
     let path = Path::new(spec);
     if !path.exists() {
@@ -133,7 +156,10 @@ pub fn load_model<T: Scalar>(spec: &str, seed: u64) -> Result<Loaded<T>> {
         let (cfg, w, g) = load_gguf_llama::<T>(path)?;
         let tokenizer = TextTokenizer::from_gguf_parts(gguf_tokenizer_parts(&g)?)?;
         let model = Model::new(cfg, w, spec)?;
-        return Ok(Loaded { model: AnyModel::Llama(model), tokenizer: Some(tokenizer) });
+        return Ok(Loaded { model: AnyModel::Llama(model), tokenizer: Some(tokenizer), byte_tokens: false });
+    }
+    if crate::train::checkpoint::checkpoint_exists(path) && !path.join("config.json").exists() {
+        return load_checkpoint_as_model(path, spec);
     }
     let cfg_path = path.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(cfg_path.display().to_string(), e))?;
@@ -142,11 +168,42 @@ pub fn load_model<T: Scalar>(spec: &str, seed: u64) -> Result<Loaded<T>> {
     let tok_path = path.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(TextTokenizer::from_file(&tok_path)?) } else { None };
     match v.get("model_type").and_then(|m| m.as_str()) {
-        Some("bert") => Ok(Loaded { model: AnyModel::Bert(super::load_hf_bert::<T>(path)?), tokenizer }),
+        Some("bert") => {
+            Ok(Loaded { model: AnyModel::Bert(super::load_hf_bert::<T>(path)?), tokenizer, byte_tokens: false })
+        }
         _ => {
             // load_hf_llama reports a wrong or missing model_type itself
             let (cfg, w) = super::load_hf_llama::<T>(path)?;
-            Ok(Loaded { model: AnyModel::Llama(Model::new(cfg, w, spec)?), tokenizer })
+            Ok(Loaded { model: AnyModel::Llama(Model::new(cfg, w, spec)?), tokenizer, byte_tokens: false })
         }
+    }
+}
+
+/// A training checkpoint as a model: its weights at the last completed update, and the
+/// tokenizer of the model it was trained from (bytes for `tiny`; the original model's
+/// tokenizer when that file or directory still exists; a `tokenizer.json` in the checkpoint
+/// directory takes precedence).
+fn load_checkpoint_as_model<T: Scalar>(path: &Path, spec: &str) -> Result<Loaded<T>> {
+    let ck = crate::train::checkpoint::load_checkpoint_model::<T>(path)?;
+    let origin = ck.options.get("model").and_then(|m| m.as_str()).unwrap_or("tiny").to_string();
+    let own = ck.dir.join("tokenizer.json");
+    let (tokenizer, byte_tokens) = if own.is_file() {
+        (Some(TextTokenizer::from_file(&own)?), false)
+    } else if origin == "tiny" || origin == "tiny-bounded" {
+        (None, true)
+    } else {
+        (origin_tokenizer(Path::new(&origin)), false)
+    };
+    let model = Model::new(ck.config, ck.weights, spec)?;
+    Ok(Loaded { model: AnyModel::Llama(model), tokenizer, byte_tokens })
+}
+
+/// The tokenizer of the model at `origin` (a GGUF file or an HF directory), if it can be read.
+fn origin_tokenizer(origin: &Path) -> Option<TextTokenizer> {
+    if origin.is_file() {
+        let g = GgufFile::open(origin).ok()?;
+        TextTokenizer::from_gguf_parts(gguf_tokenizer_parts(&g).ok()?).ok()
+    } else {
+        TextTokenizer::from_file(&origin.join("tokenizer.json")).ok()
     }
 }

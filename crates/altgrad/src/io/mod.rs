@@ -13,16 +13,26 @@
 //! Every error names the file (and the tensor or token at fault) and is a
 //! [`crate::Error::BadInput`] or [`crate::Error::Io`]; hostile or truncated files never panic.
 
-mod bert;
+pub mod attn_file;
+pub(crate) mod bert;
+mod bytes;
+mod cleanup;
 pub use bert::load_hf_bert;
 pub mod gguf;
-mod hf;
+pub(crate) mod hf;
 mod loader;
-mod tensors;
+mod outputs;
+pub(crate) mod tensors;
 pub mod tokenizer;
-mod tokens;
+pub(crate) mod tokens;
 
+pub(crate) use cleanup::create_registered_dir as cleanup_create_dir;
+pub use cleanup::{forget_temporary, register_temporary_file, remove_temporary_files};
 pub use hf::{load_hf_llama, read_hf_llama_config, save_hf_llama};
 pub use loader::{gguf_tokenizer_parts, load_model, AnyModel, Loaded};
-pub use tensors::{check_finite, read_safetensors, write_file_atomic, write_safetensors, TensorF64};
+pub use outputs::{check_output_dir, check_output_file, check_plot_stem};
+pub use tensors::{
+    check_finite, read_safetensors, read_safetensors_bytes, write_file_atomic, write_safetensors, write_safetensors_as,
+    TensorF64,
+};
 pub use tokens::read_tokens;

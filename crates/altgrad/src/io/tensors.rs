@@ -2,6 +2,7 @@
 //! BF16), atomic writing (temporary file, fsync, rename), and the finiteness check every loaded
 //! tensor goes through.
 
+use super::bytes::Bytes;
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 use memmap2::Mmap;
@@ -30,7 +31,7 @@ pub struct TensorF64 {
 pub(crate) struct MappedSafetensors {
     /// The path, for error messages.
     pub(crate) name: String,
-    mmap: Mmap,
+    mmap: Bytes,
 }
 
 impl MappedSafetensors {
@@ -55,21 +56,28 @@ impl MappedSafetensors {
         }
         let mut head = [0u8; 8];
         file.read_exact(&mut head).map_err(|e| Error::io(&name, e))?;
-        let n = u64::from_le_bytes(head);
-        if n > len - 8 {
-            return Err(Error::bad(
-                &name,
-                format!(
-                    "not a safetensors file: header length {n} exceeds the file size ({len} bytes; \
-                     truncated or corrupt)"
-                ),
-            ));
-        }
+        check_header_length(&name, u64::from_le_bytes(head), len)?;
         // SAFETY: the map is read-only and lives as long as `self`. As with every memory map, a
         // concurrent truncation of the file by another process is outside our control; the
         // header and all offsets are validated against the map's length before any tensor is read.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&name, e))?;
-        Ok(MappedSafetensors { name, mmap })
+        Ok(MappedSafetensors { name, mmap: Bytes::Mapped(mmap) })
+    }
+
+    /// A safetensors file held in memory; `name` stands for it in messages. Errors: as
+    /// [`MappedSafetensors::open`] after reading.
+    pub(crate) fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        let len = bytes.len() as u64;
+        if len < 8 {
+            return Err(Error::bad(
+                name,
+                format!("not a safetensors file: {len} bytes, shorter than the 8-byte header length (truncated?)"),
+            ));
+        }
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&bytes[..8]);
+        check_header_length(name, u64::from_le_bytes(head), len)?;
+        Ok(MappedSafetensors { name: name.to_string(), mmap: Bytes::Owned(bytes) })
     }
 
     /// Size of the mapped file in bytes.
@@ -90,6 +98,19 @@ impl MappedSafetensors {
             .map_err(|e| Error::bad(&self.name, format!("not a valid safetensors file: {e}")))?;
         Ok(meta.offset_keys())
     }
+}
+
+/// Checks the 8-byte header length `n` of a safetensors file of `len` bytes.
+fn check_header_length(name: &str, n: u64, len: u64) -> Result<()> {
+    if n > len - 8 {
+        return Err(Error::bad(
+            name,
+            format!(
+                "not a safetensors file: header length {n} exceeds the file size ({len} bytes; truncated or corrupt)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Decodes element `i` of little-endian `bytes` of dtype `dtype` to f64 (exact for F16, BF16,
@@ -186,7 +207,18 @@ pub fn check_finite<T: Scalar>(what: &str, data: &[T]) -> Result<()> {
 /// mapping), header not valid JSON, offsets not covering the data exactly (truncation), or a
 /// tensor of another dtype (naming the tensor). Never panics on a hostile file.
 pub fn read_safetensors(path: &Path) -> Result<Vec<TensorF64>> {
-    let mapped = MappedSafetensors::open(path)?;
+    read_mapped(&MappedSafetensors::open(path)?)
+}
+
+/// Every tensor of a safetensors file held in memory, as [`read_safetensors`] reads a file on
+/// disk; `name` stands for the file in messages.
+///
+/// Errors: as [`read_safetensors`], naming `name`.
+pub fn read_safetensors_bytes(name: &str, bytes: Vec<u8>) -> Result<Vec<TensorF64>> {
+    read_mapped(&MappedSafetensors::from_bytes(name, bytes)?)
+}
+
+fn read_mapped(mapped: &MappedSafetensors) -> Result<Vec<TensorF64>> {
     let st = mapped.parse()?;
     let mut out = Vec::with_capacity(st.len());
     for name in mapped.names_in_order()? {
@@ -213,13 +245,15 @@ pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&mut BufWriter<File>)
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let result = (|| -> std::io::Result<()> {
-        let mut w = BufWriter::new(File::create(&tmp)?);
+        let mut w = BufWriter::new(super::cleanup::create_registered_file(&tmp)?);
         write(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
+        test_write_delay();
         std::fs::rename(&tmp, path)
     })();
+    super::cleanup::forget_temporary(&tmp);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(shown, e));
@@ -232,6 +266,15 @@ pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&mut BufWriter<File>)
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Test hook for the interrupt tests: with `ALTGRAD_TEST_WRITE_DELAY_MS=N` in the environment,
+/// each atomic write waits N ms (at most 60 s) before renaming its complete temporary file into
+/// place, so a test can signal the process while the temporary file exists.
+fn test_write_delay() {
+    if let Some(ms) = std::env::var("ALTGRAD_TEST_WRITE_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+    }
 }
 
 /// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename;
@@ -247,11 +290,25 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// that does not match the data length; `Io` for write failures.
 pub(crate) fn write_tensors<T: Scalar>(path: &Path, tensors: &[(&str, &[usize], &[T])], dtype: Dtype) -> Result<()> {
     let shown = path.display().to_string();
-    let width = match dtype {
-        Dtype::F32 => 4,
-        Dtype::F64 => 8,
+    let (width, max) = match dtype {
+        Dtype::F32 => (4, f32::MAX as f64),
+        Dtype::F64 => (8, f64::MAX),
+        Dtype::F16 => (2, half::f16::MAX.to_f64()),
+        Dtype::BF16 => (2, half::bf16::MAX.to_f64()),
         other => return Err(Error::Internal(format!("write_tensors: unsupported dtype {other:?}"))),
     };
+    // Values that are finite here must stay finite in the file's dtype.
+    for &(name, _, data) in tensors {
+        if let Some(i) = data.iter().position(|x| x.as_f64().is_finite() && x.as_f64().abs() > max) {
+            return Err(Error::bad(
+                &shown,
+                format!(
+                    "tensor {name}: value {:e} at index {i} does not fit in {dtype:?} (largest {max:e}); use a wider dtype",
+                    data[i].as_f64()
+                ),
+            ));
+        }
+    }
     let mut seen = HashSet::new();
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
@@ -289,10 +346,11 @@ pub(crate) fn write_tensors<T: Scalar>(path: &Path, tensors: &[(&str, &[usize], 
                 buf.clear();
                 for &x in chunk {
                     let v = x.as_f64();
-                    if width == 4 {
-                        buf.extend_from_slice(&(v as f32).to_le_bytes());
-                    } else {
-                        buf.extend_from_slice(&v.to_le_bytes());
+                    match dtype {
+                        Dtype::F32 => buf.extend_from_slice(&(v as f32).to_le_bytes()),
+                        Dtype::F16 => buf.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+                        Dtype::BF16 => buf.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+                        _ => buf.extend_from_slice(&v.to_le_bytes()),
                     }
                 }
                 w.write_all(&buf)?;
@@ -300,6 +358,33 @@ pub(crate) fn write_tensors<T: Scalar>(path: &Path, tensors: &[(&str, &[usize], 
         }
         Ok(())
     })
+}
+
+/// [`write_safetensors`] with the values stored as `dtype` (`"F32"`, `"F64"`, `"F16"` or
+/// `"BF16"`, rounded to nearest), e.g. outputs in the dtype of their inputs.
+///
+/// Errors: as [`write_safetensors`], and `BadInput` naming `path` for another dtype or a finite
+/// value too large for `dtype` (e.g. above 65504 for F16).
+pub fn write_safetensors_as<T: Scalar>(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<T>)],
+    dtype: &str,
+) -> Result<()> {
+    let dt = match dtype {
+        "F32" => Dtype::F32,
+        "F64" => Dtype::F64,
+        "F16" => Dtype::F16,
+        "BF16" => Dtype::BF16,
+        other => {
+            return Err(Error::bad(
+                path.display().to_string(),
+                format!("cannot write dtype {other} (F32, F64, F16, BF16)"),
+            ))
+        }
+    };
+    let refs: Vec<(&str, &[usize], &[T])> =
+        tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
+    write_tensors(path, &refs, dt)
 }
 
 /// Writes named tensors `(name, shape, row-major data)` to a safetensors file, in the given

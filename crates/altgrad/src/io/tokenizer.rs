@@ -75,7 +75,24 @@ impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let source = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(&source, e))?;
-        let mut inner = Tokenizer::from_bytes(&bytes)
+        Self::from_bytes(&source, &bytes)
+    }
+
+    /// From the bytes of an HF `tokenizer.json`, as [`TextTokenizer::from_file`] reads the file;
+    /// `source` names it in messages.
+    ///
+    /// Errors: `BadInput` naming `source` when the bytes are not a valid tokenizer.json or its
+    /// vocabulary is empty.
+    pub fn from_bytes(source: &str, bytes: &[u8]) -> Result<Self> {
+        let source = source.to_string();
+        // JSON syntax first: the tokenizers crate (0.22) panics instead of failing on a syntax
+        // error inside some sections (e.g. `decoder`), found by fuzzing (fuzz/regressions).
+        let json: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::bad(&source, format!("not a valid HF tokenizer.json: invalid JSON: {e}")))?;
+        if let Some(pp) = json.get("post_processor") {
+            check_post_processor(pp).map_err(|m| Error::bad(&source, format!("not a valid HF tokenizer.json: {m}")))?;
+        }
+        let mut inner = guard(&source, "reading", || Tokenizer::from_bytes(bytes))?
             .map_err(|e| Error::bad(&source, format!("not a valid HF tokenizer.json: {e}")))?;
         inner.with_truncation(None).map_err(|e| Error::bad(&source, format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
@@ -184,15 +201,37 @@ impl TextTokenizer {
     /// The token ids of `text`, with special tokens as the model's tokenizer adds them
     /// (`[CLS] … [SEP]` for BERT, BOS for a GGUF whose `add_bos_token` is true).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, true)
+        let encoding = guard(&self.source, "tokenizing with", || self.inner.encode_fast(text, true))?
             .map_err(|e| Error::bad(&self.source, format!("cannot tokenize the text: {e}")))?;
         let ids = encoding.get_ids();
         let mut out = Vec::with_capacity(ids.len() + usize::from(self.bos.is_some()));
         out.extend(self.bos);
         out.extend_from_slice(ids);
         Ok(out)
+    }
+
+    /// The token ids of `text` as [`TextTokenizer::encode`] gives them, cut to at most `max` ids
+    /// the way `transformers` truncates (`truncation=True, max_length=max`): the special tokens
+    /// the post-processor puts at the end (BERT's `[SEP]`) are kept, text tokens are dropped
+    /// before them. Also returns how many ids the whole text has.
+    pub fn encode_limited(&self, text: &str, max: usize) -> Result<(Vec<u32>, usize)> {
+        let encoding = guard(&self.source, "tokenizing with", || self.inner.encode_fast(text, true))?
+            .map_err(|e| Error::bad(&self.source, format!("cannot tokenize the text: {e}")))?;
+        let ids = encoding.get_ids();
+        let total = ids.len() + usize::from(self.bos.is_some());
+        let mut out: Vec<u32> = self.bos.into_iter().chain(ids.iter().copied()).collect();
+        if out.len() > max {
+            let mask = encoding.get_special_tokens_mask();
+            let tail = mask.iter().rev().take_while(|&&m| m == 1).count().min(ids.len());
+            if max > tail {
+                let keep_tail: Vec<u32> = out[out.len() - tail..].to_vec();
+                out.truncate(max - tail);
+                out.extend(keep_tail);
+            } else {
+                out.truncate(max);
+            }
+        }
+        Ok((out, total))
     }
 
     /// The text of `ids`, special tokens skipped. Every id must be below
@@ -204,13 +243,55 @@ impl TextTokenizer {
                 format!("id {id} is not below the vocabulary size {} of {}", self.vocab_size, self.source),
             ));
         }
-        self.inner.decode(ids, true).map_err(|e| Error::bad(&self.source, format!("cannot decode token ids: {e}")))
+        guard(&self.source, "decoding with", || self.inner.decode(ids, true))?
+            .map_err(|e| Error::bad(&self.source, format!("cannot decode token ids: {e}")))
     }
 
     /// The number of token ids (added tokens included): valid ids are `0..vocab_size()`.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
+}
+
+/// Runs `f`, turning a panic inside the tokenizers crate into `BadInput` naming `source` (a last
+/// line of defence: the checks before it avoid the panics fuzzing found).
+fn guard<R>(source: &str, doing: &str, f: impl FnOnce() -> R) -> Result<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        Error::bad(source, format!("the tokenizers library failed {doing} this tokenizer: {why}"))
+    })
+}
+
+/// Checks a `post_processor` section: every special token a `TemplateProcessing` template
+/// names must be defined in its `special_tokens` (the tokenizers crate 0.22 accepts such a file
+/// and then panics when encoding; found by fuzzing). `Sequence` processors are checked
+/// recursively.
+fn check_post_processor(pp: &serde_json::Value) -> std::result::Result<(), String> {
+    // Structural, whatever `type` says: the crate's post-processor wrapper is untagged, so an
+    // object with template fields becomes a TemplateProcessing even under a misspelled type
+    // (found by fuzzing).
+    for p in pp.get("processors").and_then(|p| p.as_array()).into_iter().flatten() {
+        check_post_processor(p)?;
+    }
+    let defined = pp.get("special_tokens").and_then(|t| t.as_object());
+    for template in ["single", "pair"] {
+        for piece in pp.get(template).and_then(|t| t.as_array()).into_iter().flatten() {
+            let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")).and_then(|i| i.as_str()) else {
+                continue;
+            };
+            if !defined.is_some_and(|d| d.contains_key(id)) {
+                return Err(format!(
+                    "post_processor template `{template}` uses special token {id:?}, which its special_tokens do not \
+                     define"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The HF pre-tokenizer equivalent to llama.cpp's pre-tokenizer `pre` for a byte-level BPE vocabulary.

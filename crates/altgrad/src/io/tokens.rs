@@ -13,8 +13,14 @@ use std::path::Path;
 pub fn read_tokens(path: &Path) -> Result<Vec<u32>> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| Error::io(&shown, e))?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|e| Error::bad(&shown, format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to())))?;
+    parse_tokens(&shown, &bytes)
+}
+
+/// The token ids in the bytes of a token-id file (see [`read_tokens`]); `shown` names the file
+/// in messages.
+pub(crate) fn parse_tokens(shown: &str, bytes: &[u8]) -> Result<Vec<u32>> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Error::bad(shown, format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to())))?;
     let mut ids = Vec::new();
     for (line_no, line) in text.lines().enumerate() {
         for tok in line.split_whitespace() {
@@ -29,13 +35,13 @@ pub fn read_tokens(path: &Path) -> Result<Vec<u32>> {
                 };
                 let shown_tok: String = tok.chars().take(40).collect();
                 let ell = if tok.chars().count() > 40 { "…" } else { "" };
-                Error::bad(&shown, format!("token {pos} (line {}) \"{shown_tok}{ell}\" {why}", line_no + 1))
+                Error::bad(shown, format!("token {pos} (line {}) \"{shown_tok}{ell}\" {why}", line_no + 1))
             })?;
             ids.push(id);
         }
     }
     if ids.is_empty() {
-        return Err(Error::bad(&shown, "no token ids (the file is empty or only whitespace)"));
+        return Err(Error::bad(shown, "no token ids (the file is empty or only whitespace)"));
     }
     Ok(ids)
 }

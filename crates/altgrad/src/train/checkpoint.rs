@@ -13,9 +13,12 @@
 //! temporary directory that loading ignores and the next save of the same process replaces.
 
 use super::optim::AdamW;
-use crate::io::{load_model, read_safetensors, write_file_atomic, write_safetensors, AnyModel, Loaded, TensorF64};
+use crate::io::gguf::rename_to_gguf;
+use crate::io::hf::min_weight_bytes;
+use crate::io::tensors::{decode_finite, MappedSafetensors};
+use crate::io::{read_safetensors, write_file_atomic, write_safetensors, TensorF64};
 use crate::linalg::Scalar;
-use crate::model::{LlamaConfig, LlamaWeights, Model, Param};
+use crate::model::{LlamaConfig, LlamaWeights, Param, RopeLayout};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -149,7 +152,24 @@ fn save_checkpoint_inner<T: Scalar>(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    crate::io::cleanup_create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let result = write_and_swap(dir, &tmp, weights, opt, state, config, stop_after);
+    crate::io::forget_temporary(&tmp);
+    if result.is_err() && stop_after == usize::MAX {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_and_swap<T: Scalar>(
+    dir: &Path,
+    tmp: &Path,
+    weights: &LlamaWeights<T>,
+    opt: &AdamW<T>,
+    state: &TrainState,
+    config: &serde_json::Value,
+    stop_after: usize,
+) -> Result<()> {
     let interrupted = || Err(Error::Internal("checkpoint write interrupted (test hook)".into()));
     let ws: Vec<Param<T>> = weights.params().into_iter().cloned().collect();
     write_safetensors(&tmp.join("weights.safetensors"), &named("", &ws))?;
@@ -171,7 +191,7 @@ fn save_checkpoint_inner<T: Scalar>(
     }
     let st = serde_json::to_vec_pretty(state).map_err(|e| Error::Internal(format!("state.json: {e}")))?;
     write_file_atomic(&tmp.join("state.json"), &st)?;
-    fsync_dir(&tmp);
+    fsync_dir(tmp);
     let prev = prev_dir(dir)?;
     if dir.exists() {
         if prev.exists() {
@@ -179,7 +199,7 @@ fn save_checkpoint_inner<T: Scalar>(
         }
         std::fs::rename(dir, &prev).map_err(|e| io_err(dir, e))?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))?;
+    std::fs::rename(tmp, dir).map_err(|e| io_err(dir, e))?;
     if let Some(parent) = dir.parent() {
         fsync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent });
     }
@@ -195,34 +215,224 @@ fn save_checkpoint_inner<T: Scalar>(
 /// Errors: `BadInput` naming `dir` when neither holds a checkpoint or a file is malformed;
 /// `Io` for unreadable files.
 pub fn load_checkpoint(dir: &Path) -> Result<LoadedCheckpoint> {
-    let shown = dir.display().to_string();
-    let real = if is_checkpoint(dir) {
-        dir.to_path_buf()
-    } else {
-        let prev = prev_dir(dir)?;
-        if !is_checkpoint(&prev) {
-            return Err(Error::bad(&shown, "no checkpoint here (no state.json) to resume from"));
-        }
-        prev
-    };
+    let real = checkpoint_source(dir)?;
     let read_json = |name: &str| -> Result<serde_json::Value> {
         let p = real.join(name);
         let text = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
         serde_json::from_str(&text).map_err(|e| Error::bad(p.display().to_string(), format!("invalid JSON: {e}")))
     };
-    let state_v = read_json("state.json")?;
-    let state: TrainState = serde_json::from_value(state_v)
-        .map_err(|e| Error::bad(real.join("state.json").display().to_string(), format!("not a training state: {e}")))?;
-    if state.format != FORMAT {
-        return Err(Error::bad(
-            real.join("state.json").display().to_string(),
-            format!("checkpoint format {} is not supported (expected {FORMAT})", state.format),
-        ));
-    }
+    let state_path = real.join("state.json");
+    let state_text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
+    let state = parse_state(&state_path.display().to_string(), &state_text)?;
     let config = read_json("train_config.json")?;
     let weights = read_safetensors(&real.join("weights.safetensors"))?;
     let optimizer = read_safetensors(&real.join("optimizer.safetensors"))?;
     Ok(LoadedCheckpoint { dir: real, state, config, weights, optimizer })
+}
+
+/// A checkpoint read as a model (`altgrad grad/inspect/tokenize/export --model CKPT`): the
+/// model configuration and weights saved at its last completed update, without the optimizer.
+#[derive(Clone, Debug)]
+pub struct CheckpointModel<T> {
+    /// The directory actually read (`<dir>`, or `<dir>.prev` after an interrupted save).
+    pub dir: PathBuf,
+    /// `state.json`.
+    pub state: TrainState,
+    /// The model's configuration (`train_config.json`'s `model`).
+    pub config: LlamaConfig,
+    /// The training options (`train_config.json`'s `options`).
+    pub options: serde_json::Value,
+    /// The weights, under the names the run used (HF names for `tiny` and HF models, GGUF names
+    /// for a fine-tuned GGUF model).
+    pub weights: LlamaWeights<T>,
+}
+
+/// The directory a checkpoint is read from: `dir`, or `<dir>.prev` after an interrupted save.
+fn checkpoint_source(dir: &Path) -> Result<PathBuf> {
+    if is_checkpoint(dir) {
+        return Ok(dir.to_path_buf());
+    }
+    let prev = prev_dir(dir)?;
+    if !is_checkpoint(&prev) {
+        return Err(Error::bad(dir.display().to_string(), "no checkpoint here (no state.json)"));
+    }
+    Ok(prev)
+}
+
+/// Reads the model saved in checkpoint `dir` (or `<dir>.prev`): `state.json`,
+/// `train_config.json` and `weights.safetensors` (the optimizer's moments are not read).
+///
+/// Errors: `BadInput` naming the file for a missing or malformed file, a model configuration
+/// that fails [`LlamaConfig::validate`] or implies more weights than the file holds (checked
+/// before anything is allocated), a missing or misshapen tensor, or a non-finite value; `Io`
+/// for unreadable files.
+pub fn load_checkpoint_model<T: Scalar>(dir: &Path) -> Result<CheckpointModel<T>> {
+    let real = checkpoint_source(dir)?;
+    let read = |name: &str| -> Result<(String, String)> {
+        let p = real.join(name);
+        let shown = p.display().to_string();
+        let text = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
+        Ok((shown, text))
+    };
+    let state = read("state.json")?;
+    let config = read("train_config.json")?;
+    let wf = real.join("weights.safetensors");
+    let mapped = MappedSafetensors::open(&wf)?;
+    checkpoint_model_from(real, (&state.0, &state.1), (&config.0, &config.1), &mapped)
+}
+
+/// [`load_checkpoint_model`] of files held in memory: `(name, text)` of `state.json` and of
+/// `train_config.json`, and the bytes of `weights.safetensors` (named `weights_name`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn checkpoint_model_from_bytes<T: Scalar>(
+    state: (&str, &str),
+    config: (&str, &str),
+    weights: Vec<u8>,
+    weights_name: &str,
+) -> Result<CheckpointModel<T>> {
+    let mapped = MappedSafetensors::from_bytes(weights_name, weights)?;
+    checkpoint_model_from(PathBuf::from("checkpoint"), state, config, &mapped)
+}
+
+/// The state of `(name, text)` of `state.json`. Errors: `BadInput` naming the file.
+fn parse_state(name: &str, text: &str) -> Result<TrainState> {
+    let state: TrainState = serde_json::from_str(text).map_err(|e| {
+        let what = if e.is_data() { "not a training state" } else { "invalid JSON" };
+        Error::bad(name, format!("{what}: {e}"))
+    })?;
+    if state.format != FORMAT {
+        return Err(Error::bad(
+            name,
+            format!("checkpoint format {} is not supported (expected {FORMAT})", state.format),
+        ));
+    }
+    Ok(state)
+}
+
+fn checkpoint_model_from<T: Scalar>(
+    dir: PathBuf,
+    (state_name, state_text): (&str, &str),
+    (config_name, config_text): (&str, &str),
+    mapped: &MappedSafetensors,
+) -> Result<CheckpointModel<T>> {
+    let state = parse_state(state_name, state_text)?;
+    let v: serde_json::Value =
+        serde_json::from_str(config_text).map_err(|e| Error::bad(config_name, format!("invalid JSON: {e}")))?;
+    let model = v.get("model").cloned().ok_or_else(|| Error::bad(config_name, "has no `model` configuration"))?;
+    let config: LlamaConfig = serde_json::from_value(model)
+        .map_err(|e| Error::bad(config_name, format!("`model` is not a Llama configuration: {e}")))?;
+    config.validate(config_name)?;
+    let options = v.get("options").cloned().unwrap_or(serde_json::Value::Null);
+    // Bound the allocation by the file before making it.
+    let need = min_weight_bytes(&config);
+    if need > mapped.len() as u128 {
+        return Err(Error::bad(
+            config_name,
+            format!(
+                "the model configuration implies at least {need} bytes of weights but {} holds {}",
+                mapped.name,
+                mapped.len()
+            ),
+        ));
+    }
+    let st = mapped.parse()?;
+    let mut weights = LlamaWeights::<T>::zeros_hf(&config);
+    if st.tensor("token_embd.weight").is_ok() {
+        rename_to_gguf(&mut weights);
+    }
+    for p in weights.params_mut() {
+        let view = st.tensor(&p.name).map_err(|_| Error::bad(&mapped.name, format!("missing tensor {}", p.name)))?;
+        if view.shape() != p.shape.as_slice() {
+            return Err(Error::bad(
+                &mapped.name,
+                format!("tensor {} has shape {:?}, the configuration implies {:?}", p.name, view.shape(), p.shape),
+            ));
+        }
+        p.data = decode_finite::<T>(&mapped.name, &p.name, &view)?;
+    }
+    Ok(CheckpointModel { dir, state, config, options, weights })
+}
+
+/// What [`export_checkpoint_hf`] wrote.
+#[derive(Clone, Debug)]
+pub struct Exported {
+    /// The update the exported weights are from.
+    pub step: usize,
+    /// The `tokenizer.json` copied beside the weights, when the checkpoint's model had one.
+    pub tokenizer: Option<PathBuf>,
+    /// Remarks (e.g. why no tokenizer was written).
+    pub notes: Vec<String>,
+}
+
+/// The weights of `w` under HF names in rotate-half RoPE layout: renames GGUF tensor names and,
+/// for the interleaved layout (GGUF), permutes the rows of every q/k projection (weights and
+/// biases) within each head from pairs `(2i, 2i+1)` to pairs `(i, i + d/2)`, undoing llama.cpp's
+/// conversion, so the model computes the same function.
+pub fn to_hf_layout<T: Scalar>(cfg: &LlamaConfig, w: &LlamaWeights<T>) -> (LlamaConfig, LlamaWeights<T>) {
+    let mut out = LlamaWeights::<T>::zeros_hf(cfg);
+    for (dst, src) in out.params_mut().into_iter().zip(w.params()) {
+        dst.data.clone_from(&src.data);
+    }
+    let mut cfg = cfg.clone();
+    if cfg.rope_layout == RopeLayout::Interleaved {
+        let d = cfg.head_dim;
+        let unpermute = |data: &mut Vec<T>, cols: usize| {
+            let rows = data.len() / cols;
+            let mut fixed = data.clone();
+            for r in 0..rows {
+                let (head, h) = (r / d, r % d);
+                let src = head * d + 2 * (h % (d / 2)) + h / (d / 2);
+                fixed[r * cols..(r + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+            *data = fixed;
+        };
+        for l in &mut out.layers {
+            for lin in [&mut l.q_proj, &mut l.k_proj] {
+                let cols = lin.weight.shape[1];
+                unpermute(&mut lin.weight.data, cols);
+                if let Some(b) = &mut lin.bias {
+                    unpermute(&mut b.data, 1);
+                }
+            }
+        }
+        cfg.rope_layout = RopeLayout::RotateHalf;
+    }
+    (cfg, out)
+}
+
+/// Writes the model in checkpoint `ckpt` as an HF Llama directory `out` (`config.json` +
+/// `model.safetensors`, F32, HF names, rotate-half RoPE; see [`to_hf_layout`]) that
+/// [`crate::io::load_hf_llama`] and HF transformers load, computing the same loss; and, when the
+/// checkpoint's model had an HF `tokenizer.json` (in the checkpoint, or in the HF directory it was
+/// trained from), a copy of it.
+///
+/// Errors: those of [`load_checkpoint_model`]; `BadInput` naming `out` when it exists and is
+/// not a directory (files already in it are replaced); `Io` for write failures.
+pub fn export_checkpoint_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
+    crate::io::check_output_dir("--out", out)?;
+    let ck = load_checkpoint_model::<f32>(ckpt)?;
+    let (cfg, w) = to_hf_layout(&ck.config, &ck.weights);
+    crate::io::save_hf_llama(out, &cfg, &w)?;
+    let origin = ck.options.get("model").and_then(|m| m.as_str()).unwrap_or("tiny").to_string();
+    let mut notes = Vec::new();
+    let candidates = [ck.dir.join("tokenizer.json"), Path::new(&origin).join("tokenizer.json")];
+    let tokenizer = match candidates.iter().find(|p| p.is_file()) {
+        Some(src) => {
+            let bytes = std::fs::read(src).map_err(|e| io_err(src, e))?;
+            let dst = out.join("tokenizer.json");
+            write_file_atomic(&dst, &bytes)?;
+            Some(dst)
+        }
+        None => {
+            notes.push(if origin == "tiny" || origin == "tiny-bounded" {
+                "no tokenizer.json: the model reads bytes (token id = byte value)".to_string()
+            } else {
+                format!("no tokenizer.json: none found for the model it was trained from ({origin})")
+            });
+            None
+        }
+    };
+    Ok(Exported { step: ck.state.step, tokenizer, notes })
 }
 
 fn fill<T: Scalar>(dst: &mut Param<T>, src: Option<&TensorF64>, file: &Path, name: &str) -> Result<()> {
@@ -278,37 +488,4 @@ impl LoadedCheckpoint {
         opt.t = self.state.step as u64;
         Ok(())
     }
-}
-
-/// The model of the checkpoint in `dir` (or `<dir>.prev`, as [`load_checkpoint`]), for gradients
-/// or inspection rather than resuming: the configuration from `train_config.json` (`model`), the
-/// weights from `weights.safetensors` (converted to `T`; the optimizer moments are not read into
-/// the model). The tokenizer and the parameter names come from the run's base model
-/// (`options.model`): none (bytes) and HF names for `tiny`; otherwise the base model is loaded
-/// again (with `seed`) when it is still at its path, for its tokenizer and names.
-///
-/// Errors: those of [`load_checkpoint`]; `BadInput` naming `train_config.json` when it has no
-/// valid `model` configuration, or naming `weights.safetensors` for a missing tensor or a shape
-/// mismatch (e.g. when the base model has moved and its parameter names are not HF names).
-pub fn load_checkpoint_model<T: Scalar>(dir: &Path, seed: u64) -> Result<Loaded<T>> {
-    let ck = load_checkpoint(dir)?;
-    let cfg_file = ck.dir.join("train_config.json").display().to_string();
-    let cfg: LlamaConfig = serde_json::from_value(ck.config.get("model").cloned().unwrap_or_default())
-        .map_err(|e| Error::bad(&cfg_file, format!("no valid model configuration (`model`): {e}")))?;
-    let base = ck.config.get("options").and_then(|o| o.get("model")).and_then(|m| m.as_str()).unwrap_or("tiny");
-    let (mut weights, tokenizer) = match base {
-        "tiny" => (LlamaWeights::zeros_hf(&cfg), None),
-        spec => match load_model::<T>(spec, seed) {
-            Ok(Loaded { model: AnyModel::Llama(m), tokenizer }) if m.cfg == cfg => (m.weights, tokenizer),
-            _ => (LlamaWeights::zeros_hf(&cfg), None),
-        },
-    };
-    let wf = ck.dir.join("weights.safetensors");
-    for p in weights.params_mut() {
-        let name = p.name.clone();
-        let t = ck.weights.iter().find(|t| t.name == name);
-        fill_as(p, t, &wf, &name, false)?;
-    }
-    let model = Model::new(cfg, weights, dir.display().to_string())?;
-    Ok(Loaded { model: AnyModel::Llama(model), tokenizer })
 }

@@ -28,7 +28,7 @@ use crate::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, Network, R
 use crate::{Error, Progress, Result};
 use checkpoint::{checkpoint_exists, load_checkpoint, save_checkpoint, TrainState};
 use data::{Mqar, Rng, Sequence, TextData, STREAM_EVAL, STREAM_TRAIN};
-use loss::{accumulate_masked_grads, masked_lm_loss};
+use loss::{lm_head_grad, masked_lm_loss};
 use optim::{clip_factor, global_norm, lr_at, AdamW, AdamWConfig};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -240,7 +240,7 @@ impl TrainOptions {
         Ok(AttentionPolicy::Fixed(match self.attention {
             TrainAttention::Exact => HeadPlan::Exact,
             TrainAttention::Poly | TrainAttention::Altgrad => {
-                po.validate().map_err(|e| Error::bad("--degree/--chunk", e.to_string()))?;
+                po.validate().map_err(Error::for_flags)?;
                 if self.attention == TrainAttention::Poly {
                     HeadPlan::Poly(po)
                 } else {
@@ -363,8 +363,12 @@ pub struct TrainSummary {
     pub first_step: usize,
     /// Last update completed.
     pub last_step: usize,
-    /// True when `stop_at` ended the run before `steps`.
+    /// True when `stop_at` or an interruption ended the run before `steps`.
     pub stopped_early: bool,
+    /// True when [`run_train_until`]'s `stop` ended the run (after update `last_step`).
+    pub interrupted: bool,
+    /// True when `resume` found the checkpoint already at the last update: nothing was trained.
+    pub already_finished: bool,
     /// Training loss of every update of this invocation.
     pub losses: Vec<f64>,
     /// Every record of the run (on resume, the log's earlier records too when `json` is a file).
@@ -591,7 +595,27 @@ impl JsonLog {
 /// checkpoint's on `resume`, or a loss that becomes non-finite (lower `--lr`); `Io` for write
 /// failures.
 pub fn run_train(opts: &TrainOptions, on_progress: &dyn Fn(Progress)) -> Result<TrainSummary> {
+    run_train_until(opts, on_progress, &|| false)
+}
+
+/// [`run_train`] that can be stopped: `stop` is asked between updates (never during one), and
+/// when it says true the run ends after the update just completed, saving a checkpoint there
+/// when `checkpoint` is set (so `resume` continues from it) and returning a summary with
+/// [`TrainSummary::interrupted`] set. The CLI's SIGINT/SIGTERM handler sets such a flag.
+///
+/// Errors: as [`run_train`].
+pub fn run_train_until(
+    opts: &TrainOptions,
+    on_progress: &dyn Fn(Progress),
+    stop: &dyn Fn() -> bool,
+) -> Result<TrainSummary> {
     opts.validate()?;
+    if let Some(j) = opts.json.as_deref().filter(|j| *j != Path::new("-")) {
+        crate::io::check_output_file("--json", j)?;
+    }
+    if let Some(dir) = &opts.checkpoint {
+        crate::io::check_output_dir("--checkpoint", dir)?;
+    }
     let policy = opts.policy()?;
     if let (Some(dir), false) = (&opts.checkpoint, opts.resume) {
         if checkpoint_exists(dir) || dir.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
@@ -660,7 +684,13 @@ pub fn run_train(opts: &TrainOptions, on_progress: &dyn Fn(Progress)) -> Result<
         Ok(Some(dir.clone()))
     };
 
+    let mut interrupted = false;
+    let mut last_done = start;
     for step in start..end {
+        if stop() {
+            interrupted = true;
+            break;
+        }
         let t0 = Instant::now();
         for p in grads.weights.params_mut() {
             p.data.fill(0.0);
@@ -670,25 +700,42 @@ pub fn run_train(opts: &TrainOptions, on_progress: &dyn Fn(Progress)) -> Result<
         let count: usize = seqs.iter().map(|s| s.targets.len()).sum();
         let scale = 1.0 / count as f64;
         let (mut nll, mut correct) = (0.0f64, 0usize);
+        let lr = lr_at(step, opts.steps, warmup, opts.lr, min_lr);
+        let diverged = |what: &str| {
+            let hint = match opts.attention {
+                TrainAttention::Exact => "lower --lr".to_string(),
+                _ => format!("lower --lr (or use a lower --degree than {})", opts.degree),
+            };
+            Error::bad(
+                "--lr",
+                format!("diverged at step {} ({what}; learning rate {lr:.3e} at that step); {hint}", step + 1),
+            )
+        };
         for s in &seqs {
             let cache = model.forward_with(&s.ids, &policy)?;
-            let (l, c) = accumulate_masked_grads(&model, &cache, &s.positions, &s.targets, scale, &mut grads)?;
-            nll += l;
-            correct += c;
+            if cache.hidden.iter().any(|x| !x.is_finite()) {
+                return Err(diverged("non-finite activations"));
+            }
+            let ml = masked_lm_loss(&model, &cache, &s.positions, &s.targets, scale, Some(lm_head_grad(&mut grads)))?;
+            if !ml.sum_nll.is_finite() || ml.dhidden.iter().any(|x| !x.is_finite()) {
+                return Err(diverged("non-finite loss"));
+            }
+            model.backward_hidden_into(&cache, &ml.dhidden, &mut grads)?;
+            nll += ml.sum_nll;
+            correct += ml.correct;
         }
         let loss = nll / count as f64;
         let norm = global_norm(&grads.weights);
-        if !loss.is_finite() || !norm.is_finite() {
-            return Err(Error::bad(
-                "--lr",
-                format!(
-                    "training diverged at update {} (loss {loss}, gradient norm {norm}); lower the learning rate",
-                    step + 1
-                ),
-            ));
+        if !loss.is_finite() {
+            return Err(diverged("non-finite loss"));
         }
-        let lr = lr_at(step, opts.steps, warmup, opts.lr, min_lr);
+        if !norm.is_finite() {
+            return Err(diverged(&format!("loss {loss:.4}, non-finite gradient norm")));
+        }
         opt.step(&mut model.weights, &grads.weights, lr, clip_factor(norm, opts.grad_clip))?;
+        if model.weights.params().iter().any(|p| p.data.iter().any(|x| !x.is_finite())) {
+            return Err(diverged("non-finite weights after the update"));
+        }
         let dt = t0.elapsed().as_secs_f64();
         train_time += dt;
         tokens_seen += step_tokens as u64;
@@ -718,9 +765,22 @@ pub fn run_train(opts: &TrainOptions, on_progress: &dyn Fn(Progress)) -> Result<
             step_tokens / dt.max(1e-12)
         );
         on_progress(Progress { done: done as u64, total: opts.steps as u64, message: &msg });
-        if (opts.save_every > 0 && done.is_multiple_of(opts.save_every)) || done == end {
+        last_done = done;
+        let stopping = done < end && stop();
+        if (opts.save_every > 0 && done.is_multiple_of(opts.save_every)) || done == end || stopping {
             last_ckpt = save(&model, &opt, done, tokens_seen, loss)?;
         }
+        if stopping {
+            interrupted = true;
+            break;
+        }
+    }
+    if interrupted && last_ckpt.is_none() && last_done > start {
+        // Stopped before the first update's checkpoint could be asked for: save now.
+        last_ckpt = save(&model, &opt, last_done, tokens_seen, losses.last().copied().unwrap_or(f64::NAN))?;
+    }
+    if interrupted && last_ckpt.is_none() {
+        last_ckpt = opts.checkpoint.clone().filter(|d| checkpoint_exists(d));
     }
     let label = format!("{} {}", cfg_label(&model), policy_label(opts));
     let n = losses.len();
@@ -730,8 +790,10 @@ pub fn run_train(opts: &TrainOptions, on_progress: &dyn Fn(Progress)) -> Result<
         n_params: model.weights.numel(),
         attention: policy_label(opts),
         first_step: start + 1,
-        last_step: end.max(start),
-        stopped_early: end < opts.steps,
+        last_step: if interrupted { last_done } else { end.max(start) },
+        stopped_early: end < opts.steps || interrupted,
+        interrupted,
+        already_finished: start >= opts.steps,
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
         losses,
         records,
