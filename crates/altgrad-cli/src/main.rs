@@ -588,10 +588,20 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         println!("forward      {:.3} s ({:.0} tokens/s)", r.t_fwd, n as f64 / r.t_fwd);
         println!("backward     {:.3} s ({:.0} tokens/s)", r.t_bwd, n as f64 / r.t_bwd);
         if let (Some(c), Some(e)) = (compare, exact) {
-            println!(
-                "exact        loss {:.6}, backward {:.3} s; speed-up of the backward {:.2}×",
-                c.loss_exact, e.t_bwd, c.speedup
-            );
+            match c.speedup {
+                Some(x) => println!(
+                    "exact        loss {:.6}, backward {:.3} s; speed-up of the backward {x:.2}× (medians of {} runs \
+                     each)",
+                    c.loss_exact,
+                    e.t_bwd,
+                    job::COMPARE_REPS
+                ),
+                None => println!(
+                    "exact        loss {:.6}, backward {:.3} s (every head ran exact attention on both sides: no \
+                     speed-up to report)",
+                    c.loss_exact, e.t_bwd
+                ),
+            }
             println!();
             println!("(bound o: the largest predicted bound on a head's output error, ‖Õ−O‖∞/‖V‖∞, MATH §3;");
             println!(" 'no bound' where ε_A ≥ 1. The errors are measured against the exact backward.)");

@@ -251,6 +251,22 @@ fn grad_poly_compare_reports_every_layer() {
     }
     assert!(v["heads"].as_array().unwrap().iter().all(|h| h["method"] == "poly" && h["degree"] == 4));
     assert!(v["timing_s"]["exact_backward"].as_f64().is_some());
+    assert!(c["speedup"].as_f64().is_some_and(|x| x > 0.0), "poly vs exact has a speed-up: {c}");
+}
+
+#[test]
+fn grad_compare_of_exact_against_exact_reports_no_speedup() {
+    // Both sides exact: the ratio of their times is noise, so none is reported.
+    let args = ["grad", "--model", "tiny", "--seq-len", "64", "--attention", "exact", "--compare"];
+    let o = altgrad(&[&args[..], &["--json", "-"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["compare"]["speedup"].is_null(), "{}", v["compare"]);
+    assert!(v["compare"]["rel_err_total"].as_f64().is_some_and(|e| e < 1e-6));
+    let o = altgrad(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("no speed-up to report") && !out.contains("speed-up of the backward"), "{out}");
 }
 
 #[test]

@@ -161,7 +161,8 @@ pub fn head_reports<T>(pass: &Pass<T>) -> Vec<HeadReport> {
 /// Per-layer and total relative errors of `approx` against `exact` (MATH §1: `‖x − y‖/‖y‖`):
 /// `rel_err_dx` of dL/d(layer input), `rel_err_dw` of the layer's weight gradients concatenated,
 /// `rel_err_total` over all parameter gradients (not the input embeddings), and the backward
-/// speed-up `exact.t_bwd / approx.t_bwd`.
+/// speed-up `exact.t_bwd / approx.t_bwd` — `None` when every head of `approx` ran exact attention
+/// (both sides the same method: their ratio is timing noise, not a result).
 pub fn compare<T: Scalar>(approx: &Pass<T>, exact: &Pass<T>) -> Compare {
     let flat = |p: &Pass<T>, idx: &mut dyn Iterator<Item = usize>| -> Vec<T> {
         idx.flat_map(|i| p.grads[i].2.iter().copied()).collect()
@@ -179,7 +180,7 @@ pub fn compare<T: Scalar>(approx: &Pass<T>, exact: &Pass<T>) -> Compare {
         .collect();
     Compare {
         loss_exact: exact.loss,
-        speedup: exact.t_bwd / approx.t_bwd.max(1e-12),
+        speedup: (!all_exact(approx)).then(|| exact.t_bwd / approx.t_bwd.max(1e-12)),
         rel_err_total: rel_err(&flat(approx, &mut (0..n_params)), &flat(exact, &mut (0..n_params))),
         layers,
     }
@@ -331,8 +332,28 @@ pub struct GradRun<T> {
     pub report: GradReport,
 }
 
+/// Whether every head of `pass` ran exact attention.
+pub fn all_exact<T>(pass: &Pass<T>) -> bool {
+    pass.decisions.iter().flatten().all(|d| d.plan == HeadPlan::Exact)
+}
+
+/// Timed repetitions of each pass under `--compare` (interleaved; medians reported).
+pub const COMPARE_REPS: usize = 3;
+
+/// The median of `xs` (non-empty; the mean of the middle two for an even count).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        0.5 * (xs[m - 1] + xs[m])
+    }
+}
+
 /// The whole `grad` job on `ids`: (with `compare`, a short exact warm-up so neither timed pass
-/// pays for thread start-up), the pass with `policy`, the exact pass when `compare`, and the
+/// pays for thread start-up), the pass with `policy`, the exact pass when `compare` — then [`COMPARE_REPS`] interleaved
+/// runs of each, whose median times are reported — and the
 /// report (`attention` is the requested method's name: `exact`, `poly`, `altgrad` or `auto`).
 /// `phase` is told what runs next (for a spinner); the library prints nothing.
 ///
@@ -353,10 +374,35 @@ pub fn grad_run<T: Scalar>(
         let _ = run_pass(&loaded.model, warm, input, &AttentionPolicy::EXACT);
     }
     phase(&format!("forward + backward ({}, {n} tokens)", policy.name()));
-    let pass = run_pass(&loaded.model, ids, input, policy)?;
+    let mut pass = run_pass(&loaded.model, ids, input, policy)?;
     let exact = if compare {
-        phase(&format!("exact forward + backward for --compare ({n} tokens)"));
-        Some(run_pass(&loaded.model, ids, input, &AttentionPolicy::EXACT)?)
+        // COMPARE_REPS timed runs of each side, interleaved so that both see the same machine
+        // state; the reported times are medians (the gradients are those of the last runs: the
+        // passes are deterministic).
+        let (mut fwd, mut bwd, mut ebwd) = (vec![pass.t_fwd], vec![pass.t_bwd], Vec::new());
+        let mut exact = None;
+        for rep in 0..COMPARE_REPS {
+            phase(&format!("exact forward + backward for --compare ({n} tokens, run {} of {COMPARE_REPS})", rep + 1));
+            let e = run_pass(&loaded.model, ids, input, &AttentionPolicy::EXACT)?;
+            ebwd.push(e.t_bwd);
+            exact = Some(e);
+            if rep + 1 < COMPARE_REPS {
+                phase(&format!(
+                    "forward + backward ({}, {n} tokens, run {} of {COMPARE_REPS})",
+                    policy.name(),
+                    rep + 2
+                ));
+                pass = run_pass(&loaded.model, ids, input, policy)?;
+                fwd.push(pass.t_fwd);
+                bwd.push(pass.t_bwd);
+            }
+        }
+        pass.t_fwd = median(fwd);
+        pass.t_bwd = median(bwd);
+        exact.map(|mut e| {
+            e.t_bwd = median(ebwd);
+            e
+        })
     } else {
         None
     };

@@ -27,11 +27,13 @@ pub struct HeadReport {
 /// Wall-clock seconds of each phase.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Timing {
-    /// Forward pass (including the loss).
+    /// Forward pass (including the loss), seconds; with `--compare` the median of
+    /// [`crate::job::COMPARE_REPS`] runs.
     pub forward: f64,
-    /// Backward pass with the chosen attention methods.
+    /// Backward pass with the chosen attention methods, seconds (a median with `--compare`).
     pub backward: f64,
-    /// Exact backward run for `--compare`; `null` otherwise.
+    /// Exact backward run for `--compare` (median of [`crate::job::COMPARE_REPS`] runs); `null`
+    /// otherwise.
     pub exact_backward: Option<f64>,
 }
 
@@ -51,8 +53,9 @@ pub struct LayerCompare {
 pub struct Compare {
     /// Loss of the exact model.
     pub loss_exact: f64,
-    /// Exact backward time / approximate backward time.
-    pub speedup: f64,
+    /// Exact backward time / approximate backward time (medians of [`crate::job::COMPARE_REPS`]
+    /// interleaved runs each); `null` when every head ran exact attention on both sides.
+    pub speedup: Option<f64>,
     /// Relative error over all parameter gradients, concatenated.
     pub rel_err_total: f64,
     /// Per-layer errors.
