@@ -2,14 +2,14 @@
 //! ε = 1/n, (c) multi-layer gradient error against depth, (d) crossover lengths (LSSSZ Thm 4.2;
 //! AS23 Thm 1.4; MATH §3, §6, §7).
 
+use super::loglog_slope;
 use super::report::{sci, series_label, BenchRun, Fit};
 use super::sweep::{bounded_inputs, grad_errors, run_method, Inputs, Plan};
-use super::{loglog_slope, method_flops};
 use crate::attention::bound::{choose_degree, eps_a};
 use crate::attention::bound::{key_means, row_shift};
 use crate::attention::features::feature_dim;
-use crate::attention::mixed::HeadPlan;
 use crate::attention::view::Rows;
+use crate::attention::HeadPlan;
 use crate::attention::{Method, PolyOptions};
 use crate::linalg::rel_err;
 use crate::linalg::{matmul, par_all, rm, rm_mut};
@@ -226,8 +226,9 @@ pub(crate) fn crossovers(runs: &[BenchRun]) -> Vec<Crossover> {
                 }
             };
             let big = 1usize << 20;
-            let model = big as f64 * method_flops(method_of(m), big, *d, *rank, *causal, *chunk)
-                / method_flops(Method::Exact, big, *d, 0, *causal, *chunk);
+            let method = Method::from_name(m).unwrap_or(Method::AltGrad);
+            let model = big as f64 * method.flops(big, *d, *d, *rank, *causal, *chunk)
+                / Method::Exact.flops(big, *d, *d, 0, *causal, *chunk);
             let best = pts.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1));
             Crossover {
                 method: m.clone(),
@@ -243,14 +244,6 @@ pub(crate) fn crossovers(runs: &[BenchRun]) -> Vec<Crossover> {
             }
         })
         .collect()
-}
-
-fn method_of(m: &str) -> Method {
-    match m {
-        "exact" => Method::Exact,
-        "poly" => Method::Poly,
-        _ => Method::AltGrad,
-    }
 }
 
 /// Claim (b): f64, `plan.claim_b_*` sizes, both masks, poly and altgrad at `g = choose_degree(R, 1/n)`.

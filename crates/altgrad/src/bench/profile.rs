@@ -5,7 +5,7 @@
 //! remainder absorbs the difference).
 
 use super::median_time;
-use crate::attention::bound::poly_flops;
+use crate::attention::cost::poly_flops;
 use crate::attention::exact::{self, BLOCK_K, BLOCK_Q};
 use crate::attention::features::FeatureMap;
 use crate::attention::poly::{kv_head, row_shifts, Head, QueryBack, State};
@@ -399,7 +399,7 @@ pub fn profile_exact_stages(n: usize, d: usize, causal: bool, peak1: f64) -> Sta
             },
         ],
     );
-    let flops = crate::attention::bound::exact_flops(n, d, dv, causal);
+    let flops = crate::attention::cost::exact_flops(n, d, dv, causal);
     let gflops = flops / total / 1e9;
     StageProfile {
         method: "exact".into(),

@@ -2,6 +2,7 @@
 
 use super::claims::{Crossover, ErrorClaim, ExponentClaim, MultiLayerClaim};
 use super::profile::StageProfile;
+use crate::attention::Method;
 use crate::chart::{ChartSpec, LineChart, Series};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -36,7 +37,7 @@ pub struct BenchRun {
     pub fwd_s: f64,
     /// Median backward seconds.
     pub bwd_s: f64,
-    /// FLOPs of forward + backward, all heads (MATH §7; see `bench::method_flops`).
+    /// FLOPs of forward + backward, all heads (MATH §7; see `attention::Method::flops`).
     pub flops: f64,
     /// `flops / median_s / 1e9`.
     pub gflops: f64,
@@ -45,7 +46,7 @@ pub struct BenchRun {
     /// Extra resident memory of this point (see `memory_method` in the report), bytes.
     pub peak_rss_bytes: u64,
     /// Analytic working memory of the kernels, all heads, excluding inputs, outputs and O(n)
-    /// per-head buffers (exact: the score tiles; poly: `bound::poly_state_bytes`; altgrad: the two
+    /// per-head buffers (exact: the score tiles; poly: `cost::poly_state_bytes`; altgrad: the two
     /// Kronecker states plus chunk scratch), bytes.
     pub state_bytes: u64,
     /// Exact time / this time at the same `(n, head_dim, causal)`, when exact ran.
@@ -508,7 +509,7 @@ impl BenchReport {
                 keys.push(k);
             }
         }
-        keys.sort_by_key(|a| (method_rank(&a.0), a.1, a.2));
+        keys.sort_by_key(|a| (Method::report_order(&a.0), a.1, a.2));
         keys
     }
 
@@ -525,13 +526,5 @@ impl BenchReport {
             .filter(|r| r.method == m && r.head_dim == d && r.degree == g && r.causal == causal)
             .filter_map(|r| get(r).map(|y| (r.n as f64, y)))
             .collect()
-    }
-}
-
-fn method_rank(m: &str) -> u8 {
-    match m {
-        "exact" => 0,
-        "poly" => 1,
-        _ => 2,
     }
 }

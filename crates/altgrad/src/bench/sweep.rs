@@ -3,9 +3,7 @@
 use super::claims::{claims_markdown, crossovers, error_claim, exponent_claims, multilayer_claim};
 use super::profile::{profile_exact_stages, profile_poly_stages, StageProfile};
 use super::report::{BenchReport, BenchRun, Claims, Fit, Skipped};
-use super::{current_rss_bytes, gemm_peak_gflops, median, method_flops, peak_rss_bytes, reset_peak_rss, trim_heap};
-use crate::attention::bound::poly_state_bytes;
-use crate::attention::exact::{BLOCK_K, BLOCK_Q};
+use super::{current_rss_bytes, gemm_peak_gflops, median, peak_rss_bytes, reset_peak_rss, trim_heap};
 use crate::attention::features::feature_dim;
 use crate::attention::{self, head_bounds, AttnGrads, AttnOptions, AttnShape, Method, PolyOptions};
 use crate::io::write_file_atomic;
@@ -503,19 +501,6 @@ fn statm_rss() -> Option<u64> {
     Some(pages * 4096)
 }
 
-/// Analytic working memory of one point, all heads (see [`BenchRun::state_bytes`]).
-fn state_bytes(method: Method, heads: usize, d: usize, r: usize, chunk: usize) -> u64 {
-    let per_head = match method {
-        Method::Exact => 4 * 2 * BLOCK_Q * BLOCK_K,
-        Method::Poly => poly_state_bytes(d, d, r, chunk, 4),
-        Method::AltGrad => {
-            let (e, c) = (d + 1, chunk);
-            4 * (2 * r * e * d + 2 * c * e * d + 2 * c * r + 2 * c * c)
-        }
-    };
-    (heads * per_head) as u64
-}
-
 type SeriesKey = (Method, usize, usize, bool);
 
 fn sweep(plan: &Plan, peak: f64, tick: &dyn Fn(&str)) -> Result<(Vec<BenchRun>, Vec<Skipped>)> {
@@ -580,7 +565,7 @@ fn sweep(plan: &Plan, peak: f64, tick: &dyn Fn(&str)) -> Result<(Vec<BenchRun>, 
                         Err(e) => return Err(e),
                     };
                     last.insert(key, (n, m.median_s));
-                    let flops = plan.heads as f64 * method_flops(method, n, d, rank.unwrap_or(0), causal, chunk);
+                    let flops = plan.heads as f64 * method.flops(n, d, d, rank.unwrap_or(0), causal, chunk);
                     let gflops = flops / m.median_s / 1e9;
                     let (err_o, err_dq, err_dk, err_dv, err_grad) = match (&reference, method) {
                         (Some((o_ref, g_ref)), Method::Poly | Method::AltGrad) => {
@@ -608,7 +593,7 @@ fn sweep(plan: &Plan, peak: f64, tick: &dyn Fn(&str)) -> Result<(Vec<BenchRun>, 
                         gflops,
                         frac_of_peak: gflops / peak,
                         peak_rss_bytes: m.peak_rss,
-                        state_bytes: state_bytes(method, plan.heads, d, rank.unwrap_or(0), chunk),
+                        state_bytes: (plan.heads * method.state_bytes(d, d, rank.unwrap_or(0), chunk, 4)) as u64,
                         speedup_vs_exact: speedup,
                         err_o,
                         err_dq,
@@ -692,7 +677,7 @@ fn cpu_name() -> String {
 /// The sweep (f32, `opts.heads` heads, default 4): for each head width, mask and n, bounded
 /// inputs (`q` rescaled so the largest head bound `R` is 1), then exact (the reference), poly and
 /// altgrad at each configured degree: a warm-up run and the median of repeated forward + backward
-/// runs, FLOPs (MATH §7, [`super::method_flops`]), GFLOP/s and the ratio to the f32 GEMM peak
+/// runs, FLOPs (MATH §7, [`Method::flops`]), GFLOP/s and the ratio to the f32 GEMM peak
 /// measured in the same run (the faster of before and after the sweep), the point's peak memory,
 /// the speed-up over exact and the relative errors of `o`, `dq`, `dk`, `dv` against exact. Points whose predicted time
 /// exceeds the limit are listed in `skipped` with the reason. Each step is reported to
@@ -740,7 +725,7 @@ pub fn run_bench(opts: &BenchOptions, on_progress: &dyn Fn(Progress)) -> Result<
     for r in &mut runs {
         r.frac_of_peak = r.gflops / peak;
     }
-    runs.sort_by_key(|a| (a.causal, a.head_dim, method_rank(&a.method), a.degree, a.n));
+    runs.sort_by_key(|a| (a.causal, a.head_dim, Method::report_order(&a.method), a.degree, a.n));
     let fits = fits(&runs);
 
     let command = opts.command_line();
@@ -826,12 +811,4 @@ fn sweep_frac(runs: &[BenchRun], m: &str, n: usize, d: usize, g: Option<usize>, 
     runs.iter()
         .find(|r| r.method == m && r.n == n && r.head_dim == d && r.degree == g && r.causal == causal)
         .map(|r| r.frac_of_peak)
-}
-
-fn method_rank(m: &str) -> u8 {
-    match m {
-        "exact" => 0,
-        "poly" => 1,
-        _ => 2,
-    }
 }
