@@ -872,8 +872,8 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
     let mut text = vec![vec![String::new(); n_heads]; n_layers];
     for h in heads {
         values[h.layer][h.head] = h.degree.map(|g| g as f64);
-        text[h.layer][h.head] = match (h.degree, h.method.as_str()) {
-            (Some(g), "poly") => format!("{g}"),
+        text[h.layer][h.head] = match (h.degree, Method::from_name(&h.method)) {
+            (Some(g), Some(Method::Poly)) => format!("{g}"),
             (Some(g), _) => format!("{g}*"),
             (None, _) => "-".into(),
         };
@@ -906,7 +906,7 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
             );
         }
         let bounded = heads.iter().filter(|h| h.degree.is_some()).count();
-        let poly = heads.iter().filter(|h| h.method == "poly").count();
+        let poly = heads.iter().filter(|h| h.method == Method::Poly.as_str()).count();
         println!(
             "{bounded} of {} heads have a degree ≤ 8 meeting the tolerance; auto would use poly for {poly}",
             heads.len()

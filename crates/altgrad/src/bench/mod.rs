@@ -19,15 +19,20 @@
 //!   `memory_method` in the JSON says so. The analytic working memory of the kernels is reported
 //!   beside it as `state_bytes`.
 
+// One-way: sweep → claims → plan → report; sweep → profile → report (docs/ARCHITECTURE.md).
 mod claims;
+mod plan;
 mod profile;
 mod report;
 mod sweep;
 
-pub use claims::{Crossover, ErrorClaim, ErrorClaimPoint, ErrorSlope, ExponentClaim, MultiLayerClaim, MultiLayerPoint};
+pub use plan::BenchOptions;
 pub use profile::{profile_exact_stages, profile_poly_stages, Stage, StageProfile};
-pub use report::{BenchReport, BenchRun, Claims, Fit, Skipped, CSV_HEADER};
-pub use sweep::{run_bench, BenchOptions};
+pub use report::{
+    BenchReport, BenchRun, Claims, Crossover, ErrorClaim, ErrorClaimPoint, ErrorSlope, ExponentClaim, Fit,
+    MultiLayerClaim, MultiLayerPoint, Skipped, CSV_HEADER,
+};
+pub use sweep::run_bench;
 
 use crate::attention::{self, AttnOptions, AttnShape};
 use crate::linalg::{matmul, par_all, rm, rm_mut};

@@ -780,7 +780,7 @@ fn cfg_label(m: &Model<f32>) -> String {
 
 fn policy_label(opts: &TrainOptions) -> String {
     match opts.attention {
-        Method::Exact => "exact".into(),
+        Method::Exact => Method::Exact.to_string(),
         a => format!("{a} g={}", opts.degree),
     }
 }

@@ -1,6 +1,6 @@
 //! Self-attention as a layer of a model: each head's method chosen by an [`AttentionPolicy`] from
 //! the layer's own `q`, `k` (MATH §3 "Bound and degree"), the heads run by
-//! [`crate::attention::mixed`] (exact MATH §2, polynomial §4, ALTGrad §5), and everything the
+//! [`crate::attention::dispatch`] (exact MATH §2, polynomial §4, ALTGrad §5), and everything the
 //! backward needs — inputs, output, per-head state, decisions, shape and options — kept in one
 //! [`AttnCache`]. This is the only place the models call [`crate::attention`].
 
