@@ -88,7 +88,7 @@ impl ValueEnum for Attention {
         Some(match self {
             Attention::Every(m) => clap::builder::PossibleValue::new(m.as_str()).help(m.summary()),
             Attention::Auto => clap::builder::PossibleValue::new("auto")
-                .help("Per head: polynomial where the measured bound meets --tol and it is cheaper, else exact."),
+                .help("Per head: polynomial where the measured bound meets --tol and it is cheaper, else exact"),
         })
     }
 }

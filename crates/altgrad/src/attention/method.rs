@@ -46,12 +46,12 @@ impl Method {
         }
     }
 
-    /// One line saying what the method computes (CLI help).
+    /// One line saying what the method computes, without a final period (CLI help).
     pub fn summary(&self) -> &'static str {
         match self {
-            Method::Exact => "Exact softmax attention (tiled, O(n²) time, O(n) memory).",
-            Method::Poly => "Polynomial attention: degree-g Taylor softmax with its exact gradient, O(n·r·d).",
-            Method::AltGrad => "The paper's Algorithm 1 (ALTGrad): the softmax gradient formula with the low-rank f̃.",
+            Method::Exact => "Exact softmax attention (tiled, O(n²) time, O(n) memory)",
+            Method::Poly => "Polynomial attention: degree-g Taylor softmax with its exact gradient, O(n·r·d)",
+            Method::AltGrad => "The paper's Algorithm 1 (ALTGrad): the softmax gradient formula with the low-rank f̃",
         }
     }
 
