@@ -1,9 +1,7 @@
 //! The `altgrad` command line: parses, calls the library, prints. No math here.
 
 use altgrad::attention;
-use altgrad::attention::mixed::HeadPlan;
-use altgrad::attention::AttnOptions;
-use altgrad::attention::PolyOptions;
+use altgrad::attention::{AttnOptions, HeadPlan, Method, PolyOptions};
 use altgrad::io::{self as aio, Loaded};
 use altgrad::job;
 use altgrad::linalg::norm;
@@ -47,37 +45,51 @@ enum Cmd {
     Bench(BenchCmd),
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum Method {
-    /// Exact softmax attention (tiled, O(n²) time, O(n) memory).
-    Exact,
-    /// Polynomial attention: degree-g Taylor softmax with its exact gradient, O(n·r·d).
-    Poly,
-    /// The paper's Algorithm 1 (ALTGrad): the softmax gradient formula with the low-rank f̃.
-    Altgrad,
+/// A library [`Method`] as a clap value: names and help come from the library's registry
+/// ([`Method::ALL`], [`Method::as_str`], [`Method::summary`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct MethodArg(Method);
+
+impl ValueEnum for MethodArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        static ALL: std::sync::OnceLock<Vec<MethodArg>> = std::sync::OnceLock::new();
+        ALL.get_or_init(|| Method::ALL.into_iter().map(MethodArg).collect())
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.0.as_str()).help(self.0.summary()))
+    }
+}
+
+/// `--attention` of `grad` and `inspect`-like commands: one library [`Method`] for every head, or
+/// `auto` (chosen per head).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Attention {
+    /// This method for every head.
+    Every(Method),
     /// Per head: polynomial where the measured bound meets --tol and it is cheaper, else exact.
     Auto,
 }
 
-/// The methods `attn` takes (one method for every head; no `auto`).
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum AttnMethod {
-    /// Exact softmax attention (tiled, O(n²) time, O(n) memory).
-    Exact,
-    /// Polynomial attention: degree-g Taylor softmax with its exact gradient, O(n·r·d).
-    Poly,
-    /// The paper's Algorithm 1 (ALTGrad): the softmax gradient formula with the low-rank f̃.
-    Altgrad,
-}
-
-impl Method {
+impl Attention {
     fn name(self) -> &'static str {
         match self {
-            Method::Exact => "exact",
-            Method::Poly => "poly",
-            Method::Altgrad => "altgrad",
-            Method::Auto => "auto",
+            Attention::Every(m) => m.as_str(),
+            Attention::Auto => "auto",
         }
+    }
+}
+
+impl ValueEnum for Attention {
+    fn value_variants<'a>() -> &'a [Self] {
+        static ALL: std::sync::OnceLock<Vec<Attention>> = std::sync::OnceLock::new();
+        ALL.get_or_init(|| Method::ALL.into_iter().map(Attention::Every).chain([Attention::Auto]).collect())
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(match self {
+            Attention::Every(m) => clap::builder::PossibleValue::new(m.as_str()).help(m.summary()),
+            Attention::Auto => clap::builder::PossibleValue::new("auto")
+                .help("Per head: polynomial where the measured bound meets --tol and it is cheaper, else exact"),
+        })
     }
 }
 
@@ -86,7 +98,7 @@ impl Method {
 struct AttnMethodArgs {
     /// Attention method for every head (`auto`: chosen per head).
     #[arg(long, value_enum, default_value = "exact")]
-    attention: Method,
+    attention: Attention,
     /// Polynomial degree for every head (even, ≥ 2); without it, poly/altgrad pick per head the
     /// smallest even degree meeting --tol.
     #[arg(long)]
@@ -357,7 +369,7 @@ struct AttnArgs {
     out: PathBuf,
     /// Attention method for every head.
     #[arg(long, value_enum, default_value = "exact")]
-    attention: AttnMethod,
+    attention: MethodArg,
     /// Polynomial degree (even, ≥ 2) for poly/altgrad.
     #[arg(long, default_value_t = 2)]
     degree: usize,
@@ -535,12 +547,13 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let ids = token_ids(&inputs, &loaded, max_len)?;
     let input = input_name(&inputs);
     let n = ids.len();
-    let forced = matches!(a.method.attention, Method::Poly | Method::Altgrad);
+    let forced = matches!(a.method.attention, Attention::Every(m) if m.is_approximate());
     if let (Some(g), true) = (a.method.degree, forced) {
         let (d, causal) = (shape.head_dim, shape.family.causal());
         if let Some(r) = altgrad::attention::features::feature_dim(d, g) {
-            let pf = altgrad::attention::bound::poly_flops(n, d, d, r, causal, a.method.chunk);
-            let ef = altgrad::attention::bound::exact_flops(n, d, d, causal);
+            // ALTGrad's forward is the polynomial one: the warning compares poly with exact
+            let pf = Method::Poly.flops(n, d, d, r, causal, a.method.chunk);
+            let ef = Method::Exact.flops(n, d, d, r, causal, a.method.chunk);
             if pf > 10.0 * ef && r <= altgrad::attention::features::MAX_FEATURE_DIM {
                 eprintln!(
                     "warning: degree {g} at head_dim {d} has feature width r = {r}: about {:.0}× the FLOPs of exact \
@@ -638,7 +651,7 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         }
         let bounds: Vec<f64> = r.decisions.iter().flatten().map(|d| d.bound).collect();
         let (bmin, bmax) = bounds.iter().fold((f64::INFINITY, 0.0f64), |(a, b), x| (a.min(*x), b.max(*x)));
-        let shift = if a.method.no_center && a.method.attention != Method::Auto { "without" } else { "after" };
+        let shift = if a.method.no_center && a.method.attention != Attention::Auto { "without" } else { "after" };
         println!("bounds       R ({shift} the row shift) from {bmin:.2} to {bmax:.2} over the heads");
         for (m, (_, reason)) in &why {
             println!("why {m:<8} e.g. {reason}");
@@ -702,7 +715,7 @@ fn run_train_cmd(a: &TrainArgs) -> Result<()> {
         beta2: a.beta2,
         eps: a.eps,
         grad_clip: a.grad_clip,
-        attention: a.attention.parse()?,
+        attention: a.attention.parse::<Method>().map_err(flag_error)?,
         degree: a.degree,
         chunk: a.chunk,
         seed: a.seed,
@@ -869,8 +882,8 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
     let mut text = vec![vec![String::new(); n_heads]; n_layers];
     for h in heads {
         values[h.layer][h.head] = h.degree.map(|g| g as f64);
-        text[h.layer][h.head] = match (h.degree, h.method.as_str()) {
-            (Some(g), "poly") => format!("{g}"),
+        text[h.layer][h.head] = match (h.degree, Method::from_name(&h.method)) {
+            (Some(g), Some(Method::Poly)) => format!("{g}"),
             (Some(g), _) => format!("{g}*"),
             (None, _) => "-".into(),
         };
@@ -903,7 +916,7 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
             );
         }
         let bounded = heads.iter().filter(|h| h.degree.is_some()).count();
-        let poly = heads.iter().filter(|h| h.method == "poly").count();
+        let poly = heads.iter().filter(|h| h.method == Method::Poly.as_str()).count();
         println!(
             "{bounded} of {} heads have a degree ≤ 8 meeting the tolerance; auto would use poly for {poly}",
             heads.len()
@@ -929,11 +942,7 @@ fn run_attn(a: &AttnArgs) -> Result<()> {
     let input = a.input.display().to_string();
     let inp = aio::attn_file::attn_input(aio::read_safetensors(&a.input)?, &input)?;
     let p = PolyOptions { degree: a.degree, center: !a.no_center, chunk: a.chunk };
-    let plan = match a.attention {
-        AttnMethod::Exact => HeadPlan::Exact,
-        AttnMethod::Poly => HeadPlan::Poly(p),
-        AttnMethod::Altgrad => HeadPlan::AltGrad(p),
-    };
+    let plan = a.attention.0.plan(p);
     if plan != HeadPlan::Exact {
         p.validate().map_err(Error::for_flags)?;
     }

@@ -9,7 +9,7 @@
 
 use crate::runtime::{check_memory, record_kernel, run};
 use altgrad::attention::{
-    self as at, features, AttnOptions, AttnShape, Mask, PolyOptions, PolySaved, PolyState, PolyStateGrad, Qkv,
+    self as at, features, AttnOptions, AttnShape, Mask, Method, PolyOptions, PolySaved, PolyState, PolyStateGrad, Qkv,
 };
 use altgrad::linalg::Scalar;
 use altgrad::Error;
@@ -19,24 +19,15 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::time::Instant;
 
-/// The three methods of one attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Method {
-    /// Exact softmax attention (MATH §2).
-    Exact,
-    /// Polynomial attention and its exact gradient (MATH §3–4).
-    Poly,
-    /// Polynomial forward, the paper's Algorithm 1 backward (MATH §5).
-    AltGrad,
-}
-
+/// The library method named `s` ([`Method::from_name`]).
+///
+/// Errors: `ValueError` naming `method` and listing the names.
 fn parse_method(s: &str) -> PyResult<Method> {
-    match s {
-        "exact" => Ok(Method::Exact),
-        "poly" => Ok(Method::Poly),
-        "altgrad" => Ok(Method::AltGrad),
-        _ => Err(PyValueError::new_err(format!("method: expected \"exact\", \"poly\" or \"altgrad\", got {s:?}"))),
-    }
+    Method::from_name(s).ok_or_else(|| {
+        let names: Vec<String> = Method::ALL.iter().map(|m| format!("{:?}", m.as_str())).collect();
+        let (last, rest) = names.split_last().expect("at least one method");
+        PyValueError::new_err(format!("method: expected {} or {last}, got {s:?}", rest.join(", ")))
+    })
 }
 
 /// Everything that fixes one call: method, batched shape, options (the mask's query offset is 0;
@@ -75,7 +66,7 @@ impl Call {
     }
     /// A rough upper estimate of the working memory in bytes, for [`check_memory`]: inputs,
     /// outputs and saved tensors, and for the polynomial methods the per-thread scratch of
-    /// [`at::bound::poly_state_bytes`], the states `[B, H_kv, r, D_v+1]` (twice: forward state and
+    /// [`at::cost::poly_state_bytes`], the states `[B, H_kv, r, D_v+1]` (twice: forward state and
     /// its gradient) and, for ALTGrad's backward, two Kronecker states per running head (at most
     /// 8 bytes per value, capped as the library caps them).
     fn memory_bytes(&self, elem: usize, backward: bool) -> f64 {
@@ -88,7 +79,7 @@ impl Call {
         // A feature width above the library's limit is refused by the library itself.
         let r = self.rank().filter(|&r| r <= features::MAX_FEATURE_DIM);
         if let (true, Some(r)) = (self.method != Method::Exact, r) {
-            bytes += threads * at::bound::poly_state_bytes(s.head_dim, s.head_dim_v, r, self.popts.chunk, elem) as f64;
+            bytes += threads * at::cost::poly_state_bytes(s.head_dim, s.head_dim_v, r, self.popts.chunk, elem) as f64;
             bytes += 2.0 * self.state_len() as f64 * e;
             if backward && self.method == Method::AltGrad {
                 let kron = at::altgrad::kron_state_len(r, s.head_dim_v, s.head_dim).unwrap_or(usize::MAX);

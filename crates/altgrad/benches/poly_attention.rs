@@ -7,11 +7,11 @@
 //! default 60), `--ns 1024,32768` (lengths), `--configs 16:2,64:2` (head_dim:degree pairs). All runs: f32, 4 query heads = 4 key/value heads, head_dim_v = head_dim,
 //! random inputs in [−1, 1], centered (row shift on), the same process measuring the GEMM peak,
 //! exact attention and polynomial attention. Prints markdown tables: FLOPs of the MATH §7 cost
-//! model (`bound::poly_flops`, `bound::exact_flops`), achieved GFLOP/s and the ratio to the f32
+//! model (`cost::poly_flops`, `cost::exact_flops`), achieved GFLOP/s and the ratio to the f32
 //! GEMM peak, speed-up over exact at the same n, the fitted exponent of poly time in n over the
 //! three largest sizes, and the crossover n.
 
-use altgrad::attention::{self, bound, features::feature_dim, AttnOptions, AttnShape, PolyOptions};
+use altgrad::attention::{self, cost, features::feature_dim, AttnOptions, AttnShape, PolyOptions};
 use altgrad::bench::{gemm_gflops, median_time, time_exact};
 use std::collections::HashMap;
 
@@ -46,7 +46,7 @@ fn time_poly(n: usize, d: usize, g: usize, heads: usize, causal: bool, chunk: us
         std::hint::black_box(attention::backward_poly(&x, &fwd, &dout).unwrap());
     });
     let r = feature_dim(d, g).unwrap();
-    let flops = heads as f64 * bound::poly_flops(n, d, d, r, causal, chunk);
+    let flops = heads as f64 * cost::poly_flops(n, d, d, r, causal, chunk);
     PolyRun { fwd_s, bwd_s, flops }
 }
 
@@ -134,7 +134,7 @@ fn main() {
                         t
                     }
                 };
-                let ex_flops = heads as f64 * bound::exact_flops(n, d, d, causal);
+                let ex_flops = heads as f64 * cost::exact_flops(n, d, d, causal);
                 let (ex_s, ex_gf, speed) = match ex {
                     Some(t) => {
                         ratio.push((n, t / pt));
@@ -163,7 +163,7 @@ fn main() {
             // cost-model crossover: smallest power of two where poly FLOPs < exact FLOPs
             let model = (4..30)
                 .map(|p| 1usize << p)
-                .find(|&n| bound::poly_flops(n, d, d, r, causal, c) < bound::exact_flops(n, d, d, causal))
+                .find(|&n| cost::poly_flops(n, d, d, r, causal, c) < cost::exact_flops(n, d, d, causal))
                 .unwrap_or(0);
             let exponent = if tail.len() >= 2 {
                 format!("{:.2} (n = {}…{})", slope(tail), tail[0].0, tail[tail.len() - 1].0)

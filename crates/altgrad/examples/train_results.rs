@@ -7,7 +7,7 @@
 //!
 //! Loss curves of several runs: `altgrad train-plot --out STEM RUN.jsonl ...`.
 //! - `timing [key=value ...]`: seconds per update of exact, poly and altgrad at n = 256…2048.
-use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::HeadPlan;
 use altgrad::attention::PolyOptions;
 use altgrad::model::{AttentionPolicy, LlamaWeights, Model, Network};
 use altgrad::train::checkpoint::load_checkpoint;

@@ -11,7 +11,7 @@
 //! Multi-file inputs (an HF directory, a checkpoint) are split by [`split`]: each part but the
 //! last is a little-endian `u32` length followed by that many bytes (clamped to what remains).
 
-use crate::attention::mixed::HeadPlan;
+use crate::attention::HeadPlan;
 use crate::attention::{AttnOptions, Mask, PolyOptions};
 use crate::io::gguf::{dequantize, load_gguf_llama_from, GgmlType, GgufFile};
 use crate::io::tokenizer::TextTokenizer;

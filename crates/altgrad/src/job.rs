@@ -5,8 +5,7 @@
 //! Python package, so both produce the same objects.
 
 use crate::attention::bound::validate_degree;
-use crate::attention::mixed::HeadPlan;
-use crate::attention::PolyOptions;
+use crate::attention::{HeadPlan, Method, PolyOptions};
 use crate::error::check_finite_result;
 use crate::io::{AnyModel, Loaded};
 use crate::linalg::{rel_err, Scalar};
@@ -214,8 +213,9 @@ pub fn inspect_on<T: Scalar, N: Network<T>>(
     tol: f64,
     max_rank: usize,
 ) -> Result<Vec<InspectHead>> {
-    use crate::attention::bound::{choose_degree, Policy, MAX_AUTO_DEGREE};
+    use crate::attention::bound::{choose_degree, MAX_AUTO_DEGREE};
     use crate::attention::features::feature_dim;
+    use crate::attention::Policy;
     use crate::attention::{head_bounds, head_max_scores};
     check_tol(tol)?;
     let cache = model.forward(ids).map_err(|e| relabel(e, input))?;
@@ -291,24 +291,20 @@ pub fn attention_policy(
     if let Some(g) = degree {
         validate_degree(g)?;
     }
-    let altgrad = match method {
-        "exact" => return Ok(AttentionPolicy::EXACT),
-        "auto" => {
-            if degree.is_some() {
-                return Err(Error::bad("degree", "auto chooses degrees itself; use attention poly with a degree"));
-            }
-            return Ok(AttentionPolicy::Auto { tol, max_rank, chunk });
+    if method == "auto" {
+        if degree.is_some() {
+            return Err(Error::bad("degree", "auto chooses degrees itself; use attention poly with a degree"));
         }
-        "poly" => false,
-        "altgrad" => true,
-        other => return Err(Error::bad("attention", format!("expected exact, poly, altgrad or auto, got `{other}`"))),
-    };
+        return Ok(AttentionPolicy::Auto { tol, max_rank, chunk });
+    }
+    let method = Method::from_name(method)
+        .ok_or_else(|| Error::bad("attention", format!("expected {} or auto, got `{method}`", Method::names(", "))))?;
+    if method == Method::Exact {
+        return Ok(AttentionPolicy::EXACT);
+    }
     Ok(match degree {
-        Some(g) => {
-            let p = PolyOptions { degree: g, center, chunk };
-            AttentionPolicy::Fixed(if altgrad { HeadPlan::AltGrad(p) } else { HeadPlan::Poly(p) })
-        }
-        None => AttentionPolicy::PerHeadDegree { altgrad, tol, chunk, center },
+        Some(g) => AttentionPolicy::Fixed(method.plan(PolyOptions { degree: g, center, chunk })),
+        None => AttentionPolicy::PerHeadDegree { method, tol, chunk, center },
     })
 }
 

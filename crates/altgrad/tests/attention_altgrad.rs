@@ -6,8 +6,9 @@
 mod common;
 use altgrad::attention::altgrad::{check_kron_state, one_layer_w_form, MAX_KRON_STATE};
 use altgrad::attention::bound::{eps_a, key_means, row_shift};
+use altgrad::attention::dispatch::forward_layer;
 use altgrad::attention::features::{taylor, FeatureMap};
-use altgrad::attention::mixed::{forward_mixed, HeadPlan};
+use altgrad::attention::HeadPlan;
 use altgrad::attention::{
     backward_altgrad, backward_exact, backward_poly, forward_exact, forward_poly, head_bounds, naive, AttnOptions,
     AttnShape, Mask, PolyOptions, Qkv,
@@ -773,7 +774,7 @@ fn altgrad_rejects_bad_degree_options_and_huge_states() {
     let err = check_kron_state(&s64, &PolyOptions::new(4)).unwrap_err();
     assert!(err.is_user_error() && err.to_string().contains(&MAX_KRON_STATE.to_string()), "{err}");
     let plans = [HeadPlan::AltGrad(PolyOptions::new(4))];
-    let err = forward_mixed(&x, &x, &x, &s64, &o64, &plans).unwrap_err();
+    let err = forward_layer(&x, &x, &x, &s64, &o64, &plans).unwrap_err();
     assert!(err.to_string().contains(&MAX_KRON_STATE.to_string()), "{err}");
     let mut fwd = forward_poly(&qkv(&x, &x, &x, &s64), &o64, &PolyOptions::new(2)).unwrap();
     fwd.popts.degree = 4;

@@ -4,7 +4,8 @@
 //! kept `Workspace` is reused across calls without changing them.
 
 mod common;
-use altgrad::attention::mixed::{backward_mixed, forward_mixed, HeadPlan};
+use altgrad::attention::dispatch::{backward_layer, forward_layer};
+use altgrad::attention::HeadPlan;
 use altgrad::attention::{
     backward_altgrad, backward_exact, backward_exact_into, backward_poly_into, backward_poly_state, forward_exact,
     forward_exact_into, forward_poly, forward_poly_into, forward_poly_state, AttnGrads, AttnOptions, AttnShape, Mask,
@@ -180,13 +181,13 @@ fn mixed_layer_batch_equals_one_call_per_sequence() {
     let opts = AttnOptions::causal(4);
     let p = PolyOptions { degree: 2, center: true, chunk: 16 };
     let plans = [HeadPlan::Exact, HeadPlan::Poly(p), HeadPlan::AltGrad(p), HeadPlan::Poly(PolyOptions::new(4))];
-    let fwd = forward_mixed(&x.q, &x.k, &x.v, &s, &opts, &plans).unwrap();
-    let gr = backward_mixed(&x.q, &x.k, &x.v, &fwd, &x.g, &s, &opts, &plans).unwrap();
+    let fwd = forward_layer(&x.q, &x.k, &x.v, &s, &opts, &plans).unwrap();
+    let gr = backward_layer(&x.q, &x.k, &x.v, &fwd, &x.g, &s, &opts, &plans).unwrap();
     let (pq, pk, pv, po, _) = per(&one);
     for b in 0..2 {
         let (q1, k1, v1, g1) = (seq(&x.q, b, pq), seq(&x.k, b, pk), seq(&x.v, b, pv), seq(&x.g, b, po));
-        let f1 = forward_mixed(q1, k1, v1, &one, &opts, &plans).unwrap();
-        let gr1 = backward_mixed(q1, k1, v1, &f1, g1, &one, &opts, &plans).unwrap();
+        let f1 = forward_layer(q1, k1, v1, &one, &opts, &plans).unwrap();
+        let gr1 = backward_layer(q1, k1, v1, &f1, g1, &one, &opts, &plans).unwrap();
         assert_close("o", seq(&fwd.o, b, po), &f1.o);
         assert_close("dq", seq(&gr.dq, b, pq), &gr1.dq);
         assert_close("dk", seq(&gr.dk, b, pk), &gr1.dk);

@@ -9,7 +9,7 @@
 //! - outputs in the inputs' dtype (F16, BF16) and their overflow;
 //! - tokenizers: truncation keeps BERT's `[SEP]`; models without a tokenizer ask for token ids.
 
-use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::HeadPlan;
 use altgrad::attention::{AttnOptions, PolyOptions};
 use altgrad::io::attn_file::{attn_input, run_attn};
 use altgrad::io::tokenizer::TextTokenizer;

@@ -4,7 +4,7 @@
 //! [`Network`] interface, which the Llama decoder and this encoder share.
 
 mod common;
-use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::HeadPlan;
 use altgrad::attention::PolyOptions;
 use altgrad::linalg::{norm, rel_err};
 use altgrad::model::bert::{BertCache, BertConfig, BertModel, BertWeights};

@@ -119,7 +119,7 @@ fn bad_token_ids_are_rejected_with_a_clear_message() {
     assert!(err.contains("model.layers.1.self_attn.q_proj.weight") && err.contains("index 5"), "{err}");
 }
 
-use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::HeadPlan;
 use altgrad::attention::PolyOptions;
 use altgrad::model::AttentionPolicy;
 

@@ -12,7 +12,7 @@
 //! closer to exact than g = 2.
 
 mod common;
-use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::HeadPlan;
 use altgrad::attention::PolyOptions;
 use altgrad::io::{load_hf_llama, read_safetensors, read_tokens, TensorF64};
 use altgrad::linalg::Scalar;

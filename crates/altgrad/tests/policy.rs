@@ -2,8 +2,9 @@
 //! gives an output error within the predicted bound (MATH §3), measured against exact softmax.
 
 mod common;
-use altgrad::attention::bound::{choose_degree, output_bound, score_bound, Method, Policy, MAX_AUTO_DEGREE};
+use altgrad::attention::bound::{choose_degree, output_bound, score_bound, MAX_AUTO_DEGREE};
 use altgrad::attention::{forward_exact, forward_poly, AttnOptions, AttnShape, PolyOptions};
+use altgrad::attention::{Method, Policy};
 use common::{qkv, randn};
 
 #[test]

@@ -3,13 +3,14 @@
 //! the masked (MQAR) loss gradient matches finite differences.
 
 mod common;
-use altgrad::attention::mixed::HeadPlan;
+use altgrad::attention::HeadPlan;
+use altgrad::attention::Method;
 use altgrad::attention::PolyOptions;
 use altgrad::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, Network, RopeLayout};
 use altgrad::train::checkpoint::{load_checkpoint, prev_dir, save_checkpoint_interrupted, TrainState};
 use altgrad::train::loss::{accumulate_masked_grads, masked_lm_loss};
 use altgrad::train::optim::{AdamW, AdamWConfig};
-use altgrad::train::{run_charts, run_train, Task, TinySize, TrainAttention, TrainOptions};
+use altgrad::train::{run_charts, run_train, Task, TinySize, TrainOptions};
 use altgrad::Error;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,7 +105,7 @@ fn resume_is_bit_identical_and_survives_interrupted_writes() {
         steps: 12,
         batch_size: 2,
         eval_every: 5,
-        attention: TrainAttention::Poly,
+        attention: Method::Poly,
         chunk: 16,
         ..small()
     };
@@ -202,7 +203,7 @@ fn bad_options_and_data_name_the_input() {
         (TrainOptions { batch_size: 0, ..ok.clone() }, "--batch-size", "at least 1"),
         (TrainOptions { seq_len: 1, ..ok.clone() }, "--seq-len", "at least 2"),
         (TrainOptions { lr: f64::NAN, ..ok.clone() }, "--lr", "positive"),
-        (TrainOptions { attention: TrainAttention::Poly, degree: 3, ..ok.clone() }, "--degree", "even"),
+        (TrainOptions { attention: Method::Poly, degree: 3, ..ok.clone() }, "--degree", "even"),
         (TrainOptions { text: vec![], ..ok.clone() }, "--text/--task", "give training data"),
         (TrainOptions { task: Some(Task::Mqar), ..ok.clone() }, "--text/--task", "not both"),
         (TrainOptions { stop_at: Some(3), ..ok.clone() }, "--stop-at", "--checkpoint"),
@@ -240,7 +241,7 @@ fn bad_options_and_data_name_the_input() {
     std::fs::write(other.join("keep.txt"), b"x").unwrap();
     let (i, _) = bad_input(run_train(&TrainOptions { checkpoint: Some(other.clone()), ..ok }, &|_| {}).unwrap_err());
     assert!(i.ends_with("other") && other.join("keep.txt").exists());
-    assert!("sgd".parse::<TrainAttention>().is_err() && "altgrad".parse::<TrainAttention>().is_ok());
+    assert!("sgd".parse::<Method>().is_err() && "altgrad".parse::<Method>().is_ok());
 }
 
 fn fd_cfg() -> LlamaConfig {

@@ -1,15 +1,14 @@
-//! Row shift, score bound, error bounds, degree choice, cost model and the per-head [`Policy`]
-//! (MATH §3, §7; AS23 Lemma 3.3–3.4 and Def 3.2).
+//! Row shift, score bound, error bounds and degree choice (MATH §3; AS23 Lemma 3.3–3.4 and
+//! Def 3.2). The cost model is [`super::cost`]; the method chosen from these numbers is
+//! [`super::method`].
 //!
 //! Everything here is O(n·d) per head and computed in f64.
 
-use super::features::feature_dim;
-use super::poly::DEFAULT_CHUNK;
 use super::view::Rows;
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 
-/// Largest degree [`Policy::choose`] considers.
+/// Largest degree the automatic choice ([`super::method::Policy::choose`]) considers.
 pub const MAX_AUTO_DEGREE: usize = 8;
 
 /// The key means each query row is shifted by (MATH §3 "Row shift"): `k [n, d]` row-major.
@@ -146,147 +145,6 @@ pub fn validate_degree(g: usize) -> Result<()> {
     Ok(())
 }
 
-/// FLOPs of exact attention forward + backward for one head (MATH §7, FA2):
-/// forward `2n²(d + d_v)`, backward with recompute `2n²(3d + 2d_v)` (so `14n²d` when `d = d_v`),
-/// halved when causal.
-pub fn exact_flops(n: usize, d: usize, dv: usize, causal: bool) -> f64 {
-    let n = n as f64;
-    let f = 2.0 * n * n * (4 * d + 3 * dv) as f64;
-    if causal {
-        f / 2.0
-    } else {
-        f
-    }
-}
-
-/// FLOPs of polynomial attention forward + backward for one head (MATH §4, §7) as the kernels of
-/// [`super::poly`] do it, with `e = d_v + 1` (values augmented by a ones column, so `z` rides with
-/// `H`) and chunk `C = min(chunk, n)`:
-///
-/// - non-causal: GEMMs `2nr(5e + d_v)` (`H`, `num|den`, `dΨ_Q`, `dH`, `dΦ_K`, `dV`; `H` is kept
-///   from the forward), feature work ≈ `18nr`;
-/// - causal: GEMMs `2nr(6e + d_v)` (the backward rescans the state), intra-chunk
-///   `2nC(4d + 3e)` (full C×C tiles), feature work ≈ `23nr`.
-///
-/// Total ≈ `12·n·r·d_v` (MATH §7) plus lower-order terms.
-pub fn poly_flops(n: usize, d: usize, dv: usize, r: usize, causal: bool, chunk: usize) -> f64 {
-    let (nf, rf, e, dvf) = (n as f64, r as f64, (dv + 1) as f64, dv as f64);
-    if causal {
-        let c = chunk.max(1).min(n.max(1)) as f64;
-        2.0 * nf * rf * (6.0 * e + dvf) + 2.0 * nf * c * (4.0 * d as f64 + 3.0 * e) + 23.0 * nf * rf
-    } else {
-        2.0 * nf * rf * (5.0 * e + dvf) + 18.0 * nf * rf
-    }
-}
-
-/// Working memory of the polynomial kernels for one head, in bytes, excluding inputs, outputs
-/// and O(n + C·g) vectors: the `r×(d_v+1)` state and its gradient, and the chunk scratch of
-/// [`super::poly::Head::scratch_len`] (centered): three `r×C` feature buffers (`Φᵀ`, `Ψᵀ`,
-/// `dΦᵀ`), two `C×C` tiles (causal), the `C×(d_v+1)` value/gradient chunks and three `d×C`
-/// transposed inputs (`elem` = 4 for f32, 8 for f64). O(C·r + r·d_v), never O(n·r).
-pub fn poly_state_bytes(d: usize, dv: usize, r: usize, chunk: usize, elem: usize) -> usize {
-    let (e, c) = (dv + 1, chunk.max(1));
-    elem * (2 * r * e + 3 * c * r + 2 * c * c + 2 * c * e + 3 * c * d)
-}
-
-/// How a head's attention is computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Exact tiled softmax attention (MATH §2).
-    Exact,
-    /// Polynomial attention with its exact gradient (MATH §4).
-    Poly,
-    /// The paper's Algorithm 1 (MATH §5).
-    AltGrad,
-}
-
-impl Method {
-    /// Lower-case name, as on the CLI and in JSON reports: `exact`, `poly`, `altgrad`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Method::Exact => "exact",
-            Method::Poly => "poly",
-            Method::AltGrad => "altgrad",
-        }
-    }
-}
-
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The method chosen for one head and why (MATH §3 "Bound and degree", §7).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Policy {
-    /// [`Method::Poly`] or [`Method::Exact`].
-    pub method: Method,
-    /// Degree `g` (Poly only).
-    pub degree: Option<usize>,
-    /// Feature width `r = C(d+g, g)` (Poly only).
-    pub rank: Option<usize>,
-    /// The score bound `R` the choice used ([`score_bound`]).
-    pub bound: f64,
-    /// [`output_bound`]`(R, g)` for Poly (relative to `‖V‖_∞`); 0 for Exact.
-    pub predicted_rel_err: f64,
-    /// One sentence saying why this method was chosen.
-    pub reason: String,
-}
-
-impl Policy {
-    /// Chooses the method of one head of length `n`, widths `d`, `d_v`, with score bound `bound`
-    /// (`R`), tolerance `tol` on `ε_A`, and largest acceptable feature width `max_rank`.
-    ///
-    /// Poly is chosen only when an even degree `g ≤ MAX_AUTO_DEGREE` reaches `ε_A(R, g) ≤ tol`
-    /// ([`choose_degree`]), its width `r(d, g) ≤ max_rank`, and [`poly_flops`] (chunk
-    /// [`DEFAULT_CHUNK`]) is below [`exact_flops`]; otherwise Exact, with the failed condition in
-    /// `reason`.
-    pub fn choose(n: usize, d: usize, dv: usize, causal: bool, bound: f64, tol: f64, max_rank: usize) -> Policy {
-        let exact = |reason: String| Policy {
-            method: Method::Exact,
-            degree: None,
-            rank: None,
-            bound,
-            predicted_rel_err: 0.0,
-            reason,
-        };
-        let Some(g) = choose_degree(bound, tol, MAX_AUTO_DEGREE) else {
-            return exact(format!(
-                "no even degree ≤ {MAX_AUTO_DEGREE} reaches ε_A ≤ {tol:e} at score bound R = {bound:.3} \
-                 (ε_A(R, {MAX_AUTO_DEGREE}) = {:.2e})",
-                eps_a(bound, MAX_AUTO_DEGREE)
-            ));
-        };
-        let Some(r) = feature_dim(d, g).filter(|&r| r <= max_rank) else {
-            return exact(format!(
-                "degree {g} needs feature width r = C({d}+{g}, {g}) = {}, above max_rank = {max_rank}",
-                feature_dim(d, g).map_or("overflow".to_string(), |r| r.to_string())
-            ));
-        };
-        let (pf, ef) = (poly_flops(n, d, dv, r, causal, DEFAULT_CHUNK), exact_flops(n, d, dv, causal));
-        if pf >= ef {
-            return exact(format!(
-                "polynomial attention (g = {g}, r = {r}) would cost {:.3e} FLOP vs {:.3e} for exact at n = {n}",
-                pf, ef
-            ));
-        }
-        Policy {
-            method: Method::Poly,
-            degree: Some(g),
-            rank: Some(r),
-            bound,
-            predicted_rel_err: output_bound(bound, g),
-            reason: format!(
-                "R = {bound:.3}: degree {g} gives ε_A = {:.2e} ≤ {tol:e}, r = {r}, {:.1}× fewer FLOPs than exact",
-                eps_a(bound, g),
-                ef / pf
-            ),
-        }
-    }
-}
-
 /// The largest `|s_ij| = τ |q_i·k_j|` over the pairs the mask allows (`j ≤ i` when `causal`), for
 /// one head: `q [n, d]`, `k [n, d]`. Exact, O(n²·d) by tiles of 256 query rows (one GEMM each),
 /// O(256·n) memory. For reports (`altgrad inspect`), not for the kernels.
@@ -377,19 +235,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn policy_prefers_exact_when_short_or_unbounded() {
-        let p = Policy::choose(128, 64, 64, true, 0.5, 1e-2, 1 << 20);
-        assert_eq!(p.method, Method::Exact, "{}", p.reason);
-        let p = Policy::choose(32768, 16, 16, true, 0.5, 1e-1, 1 << 20);
-        assert_eq!(p.method, Method::Poly, "{}", p.reason);
-        assert_eq!((p.degree, p.rank), (Some(2), Some(153)));
-        let p = Policy::choose(32768, 16, 16, true, 8.0, 1e-3, 1 << 20);
-        assert_eq!(p.method, Method::Exact);
-        let p = Policy::choose(32768, 16, 16, true, 0.5, 1e-1, 100);
-        assert_eq!(p.method, Method::Exact);
-        assert!(p.reason.contains("max_rank"));
     }
 }

@@ -12,10 +12,12 @@
 
 pub mod altgrad;
 pub mod bound;
+pub mod cost;
+pub mod dispatch;
 pub mod estimate;
 pub mod exact;
 pub mod features;
-pub mod mixed;
+pub mod method;
 #[doc(hidden)]
 pub mod naive;
 pub mod poly;
@@ -28,8 +30,8 @@ use rayon::prelude::*;
 use view::{heads_mut, Rows, RowsMut};
 
 pub use altgrad::{backward_altgrad, backward_altgrad_into};
-pub use bound::{Method, Policy};
 pub use exact::{backward_exact, backward_exact_into, forward_exact, forward_exact_into};
+pub use method::{HeadPlan, Method, Policy};
 pub use poly::{
     backward_poly, backward_poly_into, backward_poly_state, forward_poly, forward_poly_into, forward_poly_state,
     PolyBuffers, PolyOptions, PolyOutput, PolySaved, PolyState, PolyStateGrad,

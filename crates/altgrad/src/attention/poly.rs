@@ -25,7 +25,7 @@
 //!   `1/n` of the sum without a mask; key `j` gets `Σ_{i≥j} τ q_i dm_i/(i+1)` under the causal mask).
 //!
 //! Every hot loop is a GEMM of a `C×r` feature chunk with an `r×e` state. Working memory is
-//! O(C·r + r·d_v) ([`super::bound::poly_state_bytes`]); no `n×r` matrix is ever formed. Inputs are
+//! O(C·r + r·d_v) ([`super::cost::poly_state_bytes`]); no `n×r` matrix is ever formed. Inputs are
 //! strided [`Rows`] views of the caller's tensors; outputs are written into [`RowsMut`] views.
 
 use super::features::{simd, taylor, FeatureMap};

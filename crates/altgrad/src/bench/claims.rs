@@ -2,183 +2,28 @@
 //! ε = 1/n, (c) multi-layer gradient error against depth, (d) crossover lengths (LSSSZ Thm 4.2;
 //! AS23 Thm 1.4; MATH §3, §6, §7).
 
+use super::loglog_slope;
+use super::plan::{bounded_inputs, grad_errors, run_method, Inputs, Plan};
 use super::report::{sci, series_label, BenchRun, Fit};
-use super::sweep::{bounded_inputs, grad_errors, run_method, Inputs, Plan};
-use super::{loglog_slope, method_flops};
+use super::report::{
+    Crossover, ErrorClaim, ErrorClaimPoint, ErrorSlope, ExponentClaim, MultiLayerClaim, MultiLayerPoint,
+};
 use crate::attention::bound::{choose_degree, eps_a};
 use crate::attention::bound::{key_means, row_shift};
 use crate::attention::features::feature_dim;
-use crate::attention::mixed::HeadPlan;
 use crate::attention::view::Rows;
 use crate::attention::{Method, PolyOptions};
 use crate::linalg::rel_err;
 use crate::linalg::{matmul, par_all, rm, rm_mut};
 use crate::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, Network, RopeLayout};
 use crate::Result;
-use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::time::Instant;
-
-/// Claim (a): the range of fitted exponents of time in n for one method.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ExponentClaim {
-    /// Method.
-    pub method: String,
-    /// Smallest fitted exponent over the method's series.
-    pub exponent_min: f64,
-    /// Largest fitted exponent.
-    pub exponent_max: f64,
-    /// Number of series (head_dim × degree × causal).
-    pub series: usize,
-    /// Largest n in any of the fits.
-    pub n_max: usize,
-}
-
-/// One point of claim (b).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ErrorClaimPoint {
-    /// `poly` or `altgrad`.
-    pub method: String,
-    /// Causal mask.
-    pub causal: bool,
-    /// Sequence length.
-    pub n: usize,
-    /// Degree chosen: the smallest even `g` with `ε_A(R, g) ≤ 1/n` (`bound::choose_degree`).
-    pub degree: usize,
-    /// Feature width `r`.
-    pub rank: usize,
-    /// Target `1/n`.
-    pub eps_target: f64,
-    /// `ε_A(R, g)`, the entrywise bound on the attention matrix.
-    pub eps_a: f64,
-    /// The largest shifted score `|s_ij − m_i|` actually present (max over heads and allowed
-    /// pairs), which `R` bounds: how loose the bound is on these inputs.
-    pub max_abs_shifted_score: f64,
-    /// Relative error of `o` against exact (f64).
-    pub err_o: f64,
-    /// Relative error of `dq, dk, dv` concatenated.
-    pub err_grad: f64,
-    /// Seconds of forward + backward (one run, f64).
-    pub seconds: f64,
-}
-
-/// Slope of `ln err` against `ln n` for one method and mask.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ErrorSlope {
-    /// Method.
-    pub method: String,
-    /// Causal mask.
-    pub causal: bool,
-    /// Slope for the output error.
-    pub slope_o: f64,
-    /// Slope for the gradient error.
-    pub slope_grad: f64,
-    /// Largest `err_grad · n` over the points (≤ 1 means the error met the 1/n target).
-    pub max_err_grad_times_n: f64,
-}
-
-/// Claim (b): error against n on bounded inputs with the degree chosen for ε = 1/n.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ErrorClaim {
-    /// Head width.
-    pub head_dim: usize,
-    /// Heads (query = key/value).
-    pub heads: usize,
-    /// The score bound `R` of the inputs (queries rescaled so that the largest head bound is R).
-    pub r_bound: f64,
-    /// Element type (`f64`, so that rounding does not floor the errors).
-    pub dtype: String,
-    /// Chunk of the kernels.
-    pub chunk: usize,
-    /// Largest degree considered.
-    pub max_degree: usize,
-    /// Measured points.
-    pub points: Vec<ErrorClaimPoint>,
-    /// Fitted slopes.
-    pub slopes: Vec<ErrorSlope>,
-    /// Points not run, and why.
-    pub skipped: Vec<String>,
-}
-
-/// One point of claim (c).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct MultiLayerPoint {
-    /// Number of layers m.
-    pub layers: usize,
-    /// `poly` or `altgrad`.
-    pub method: String,
-    /// Degree.
-    pub degree: usize,
-    /// Relative error of all parameter gradients concatenated, against the exact model's.
-    pub rel_err_grad: f64,
-    /// `|L − L_exact| / |L_exact|`.
-    pub rel_err_loss: f64,
-    /// Seconds of forward + backward of this model.
-    pub seconds: f64,
-}
-
-impl MultiLayerPoint {
-    /// `poly g=2`-style label.
-    pub fn label(&self) -> String {
-        format!("{} g={}", self.method, self.degree)
-    }
-}
-
-/// Claim (c): whole-model gradient error against the number of layers on a bounded-score Llama.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct MultiLayerClaim {
-    /// Model width.
-    pub hidden: usize,
-    /// Heads per layer (= key/value heads).
-    pub heads: usize,
-    /// Head width.
-    pub head_dim: usize,
-    /// SwiGLU width.
-    pub intermediate: usize,
-    /// Vocabulary.
-    pub vocab: usize,
-    /// Tokens (random ids, seeded).
-    pub seq_len: usize,
-    /// Element type (`f64`).
-    pub dtype: String,
-    /// Target score bound: each layer's q/k projections are scaled so its largest head bound `R` is this.
-    pub r_target: f64,
-    /// The measured `R` of each layer of the deepest model after scaling (max over heads).
-    pub layer_bounds: Vec<f64>,
-    /// Measured points.
-    pub points: Vec<MultiLayerPoint>,
-}
-
-/// Claim (d): where an approximate method overtakes exact, and the best speed-up measured.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Crossover {
-    /// `poly` or `altgrad`.
-    pub method: String,
-    /// Head width.
-    pub head_dim: usize,
-    /// Degree.
-    pub degree: usize,
-    /// Feature width.
-    pub rank: usize,
-    /// Causal mask.
-    pub causal: bool,
-    /// Measured crossover n (log-log interpolation between the sizes around speed-up 1); `null`
-    /// when the method was faster at every size or never faster (see `note`).
-    pub crossover_n: Option<f64>,
-    /// How `crossover_n` was found, or why it is missing.
-    pub note: String,
-    /// Cost-model crossover `n* = n · flops(method) / flops(exact)` (MATH §7), large-n limit.
-    pub model_crossover_n: f64,
-    /// Largest measured speed-up (exact time / method time).
-    pub max_speedup: Option<f64>,
-    /// The n of `max_speedup`.
-    pub max_speedup_n: Option<usize>,
-}
 
 /// Claim (a) from the fits.
 pub(crate) fn exponent_claims(fits: &[Fit]) -> Vec<ExponentClaim> {
     let mut out = Vec::new();
-    for m in ["exact", "poly", "altgrad"] {
+    for m in Method::ALL.map(|m| m.as_str()) {
         let fs: Vec<&Fit> = fits.iter().filter(|f| f.method == m && f.exponent.is_finite()).collect();
         if fs.is_empty() {
             continue;
@@ -197,7 +42,7 @@ pub(crate) fn exponent_claims(fits: &[Fit]) -> Vec<ExponentClaim> {
 /// Claim (d) from the runs.
 pub(crate) fn crossovers(runs: &[BenchRun]) -> Vec<Crossover> {
     let mut keys: Vec<(String, usize, usize, usize, bool, usize)> = Vec::new();
-    for r in runs.iter().filter(|r| r.method != "exact") {
+    for r in runs.iter().filter(|r| r.method != Method::Exact.as_str()) {
         let k =
             (r.method.clone(), r.head_dim, r.degree.unwrap_or(0), r.rank.unwrap_or(0), r.causal, r.chunk.unwrap_or(64));
         if !keys.contains(&k) {
@@ -226,8 +71,9 @@ pub(crate) fn crossovers(runs: &[BenchRun]) -> Vec<Crossover> {
                 }
             };
             let big = 1usize << 20;
-            let model = big as f64 * method_flops(method_of(m), big, *d, *rank, *causal, *chunk)
-                / method_flops(Method::Exact, big, *d, 0, *causal, *chunk);
+            let method = Method::from_name(m).unwrap_or(Method::AltGrad);
+            let model = big as f64 * method.flops(big, *d, *d, *rank, *causal, *chunk)
+                / Method::Exact.flops(big, *d, *d, 0, *causal, *chunk);
             let best = pts.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1));
             Crossover {
                 method: m.clone(),
@@ -243,14 +89,6 @@ pub(crate) fn crossovers(runs: &[BenchRun]) -> Vec<Crossover> {
             }
         })
         .collect()
-}
-
-fn method_of(m: &str) -> Method {
-    match m {
-        "exact" => Method::Exact,
-        "poly" => Method::Poly,
-        _ => Method::AltGrad,
-    }
 }
 
 /// Claim (b): f64, `plan.claim_b_*` sizes, both masks, poly and altgrad at `g = choose_degree(R, 1/n)`.
@@ -325,7 +163,7 @@ pub(crate) fn error_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<ErrorClaim
         }
     }
     let mut slopes = Vec::new();
-    for m in ["poly", "altgrad"] {
+    for m in [Method::Poly.as_str(), Method::AltGrad.as_str()] {
         for causal in [false, true] {
             let ps: Vec<&ErrorClaimPoint> = points.iter().filter(|p| p.method == m && p.causal == causal).collect();
             if ps.is_empty() {
@@ -458,9 +296,8 @@ pub(crate) fn multilayer_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<Multi
         let mm = Model::new(c, w, "bench")?;
         let (loss_ref, g_ref, _) = mm.loss_and_grads_with(&ids, &AttentionPolicy::EXACT)?;
         let g_ref = flat(&g_ref);
-        for (altgrad, g) in [(false, 2), (false, 4), (true, 2), (true, 4)] {
-            let p = PolyOptions { degree: g, center: true, chunk: plan.chunk };
-            let hp = if altgrad { HeadPlan::AltGrad(p) } else { HeadPlan::Poly(p) };
+        for (method, g) in [(Method::Poly, 2), (Method::Poly, 4), (Method::AltGrad, 2), (Method::AltGrad, 4)] {
+            let hp = method.plan(PolyOptions { degree: g, center: true, chunk: plan.chunk });
             let t = Instant::now();
             let (loss, gr, _) = mm.loss_and_grads_with(&ids, &AttentionPolicy::Fixed(hp))?;
             let secs = t.elapsed().as_secs_f64();
@@ -523,8 +360,12 @@ pub(crate) fn claims_markdown(
                 b.head_dim, b.r_bound, b.heads
             );
             let gs: Vec<String> = {
-                let mut v: Vec<(usize, usize)> =
-                    b.points.iter().filter(|p| p.method == "poly" && !p.causal).map(|p| (p.n, p.degree)).collect();
+                let mut v: Vec<(usize, usize)> = b
+                    .points
+                    .iter()
+                    .filter(|p| p.method == Method::Poly.as_str() && !p.causal)
+                    .map(|p| (p.n, p.degree))
+                    .collect();
                 v.dedup();
                 v.iter().map(|(n, g)| format!("n={n}→g={g}")).collect()
             };

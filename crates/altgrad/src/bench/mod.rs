@@ -19,17 +19,22 @@
 //!   `memory_method` in the JSON says so. The analytic working memory of the kernels is reported
 //!   beside it as `state_bytes`.
 
+// One-way: sweep → claims → plan → report; sweep → profile → report (docs/ARCHITECTURE.md).
 mod claims;
+mod plan;
 mod profile;
 mod report;
 mod sweep;
 
-pub use claims::{Crossover, ErrorClaim, ErrorClaimPoint, ErrorSlope, ExponentClaim, MultiLayerClaim, MultiLayerPoint};
+pub use plan::BenchOptions;
 pub use profile::{profile_exact_stages, profile_poly_stages, Stage, StageProfile};
-pub use report::{BenchReport, BenchRun, Claims, Fit, Skipped, CSV_HEADER};
-pub use sweep::{run_bench, BenchOptions};
+pub use report::{
+    BenchReport, BenchRun, Claims, Crossover, ErrorClaim, ErrorClaimPoint, ErrorSlope, ExponentClaim, Fit,
+    MultiLayerClaim, MultiLayerPoint, Skipped, CSV_HEADER,
+};
+pub use sweep::run_bench;
 
-use crate::attention::{self, AttnOptions, AttnShape, Method};
+use crate::attention::{self, AttnOptions, AttnShape};
 use crate::linalg::{matmul, par_all, rm, rm_mut};
 use faer::Par;
 use std::time::Instant;
@@ -107,41 +112,6 @@ pub fn exact_attention_flops(s: &AttnShape, causal: bool) -> f64 {
         f / 2.0
     } else {
         f
-    }
-}
-
-/// FLOPs of ALTGrad forward + backward for one head as `attention::altgrad` does them (MATH §5,
-/// §7), with `e = d_v + 1`, `w = d` (Q/K/V form) and chunk `C = min(chunk, n)`:
-///
-/// - forward (the polynomial forward): GEMMs `4nre`; causal adds the diagonal blocks `2nC(d + e)`;
-/// - backward: four Kronecker GEMMs `8·n·r·e·d` (the key-side state `(Φ_K ⊘ V')ᵀK`, `p K` through
-///   it, the query-side state `(D̃⁻¹Φ_Q ⊘ G')ᵀQ`, `pᵀQ` through it), `f̃ᵀG` `4nr·d_v`, the
-///   denominators `2nr`, the row contractions `4n·e·d`; causal adds the diagonal blocks
-///   `2nC(e + 3d + d_v)` and the scores `2nCd`;
-/// - feature work ≈ `13nr` (non-causal) or `22nr` (causal): the feature passes, row weights and
-///   normalizations.
-///
-/// The backward is ≈ `8·n·r·(d_v+1)·d` (MATH §7's `4·n·r·d_v·d` counts multiply-adds).
-pub fn altgrad_flops(n: usize, d: usize, dv: usize, r: usize, causal: bool, chunk: usize) -> f64 {
-    let (nf, rf, e, df, dvf) = (n as f64, r as f64, (dv + 1) as f64, d as f64, dv as f64);
-    let c = chunk.max(1).min(n.max(1)) as f64;
-    let fwd = 4.0 * nf * rf * e + if causal { 2.0 * nf * c * (df + e) } else { 0.0 };
-    let bwd = 8.0 * nf * rf * e * df
-        + 4.0 * nf * rf * dvf
-        + 2.0 * nf * rf
-        + 4.0 * nf * e * df
-        + if causal { 2.0 * nf * c * (e + 4.0 * df + dvf) } else { 0.0 };
-    let features = if causal { 22.0 } else { 13.0 } * nf * rf;
-    fwd + bwd + features
-}
-
-/// FLOPs of forward + backward of one head for `method` (exact: [`attention::bound::exact_flops`];
-/// poly: [`attention::bound::poly_flops`]; altgrad: [`altgrad_flops`]); `r` is ignored for exact.
-pub fn method_flops(method: Method, n: usize, d: usize, r: usize, causal: bool, chunk: usize) -> f64 {
-    match method {
-        Method::Exact => attention::bound::exact_flops(n, d, d, causal),
-        Method::Poly => attention::bound::poly_flops(n, d, d, r, causal, chunk),
-        Method::AltGrad => altgrad_flops(n, d, d, r, causal, chunk),
     }
 }
 
@@ -263,7 +233,7 @@ mod tests {
     fn altgrad_flops_backward_dominant_term() {
         // n r (d_v+1) d dominates for large r: ratio to 8·n·r·(d_v+1)·d tends to 1 (plus forward)
         let (n, d, r) = (4096, 16, 4845);
-        let f = altgrad_flops(n, d, d, r, false, 64);
+        let f = crate::attention::cost::altgrad_flops(n, d, d, r, false, 64);
         let main = 8.0 * (n * r * (d + 1) * d) as f64;
         assert!(f > main && f < 1.1 * main, "{f} vs {main}");
     }

@@ -5,11 +5,12 @@
 //! remainder absorbs the difference).
 
 use super::median_time;
-use crate::attention::bound::poly_flops;
+use crate::attention::cost::poly_flops;
 use crate::attention::exact::{self, BLOCK_K, BLOCK_Q};
 use crate::attention::features::FeatureMap;
 use crate::attention::poly::{kv_head, row_shifts, Head, QueryBack, State};
 use crate::attention::view::{Rows, RowsMut};
+use crate::attention::Method;
 use crate::attention::{AttnOptions, Workspace};
 use crate::linalg::{matmul, rm, rm_mut, Scalar};
 use crate::Result;
@@ -291,7 +292,7 @@ pub fn profile_poly_stages(
     let flops = poly_flops(n, d, dv, r, causal, c);
     let gflops = flops / total / 1e9;
     Ok(StageProfile {
-        method: "poly".into(),
+        method: Method::Poly.to_string(),
         n,
         head_dim: d,
         degree: Some(g),
@@ -399,10 +400,10 @@ pub fn profile_exact_stages(n: usize, d: usize, causal: bool, peak1: f64) -> Sta
             },
         ],
     );
-    let flops = crate::attention::bound::exact_flops(n, d, dv, causal);
+    let flops = crate::attention::cost::exact_flops(n, d, dv, causal);
     let gflops = flops / total / 1e9;
     StageProfile {
-        method: "exact".into(),
+        method: Method::Exact.to_string(),
         n,
         head_dim: d,
         degree: None,

@@ -1,7 +1,7 @@
 //! The bench report: JSON types, the CSV, the markdown summary and the plots.
 
-use super::claims::{Crossover, ErrorClaim, ExponentClaim, MultiLayerClaim};
 use super::profile::StageProfile;
+use crate::attention::Method;
 use crate::chart::{ChartSpec, LineChart, Series};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -36,7 +36,7 @@ pub struct BenchRun {
     pub fwd_s: f64,
     /// Median backward seconds.
     pub bwd_s: f64,
-    /// FLOPs of forward + backward, all heads (MATH §7; see `bench::method_flops`).
+    /// FLOPs of forward + backward, all heads (MATH §7; see `attention::Method::flops`).
     pub flops: f64,
     /// `flops / median_s / 1e9`.
     pub gflops: f64,
@@ -45,7 +45,7 @@ pub struct BenchRun {
     /// Extra resident memory of this point (see `memory_method` in the report), bytes.
     pub peak_rss_bytes: u64,
     /// Analytic working memory of the kernels, all heads, excluding inputs, outputs and O(n)
-    /// per-head buffers (exact: the score tiles; poly: `bound::poly_state_bytes`; altgrad: the two
+    /// per-head buffers (exact: the score tiles; poly: `cost::poly_state_bytes`; altgrad: the two
     /// Kronecker states plus chunk scratch), bytes.
     pub state_bytes: u64,
     /// Exact time / this time at the same `(n, head_dim, causal)`, when exact ran.
@@ -161,6 +161,162 @@ pub struct BenchReport {
     pub files: Vec<String>,
     /// Wall-clock seconds of the whole run.
     pub elapsed_s: f64,
+}
+
+/// Claim (a): the range of fitted exponents of time in n for one method.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExponentClaim {
+    /// Method.
+    pub method: String,
+    /// Smallest fitted exponent over the method's series.
+    pub exponent_min: f64,
+    /// Largest fitted exponent.
+    pub exponent_max: f64,
+    /// Number of series (head_dim × degree × causal).
+    pub series: usize,
+    /// Largest n in any of the fits.
+    pub n_max: usize,
+}
+
+/// One point of claim (b).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorClaimPoint {
+    /// `poly` or `altgrad`.
+    pub method: String,
+    /// Causal mask.
+    pub causal: bool,
+    /// Sequence length.
+    pub n: usize,
+    /// Degree chosen: the smallest even `g` with `ε_A(R, g) ≤ 1/n` (`bound::choose_degree`).
+    pub degree: usize,
+    /// Feature width `r`.
+    pub rank: usize,
+    /// Target `1/n`.
+    pub eps_target: f64,
+    /// `ε_A(R, g)`, the entrywise bound on the attention matrix.
+    pub eps_a: f64,
+    /// The largest shifted score `|s_ij − m_i|` actually present (max over heads and allowed
+    /// pairs), which `R` bounds: how loose the bound is on these inputs.
+    pub max_abs_shifted_score: f64,
+    /// Relative error of `o` against exact (f64).
+    pub err_o: f64,
+    /// Relative error of `dq, dk, dv` concatenated.
+    pub err_grad: f64,
+    /// Seconds of forward + backward (one run, f64).
+    pub seconds: f64,
+}
+
+/// Slope of `ln err` against `ln n` for one method and mask.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorSlope {
+    /// Method.
+    pub method: String,
+    /// Causal mask.
+    pub causal: bool,
+    /// Slope for the output error.
+    pub slope_o: f64,
+    /// Slope for the gradient error.
+    pub slope_grad: f64,
+    /// Largest `err_grad · n` over the points (≤ 1 means the error met the 1/n target).
+    pub max_err_grad_times_n: f64,
+}
+
+/// Claim (b): error against n on bounded inputs with the degree chosen for ε = 1/n.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorClaim {
+    /// Head width.
+    pub head_dim: usize,
+    /// Heads (query = key/value).
+    pub heads: usize,
+    /// The score bound `R` of the inputs (queries rescaled so that the largest head bound is R).
+    pub r_bound: f64,
+    /// Element type (`f64`, so that rounding does not floor the errors).
+    pub dtype: String,
+    /// Chunk of the kernels.
+    pub chunk: usize,
+    /// Largest degree considered.
+    pub max_degree: usize,
+    /// Measured points.
+    pub points: Vec<ErrorClaimPoint>,
+    /// Fitted slopes.
+    pub slopes: Vec<ErrorSlope>,
+    /// Points not run, and why.
+    pub skipped: Vec<String>,
+}
+
+/// One point of claim (c).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MultiLayerPoint {
+    /// Number of layers m.
+    pub layers: usize,
+    /// `poly` or `altgrad`.
+    pub method: String,
+    /// Degree.
+    pub degree: usize,
+    /// Relative error of all parameter gradients concatenated, against the exact model's.
+    pub rel_err_grad: f64,
+    /// `|L − L_exact| / |L_exact|`.
+    pub rel_err_loss: f64,
+    /// Seconds of forward + backward of this model.
+    pub seconds: f64,
+}
+
+impl MultiLayerPoint {
+    /// `poly g=2`-style label.
+    pub fn label(&self) -> String {
+        format!("{} g={}", self.method, self.degree)
+    }
+}
+
+/// Claim (c): whole-model gradient error against the number of layers on a bounded-score Llama.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MultiLayerClaim {
+    /// Model width.
+    pub hidden: usize,
+    /// Heads per layer (= key/value heads).
+    pub heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// SwiGLU width.
+    pub intermediate: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Tokens (random ids, seeded).
+    pub seq_len: usize,
+    /// Element type (`f64`).
+    pub dtype: String,
+    /// Target score bound: each layer's q/k projections are scaled so its largest head bound `R` is this.
+    pub r_target: f64,
+    /// The measured `R` of each layer of the deepest model after scaling (max over heads).
+    pub layer_bounds: Vec<f64>,
+    /// Measured points.
+    pub points: Vec<MultiLayerPoint>,
+}
+
+/// Claim (d): where an approximate method overtakes exact, and the best speed-up measured.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Crossover {
+    /// `poly` or `altgrad`.
+    pub method: String,
+    /// Head width.
+    pub head_dim: usize,
+    /// Degree.
+    pub degree: usize,
+    /// Feature width.
+    pub rank: usize,
+    /// Causal mask.
+    pub causal: bool,
+    /// Measured crossover n (log-log interpolation between the sizes around speed-up 1); `null`
+    /// when the method was faster at every size or never faster (see `note`).
+    pub crossover_n: Option<f64>,
+    /// How `crossover_n` was found, or why it is missing.
+    pub note: String,
+    /// Cost-model crossover `n* = n · flops(method) / flops(exact)` (MATH §7), large-n limit.
+    pub model_crossover_n: f64,
+    /// Largest measured speed-up (exact time / method time).
+    pub max_speedup: Option<f64>,
+    /// The n of `max_speedup`.
+    pub max_speedup_n: Option<usize>,
 }
 
 /// Header of `bench.csv` (one row per [`BenchRun`], same field names).
@@ -378,7 +534,7 @@ impl BenchReport {
                 series,
             );
             // speed-up vs n
-            let approx: Vec<_> = keys.iter().filter(|k| k.0 != "exact").collect();
+            let approx: Vec<_> = keys.iter().filter(|k| k.0 != Method::Exact.as_str()).collect();
             let series: Vec<Series> = approx
                 .iter()
                 .map(|(m, d, g)| Series {
@@ -425,7 +581,7 @@ impl BenchReport {
             let mut series = Vec::new();
             for causal in [false, true] {
                 let tag = if causal { " causal" } else { "" };
-                let pick = |m: &str, get: fn(&super::ErrorClaimPoint) -> f64| -> Vec<(f64, f64)> {
+                let pick = |m: &str, get: fn(&ErrorClaimPoint) -> f64| -> Vec<(f64, f64)> {
                     b.points
                         .iter()
                         .filter(|p| p.method == m && p.causal == causal)
@@ -434,18 +590,18 @@ impl BenchReport {
                 };
                 // the forward is the same function for poly and altgrad: one output series
                 for (label, pts) in [
-                    (format!("o (poly = altgrad){tag}"), pick("poly", |p| p.err_o)),
-                    (format!("poly grad{tag}"), pick("poly", |p| p.err_grad)),
-                    (format!("altgrad grad{tag}"), pick("altgrad", |p| p.err_grad)),
+                    (format!("o (poly = altgrad){tag}"), pick(Method::Poly.as_str(), |p| p.err_o)),
+                    (format!("poly grad{tag}"), pick(Method::Poly.as_str(), |p| p.err_grad)),
+                    (format!("altgrad grad{tag}"), pick(Method::AltGrad.as_str(), |p| p.err_grad)),
                 ] {
                     if !pts.is_empty() {
                         series.push(Series { label, points: pts });
                     }
                 }
             }
-            let first: Vec<&super::ErrorClaimPoint> = {
+            let first: Vec<&ErrorClaimPoint> = {
                 let causal0 = b.points.first().is_some_and(|p| p.causal);
-                b.points.iter().filter(|p| p.method == "poly" && p.causal == causal0).collect()
+                b.points.iter().filter(|p| p.method == Method::Poly.as_str() && p.causal == causal0).collect()
             };
             series.push(Series {
                 label: "1/n (target)".into(),
@@ -508,7 +664,7 @@ impl BenchReport {
                 keys.push(k);
             }
         }
-        keys.sort_by_key(|a| (method_rank(&a.0), a.1, a.2));
+        keys.sort_by_key(|a| (Method::report_order(&a.0), a.1, a.2));
         keys
     }
 
@@ -525,13 +681,5 @@ impl BenchReport {
             .filter(|r| r.method == m && r.head_dim == d && r.degree == g && r.causal == causal)
             .filter_map(|r| get(r).map(|y| (r.n as f64, y)))
             .collect()
-    }
-}
-
-fn method_rank(m: &str) -> u8 {
-    match m {
-        "exact" => 0,
-        "poly" => 1,
-        _ => 2,
     }
 }

@@ -4,7 +4,8 @@
 //! is given) with one method for every head and checks that every output is finite.
 
 use super::TensorF64;
-use crate::attention::mixed::{backward_mixed, forward_mixed, HeadPlan};
+use crate::attention::dispatch::{backward_layer, forward_layer};
+use crate::attention::HeadPlan;
 use crate::attention::{AttnOptions, AttnShape};
 use crate::error::check_finite_result;
 use crate::linalg::Scalar;
@@ -150,11 +151,11 @@ pub fn run_attn<T: Scalar>(input: &AttnInput, plan: &HeadPlan, opts: &AttnOption
     let advice = overflow_advice::<T>(plan);
     let stage = |what: &str| format!("{what} ({} attention, {})", plan.method_name(), T::DTYPE);
     // the whole batch in one call: the (sequence, head) pairs run in parallel
-    let fwd = forward_mixed(&q, &k, &v, s, opts, &plans)?;
+    let fwd = forward_layer(&q, &k, &v, s, opts, &plans)?;
     check_finite_result(&stage("attention output o"), &fwd.o, &advice)?;
     let (mut dq, mut dk, mut dvv) = (Vec::new(), Vec::new(), Vec::new());
     if let Some(g) = &g {
-        let gr = backward_mixed(&q, &k, &v, &fwd, g, s, opts, &plans)?;
+        let gr = backward_layer(&q, &k, &v, &fwd, g, s, opts, &plans)?;
         for (name, t) in [("gradient dq", &gr.dq), ("gradient dk", &gr.dk), ("gradient dv", &gr.dv)] {
             check_finite_result(&stage(name), t, &advice)?;
         }

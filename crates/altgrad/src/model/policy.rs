@@ -1,10 +1,9 @@
 //! Per-head choice of attention method for a whole model (MATH §3 "Bound and degree", §6), shared
 //! by the decoder and the encoder.
 
-use crate::attention::bound::{choose_degree, eps_a, output_bound, Policy, MAX_AUTO_DEGREE};
+use crate::attention::bound::{choose_degree, eps_a, output_bound, MAX_AUTO_DEGREE};
 use crate::attention::features::feature_dim;
-use crate::attention::mixed::HeadPlan;
-use crate::attention::{head_bounds, AttnOptions, AttnShape, PolyOptions};
+use crate::attention::{head_bounds, AttnOptions, AttnShape, HeadPlan, Method, Policy, PolyOptions};
 use crate::linalg::Scalar;
 use crate::Result;
 
@@ -16,7 +15,7 @@ pub enum AttentionPolicy {
     /// Per layer and head: measure the score bound `R` after the row shift, take the smallest even
     /// degree with `ε_A(R, g) ≤ tol`, and use polynomial attention only where the cost model says
     /// it is cheaper than exact at this `n` and `r ≤ max_rank`; otherwise exact
-    /// ([`crate::attention::bound::Policy::choose`]).
+    /// ([`crate::attention::Policy::choose`]).
     Auto {
         /// Tolerance on the entrywise relative error `ε_A` of the attention matrix.
         tol: f64,
@@ -25,13 +24,14 @@ pub enum AttentionPolicy {
         /// Chunk size of the polynomial kernels.
         chunk: usize,
     },
-    /// Every head uses the polynomial method (or ALTGrad when `altgrad`), each with the smallest
+    /// Every head uses `method` (poly or altgrad), each with the smallest
     /// even degree whose `ε_A(R, g)` meets `tol` (capped at
     /// [`crate::attention::bound::MAX_AUTO_DEGREE`], in which case the predicted error says so).
     /// `--attention poly|altgrad --tol EPS` without `--degree`.
     PerHeadDegree {
-        /// Use ALTGrad instead of the polynomial method's exact gradient.
-        altgrad: bool,
+        /// [`Method::Poly`] or [`Method::AltGrad`] (ALTGrad instead of the polynomial method's exact
+        /// gradient).
+        method: Method,
         /// Tolerance on `ε_A`.
         tol: f64,
         /// Chunk size.
@@ -50,8 +50,7 @@ impl AttentionPolicy {
         match self {
             AttentionPolicy::Fixed(p) => p.method_name(),
             AttentionPolicy::Auto { .. } => "auto",
-            AttentionPolicy::PerHeadDegree { altgrad: true, .. } => "altgrad",
-            AttentionPolicy::PerHeadDegree { altgrad: false, .. } => "poly",
+            AttentionPolicy::PerHeadDegree { method, .. } => method.as_str(),
         }
     }
 }
@@ -83,7 +82,7 @@ pub fn decide<T: Scalar>(
     opts: &AttnOptions,
 ) -> Result<Vec<HeadDecision>> {
     let center = match policy {
-        AttentionPolicy::Fixed(HeadPlan::Poly(p)) | AttentionPolicy::Fixed(HeadPlan::AltGrad(p)) => p.center,
+        AttentionPolicy::Fixed(plan) => plan.options().is_none_or(|p| p.center),
         AttentionPolicy::PerHeadDegree { center, .. } => *center,
         _ => true,
     };
@@ -94,26 +93,19 @@ pub fn decide<T: Scalar>(
         .map(|r| match policy {
             AttentionPolicy::Fixed(plan) => {
                 let (rank, pred, reason) = match plan.degree() {
-                    Some(g) => (feature_dim(d, g), output_bound(r, g), "forced by --attention".to_string()),
+                    Some(g) => (plan.rank(d), output_bound(r, g), "forced by --attention".to_string()),
                     None => (None, 0.0, "forced by --attention".to_string()),
                 };
                 HeadDecision { plan: *plan, bound: r, rank, predicted_rel_err: pred, reason }
             }
-            AttentionPolicy::PerHeadDegree { altgrad, tol, chunk, center } => {
+            AttentionPolicy::PerHeadDegree { method, tol, chunk, center } => {
                 let wanted = choose_degree(r, *tol, MAX_AUTO_DEGREE).unwrap_or(MAX_AUTO_DEGREE);
                 // Largest even degree ≤ wanted whose state fits (feature width; ALTGrad's Kronecker state).
-                let fits = |g: usize| match feature_dim(d, g) {
-                    Some(rk) if rk <= crate::attention::features::MAX_FEATURE_DIM => {
-                        !*altgrad || rk.saturating_mul(dv + 1).saturating_mul(d) <= crate::attention::altgrad::MAX_KRON_STATE
-                    }
-                    _ => false,
-                };
                 let mut g = wanted;
-                while g > 2 && !fits(g) {
+                while g > 2 && !method.fits(d, dv, g) {
                     g -= 2;
                 }
-                let p = PolyOptions { degree: g, center: *center, chunk: *chunk };
-                let plan = if *altgrad { HeadPlan::AltGrad(p) } else { HeadPlan::Poly(p) };
+                let plan = method.plan(PolyOptions { degree: g, center: *center, chunk: *chunk });
                 let reason = if g < wanted {
                     format!("degree {wanted} would meet ε_A ≤ {tol:e} at R = {r:.3} but its state is too large; capped at g = {g}")
                 } else if eps_a(r, g) <= *tol {
@@ -126,7 +118,7 @@ pub fn decide<T: Scalar>(
             AttentionPolicy::Auto { tol, max_rank, chunk } => {
                 let p = Policy::choose(n, d, dv, opts.is_causal(), r, *tol, *max_rank);
                 let plan = match p.degree {
-                    Some(g) => HeadPlan::Poly(PolyOptions { degree: g, center: true, chunk: *chunk }),
+                    Some(g) => p.method.plan(PolyOptions { degree: g, center: true, chunk: *chunk }),
                     None => HeadPlan::Exact,
                 };
                 HeadDecision { plan, bound: r, rank: p.rank, predicted_rel_err: p.predicted_rel_err, reason: p.reason }

@@ -19,7 +19,7 @@ pub mod data;
 pub mod loss;
 pub mod optim;
 
-use crate::attention::mixed::HeadPlan;
+use crate::attention::Method;
 use crate::attention::PolyOptions;
 use crate::chart::{ChartSpec, Series};
 use crate::io::tokenizer::TextTokenizer;
@@ -34,32 +34,6 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Attention used in training (`--attention`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TrainAttention {
-    /// Exact softmax attention and its exact gradient.
-    Exact,
-    /// Polynomial attention of degree `--degree` (causal prefix-mean centering) and the exact
-    /// gradient of that model.
-    Poly,
-    /// The paper's ALTGrad: the same polynomial forward as `poly`, with Algorithm 1's gradient
-    /// formula (degree `--degree`) in place of that forward's exact gradient.
-    Altgrad,
-}
-
-impl std::str::FromStr for TrainAttention {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "exact" => Ok(TrainAttention::Exact),
-            "poly" => Ok(TrainAttention::Poly),
-            "altgrad" => Ok(TrainAttention::Altgrad),
-            _ => Err(Error::bad("--attention", format!("`{s}` is not one of exact, poly, altgrad"))),
-        }
-    }
-}
 
 /// Synthetic task (`--task`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,7 +145,7 @@ pub struct TrainOptions {
     /// Maximum global gradient norm (0 = no clipping).
     pub grad_clip: f64,
     /// Attention method.
-    pub attention: TrainAttention,
+    pub attention: Method,
     /// Degree of poly / altgrad (even, ≥ 2).
     pub degree: usize,
     /// Chunk size of the polynomial kernels.
@@ -214,7 +188,7 @@ impl Default for TrainOptions {
             beta2: 0.95,
             eps: 1e-8,
             grad_clip: 1.0,
-            attention: TrainAttention::Exact,
+            attention: Method::Exact,
             degree: 2,
             chunk: crate::attention::poly::DEFAULT_CHUNK,
             seed: 0,
@@ -237,17 +211,10 @@ impl TrainOptions {
     /// The attention policy these options ask for.
     pub fn policy(&self) -> Result<AttentionPolicy> {
         let po = PolyOptions { degree: self.degree, center: true, chunk: self.chunk };
-        Ok(AttentionPolicy::Fixed(match self.attention {
-            TrainAttention::Exact => HeadPlan::Exact,
-            TrainAttention::Poly | TrainAttention::Altgrad => {
-                po.validate().map_err(Error::for_flags)?;
-                if self.attention == TrainAttention::Poly {
-                    HeadPlan::Poly(po)
-                } else {
-                    HeadPlan::AltGrad(po)
-                }
-            }
-        }))
+        if self.attention.is_approximate() {
+            po.validate().map_err(Error::for_flags)?;
+        }
+        Ok(AttentionPolicy::Fixed(self.attention.plan(po)))
     }
 
     /// The warm-up length actually used.
@@ -703,7 +670,7 @@ pub fn run_train_until(
         let lr = lr_at(step, opts.steps, warmup, opts.lr, min_lr);
         let diverged = |what: &str| {
             let hint = match opts.attention {
-                TrainAttention::Exact => "lower --lr".to_string(),
+                Method::Exact => "lower --lr".to_string(),
                 _ => format!("lower --lr (or use a lower --degree than {})", opts.degree),
             };
             Error::bad(
@@ -813,8 +780,8 @@ fn cfg_label(m: &Model<f32>) -> String {
 
 fn policy_label(opts: &TrainOptions) -> String {
     match opts.attention {
-        TrainAttention::Exact => "exact".into(),
-        a => format!("{} g={}", if a == TrainAttention::Poly { "poly" } else { "altgrad" }, opts.degree),
+        Method::Exact => Method::Exact.to_string(),
+        a => format!("{a} g={}", opts.degree),
     }
 }
 

@@ -1,10 +1,11 @@
 //! Self-attention as a layer of a model: each head's method chosen by an [`AttentionPolicy`] from
 //! the layer's own `q`, `k` (MATH §3 "Bound and degree"), the heads run by
-//! [`crate::attention::mixed`] (exact MATH §2, polynomial §4, ALTGrad §5), and everything the
+//! [`crate::attention::dispatch`] (exact MATH §2, polynomial §4, ALTGrad §5), and everything the
 //! backward needs — inputs, output, per-head state, decisions, shape and options — kept in one
 //! [`AttnCache`]. This is the only place the models call [`crate::attention`].
 
-use crate::attention::mixed::{backward_mixed, forward_mixed, HeadPlan, MixedOutput};
+use crate::attention::dispatch::{backward_layer, forward_layer, LayerOutput};
+use crate::attention::HeadPlan;
 use crate::attention::{AttnGrads, AttnOptions, AttnShape};
 use crate::linalg::Scalar;
 use crate::model::policy::{decide, AttentionPolicy, HeadDecision};
@@ -20,7 +21,7 @@ pub struct AttnCache<T> {
     /// Values `[n, num_kv_heads, head_dim]`.
     pub v: Vec<T>,
     /// Output `o [n, num_heads, head_dim]` and what each head's method keeps for its backward.
-    pub out: MixedOutput<T>,
+    pub out: LayerOutput<T>,
     /// Each head's decision (plan, bound, rank, predicted error), query heads in order.
     pub decisions: Vec<HeadDecision>,
     /// Sequence length and head counts and widths of this call.
@@ -44,7 +45,7 @@ impl<T: Scalar> AttnCache<T> {
     ) -> Result<Self> {
         let decisions = decide(policy, &q, &k, &shape, &opts)?;
         let plans: Vec<HeadPlan> = decisions.iter().map(|d| d.plan).collect();
-        let out = forward_mixed(&q, &k, &v, &shape, &opts, &plans)?;
+        let out = forward_layer(&q, &k, &v, &shape, &opts, &plans)?;
         Ok(AttnCache { q, k, v, out, decisions, shape, opts })
     }
 
@@ -64,6 +65,6 @@ impl<T: Scalar> AttnCache<T> {
     ///
     /// Errors: `d_o` of the wrong length.
     pub fn backward(&self, d_o: &[T]) -> Result<AttnGrads<T>> {
-        backward_mixed(&self.q, &self.k, &self.v, &self.out, d_o, &self.shape, &self.opts, &self.plans())
+        backward_layer(&self.q, &self.k, &self.v, &self.out, d_o, &self.shape, &self.opts, &self.plans())
     }
 }

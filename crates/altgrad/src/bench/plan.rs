@@ -1,0 +1,408 @@
+//! What a bench run measures and how one point is measured: [`BenchOptions`] (the request) →
+//! `Plan` (the resolved sizes and budgets), the bounded random inputs of one point (MATH §3: `q`
+//! rescaled to a target score bound `R`), one method's forward + backward on them, and the
+//! relative errors of its output and gradients against a reference. Used by the claims and the
+//! sweep; imports no other bench module but the records.
+
+use crate::attention::{self, head_bounds, AttnGrads, AttnOptions, AttnShape, Method, PolyOptions};
+use crate::linalg::Scalar;
+use crate::{Error, Result};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// What [`run_bench`] runs. Build with [`BenchOptions::new`] and adjust fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchOptions {
+    /// `--quick`: n up to 8192, fewer configurations, about 2 minutes on a 2-core machine.
+    /// Otherwise the full sweep: n up to 65536 (points predicted above `limit_s` are skipped).
+    pub quick: bool,
+    /// Test-only: n ≤ 256, one configuration per method, tiny claims; seconds. Overrides `quick`.
+    pub tiny: bool,
+    /// Output directory (created): `bench.json`, `bench.csv`, `bench.md`, plots.
+    pub out_dir: PathBuf,
+    /// Query heads (= key/value heads) of every sweep point; default 4 (≥ the cores here).
+    pub heads: usize,
+    /// Override the sequence lengths of the sweep.
+    pub ns: Option<Vec<usize>>,
+    /// Override the `(head_dim, degree)` pairs of the poly method.
+    pub poly_configs: Option<Vec<(usize, usize)>>,
+    /// Override the `(head_dim, degree)` pairs of the altgrad method.
+    pub altgrad_configs: Option<Vec<(usize, usize)>>,
+    /// Override the head widths of exact attention.
+    pub exact_dims: Option<Vec<usize>>,
+    /// Skip a point when its predicted single forward + backward (extrapolated from the previous
+    /// size of its series: n² for exact, n for the others) exceeds this many seconds; default
+    /// 4 (quick), 300 (full).
+    pub limit_s: Option<f64>,
+    /// Causal chunk `C` of poly/altgrad (default 64, `poly::DEFAULT_CHUNK`).
+    pub chunk: usize,
+    /// Non-causal streaming chunk of poly/altgrad (default 256).
+    pub stream_chunk: usize,
+    /// Run the claims (b) and (c) (default true).
+    pub claims: bool,
+    /// Run the roofline stage breakdown (default true).
+    pub roofline: bool,
+    /// Seed of every random input.
+    pub seed: u64,
+}
+
+impl BenchOptions {
+    /// The full sweep into `out_dir` with the defaults above.
+    pub fn new(out_dir: impl Into<PathBuf>) -> Self {
+        BenchOptions {
+            quick: false,
+            tiny: false,
+            out_dir: out_dir.into(),
+            heads: 4,
+            ns: None,
+            poly_configs: None,
+            altgrad_configs: None,
+            exact_dims: None,
+            limit_s: None,
+            chunk: attention::poly::DEFAULT_CHUNK,
+            stream_chunk: 256,
+            claims: true,
+            roofline: true,
+            seed: 0,
+        }
+    }
+
+    /// The `altgrad bench …` command line these options correspond to.
+    pub fn command_line(&self) -> String {
+        let mut s = String::from("altgrad bench");
+        if self.tiny {
+            s.push_str(" (tiny, test only)");
+        } else if self.quick {
+            s.push_str(" --quick");
+        }
+        let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        let pairs = |v: &[(usize, usize)]| v.iter().map(|(d, g)| format!("{d}:{g}")).collect::<Vec<_>>().join(",");
+        if let Some(ns) = &self.ns {
+            s.push_str(&format!(" --ns {}", list(ns)));
+        }
+        if let Some(c) = &self.poly_configs {
+            s.push_str(&format!(" --poly {}", pairs(c)));
+        }
+        if let Some(c) = &self.altgrad_configs {
+            s.push_str(&format!(" --altgrad {}", pairs(c)));
+        }
+        if let Some(c) = &self.exact_dims {
+            s.push_str(&format!(" --exact {}", list(c)));
+        }
+        if let Some(l) = self.limit_s {
+            s.push_str(&format!(" --limit {l}"));
+        }
+        if self.heads != 4 {
+            s.push_str(&format!(" --heads {}", self.heads));
+        }
+        if self.chunk != attention::poly::DEFAULT_CHUNK {
+            s.push_str(&format!(" --chunk {}", self.chunk));
+        }
+        if self.stream_chunk != 256 {
+            s.push_str(&format!(" --stream-chunk {}", self.stream_chunk));
+        }
+        if !self.claims {
+            s.push_str(" --no-claims");
+        }
+        if !self.roofline {
+            s.push_str(" --no-roofline");
+        }
+        if self.seed != 0 {
+            s.push_str(&format!(" --seed {}", self.seed));
+        }
+        s.push_str(&format!(" --out {}", self.out_dir.display()));
+        s
+    }
+}
+
+/// The resolved plan of a run.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub ns: Vec<usize>,
+    pub heads: usize,
+    pub exact_dims: Vec<usize>,
+    pub poly: Vec<(usize, usize)>,
+    pub altgrad: Vec<(usize, usize)>,
+    pub chunk: usize,
+    pub stream_chunk: usize,
+    /// Skip points predicted above this (seconds, one fwd+bwd).
+    pub limit_s: f64,
+    /// Warm-up run only for points predicted below this.
+    pub warmup_limit_s: f64,
+    /// Time budget of the timed repetitions of one point.
+    pub target_s: f64,
+    pub max_reps: usize,
+    pub gemm_n: usize,
+    pub seed: u64,
+    pub claims: bool,
+    pub roofline: bool,
+    pub profile_n: usize,
+    // claim (b)
+    pub b_ns: Vec<usize>,
+    pub b_head_dim: usize,
+    pub b_heads: usize,
+    pub b_r: f64,
+    pub b_max_degree: usize,
+    /// Skip limit of claim (b) (seconds per run, exact f64 reference ∝ n², others ∝ n).
+    pub b_limit_s: f64,
+    // claim (c)
+    pub c_n: usize,
+    pub c_layers: usize,
+    pub c_hidden: usize,
+    pub c_heads: usize,
+    pub c_head_dim: usize,
+    pub c_inter: usize,
+    pub c_vocab: usize,
+    pub c_r: f64,
+}
+
+impl Plan {
+    /// The plan of request `o` (the sizes of `--quick`, `--tiny` or the full run, then `o`'s
+    /// overrides).
+    ///
+    /// Errors: [`Error::BadInput`] (input `bench options`) for non-positive sizes or limits.
+    pub(crate) fn new(o: &BenchOptions) -> Result<Plan> {
+        let bad = |m: String| Err(Error::bad("bench options", m));
+        if o.heads == 0 || o.chunk == 0 || o.stream_chunk == 0 {
+            return bad("heads, chunk and stream chunk must be positive".into());
+        }
+        let pow2 = |a: u32, b: u32| (a..=b).map(|p| 1usize << p).collect::<Vec<_>>();
+        let mut p = if o.tiny {
+            Plan {
+                ns: vec![64, 128, 256],
+                heads: o.heads,
+                exact_dims: vec![8],
+                poly: vec![(8, 2)],
+                altgrad: vec![(8, 2)],
+                chunk: o.chunk,
+                stream_chunk: o.stream_chunk,
+                limit_s: 5.0,
+                warmup_limit_s: 1.0,
+                target_s: 0.05,
+                max_reps: 3,
+                gemm_n: 256,
+                seed: o.seed,
+                claims: o.claims,
+                roofline: o.roofline,
+                profile_n: 256,
+                b_ns: vec![64, 128, 256],
+                b_head_dim: 4,
+                b_heads: 1,
+                b_r: 1.0,
+                b_max_degree: 8,
+                b_limit_s: 5.0,
+                c_n: 16,
+                c_layers: 2,
+                c_hidden: 32,
+                c_heads: 2,
+                c_head_dim: 8,
+                c_inter: 64,
+                c_vocab: 64,
+                c_r: 1.0,
+            }
+        } else if o.quick {
+            Plan {
+                ns: pow2(8, 13),
+                heads: o.heads,
+                exact_dims: vec![16, 64],
+                poly: vec![(16, 2), (16, 4), (64, 2)],
+                altgrad: vec![(16, 2)],
+                chunk: o.chunk,
+                stream_chunk: o.stream_chunk,
+                limit_s: 4.0,
+                warmup_limit_s: 1.0,
+                target_s: 0.5,
+                max_reps: 5,
+                gemm_n: 2048,
+                seed: o.seed,
+                claims: o.claims,
+                roofline: o.roofline,
+                profile_n: 4096,
+                b_ns: pow2(9, 13),
+                b_head_dim: 8,
+                b_heads: 2,
+                b_r: 1.0,
+                b_max_degree: 10,
+                b_limit_s: 10.0,
+                c_n: 256,
+                c_layers: 8,
+                c_hidden: 64,
+                c_heads: 4,
+                c_head_dim: 16,
+                c_inter: 128,
+                c_vocab: 256,
+                c_r: 1.0,
+            }
+        } else {
+            Plan {
+                ns: pow2(9, 16),
+                heads: o.heads,
+                exact_dims: vec![16, 32, 64],
+                poly: vec![(16, 2), (16, 4), (32, 2), (64, 2)],
+                altgrad: vec![(16, 2), (16, 4), (32, 2)],
+                chunk: o.chunk,
+                stream_chunk: o.stream_chunk,
+                limit_s: 300.0,
+                warmup_limit_s: 5.0,
+                target_s: 3.0,
+                max_reps: 7,
+                gemm_n: 2048,
+                seed: o.seed,
+                claims: o.claims,
+                roofline: o.roofline,
+                profile_n: 16384,
+                b_ns: pow2(9, 16),
+                b_head_dim: 8,
+                b_heads: 2,
+                b_r: 1.0,
+                b_max_degree: 10,
+                b_limit_s: 300.0,
+                c_n: 512,
+                c_layers: 8,
+                c_hidden: 64,
+                c_heads: 4,
+                c_head_dim: 16,
+                c_inter: 128,
+                c_vocab: 256,
+                c_r: 1.0,
+            }
+        };
+        if let Some(ns) = &o.ns {
+            if ns.is_empty() || ns.contains(&0) {
+                return bad("--ns: lengths must be positive".into());
+            }
+            p.ns = ns.clone();
+            p.ns.sort_unstable();
+            p.ns.dedup();
+        }
+        for (name, cfg, dst) in
+            [("--poly", &o.poly_configs, &mut p.poly), ("--altgrad", &o.altgrad_configs, &mut p.altgrad)]
+        {
+            if let Some(c) = cfg {
+                for &(d, g) in c {
+                    if d == 0 {
+                        return bad(format!("{name}: head_dim must be positive"));
+                    }
+                    attention::bound::validate_degree(g)?;
+                }
+                *dst = c.clone();
+            }
+        }
+        if let Some(e) = &o.exact_dims {
+            if e.contains(&0) {
+                return bad("--exact: head_dim must be positive".into());
+            }
+            p.exact_dims = e.clone();
+        }
+        if let Some(l) = o.limit_s {
+            if l.is_nan() || l <= 0.0 {
+                return bad("--limit must be positive".into());
+            }
+            p.limit_s = l;
+            p.b_limit_s = l;
+        }
+        Ok(p)
+    }
+
+    /// Number of sweep points (both masks), for progress.
+    pub(crate) fn sweep_points(&self) -> usize {
+        2 * self.ns.len() * (self.exact_dims.len() + self.poly.len() + self.altgrad.len())
+    }
+}
+
+/// Random bounded inputs of one sweep point: `q, k, v, g ~ N(0, 1)`, then `q` rescaled so that
+/// the largest head bound `R` (MATH §3, shifted scores, [`head_bounds`]) equals `r_target`.
+pub(crate) struct Inputs<T> {
+    pub q: Vec<T>,
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+    pub g: Vec<T>,
+    pub shape: AttnShape,
+    pub opts: AttnOptions,
+    /// `R` after rescaling (max over heads).
+    pub bound: f64,
+}
+
+pub(crate) fn bounded_inputs<T: Scalar>(
+    n: usize,
+    heads: usize,
+    d: usize,
+    causal: bool,
+    r_target: f64,
+    seed: u64,
+) -> Result<Inputs<T>> {
+    let shape = AttnShape::new(n, heads, heads, d);
+    let opts = AttnOptions::standard(d, causal);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ ((n as u64) << 24) ^ ((d as u64) << 8) ^ causal as u64);
+    let len = n * heads * d;
+    let mut draw = || -> Vec<T> {
+        (0..len)
+            .map(|_| {
+                let x: f64 = StandardNormal.sample(&mut rng);
+                T::from_f64(x)
+            })
+            .collect()
+    };
+    let (mut q, k, v, g) = (draw(), draw(), draw(), draw());
+    let r = head_bounds(&q, &k, &shape, &opts, true)?.into_iter().fold(0.0, f64::max);
+    if r > 0.0 {
+        let s = T::from_f64(r_target / r);
+        for x in &mut q {
+            *x *= s;
+        }
+    }
+    let bound = head_bounds(&q, &k, &shape, &opts, true)?.into_iter().fold(0.0, f64::max);
+    Ok(Inputs { q, k, v, g, shape, opts, bound })
+}
+
+/// One forward + backward of `method` on `inp`: `(fwd seconds, bwd seconds, o, grads)`.
+pub(crate) fn run_method<T: Scalar>(
+    method: Method,
+    inp: &Inputs<T>,
+    popts: &PolyOptions,
+) -> Result<(f64, f64, Vec<T>, AttnGrads<T>)> {
+    let (x, g, o) = (attention::Qkv::new(&inp.q, &inp.k, &inp.v, &inp.shape)?, &inp.g, &inp.opts);
+    let t0 = Instant::now();
+    Ok(match method {
+        Method::Exact => {
+            let f = attention::forward_exact(&x, o)?;
+            let t1 = t0.elapsed().as_secs_f64();
+            let gr = attention::backward_exact(&x, &f, g)?;
+            (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
+        }
+        Method::Poly | Method::AltGrad => {
+            if method == Method::AltGrad {
+                attention::altgrad::check_kron_state(&inp.shape, popts)?;
+            }
+            let f = attention::forward_poly(&x, o, popts)?;
+            let t1 = t0.elapsed().as_secs_f64();
+            let gr = if method == Method::Poly {
+                attention::backward_poly(&x, &f, g)?
+            } else {
+                attention::backward_altgrad(&x, &f, g)?
+            };
+            (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
+        }
+    })
+}
+
+/// Relative errors `(o, dq, dk, dv, [dq dk dv])` of an approximation against a reference.
+pub(crate) fn grad_errors<T: Scalar>(
+    o: &[T],
+    gr: &AttnGrads<T>,
+    o_ref: &[T],
+    g_ref: &AttnGrads<T>,
+) -> (f64, f64, f64, f64, f64) {
+    let sq = |x: &[T], y: &[T]| -> (f64, f64) {
+        x.iter().zip(y).fold((0.0, 0.0), |(a, b), (p, r)| {
+            let (p, r) = (p.as_f64(), r.as_f64());
+            (a + (p - r) * (p - r), b + r * r)
+        })
+    };
+    let rel = |(a, b): (f64, f64)| if b > 0.0 { (a / b).sqrt() } else { a.sqrt() };
+    let (eo, eq, ek, ev) = (sq(o, o_ref), sq(&gr.dq, &g_ref.dq), sq(&gr.dk, &g_ref.dk), sq(&gr.dv, &g_ref.dv));
+    let all = (eq.0 + ek.0 + ev.0, eq.1 + ek.1 + ev.1);
+    (rel(eo), rel(eq), rel(ek), rel(ev), rel(all))
+}
