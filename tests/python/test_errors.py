@@ -1,4 +1,4 @@
-"""Every bad input raises TypeError / ValueError / NotImplementedError naming the argument; a Rust
+"""Every bad input raises TypeError / ValueError naming the argument; a Rust
 panic arrives as RuntimeError; nothing crashes the interpreter."""
 
 import math
