@@ -54,3 +54,40 @@ fn policy_falls_back_to_exact_when_poly_cannot_pay() {
     assert_eq!(p.degree, Some(4));
     assert_eq!(p.rank, Some(4845));
 }
+
+#[test]
+fn per_head_degree_reasons_state_only_bounds_that_hold() {
+    use altgrad::attention::bound::eps_a;
+    use altgrad::attention::Method;
+    use altgrad::model::policy::decide;
+    use altgrad::model::AttentionPolicy;
+    // d = 64: degree 6 has r = C(70, 6) ≈ 1.3e8 features, above the limit; degree 4 (r = 814385) fits.
+    let (n, d) = (16, 64);
+    let s = AttnShape::new(n, 1, 1, d);
+    let opts = AttnOptions::standard(d, false);
+    let policy = |tol: f64| AttentionPolicy::PerHeadDegree { method: Method::Poly, tol, chunk: 64, center: true };
+    for (scale_in, seed) in [(0.35, 5u64), (3.0, 6)] {
+        let q = randn(n * d, seed, scale_in);
+        let k = randn(n * d, seed + 1, scale_in);
+        let r = decide(&policy(1e-3), &q, &k, &s, &opts).unwrap()[0].bound;
+        // a tolerance that degree 6 meets and degree 4 does not (when R is finite and moderate)
+        let tol = if eps_a(r, 6) < eps_a(r, 4) { eps_a(r, 6) * 1.0001 } else { 1e-3 };
+        let h = &decide(&policy(tol), &q, &k, &s, &opts).unwrap()[0];
+        let g = h.plan.degree().unwrap();
+        assert_eq!(g, 4, "capped to the largest degree that fits: {}", h.reason);
+        let meets_some = eps_a(r, 8) <= tol || eps_a(r, 6) <= tol;
+        eprintln!("R = {r:.3}, tol = {tol:e}: {}", h.reason);
+        if meets_some {
+            assert!(h.reason.contains("capped at g = 4"), "{}", h.reason);
+            assert!(
+                h.reason.contains(&format!("ε_A = {:.1e}", eps_a(r, 4))),
+                "the capped degree's own bound: {}",
+                h.reason
+            );
+        } else {
+            // no degree meets the tolerance: the reason must not claim that one would
+            assert!(!h.reason.contains("would meet"), "{}", h.reason);
+            assert!(h.reason.contains("no even degree"), "{}", h.reason);
+        }
+    }
+}

@@ -99,19 +99,30 @@ pub fn decide<T: Scalar>(
                 HeadDecision { plan: *plan, bound: r, rank, predicted_rel_err: pred, reason }
             }
             AttentionPolicy::PerHeadDegree { method, tol, chunk, center } => {
-                let wanted = choose_degree(r, *tol, MAX_AUTO_DEGREE).unwrap_or(MAX_AUTO_DEGREE);
+                let chosen = choose_degree(r, *tol, MAX_AUTO_DEGREE);
+                let wanted = chosen.unwrap_or(MAX_AUTO_DEGREE);
                 // Largest even degree ≤ wanted whose state fits (feature width; ALTGrad's Kronecker state).
                 let mut g = wanted;
                 while g > 2 && !method.fits(d, dv, g) {
                     g -= 2;
                 }
                 let plan = method.plan(PolyOptions { degree: g, center: *center, chunk: *chunk });
-                let reason = if g < wanted {
-                    format!("degree {wanted} would meet ε_A ≤ {tol:e} at R = {r:.3} but its state is too large; capped at g = {g}")
-                } else if eps_a(r, g) <= *tol {
-                    format!("smallest even degree with ε_A(R = {r:.3}, g) ≤ {tol:e}")
-                } else {
-                    format!("no even degree ≤ {MAX_AUTO_DEGREE} meets ε_A ≤ {tol:e} at R = {r:.3}; forced g = {g}")
+                // Every number a reason states holds: the bound quoted is the one g actually has.
+                let got = eps_a(r, g);
+                let reason = match chosen {
+                    Some(w) if g < w => format!(
+                        "degree {w} would meet ε_A ≤ {tol:e} at R = {r:.3} but its state is too large; capped at g = {g}, \
+                         whose bound is ε_A = {got:.1e}"
+                    ),
+                    Some(_) => format!("smallest even degree with ε_A(R = {r:.3}, g) ≤ {tol:e}"),
+                    None if g < wanted => format!(
+                        "no even degree ≤ {MAX_AUTO_DEGREE} meets ε_A ≤ {tol:e} at R = {r:.3}; g = {g}, the largest whose \
+                         state fits (ε_A = {got:.1e})"
+                    ),
+                    None => format!(
+                        "no even degree ≤ {MAX_AUTO_DEGREE} meets ε_A ≤ {tol:e} at R = {r:.3}; forced g = {g} (ε_A = \
+                         {got:.1e})"
+                    ),
                 };
                 HeadDecision { plan, bound: r, rank: feature_dim(d, g), predicted_rel_err: output_bound(r, g), reason }
             }
