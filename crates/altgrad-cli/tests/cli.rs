@@ -1,26 +1,8 @@
 //! The command line as a user meets it: outputs, JSON keys, exit codes, and error messages.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn altgrad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_altgrad")).args(args).output().expect("run altgrad")
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("altgrad-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn fixture(p: &str) -> String {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/fixtures").join(p).display().to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
+mod common;
+use common::{altgrad, fixture, stderr, tmpdir};
+use std::path::Path;
 
 #[test]
 fn default_run_prints_a_summary() {

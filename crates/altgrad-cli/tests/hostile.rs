@@ -1,36 +1,11 @@
 //! Issue 15 through the binary: signals during writes and training, outputs checked before the
 //! work, non-finite results, checkpoints as models, and what a new user met.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+use common::{altgrad, bin, fixture, stderr, stdout, tmpdir};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_altgrad"))
-}
-
-fn altgrad(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run altgrad")
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("altgrad-hostile-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn fixture(p: &str) -> String {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("tests/fixtures").join(p).display().to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
 
 /// Runs `args`, expects exit code 2 and every needle in stderr, never a panic or a Rust debug
 /// dump; returns stderr.

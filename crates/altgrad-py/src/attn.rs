@@ -218,7 +218,7 @@ fn check_finite<T: Scalar>(name: &str, x: &[T]) -> altgrad::Result<()> {
     }
 }
 
-/// The 4- or 3-D shape of a numpy array, else `TypeError` naming it.
+/// The shape of a numpy array, else `TypeError` naming it.
 fn shape_of(name: &str, x: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
     x.cast::<numpy::PyUntypedArray>()
         .map(|a| a.shape().to_vec())

@@ -22,31 +22,11 @@ use altgrad::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, RopeLayo
 use altgrad::train::checkpoint::{export_checkpoint_hf, load_checkpoint_model, to_hf_layout};
 use altgrad::train::{run_train, run_train_until, Task, TinySize, TrainOptions};
 use altgrad::Error;
+mod common;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "altgrad-hostile-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::TempDir;
 
 fn mqar(steps: usize) -> TrainOptions {
     TrainOptions {

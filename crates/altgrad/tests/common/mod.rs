@@ -8,6 +8,33 @@ use altgrad::model::{Network, ParamSet};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A fresh, empty temporary directory (`altgrad-test-PID-TAG-N` under the system's temp dir),
+/// removed with everything in it when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates the directory (removing a leftover of the same name first); panics on failure.
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "altgrad-test-{}-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// Central finite differences of `f` at `x`, in f64: entry `i` is
 /// `(f(x + h·eᵢ) − f(x − h·eᵢ)) / 2h` (error `O(h²)` plus rounding `O(ε/h)`; `h = 1e-6` suits
