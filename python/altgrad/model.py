@@ -91,6 +91,9 @@ class Model:
         chunk: int = 64,
         center: bool = True,
         max_rank: int = 1 << 16,
+        max_slowdown: float = 4.0,
+        max_memory: float = 8.0,
+        force: bool = False,
     ) -> Tuple[float, Dict[str, torch.Tensor], dict]:
         """One forward + backward pass over ``ids`` (ARCHITECTURE "the main job's data flow").
 
@@ -98,14 +101,20 @@ class Model:
             ids: token ids (a sequence of ints or a 1-D integer tensor), each below the
                 vocabulary size; at least 2 for a decoder.
             attention: ``"exact"``, ``"poly"``, ``"altgrad"`` or ``"auto"`` for every head (auto:
-                per head, poly where the measured bound meets ``tol`` and it is cheaper, else exact).
+                per head, the cheapest degree cheaper than exact that the a-priori bound or the
+                error measured on sampled rows admits within ``tol``, else exact).
             degree: even degree for every poly/altgrad head; ``None`` picks per head the smallest
                 even degree meeting ``tol`` (MATH §3). Not with ``"auto"``.
-            tol: tolerance on the entrywise relative error ε_A of the attention matrix.
+            tol: tolerance on a head's relative error: ε_A of the attention matrix (the bound), or
+                for ``"auto"`` the measured error of its output and score gradient (95% upper bound).
             compare: also run the exact backward and report per-layer errors and the speed-up.
             chunk: rows per chunk of the polynomial kernels.
             center: the row shift (MATH §3).
             max_rank: the largest feature width ``auto`` may use.
+            max_slowdown: refuse a forced poly/altgrad run predicted to cost more than this many
+                times exact attention's FLOPs (``ValueError`` naming both costs).
+            max_memory: refuse one whose attention working memory is predicted above this many GiB.
+            force: run it anyway.
 
         Returns:
             ``(loss, grads, report)``: the loss (decoders: mean next-token cross-entropy; encoders
@@ -118,7 +127,7 @@ class Model:
         Raises:
             TypeError: ids that are not integers.
             ValueError: ids out of range or too few; a bad ``attention``, ``degree``, ``tol`` or
-                ``chunk`` (the message names it).
+                ``chunk`` (the message names it); a forced method over its budget.
         """
         ids = _ids(ids)
         if not isinstance(attention, str):
@@ -128,7 +137,17 @@ class Model:
             if degree < 0:
                 raise ValueError(f"degree: must be even and at least 2, got {degree}")
         loss, grads, report = self._core.loss_and_grads(
-            ids, attention, degree, float(tol), bool(compare), int(chunk), bool(center), int(max_rank)
+            ids,
+            attention,
+            degree,
+            float(tol),
+            bool(compare),
+            int(chunk),
+            bool(center),
+            int(max_rank),
+            float(max_slowdown),
+            float(max_memory),
+            bool(force),
         )
         tensors = {name: torch.from_numpy(flat).view(*shape) for name, shape, flat in grads}
         return loss, tensors, json.loads(report)

@@ -61,9 +61,9 @@ def test_report_and_grads_are_those_of_the_cli(cli, tmp_path):
     m = altgrad.load("tiny")
     ids = m.tokenize(TEXT)
     (tmp_path / "ids.txt").write_text(" ".join(map(str, ids)))
-    loss, grads, report = m.loss_and_grads(ids, attention="poly", degree=2, compare=True)
+    loss, grads, report = m.loss_and_grads(ids, attention="poly", degree=2, compare=True, force=True)
     out = run_cli(cli, "grad", "--model", "tiny", "--tokens", tmp_path / "ids.txt", "--attention", "poly",
-                  "--degree", "2", "--compare", "--json", "-", "--out", tmp_path / "g.safetensors")
+                  "--degree", "2", "--force", "--compare", "--json", "-", "--out", tmp_path / "g.safetensors")
     want = json.loads(out)
     assert set(report) == set(want)
     for key in ("model", "seq_len", "n_layers", "attention", "heads"):
@@ -83,10 +83,10 @@ def test_report_and_grads_are_those_of_the_cli(cli, tmp_path):
 def test_policies_by_name():
     m = altgrad.load("tiny-bounded")
     ids = m.tokenize(TEXT)
-    _, _, rep = m.loss_and_grads(ids, attention="altgrad", degree=2)
+    _, _, rep = m.loss_and_grads(ids, attention="altgrad", degree=2, force=True)
     assert all(h["method"] == "altgrad" and h["degree"] == 2 for h in rep["heads"])
     # per-head degrees (a loose tolerance keeps them at 2–4: d = 32, degree 6 would be r = 2.8e6)
-    _, _, rep = m.loss_and_grads(ids[:16], attention="poly", tol=0.5)
+    _, _, rep = m.loss_and_grads(ids[:16], attention="poly", tol=0.5, force=True)
     assert rep["attention"] == "poly" and {h["degree"] for h in rep["heads"]} <= {2, 4}
     _, _, rep = m.loss_and_grads(ids, attention="auto")
     assert rep["attention"] == "auto" and {h["method"] for h in rep["heads"]} <= {"exact", "poly"}
@@ -137,7 +137,7 @@ def test_bert_hf_directory_with_tokenizer():
     assert m.config["architecture"] == "bert" and m.config["has_tokenizer"]
     ids = m.tokenize("Hello world")
     assert ids[0] == 101 and ids[-1] == 102  # [CLS] … [SEP]
-    loss, grads, report = m.loss_and_grads(ids, attention="poly", degree=2)
+    loss, grads, report = m.loss_and_grads(ids, attention="poly", degree=2, force=True)
     assert loss > 0 and report["n_layers"] == 6 and "embeddings_grad" in grads
     assert len(m.inspect(ids)) == 6 * 12
 
@@ -180,6 +180,8 @@ def test_load_errors(call, exc, match):
         (dict(ids=[1, 2], attention="auto", degree=2), ValueError, "^degree: auto chooses"),
         (dict(ids=[1, 2], attention="poly", tol=-1), ValueError, "^tol: must be a positive number"),
         (dict(ids=[1, 2], attention="poly", chunk=0), ValueError, "^chunk: must be at least 1"),
+        (dict(ids=[1, 2], attention="poly", degree=6), ValueError, "^attention: poly with degree 6 .* FLOP per layer"),
+        (dict(ids=[1, 2], attention="poly", max_slowdown=0), ValueError, "^max-slowdown: must be a positive"),
     ],
 )
 def test_loss_and_grads_errors(kw, exc, match):

@@ -1,7 +1,7 @@
 //! The `altgrad` command line: parses, calls the library, prints. No math here.
 
 use altgrad::attention;
-use altgrad::attention::{AttnOptions, HeadPlan, Method, PolyOptions};
+use altgrad::attention::{AttnOptions, Budget, HeadPlan, Method, PolyOptions};
 use altgrad::io::{self as aio, Loaded};
 use altgrad::job;
 use altgrad::linalg::norm;
@@ -103,9 +103,22 @@ struct AttnMethodArgs {
     /// smallest even degree meeting --tol.
     #[arg(long)]
     degree: Option<usize>,
-    /// Tolerance on the entrywise relative error ε_A of the attention matrix (MATH §3).
+    /// Tolerance on a head's relative error: the a-priori ε_A of the attention matrix (MATH §3) or,
+    /// for auto, the measured error of the head's output and score gradient on sampled rows (95%
+    /// upper bound), whichever admits the cheaper degree.
     #[arg(long, default_value_t = 1e-3)]
     tol: f64,
+    /// Refuse a forced poly/altgrad run whose predicted attention FLOPs exceed this many times
+    /// exact attention's (see --force).
+    #[arg(long, default_value_t = 4.0)]
+    max_slowdown: f64,
+    /// Refuse a forced poly/altgrad run whose predicted attention working memory exceeds this
+    /// many GiB (see --force).
+    #[arg(long, default_value_t = 8.0)]
+    max_memory: f64,
+    /// Run a forced poly/altgrad method even when it exceeds --max-slowdown or --max-memory.
+    #[arg(long)]
+    force: bool,
     /// Rows per chunk of the polynomial kernels.
     #[arg(long, default_value_t = 64)]
     chunk: usize,
@@ -120,7 +133,12 @@ struct AttnMethodArgs {
 impl AttnMethodArgs {
     fn policy(&self) -> Result<AttentionPolicy> {
         let a = self;
-        job::attention_policy(a.attention.name(), a.degree, a.tol, a.chunk, !a.no_center, a.max_rank)
+        let budget = if a.force {
+            Budget::UNLIMITED
+        } else {
+            Budget { max_slowdown: a.max_slowdown, max_memory: a.max_memory * (1u64 << 30) as f64 }
+        };
+        job::attention_policy(a.attention.name(), a.degree, a.tol, a.chunk, !a.no_center, a.max_rank, budget)
             .map_err(|e| flag_error(e).into())
     }
 }
@@ -128,7 +146,9 @@ impl AttnMethodArgs {
 /// Renames a library error's input `x` to the flag `--x` that carries it (`degree` → `--degree`).
 fn flag_error(e: Error) -> Error {
     match e {
-        Error::BadInput { input, msg } if ["attention", "degree", "tol", "chunk"].contains(&input.as_str()) => {
+        Error::BadInput { input, msg }
+            if ["attention", "degree", "tol", "chunk", "max-slowdown", "max-memory"].contains(&input.as_str()) =>
+        {
             Error::BadInput { input: format!("--{input}"), msg }
         }
         other => other,
@@ -504,22 +524,6 @@ fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-/// A FLOP count with a unit that shows it (`512 kFLOP`, `3.2 GFLOP`), never `0.0 GFLOP`.
-fn fmt_flops(x: f64) -> String {
-    let (v, unit) = match x.abs() {
-        a if a >= 1e12 => (x / 1e12, "TFLOP"),
-        a if a >= 1e9 => (x / 1e9, "GFLOP"),
-        a if a >= 1e6 => (x / 1e6, "MFLOP"),
-        a if a >= 1e3 => (x / 1e3, "kFLOP"),
-        _ => (x, "FLOP"),
-    };
-    if v.abs() >= 100.0 || unit == "FLOP" {
-        format!("{v:.0} {unit}")
-    } else {
-        format!("{v:.1} {unit}")
-    }
-}
-
 fn fmt_err(x: f64) -> String {
     if x.is_finite() {
         format!("{x:.2e}")
@@ -547,27 +551,10 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let ids = token_ids(&inputs, &loaded, max_len)?;
     let input = input_name(&inputs);
     let n = ids.len();
-    let forced = matches!(a.method.attention, Attention::Every(m) if m.is_approximate());
-    if let (Some(g), true) = (a.method.degree, forced) {
-        let (d, causal) = (shape.head_dim, shape.family.causal());
-        if let Some(r) = altgrad::attention::features::feature_dim(d, g) {
-            // ALTGrad's forward is the polynomial one: the warning compares poly with exact
-            let pf = Method::Poly.flops(n, d, d, r, causal, a.method.chunk);
-            let ef = Method::Exact.flops(n, d, d, r, causal, a.method.chunk);
-            if pf > 10.0 * ef && r <= altgrad::attention::features::MAX_FEATURE_DIM {
-                eprintln!(
-                    "warning: degree {g} at head_dim {d} has feature width r = {r}: about {:.0}× the FLOPs of exact \
-                     attention at n = {n} ({} vs {} per head); this will be slow",
-                    pf / ef,
-                    fmt_flops(pf),
-                    fmt_flops(ef)
-                );
-            }
-        }
-    }
     let run = job::grad_run(&loaded, &ids, &input, &policy, a.method.attention.name(), a.compare, &|m| {
         pb.set_message(m.to_string())
-    })?;
+    })
+    .map_err(flag_error)?;
     pb.finish_and_clear();
     let (r, exact, report) = (&run.pass, &run.exact, &run.report);
     let compare = &report.compare;
@@ -616,12 +603,20 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
                 ),
             }
             println!();
+            let auto = r.decisions.iter().flatten().any(|d| d.estimate.is_some());
             println!("(bound o: the largest predicted bound on a head's output error, ‖Õ−O‖∞/‖V‖∞, MATH §3;");
             println!(" 'no bound' where ε_A ≥ 1. The errors are measured against the exact backward.)");
-            println!("layer  methods                    bound o        rel_err_dx  rel_err_dw");
+            if auto {
+                println!("(est.: the largest measured relative error of a head's output o and query gradient dq on sampled rows, a");
+                println!(" 95% upper bound, the larger of the two; true: the same two errors measured on whole heads,");
+                println!(" the largest of a layer. Exact heads: the errors their cheapest degree would have.)");
+                println!("layer  methods                    bound o        est.      true  rel_err_dx  rel_err_dw");
+            } else {
+                println!("layer  methods                    bound o        rel_err_dx  rel_err_dw");
+            }
             for (l, lc) in c.layers.iter().enumerate() {
                 let mut m = std::collections::BTreeMap::<String, usize>::new();
-                let mut worst = 0.0f64;
+                let (mut worst, mut est, mut truth) = (0.0f64, 0.0f64, 0.0f64);
                 for d in &r.decisions[l] {
                     let key = match d.plan.degree() {
                         Some(g) => format!("{} g={g}", d.plan.method_name()),
@@ -629,15 +624,29 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
                     };
                     *m.entry(key).or_default() += 1;
                     worst = worst.max(d.predicted_rel_err);
+                    est = est.max(d.estimate.map_or(0.0, |e| e.upper.max(e.upper_dq)));
+                }
+                for h in report.heads.iter().filter(|h| h.layer == l) {
+                    truth = truth.max(h.true_rel_err_o.unwrap_or(0.0)).max(h.true_rel_err_dq.unwrap_or(0.0));
                 }
                 let methods: Vec<String> = m.iter().map(|(k, c)| format!("{c} {k}")).collect();
-                println!(
-                    "{l:>5}  {:<26} {:>13}  {:>10.3e}  {:>10.3e}",
-                    methods.join(", "),
-                    fmt_err(worst),
-                    lc.rel_err_dx,
-                    lc.rel_err_dw
-                );
+                if auto {
+                    println!(
+                        "{l:>5}  {:<26} {:>13}  {est:>8.1e}  {truth:>8.1e}  {:>10.3e}  {:>10.3e}",
+                        methods.join(", "),
+                        fmt_err(worst),
+                        lc.rel_err_dx,
+                        lc.rel_err_dw
+                    );
+                } else {
+                    println!(
+                        "{l:>5}  {:<26} {:>13}  {:>10.3e}  {:>10.3e}",
+                        methods.join(", "),
+                        fmt_err(worst),
+                        lc.rel_err_dx,
+                        lc.rel_err_dw
+                    );
+                }
             }
             println!("total  relative error of all parameter gradients: {:.3e}", c.rel_err_total);
         }
@@ -651,8 +660,31 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         }
         let bounds: Vec<f64> = r.decisions.iter().flatten().map(|d| d.bound).collect();
         let (bmin, bmax) = bounds.iter().fold((f64::INFINITY, 0.0f64), |(a, b), x| (a.min(*x), b.max(*x)));
-        let shift = if a.method.no_center && a.method.attention != Attention::Auto { "without" } else { "after" };
-        println!("bounds       R ({shift} the row shift) from {bmin:.2} to {bmax:.2} over the heads");
+        let shift = match a.method.attention {
+            Attention::Auto => "the smaller of shifted and unshifted",
+            _ if a.method.no_center => "without the row shift",
+            _ => "after the row shift",
+        };
+        println!("bounds       R ({shift}) from {bmin:.2} to {bmax:.2} over the heads");
+        let mut by = std::collections::BTreeMap::<&str, usize>::new();
+        for d in r.decisions.iter().flatten() {
+            if let Some(x) = d.decided_by {
+                *by.entry(x.as_str()).or_default() += 1;
+            }
+        }
+        if !by.is_empty() {
+            let range = |f: &dyn Fn(&altgrad::attention::estimate::ErrorEstimate) -> f64| {
+                let xs: Vec<f64> = r.decisions.iter().flatten().filter_map(|d| d.estimate.as_ref().map(f)).collect();
+                xs.iter().fold((f64::INFINITY, 0.0f64), |(x, y), e| (x.min(*e), y.max(*e)))
+            };
+            let ((omin, omax), (qmin, qmax)) = (range(&|e| e.upper), range(&|e| e.upper_dq));
+            let parts: Vec<String> = by.iter().map(|(k, c)| format!("{c} by {k}")).collect();
+            println!(
+                "decided      {} (95% upper bounds measured on sampled rows: output error {omin:.1e} to {omax:.1e}, \
+                 dq error {qmin:.1e} to {qmax:.1e})",
+                parts.join(", ")
+            );
+        }
         for (m, (_, reason)) in &why {
             println!("why {m:<8} e.g. {reason}");
         }

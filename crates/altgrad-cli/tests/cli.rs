@@ -203,6 +203,24 @@ fn inspect_writes_table_json_and_heatmap() {
     }
 }
 
+/// Never silently slow (issue 14): a forced degree whose predicted cost is far above exact's is
+/// refused before any work, with both predicted costs, exit 2; `--force` runs it.
+#[test]
+fn forced_slow_degree_is_refused_with_its_cost() {
+    let args = ["grad", "--model", "tiny", "--seq-len", "64", "--attention", "poly"];
+    let t = std::time::Instant::now();
+    let o = altgrad(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("--attention") && e.contains("FLOP per layer against") && e.contains("--force"), "{e}");
+    assert!(t.elapsed().as_secs() < 20, "refused only after {:?}", t.elapsed());
+    let o = altgrad(&["grad", "--model", "tiny", "--seq-len", "64", "--attention", "poly", "--degree", "2", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = altgrad(&["grad", "--model", "tiny", "--max-slowdown", "0", "--attention", "poly"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--max-slowdown"), "{}", stderr(&o));
+}
+
 #[test]
 fn grad_poly_compare_reports_every_layer() {
     let o = altgrad(&[
@@ -215,6 +233,7 @@ fn grad_poly_compare_reports_every_layer() {
         "poly",
         "--degree",
         "4",
+        "--force",
         "--compare",
         "--json",
         "-",

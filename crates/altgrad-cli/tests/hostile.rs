@@ -283,6 +283,7 @@ fn non_finite_results_fail_with_exit_2() {
             "poly",
             "--degree",
             "8",
+            "--force",
             "--out",
             g.to_str().unwrap(),
         ],

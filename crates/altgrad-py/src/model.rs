@@ -6,6 +6,7 @@
 //! into torch tensors and the JSON into dicts.
 
 use crate::runtime::run;
+use altgrad::attention::Budget;
 use altgrad::io::{AnyModel, Loaded};
 use altgrad::job;
 use altgrad::linalg::Scalar;
@@ -67,9 +68,10 @@ fn loss_and_grads_t<'py, T: Scalar + Element>(
     chunk: usize,
     center: bool,
     max_rank: usize,
+    budget: Budget,
 ) -> PyResult<(f64, Vec<GradOut<'py>>, String)> {
     let (pass, report) = run(py, || {
-        let policy = job::attention_policy(attention, degree, tol, chunk, center, max_rank)?;
+        let policy = job::attention_policy(attention, degree, tol, chunk, center, max_rank, budget)?;
         let r = job::grad_run(l, &ids, "ids", &policy, attention, compare, &|_| {})?;
         let report = serde_json::to_string(&r.report).map_err(|e| Error::Internal(format!("report: {e}")))?;
         Ok((r.pass, report))
@@ -130,7 +132,9 @@ impl PyModel {
     ///
     /// Errors: `ValueError` for bad ids (negative, out of the vocabulary, fewer than 2 for a
     /// decoder) or a bad policy argument (naming it).
-    #[pyo3(signature = (ids, attention = "exact", degree = None, tol = 1e-3, compare = false, chunk = 64, center = true, max_rank = 65536))]
+    /// `max_slowdown` and `max_memory` (GiB) are [`Budget`]'s limits for forced poly/altgrad;
+    /// `force` lifts them.
+    #[pyo3(signature = (ids, attention = "exact", degree = None, tol = 1e-3, compare = false, chunk = 64, center = true, max_rank = 65536, max_slowdown = 4.0, max_memory = 8.0, force = false))]
     #[allow(clippy::too_many_arguments)]
     fn loss_and_grads<'py>(
         &self,
@@ -143,11 +147,19 @@ impl PyModel {
         chunk: usize,
         center: bool,
         max_rank: usize,
+        max_slowdown: f64,
+        max_memory: f64,
+        force: bool,
     ) -> PyResult<(f64, Vec<GradOut<'py>>, String)> {
         let ids = ids_of(ids)?;
+        let b = if force {
+            Budget::UNLIMITED
+        } else {
+            Budget { max_slowdown, max_memory: max_memory * (1u64 << 30) as f64 }
+        };
         match &self.inner {
-            Inner::F32(l) => loss_and_grads_t(py, l, ids, attention, degree, tol, compare, chunk, center, max_rank),
-            Inner::F64(l) => loss_and_grads_t(py, l, ids, attention, degree, tol, compare, chunk, center, max_rank),
+            Inner::F32(l) => loss_and_grads_t(py, l, ids, attention, degree, tol, compare, chunk, center, max_rank, b),
+            Inner::F64(l) => loss_and_grads_t(py, l, ids, attention, degree, tol, compare, chunk, center, max_rank, b),
         }
     }
 

@@ -5,7 +5,7 @@
 //! Python package, so both produce the same objects.
 
 use crate::attention::bound::validate_degree;
-use crate::attention::{HeadPlan, Method, PolyOptions};
+use crate::attention::{Budget, HeadPlan, Method, PolyOptions};
 use crate::error::check_finite_result;
 use crate::io::{AnyModel, Loaded};
 use crate::linalg::{rel_err, Scalar};
@@ -71,6 +71,10 @@ fn overflow_advice<T: Scalar>(policy: &AttentionPolicy) -> String {
             format!("use --dtype f64 (float64) or a lower --degree than {}", p.degree().unwrap_or(2))
         }
         (AttentionPolicy::Fixed(p), false) => format!("use a lower --degree than {}", p.degree().unwrap_or(2)),
+        (AttentionPolicy::Forced { degree: Some(g), .. }, true) => {
+            format!("use --dtype f64 (float64) or a lower --degree than {g}")
+        }
+        (AttentionPolicy::Forced { degree: Some(g), .. }, false) => format!("use a lower --degree than {g}"),
         (_, true) => "use --dtype f64 (float64), a lower --tol or --attention exact".into(),
         (_, false) => "use a lower --tol or --attention exact".into(),
     }
@@ -152,6 +156,10 @@ pub fn head_reports<T>(pass: &Pass<T>) -> Vec<HeadReport> {
                 degree: d.plan.degree(),
                 rank: d.rank,
                 predicted_rel_err: d.predicted_rel_err,
+                estimate: d.estimate,
+                decided_by: d.decided_by.map(|x| x.as_str().to_string()),
+                true_rel_err_o: None,
+                true_rel_err_dq: None,
             })
         })
         .collect()
@@ -185,6 +193,59 @@ pub fn compare<T: Scalar>(approx: &Pass<T>, exact: &Pass<T>) -> Compare {
     }
 }
 
+/// True `(output, query-gradient)` relative errors, `[layer][head]` ([`true_head_errors`]).
+pub type HeadErrors = Vec<Vec<Option<(f64, f64)>>>;
+
+/// For every head whose decision carries a measured estimate (`auto`), the true relative errors
+/// `(‖Õ − O‖_F/‖O‖_F, ‖dQ̃ − dQ‖_F/‖dQ‖_F)` of the estimate's degree on that head's own inputs
+/// (`dQ` for an upstream gradient of i.i.d. standard normal entries, as the estimate's): a forward
+/// with `policy` over `ids`, then per head the full polynomial forward and backward
+/// ([`crate::attention::forward_poly`]) and the exact ones ([`crate::attention::forward_exact`]),
+/// heads in parallel. `[layer][head]`, `None` where nothing was estimated. What `--compare` checks the estimate against (docs/RESULTS.md).
+///
+/// Errors: those of the forward.
+pub fn true_head_errors<T: Scalar>(model: &AnyModel<T>, ids: &[u32], policy: &AttentionPolicy) -> Result<HeadErrors> {
+    match model {
+        AnyModel::Llama(m) => true_head_errors_on(m, ids, policy),
+        AnyModel::Bert(m) => true_head_errors_on(m, ids, policy),
+    }
+}
+
+fn true_head_errors_on<T: Scalar, N: Network<T>>(
+    model: &N,
+    ids: &[u32],
+    policy: &AttentionPolicy,
+) -> Result<HeadErrors> {
+    use crate::attention::{backward_exact, backward_poly, forward_exact, forward_poly, AttnShape, Qkv};
+    use rayon::prelude::*;
+    let cache = model.forward_with(ids, policy)?;
+    cache
+        .attention()
+        .into_iter()
+        .map(|a| {
+            let s = a.shape;
+            (0..s.num_heads)
+                .into_par_iter()
+                .map(|h| {
+                    let d = &a.decisions[h];
+                    let Some(e) = d.estimate else { return Ok(None) };
+                    let kv = h / s.group();
+                    let (q, k, v) = (s.query(&a.q, h).to_vec(), s.key(&a.k, kv).to_vec(), s.value(&a.v, kv).to_vec());
+                    let one = AttnShape::new(s.seq_len, 1, 1, s.head_dim).with_head_dim_v(s.head_dim_v);
+                    let x = Qkv::new(&q, &k, &v, &one)?;
+                    let chunk = d.plan.options().map_or(crate::attention::poly::DEFAULT_CHUNK, |p| p.chunk);
+                    let p = PolyOptions { degree: e.degree, center: d.center, chunk };
+                    let (approx, exact) = (forward_poly(&x, &a.opts, &p)?, forward_exact(&x, &a.opts)?);
+                    // dL/dq for an upstream gradient of i.i.d. standard normal entries (seeded by head)
+                    let g = crate::attention::estimate::normal_vec::<T>(exact.o.len(), 0x7255_7E00 + h as u64);
+                    let (ga, ge) = (backward_poly(&x, &approx, &g)?, backward_exact(&x, &exact, &g)?);
+                    Ok(Some((rel_err(&approx.o, &exact.o), rel_err(&ga.dq, &ge.dq))))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect()
+}
+
 /// The census of every head of a model on `ids` (exact forward): scores, bounds, the degree a
 /// tolerance needs, and the `auto` choice.
 ///
@@ -213,7 +274,8 @@ pub fn inspect_on<T: Scalar, N: Network<T>>(
     tol: f64,
     max_rank: usize,
 ) -> Result<Vec<InspectHead>> {
-    use crate::attention::bound::{choose_degree, MAX_AUTO_DEGREE};
+    use crate::attention::bound::{choose_degree, ScoreBounds, MAX_AUTO_DEGREE};
+    use crate::attention::estimate::{estimate_poly_error, EstimateSpec};
     use crate::attention::features::feature_dim;
     use crate::attention::Policy;
     use crate::attention::{head_bounds, head_max_scores};
@@ -227,14 +289,21 @@ pub fn inspect_on<T: Scalar, N: Network<T>>(
         let r_raw = head_bounds(q, k, shape, opts, false)?;
         for head in 0..shape.num_heads {
             let g = choose_degree(r_shift[head], tol, MAX_AUTO_DEGREE);
+            let (n, kv) = (shape.seq_len, head / shape.group());
+            let (qh, kh, vh) = (shape.query(q, head), shape.key(k, kv), shape.value(&a.v, kv));
+            let mut measure = |gs: &[usize], center: bool| {
+                estimate_poly_error(&qh, &kh, &vh, &EstimateSpec::new(n, opts.scale, opts.is_causal(), center), gs)
+            };
+            let bounds = ScoreBounds { shifted: r_shift[head], unshifted: r_raw[head] };
             let p = Policy::choose(
-                ids.len(),
+                n,
                 shape.head_dim,
                 shape.head_dim_v,
                 opts.is_causal(),
-                r_shift[head],
+                bounds,
                 tol,
                 max_rank,
+                &mut measure,
             );
             out.push(InspectHead {
                 layer,
@@ -245,6 +314,9 @@ pub fn inspect_on<T: Scalar, N: Network<T>>(
                 degree: g,
                 rank: g.and_then(|g| feature_dim(shape.head_dim, g)),
                 method: p.method.to_string(),
+                auto_degree: p.degree,
+                estimate: p.estimate,
+                decided_by: p.decided_by.as_str().to_string(),
                 reason: p.reason,
             });
         }
@@ -272,10 +344,15 @@ fn check_tol(tol: f64) -> Result<()> {
 /// - `exact`: every head exact (the other arguments are ignored);
 /// - `poly` / `altgrad` with a degree: every head with that degree (MATH §3–5);
 /// - `poly` / `altgrad` without one: per head the smallest even degree meeting `tol`;
-/// - `auto`: per head poly where the bound meets `tol`, `r ≤ max_rank` and it is cheaper, else exact.
+/// - `auto`: per head the cheapest degree cheaper than exact that the bound or the measured
+///   estimate admits within `tol` (`r ≤ max_rank`), else exact.
+///
+/// Forced poly / altgrad runs are refused before their first layer runs when its predicted cost
+/// exceeds `budget` ([`Budget::check`]; [`Budget::UNLIMITED`] for `--force`).
 ///
 /// Errors: [`Error::BadInput`] naming `attention` (unknown method), `degree` (odd or zero, or given
-/// with `auto`), `tol` (not a positive number) or `chunk` (zero). The CLI prefixes the names with `--`.
+/// with `auto`), `tol` (not a positive number), `chunk` (zero) or `max-slowdown` / `max-memory`
+/// (not positive). The CLI prefixes the names with `--`.
 pub fn attention_policy(
     method: &str,
     degree: Option<usize>,
@@ -283,8 +360,15 @@ pub fn attention_policy(
     chunk: usize,
     center: bool,
     max_rank: usize,
+    budget: Budget,
 ) -> Result<AttentionPolicy> {
     check_tol(tol)?;
+    if budget.max_slowdown.is_nan() || budget.max_slowdown <= 0.0 {
+        return Err(Error::bad("max-slowdown", format!("must be a positive number, got {}", budget.max_slowdown)));
+    }
+    if budget.max_memory.is_nan() || budget.max_memory <= 0.0 {
+        return Err(Error::bad("max-memory", "must be a positive number of GiB"));
+    }
     if chunk == 0 {
         return Err(Error::bad("chunk", "must be at least 1"));
     }
@@ -302,10 +386,7 @@ pub fn attention_policy(
     if method == Method::Exact {
         return Ok(AttentionPolicy::EXACT);
     }
-    Ok(match degree {
-        Some(g) => AttentionPolicy::Fixed(method.plan(PolyOptions { degree: g, center, chunk })),
-        None => AttentionPolicy::PerHeadDegree { method, tol, chunk, center },
-    })
+    Ok(AttentionPolicy::Forced { method, degree, budget, tol, chunk, center })
 }
 
 /// Number of transformer layers of a loaded model.
@@ -402,13 +483,22 @@ pub fn grad_run<T: Scalar>(
     } else {
         None
     };
+    let mut heads = head_reports(&pass);
+    if compare && pass.decisions.iter().flatten().any(|d| d.estimate.is_some()) {
+        phase(&format!("true error of each estimated head for --compare ({n} tokens)"));
+        let truth = true_head_errors(&loaded.model, ids, policy)?;
+        for h in &mut heads {
+            let t = truth.get(h.layer).and_then(|l| l.get(h.head)).copied().flatten();
+            (h.true_rel_err_o, h.true_rel_err_dq) = (t.map(|x| x.0), t.map(|x| x.1));
+        }
+    }
     let report = GradReport {
         model: loaded.source().to_string(),
         seq_len: n,
         n_layers: num_layers(&loaded.model),
         attention: attention.to_string(),
         loss: pass.loss,
-        heads: head_reports(&pass),
+        heads,
         timing_s: Timing { forward: pass.t_fwd, backward: pass.t_bwd, exact_backward: exact.as_ref().map(|e| e.t_bwd) },
         compare: exact.as_ref().map(|e| crate::job::compare(&pass, e)),
     };

@@ -3,6 +3,7 @@
 //! in [`crate::job`] ([`crate::job::grad_run`], [`crate::job::inspect_report`]), so the CLI and
 //! the bindings produce the same objects.
 
+use crate::attention::estimate::ErrorEstimate;
 use serde::{Deserialize, Serialize};
 
 /// One attention head's decision in a `grad` run.
@@ -22,6 +23,17 @@ pub struct HeadReport {
     pub rank: Option<usize>,
     /// Predicted relative error bound of this head's attention output (0 for exact).
     pub predicted_rel_err: f64,
+    /// `auto`: the measured error of the degree used, or of the degree considered for an exact
+    /// head ([`crate::attention::estimate`]); `null` otherwise.
+    pub estimate: Option<ErrorEstimate>,
+    /// `auto`: what decided (`bound`, `estimate`, `error` or `cost`); `null` otherwise.
+    pub decided_by: Option<String>,
+    /// With `--compare`, for heads with an estimate: the true `‖Õ − O‖_F/‖O‖_F` of the
+    /// estimate's degree on this head's inputs (full polynomial and exact forwards); `null` otherwise.
+    pub true_rel_err_o: Option<f64>,
+    /// With `--compare`, for heads with an estimate: the true `‖dQ̃ − dQ‖_F/‖dQ‖_F` of the
+    /// estimate's degree for a standard normal upstream gradient; `null` otherwise.
+    pub true_rel_err_dq: Option<f64>,
 }
 
 /// Wall-clock seconds of each phase.
@@ -102,6 +114,12 @@ pub struct InspectHead {
     pub rank: Option<usize>,
     /// What `--attention auto` would use: `poly` or `exact`.
     pub method: String,
+    /// The degree `auto` would use (`null` for exact).
+    pub auto_degree: Option<usize>,
+    /// The measured error of that degree, or of the degree considered for an exact head.
+    pub estimate: Option<ErrorEstimate>,
+    /// What decided: `bound`, `estimate`, `error` or `cost`.
+    pub decided_by: String,
     /// Why.
     pub reason: String,
 }

@@ -66,34 +66,101 @@ pub(crate) fn row_shift_rows<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64) 
         .collect()
 }
 
-/// Bound `R` on every score the polynomial approximates, for one head (MATH §3 "Bound and
-/// degree"): `q [n, d]`, `k [n, d]`, `scale = τ`.
+/// The two score bounds of one head (MATH §3 "Bound and degree"), from [`score_bounds`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScoreBounds {
+    /// Bound on the shifted scores `|s_ij − m_i|` (the kernels with `center = true`).
+    pub shifted: f64,
+    /// Bound on the unshifted scores `|s_ij|` (`center = false`).
+    pub unshifted: f64,
+}
+
+impl ScoreBounds {
+    /// The smaller bound and whether it is the shifted one (`center = true`; ties go to the shift).
+    pub fn best(&self) -> (f64, bool) {
+        if self.shifted <= self.unshifted {
+            (self.shifted, true)
+        } else {
+            (self.unshifted, false)
+        }
+    }
+
+    /// The bound of the scores the kernels approximate with row shift `center`.
+    pub fn for_center(&self, center: bool) -> f64 {
+        if center {
+            self.shifted
+        } else {
+            self.unshifted
+        }
+    }
+}
+
+/// Per-row bounds `R` on every score the polynomial approximates, for one head (MATH §3 "Bound and
+/// degree"): `q [n, d]`, `k [n, d]` (strided views), `scale = τ`, in O(n·d) and f64. Each bound is
+/// the largest of its per-row bounds `R_i`, which pair `‖q_i‖` with the keys row `i` may see (a
+/// prefix under the causal mask), so it is never above the product of the global maxima:
 ///
-/// - `center = true` (shifted scores `s_ij − m_i`):
-///   `R = τ · max_i ‖q_i‖ · (max_j ‖k_j − c‖ + max_i ‖k̄_i − c‖)` with `c` the global key mean and
-///   `k̄_i` the means of [`key_means`] (the second term is 0 without a mask); it bounds
-///   `τ ‖q_i‖ ‖k_j − k̄_i‖ ≥ |s_ij − m_i|` by Cauchy–Schwarz and the triangle inequality, in O(nd).
-///   This is the score the kernels approximate: they form it as `τ q_i·(k_j − c) − m'_i` with their
-///   reference point `c` and `m'_i = τ q_i·(k̄_i − c)` (MATH §3 "Reference point"), the same number
-///   for any `c`, so `R` bounds it whatever `c` they use.
-/// - `center = false` (unshifted): `R = τ · max_i ‖q_i‖ · max_j ‖k_j‖`.
+/// - shifted (`s_ij − m_i`, `m_i = τ q_i·k̄_i`): `R_i = τ ‖q_i‖ (max_{j≤i} ‖k_j − c‖ + ‖k̄_i − c‖)`
+///   with `c` the global key mean and `k̄_i` the means of [`key_means`] (without a mask `k̄_i = c` and
+///   the second term is 0); it bounds `τ ‖q_i‖ ‖k_j − k̄_i‖ ≥ |s_ij − m_i|` by Cauchy–Schwarz and the
+///   triangle inequality. This is the score the kernels approximate: they form it as
+///   `τ q_i·(k_j − c') − m'_i` with their own reference point `c'` (MATH §3 "Reference point"), the
+///   same number for any `c'`.
+/// - unshifted: `R_i = τ ‖q_i‖ max_{j≤i} ‖k_j‖`.
+///
+/// Under the causal mask the unshifted bound can be the smaller one (row 0's prefix mean is `k_0`
+/// itself, and early rows see few keys); [`ScoreBounds::best`] picks it.
+///
+/// Panics if `q` and `k` differ in rows or width.
+pub fn score_bounds<T: Scalar>(q: Rows<'_, T>, k: Rows<'_, T>, scale: f64, causal: bool) -> ScoreBounds {
+    let (n, d) = (q.rows(), q.cols());
+    assert!(k.rows() == n && k.cols() == d, "score_bounds: q and k differ in shape");
+    if n == 0 {
+        return ScoreBounds { shifted: 0.0, unshifted: 0.0 };
+    }
+    let norm = |x: &[T]| x.iter().map(|v| v.as_f64() * v.as_f64()).sum::<f64>().sqrt();
+    let mut c = vec![0.0f64; d];
+    for j in 0..n {
+        for (a, x) in c.iter_mut().zip(k.row(j)) {
+            *a += x.as_f64();
+        }
+    }
+    c.iter_mut().for_each(|a| *a /= n as f64);
+    let dist_c = |x: &[T]| x.iter().zip(&c).map(|(a, b)| (a.as_f64() - b) * (a.as_f64() - b)).sum::<f64>().sqrt();
+    let (mut shifted, mut unshifted) = (0.0f64, 0.0f64);
+    if causal {
+        let (mut kmax_c, mut kmax, mut acc) = (0.0f64, 0.0f64, vec![0.0f64; d]);
+        for i in 0..n {
+            let kr = k.row(i);
+            kmax_c = kmax_c.max(dist_c(kr));
+            kmax = kmax.max(norm(kr));
+            let inv = 1.0 / (i + 1) as f64;
+            let mut mean_c = 0.0f64;
+            for ((a, x), cc) in acc.iter_mut().zip(kr).zip(&c) {
+                *a += x.as_f64();
+                mean_c += (*a * inv - cc) * (*a * inv - cc);
+            }
+            let qn = scale * norm(q.row(i));
+            shifted = shifted.max(qn * (kmax_c + mean_c.sqrt()));
+            unshifted = unshifted.max(qn * kmax);
+        }
+    } else {
+        let kmax_c = (0..n).map(|j| dist_c(k.row(j))).fold(0.0, f64::max);
+        let kmax = (0..n).map(|j| norm(k.row(j))).fold(0.0, f64::max);
+        let qmax = scale * (0..n).map(|i| norm(q.row(i))).fold(0.0, f64::max);
+        shifted = qmax * kmax_c;
+        unshifted = qmax * kmax;
+    }
+    ScoreBounds { shifted, unshifted }
+}
+
+/// [`score_bounds`] of contiguous `q [n, d]`, `k [n, d]`: the shifted bound when `center`, else the
+/// unshifted one.
 ///
 /// Panics if `q` or `k` is not `n·d` long.
 pub fn score_bound<T: Scalar>(q: &[T], k: &[T], n: usize, d: usize, scale: f64, causal: bool, center: bool) -> f64 {
     assert!(q.len() == n * d && k.len() == n * d, "score_bound: q or k has the wrong length");
-    let norm = |x: &[T]| x.iter().map(|v| v.as_f64() * v.as_f64()).sum::<f64>().sqrt();
-    let qmax = q.chunks_exact(d).map(norm).fold(0.0, f64::max);
-    let kterm = if center {
-        let kd: Vec<f64> = k.iter().map(|x| x.as_f64()).collect();
-        let c = key_means(&kd, n, d, false);
-        let dist = |x: &[f64]| x.iter().zip(&c).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
-        let kmax = kd.chunks_exact(d).map(dist).fold(0.0, f64::max);
-        let mmax = if causal { key_means(&kd, n, d, true).chunks_exact(d).map(dist).fold(0.0, f64::max) } else { 0.0 };
-        kmax + mmax
-    } else {
-        k.chunks_exact(d).map(norm).fold(0.0, f64::max)
-    };
-    scale * qmax * kterm
+    score_bounds(Rows::contiguous(q, n, d), Rows::contiguous(k, n, d), scale, causal).for_center(center)
 }
 
 /// Entrywise relative error bound of the attention matrix, `ε_A(R, g) = R^{g+1} e^{2R} / (g+1)!`
@@ -234,6 +301,10 @@ mod tests {
                     assert!(s.abs() <= r0 + 1e-12);
                 }
             }
+            // never above the product of the global maxima (the bound before per-row pairing)
+            let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let qmax = q.chunks(d).map(norm).fold(0.0, f64::max);
+            assert!(r0 <= tau * qmax * k.chunks(d).map(norm).fold(0.0, f64::max) + 1e-12);
         }
     }
 }

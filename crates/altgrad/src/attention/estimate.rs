@@ -1,16 +1,18 @@
 //! Measured error of polynomial attention on a sample of query rows (MATH §3 "Measured
 //! estimate"; issue 14). The a-priori bound `ε_A(R, g)` of MATH §3 is 10³–10⁶ loose on real
 //! inputs (docs/RESULTS.md), so `auto` also *measures*: for a sample `S` of query rows it computes
-//! exact softmax attention and the polynomial model directly (O(|S|·n·d) in f64, no feature map),
+//! exact softmax attention and the polynomial model directly (O(|S|·n·d) in f64 GEMMs, no feature map),
 //! and compares them.
 //!
-//! Two errors are estimated, both relative Frobenius errors over all rows of the head:
+//! Two errors are estimated, both relative Frobenius errors over all rows of the head; the first
+//! (the quantity `ε_A` bounds, MATH §3) decides `auto`, the second is reported beside it:
 //!
 //! - `o`: `‖Õ − O‖_F / ‖O‖_F` (the head's output, MATH §3–4);
-//! - `ds`: `‖dS̃ − dS‖_F / ‖dS‖_F`, the gradient of the scores for an upstream gradient `G` of
-//!   i.i.d. standard normal entries (a fixed seed). `dS` carries every gradient of the head:
-//!   `dQ = τ dS K`, `dK = τ dSᵀ Q`, and its rows are `ds_ij = w_ij (G_i·v_j − G_i·o_i)` with
-//!   `w_ij = p_ij` (exact) or `T_{g−1}(s̃_ij)/den_i` (the polynomial model's exact gradient, MATH §4).
+//! - `dq`: `‖dQ̃ − dQ‖_F / ‖dQ‖_F`, the gradient of the head's queries for an upstream gradient `G`
+//!   of i.i.d. standard normal entries (a fixed seed): row-local, so sampled rows give it exactly.
+//!   `dq_i = τ Σ_j ds_ij (k_j − k̄_i)` with `ds_ij = w_ij (G_i·v_j − G_i·o_i)`, `w_ij = p_ij` (exact;
+//!   `Σ_j ds_ij = 0`, so `k̄_i` drops out) or `T_{g−1}(s̃_ij)/den_i` (the polynomial model's exact
+//!   gradient, MATH §4, with `k̄_i` the row shift's key mean, 0 without it).
 //!
 //! **Sampling.** `top` rows with the largest `‖q_i‖` (the rows whose scores can be largest:
 //! `|s̃_ij| ≤ τ‖q_i‖‖k_j − k̄_i‖`) are always measured; `uniform` more rows are drawn uniformly
@@ -22,36 +24,9 @@
 //! confidence bound on the relative error over all rows (exact when every row is sampled).
 
 use super::features::taylor;
-use crate::linalg::Scalar;
-
-/// Rows of one head of a `[seq, heads, width]` tensor (or a contiguous `[seq, width]` one):
-/// row `i` is `data[offset + i·stride ..][..width]`.
-#[derive(Clone, Copy, Debug)]
-pub struct Rows<'a, T> {
-    /// The tensor's storage.
-    pub data: &'a [T],
-    /// Start of row 0.
-    pub offset: usize,
-    /// Distance between rows (`heads · width` for `[seq, heads, width]`).
-    pub stride: usize,
-    /// Row width.
-    pub width: usize,
-}
-
-impl<'a, T: Scalar> Rows<'a, T> {
-    /// Contiguous `[n, width]` rows.
-    pub fn contiguous(data: &'a [T], width: usize) -> Self {
-        Rows { data, offset: 0, stride: width, width }
-    }
-    /// Head `h` of `[seq, heads, width]`.
-    pub fn head(data: &'a [T], heads: usize, width: usize, h: usize) -> Self {
-        Rows { data, offset: h * width, stride: heads * width, width }
-    }
-    fn row(&self, i: usize) -> &'a [T] {
-        let s = self.offset + i * self.stride;
-        &self.data[s..s + self.width]
-    }
-}
+pub use super::view::Rows;
+use crate::linalg::{matmul, rm, rm_mut, Scalar};
+use faer::Par;
 
 /// What to estimate for one head.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -80,16 +55,19 @@ impl EstimateSpec {
 }
 
 /// The measured error of one degree on one head.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ErrorEstimate {
     /// Degree `g`.
     pub degree: usize,
     /// Estimate of `‖Õ − O‖_F/‖O‖_F` over all rows (point estimate).
     pub rel_err_o: f64,
-    /// Estimate of `‖dS̃ − dS‖_F/‖dS‖_F` over all rows for a standard normal `G` (point estimate).
-    pub rel_err_ds: f64,
-    /// One-sided 95% upper confidence bound on the larger of the two (see the module docs).
+    /// Estimate of `‖dQ̃ − dQ‖_F/‖dQ‖_F` over all rows for a standard normal `G` (point estimate).
+    pub rel_err_dq: f64,
+    /// One-sided 95% upper confidence bound on the output error `rel_err_o` (see the module docs):
+    /// what [`super::method::Policy::choose`] compares with `tol`.
     pub upper: f64,
+    /// The same bound on the query-gradient error `rel_err_dq` (reported, not decisive).
+    pub upper_dq: f64,
     /// Rows measured.
     pub rows: usize,
 }
@@ -112,11 +90,17 @@ impl Mix {
     }
 }
 
+/// `len` i.i.d. standard normal numbers from `seed` (the generator of the estimate's `G`).
+pub(crate) fn normal_vec<T: Scalar>(len: usize, seed: u64) -> Vec<T> {
+    let mut rng = Mix(seed);
+    (0..len).map(|_| T::from_f64(rng.normal())).collect()
+}
+
 /// The sampled rows: `(row, is_top)`, top rows first.
 fn sample_rows<T: Scalar>(q: &Rows<T>, spec: &EstimateSpec) -> Vec<(usize, bool)> {
     let n = spec.seq_len;
     let mut by_norm: Vec<(f64, usize)> =
-        (0..n).map(|i| (q.row(i).iter().map(|x| x.as_f64() * x.as_f64()).sum::<f64>(), i)).collect();
+        (0..n.min(q.rows())).map(|i| (q.row(i).iter().map(|x| x.as_f64() * x.as_f64()).sum::<f64>(), i)).collect();
     by_norm.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let top = spec.top.min(n);
     let mut rows: Vec<(usize, bool)> = by_norm[..top].iter().map(|&(_, i)| (i, true)).collect();
@@ -131,7 +115,13 @@ fn sample_rows<T: Scalar>(q: &Rows<T>, spec: &EstimateSpec) -> Vec<(usize, bool)
     rows
 }
 
-/// Per-row squared errors and squared norms for every degree: `[degree][(e_o, y_o, e_ds, y_ds)]`.
+/// Sampled rows are processed in blocks of this many (the score blocks are `BLOCK × n` in f64).
+const BLOCK: usize = 32;
+
+/// Per-row squared errors and squared norms for every degree: `[degree][(e_o, y_o, e_dq, y_dq)]`,
+/// rows in the order of `rows`. By blocks of [`BLOCK`] sampled rows, everything in f64: the
+/// scores `S = τ Q_B Kᵀ − m` of a block are one GEMM, `G Vᵀ`, `P V`, `dS K` and per degree `A V`,
+/// `dS̃ K` more (masked keys get weight 0): O(|rows|·n·(d + d_v)·(2 + |degrees|)).
 #[allow(clippy::type_complexity)]
 fn row_errors<T: Scalar>(
     q: &Rows<T>,
@@ -141,13 +131,15 @@ fn row_errors<T: Scalar>(
     degrees: &[usize],
     rows: &[(usize, bool)],
 ) -> Vec<Vec<[f64; 4]>> {
-    let (n, d, dv, tau) = (spec.seq_len, q.width, v.width, spec.scale);
+    let (n, d, dv, tau) = (spec.seq_len, q.cols(), v.cols(), spec.scale);
+    let kf: Vec<f64> = (0..n).flat_map(|j| k.row(j).iter().map(|x| x.as_f64())).collect();
+    let vf: Vec<f64> = (0..n).flat_map(|j| v.row(j).iter().map(|x| x.as_f64())).collect();
     // key means: global, or prefix sums for the causal prefix means
     let mut ksum = vec![0.0f64; d];
     let mut prefix: Vec<f64> = if spec.causal { vec![0.0; n * d] } else { Vec::new() };
     for j in 0..n {
-        for (c, x) in k.row(j).iter().enumerate() {
-            ksum[c] += x.as_f64();
+        for (c, x) in kf[j * d..(j + 1) * d].iter().enumerate() {
+            ksum[c] += x;
             if spec.causal {
                 prefix[j * d + c] = ksum[c];
             }
@@ -155,63 +147,96 @@ fn row_errors<T: Scalar>(
     }
     let mut rng = Mix(spec.seed ^ 0x60A5_51A4);
     let mut out = vec![Vec::with_capacity(rows.len()); degrees.len()];
-    let mut s = vec![0.0f64; n];
-    let mut vd: Vec<Vec<f64>> = Vec::new();
-    for &(i, _) in rows {
-        let keys = if spec.causal { i + 1 } else { n };
-        let qi: Vec<f64> = q.row(i).iter().map(|x| x.as_f64()).collect();
-        let m = if spec.center {
-            let (sum, cnt) =
-                if spec.causal { (&prefix[i * d..(i + 1) * d], (i + 1) as f64) } else { (&ksum[..], n as f64) };
-            tau * qi.iter().zip(sum).map(|(a, b)| a * b / cnt).sum::<f64>()
-        } else {
-            0.0
-        };
-        let mut smax = f64::NEG_INFINITY;
-        for (j, sj) in s[..keys].iter_mut().enumerate() {
-            *sj = tau * qi.iter().zip(k.row(j)).map(|(a, b)| a * b.as_f64()).sum::<f64>() - m;
-            smax = smax.max(*sj);
-        }
-        let gi: Vec<f64> = (0..dv).map(|_| rng.normal()).collect();
-        // g_i · v_j for every key
-        vd.clear();
-        let gv: Vec<f64> =
-            (0..keys).map(|j| gi.iter().zip(v.row(j)).map(|(a, b)| a * b.as_f64()).sum::<f64>()).collect();
-        // exact: p_ij = exp(s_ij − max) / Σ
-        let p: Vec<f64> = s[..keys].iter().map(|x| (x - smax).exp()).collect();
-        let psum: f64 = p.iter().sum();
-        let mut o = vec![0.0f64; dv];
-        for (j, pj) in p.iter().enumerate() {
-            for (oc, vc) in o.iter_mut().zip(v.row(j)) {
-                *oc += pj / psum * vc.as_f64();
+    let (mut s, mut w, mut gv) = (vec![0.0f64; BLOCK * n], vec![0.0f64; BLOCK * n], vec![0.0f64; BLOCK * n]);
+    let (mut o, mut ot) = (vec![0.0f64; BLOCK * dv], vec![0.0f64; BLOCK * dv]);
+    for block in rows.chunks(BLOCK) {
+        let b = block.len();
+        let qb: Vec<f64> = block.iter().flat_map(|&(i, _)| q.row(i).iter().map(|x| x.as_f64())).collect();
+        let gb: Vec<f64> = (0..b * dv).map(|_| rng.normal()).collect();
+        let (s, w, gv) = (&mut s[..b * n], &mut w[..b * n], &mut gv[..b * n]);
+        let (o, ot) = (&mut o[..b * dv], &mut ot[..b * dv]);
+        matmul(rm_mut(s, b, n), false, rm(&qb, b, d), rm(&kf, n, d).transpose(), tau, Par::Seq);
+        matmul(rm_mut(gv, b, n), false, rm(&gb, b, dv), rm(&vf, n, dv).transpose(), 1.0, Par::Seq);
+        let keys = |r: usize| if spec.causal { block[r].0 + 1 } else { n };
+        // shift each row by m_i and remember its largest score
+        let mut smax = vec![f64::NEG_INFINITY; b];
+        for (r, &(i, _)) in block.iter().enumerate() {
+            let qi = &qb[r * d..(r + 1) * d];
+            let m = if spec.center {
+                let (sum, cnt) =
+                    if spec.causal { (&prefix[i * d..(i + 1) * d], (i + 1) as f64) } else { (&ksum[..], n as f64) };
+                tau * qi.iter().zip(sum).map(|(a, c)| a * c / cnt).sum::<f64>()
+            } else {
+                0.0
+            };
+            for x in s[r * n..r * n + keys(r)].iter_mut() {
+                *x -= m;
+                smax[r] = smax[r].max(*x);
             }
         }
-        let go: f64 = gi.iter().zip(&o).map(|(a, b)| a * b).sum();
-        let ds_exact: Vec<f64> = p.iter().zip(&gv).map(|(pj, gvj)| pj / psum * (gvj - go)).collect();
-        let y_o: f64 = o.iter().map(|x| x * x).sum();
-        let y_ds: f64 = ds_exact.iter().map(|x| x * x).sum();
+        // exact: p_ij = exp(s_ij − max) / Σ, masked keys 0
+        let mut psum = vec![0.0f64; b];
+        for r in 0..b {
+            let (sr, wr) = (&s[r * n..(r + 1) * n], &mut w[r * n..(r + 1) * n]);
+            for (j, (x, y)) in sr.iter().zip(wr.iter_mut()).enumerate() {
+                *y = if j < keys(r) { (x - smax[r]).exp() } else { 0.0 };
+                psum[r] += *y;
+            }
+        }
+        matmul(rm_mut(o, b, dv), false, rm(w, b, n), rm(&vf, n, dv), 1.0, Par::Seq);
+        // exact: ds_ij = p_ij (g_i·v_j − g_i·o_i), dq_i = τ Σ_j ds_ij k_j (MATH §4)
+        let mut exact = Vec::with_capacity(b);
+        let mut ds = vec![0.0f64; b * n];
+        for r in 0..b {
+            let (or, gr) = (&mut o[r * dv..(r + 1) * dv], &gb[r * dv..(r + 1) * dv]);
+            or.iter_mut().for_each(|x| *x /= psum[r]);
+            let go: f64 = gr.iter().zip(or.iter()).map(|(a, c)| a * c).sum();
+            for j in 0..keys(r) {
+                ds[r * n + j] = w[r * n + j] / psum[r] * (gv[r * n + j] - go);
+            }
+            exact.push((go, or.iter().map(|x| x * x).sum::<f64>()));
+        }
+        let mut dq = vec![0.0f64; b * d];
+        let mut dqt = vec![0.0f64; b * d];
+        matmul(rm_mut(&mut dq, b, d), false, rm(&ds, b, n), rm(&kf, n, d), tau, Par::Seq);
         for (di, &g) in degrees.iter().enumerate() {
-            let a: Vec<f64> = s[..keys].iter().map(|x| taylor(g, *x)).collect();
-            let den: f64 = a.iter().sum();
-            let mut ot = vec![0.0f64; dv];
-            for (j, aj) in a.iter().enumerate() {
-                for (oc, vc) in ot.iter_mut().zip(v.row(j)) {
-                    *oc += aj / den * vc.as_f64();
+            for r in 0..b {
+                for (j, (x, y)) in s[r * n..(r + 1) * n].iter().zip(w[r * n..(r + 1) * n].iter_mut()).enumerate() {
+                    *y = if j < keys(r) { taylor(g, *x) } else { 0.0 };
                 }
             }
-            let got: f64 = gi.iter().zip(&ot).map(|(a, b)| a * b).sum();
-            let e_o: f64 = ot.iter().zip(&o).map(|(a, b)| (a - b) * (a - b)).sum();
-            let e_ds: f64 = s[..keys]
-                .iter()
-                .zip(&gv)
-                .zip(&ds_exact)
-                .map(|((x, gvj), de)| {
-                    let w = if g == 0 { 0.0 } else { taylor(g - 1, *x) / den };
-                    let dt = w * (gvj - got);
-                    (dt - de) * (dt - de)
-                })
-                .sum();
-            out[di].push([e_o, y_o, e_ds, y_ds]);
+            matmul(rm_mut(ot, b, dv), false, rm(w, b, n), rm(&vf, n, dv), 1.0, Par::Seq);
+            // the polynomial model's ds̃_ij = T_{g−1}(s̃_ij)/den_i (g_i·v_j − g_i·õ_i) (MATH §4)
+            let mut dsum = vec![0.0f64; b];
+            let mut e_o = vec![0.0f64; b];
+            for r in 0..b {
+                let den: f64 = w[r * n..r * n + keys(r)].iter().sum();
+                let (otr, or, gr) =
+                    (&mut ot[r * dv..(r + 1) * dv], &o[r * dv..(r + 1) * dv], &gb[r * dv..(r + 1) * dv]);
+                otr.iter_mut().for_each(|x| *x /= den);
+                let got: f64 = gr.iter().zip(otr.iter()).map(|(a, c)| a * c).sum();
+                e_o[r] = otr.iter().zip(or).map(|(a, c)| (a - c) * (a - c)).sum();
+                for j in 0..keys(r) {
+                    let x = taylor(g - 1, s[r * n + j]) / den * (gv[r * n + j] - got);
+                    ds[r * n + j] = x;
+                    dsum[r] += x;
+                }
+            }
+            // dq̃_i = τ Σ_j ds̃_ij (k_j − k̄_i): the shift m_i = τ q_i·k̄_i depends on q_i too
+            matmul(rm_mut(&mut dqt, b, d), false, rm(&ds, b, n), rm(&kf, n, d), tau, Par::Seq);
+            for (r, &(i, _)) in block.iter().enumerate() {
+                if spec.center {
+                    let (sum, cnt) =
+                        if spec.causal { (&prefix[i * d..(i + 1) * d], (i + 1) as f64) } else { (&ksum[..], n as f64) };
+                    for (x, c) in dqt[r * d..(r + 1) * d].iter_mut().zip(sum) {
+                        *x -= tau * dsum[r] * c / cnt;
+                    }
+                }
+                let (dr, dtr) = (&dq[r * d..(r + 1) * d], &dqt[r * d..(r + 1) * d]);
+                let e_dq: f64 = dtr.iter().zip(dr).map(|(a, c)| (a - c) * (a - c)).sum();
+                let y_dq: f64 = dr.iter().map(|x| x * x).sum();
+                out[di].push([e_o[r], exact[r].1, e_dq, y_dq]);
+            }
         }
     }
     out
@@ -259,10 +284,12 @@ fn combine(n: usize, rows: &[(usize, bool)], e: &[f64], y: &[f64]) -> (f64, f64)
 
 /// Measures the polynomial method's error on one head for each degree in `degrees` (each even,
 /// ≥ 2): `q`, `k` rows of width `d`, `v` rows of width `d_v`, `spec.seq_len` rows each. Returns
-/// one [`ErrorEstimate`] per degree, in order. O((top + uniform)·n·(d + d_v·|degrees|)) time, O(n)
-/// memory (plus `n·d` for the causal prefix sums), all in f64.
+/// one [`ErrorEstimate`] per degree, in order. O((top + uniform)·n·(d + d_v)·(2 + |degrees|)) time in
+/// GEMMs, O(32·n + n·(d + d_v)) memory (f64 copies of `k`, `v`, the causal prefix sums and one block
+/// of scores), all in f64.
 ///
-/// Panics when a row view reaches past its data or a degree is 0 (callers validate degrees).
+/// Panics when `q`, `k` or `v` has fewer than `spec.seq_len` rows, `q` and `k` differ in width, or
+/// a degree is 0 (callers validate degrees).
 pub fn estimate_poly_error<T: Scalar>(
     q: &Rows<T>,
     k: &Rows<T>,
@@ -271,6 +298,9 @@ pub fn estimate_poly_error<T: Scalar>(
     degrees: &[usize],
 ) -> Vec<ErrorEstimate> {
     assert!(degrees.iter().all(|&g| g >= 1), "estimate_poly_error: degree 0");
+    let n = spec.seq_len;
+    assert!(q.rows() >= n && k.rows() >= n && v.rows() >= n, "estimate_poly_error: fewer rows than seq_len");
+    assert_eq!(q.cols(), k.cols(), "estimate_poly_error: q and k differ in width");
     let rows = sample_rows(q, spec);
     let per = row_errors(q, k, v, spec, degrees, &rows);
     degrees
@@ -280,7 +310,7 @@ pub fn estimate_poly_error<T: Scalar>(
             let col = |c: usize| r.iter().map(|x| x[c]).collect::<Vec<f64>>();
             let (po, uo) = combine(spec.seq_len, &rows, &col(0), &col(1));
             let (pd, ud) = combine(spec.seq_len, &rows, &col(2), &col(3));
-            ErrorEstimate { degree: g, rel_err_o: po, rel_err_ds: pd, upper: uo.max(ud), rows: rows.len() }
+            ErrorEstimate { degree: g, rel_err_o: po, rel_err_dq: pd, upper: uo, upper_dq: ud, rows: rows.len() }
         })
         .collect()
 }
@@ -316,9 +346,9 @@ mod tests {
                 let den: f64 = exact.iter().map(|b| b * b).sum();
                 let truth = (num / den).sqrt();
                 let est = estimate_poly_error(
-                    &Rows::contiguous(&q, d),
-                    &Rows::contiguous(&k, d),
-                    &Rows::contiguous(&v, d),
+                    &Rows::contiguous(&q, n, d),
+                    &Rows::contiguous(&k, n, d),
+                    &Rows::contiguous(&v, n, d),
                     &spec,
                     &[g],
                 )[0];
@@ -332,15 +362,56 @@ mod tests {
         }
     }
 
+    /// With every row sampled the dq estimate is the exact relative error of dL/dq for the same
+    /// upstream gradient `G` (rebuilt here from the sample order and seed), against the naive
+    /// O(n²) backward of exact attention and of the polynomial model (MATH §4).
+    #[test]
+    fn exhaustive_sample_equals_true_dq_error() {
+        use super::super::naive;
+        use super::super::{AttnShape, Qkv};
+        let (n, d, dv) = (37, 3, 5);
+        let (q, k, v) = (data(n, d, 7, 0.8), data(n, d, 8, 0.8), data(n, dv, 9, 1.0));
+        let s = AttnShape::new(n, 1, 1, d).with_head_dim_v(dv);
+        let x = Qkv::new(&q, &k, &v, &s).unwrap();
+        for (causal, center) in [(false, true), (true, true), (true, false)] {
+            let tau = 0.7;
+            let mut spec = EstimateSpec::new(n, tau, causal, center);
+            spec.top = 4;
+            spec.uniform = n;
+            let (qr, kr, vr) = (Rows::contiguous(&q, n, d), Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv));
+            let rows = sample_rows(&qr, &spec);
+            let mut rng = Mix(spec.seed ^ 0x60A5_51A4);
+            let mut g = vec![0.0f64; n * dv];
+            for &(i, _) in &rows {
+                for c in 0..dv {
+                    g[i * dv + c] = rng.normal();
+                }
+            }
+            let (dq, _, _) = naive::backward(&x, &g, causal, tau);
+            for deg in [2usize, 4] {
+                let (dqt, _, _) =
+                    naive::poly_backward(&x, &g, &naive::Poly { causal, scale: tau, degree: deg, center });
+                let num: f64 = dqt.iter().zip(&dq).map(|(a, b)| (a - b) * (a - b)).sum();
+                let truth = (num / dq.iter().map(|b| b * b).sum::<f64>()).sqrt();
+                let est = estimate_poly_error(&qr, &kr, &vr, &spec, &[deg])[0];
+                assert!(
+                    (est.rel_err_dq - truth).abs() <= 1e-10 * truth,
+                    "causal {causal} center {center} g={deg}: {} vs {truth}",
+                    est.rel_err_dq
+                );
+            }
+        }
+    }
+
     #[test]
     fn error_falls_with_degree_and_sample_is_deterministic() {
         let (n, d) = (300, 8);
         let (q, k, v) = (data(n, d, 4, 0.5), data(n, d, 5, 0.5), data(n, d, 6, 1.0));
         let spec = EstimateSpec::new(n, 1.0 / (d as f64).sqrt(), true, true);
-        let (qr, kr, vr) = (Rows::contiguous(&q, d), Rows::contiguous(&k, d), Rows::contiguous(&v, d));
+        let (qr, kr, vr) = (Rows::contiguous(&q, n, d), Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, d));
         let e = estimate_poly_error(&qr, &kr, &vr, &spec, &[2, 4, 6]);
         assert!(e[0].rel_err_o > e[1].rel_err_o && e[1].rel_err_o > e[2].rel_err_o, "{e:?}");
-        assert!(e[0].rel_err_ds > e[2].rel_err_ds, "{e:?}");
+        assert!(e[0].rel_err_dq > e[2].rel_err_dq, "{e:?}");
         assert_eq!(e, estimate_poly_error(&qr, &kr, &vr, &spec, &[2, 4, 6]));
         assert_eq!(e[0].rows, 128);
     }

@@ -10,8 +10,9 @@
 //! Adding a method: a kernel file beside `exact.rs`/`poly.rs`/`altgrad.rs`, one arm in [`Method`]
 //! (name, summary, cost, check) and one in [`HeadPlan`] (its forward and backward).
 
-use super::bound::{choose_degree, eps_a, output_bound, MAX_AUTO_DEGREE};
+use super::bound::{eps_a, output_bound, ScoreBounds, MAX_AUTO_DEGREE};
 use super::cost::{altgrad_flops, altgrad_state_bytes, exact_flops, exact_state_bytes, poly_flops, poly_state_bytes};
+use super::estimate::ErrorEstimate;
 use super::features::{feature_dim, FeatureMap, MAX_FEATURE_DIM};
 use super::poly::{self, Head, PolyOptions, PolyOutput, State, DEFAULT_CHUNK};
 use super::view::{Rows, RowsMut};
@@ -380,7 +381,33 @@ impl HeadPlan {
     }
 }
 
-/// The method chosen for one head and why (MATH §3 "Bound and degree", §7).
+/// What decided a head's method in [`Policy::choose`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decider {
+    /// The a-priori bound `ε_A(R, g) ≤ tol` (MATH §3) admitted the degree.
+    Bound,
+    /// The measured estimate ([`super::estimate`]) admitted the degree where the bound did not.
+    Estimate,
+    /// Neither admitted any degree that is cheaper than exact: exact.
+    Error,
+    /// No degree is cheaper than exact at this `n` within `max_rank`: exact, without error tests.
+    Cost,
+}
+
+impl Decider {
+    /// Lower-case name, as in JSON reports: `bound`, `estimate`, `error`, `cost`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decider::Bound => "bound",
+            Decider::Estimate => "estimate",
+            Decider::Error => "error",
+            Decider::Cost => "cost",
+        }
+    }
+}
+
+/// The method chosen for one head and why (MATH §3 "Bound and degree", "Measured estimate", §7).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Policy {
     /// [`Method::Poly`] or [`Method::Exact`].
@@ -389,63 +416,206 @@ pub struct Policy {
     pub degree: Option<usize>,
     /// Feature width `r = C(d+g, g)` (Poly only).
     pub rank: Option<usize>,
-    /// The score bound `R` the choice used ([`score_bound`]).
+    /// The a-priori score bound `R` the choice used: the smaller of the shifted and unshifted
+    /// bounds ([`ScoreBounds::best`]).
     pub bound: f64,
+    /// Whether `bound` (and a Poly head) uses the row shift (MATH §3).
+    pub center: bool,
     /// [`output_bound`]`(R, g)` for Poly (relative to `‖V‖_∞`); 0 for Exact.
     pub predicted_rel_err: f64,
-    /// One sentence saying why this method was chosen.
+    /// The measured error of the degree chosen (Poly), or of the cheapest degree considered
+    /// (Exact by error or cost); `None` when nothing was measured.
+    pub estimate: Option<ErrorEstimate>,
+    /// What decided.
+    pub decided_by: Decider,
+    /// One sentence saying why this method was chosen; every number in it holds.
     pub reason: String,
 }
 
 impl Policy {
-    /// Chooses the method of one head of length `n`, widths `d`, `d_v`, with score bound `bound`
-    /// (`R`), tolerance `tol` on `ε_A`, and largest acceptable feature width `max_rank`.
+    /// Chooses the method of one head of length `n`, widths `d`, `d_v`, with score bounds
+    /// `bounds`, tolerance `tol` and largest acceptable feature width `max_rank`; `measure(gs,
+    /// center)` returns the measured error of each degree in `gs` ([`super::estimate`]; called at
+    /// most once).
     ///
-    /// Poly is chosen only when an even degree `g ≤ MAX_AUTO_DEGREE` reaches `ε_A(R, g) ≤ tol`
-    /// ([`choose_degree`]), its width `r(d, g) ≤ max_rank`, and [`poly_flops`] (chunk
-    /// [`DEFAULT_CHUNK`]) is below [`exact_flops`]; otherwise Exact, with the failed condition in
-    /// `reason`.
-    pub fn choose(n: usize, d: usize, dv: usize, causal: bool, bound: f64, tol: f64, max_rank: usize) -> Policy {
-        let exact = |reason: String| Policy {
+    /// The candidates are the even degrees `g ≤ MAX_AUTO_DEGREE` whose width `r(d, g) ≤ max_rank`
+    /// and whose [`poly_flops`] (chunk [`DEFAULT_CHUNK`]) is below [`exact_flops`]. Poly takes the
+    /// smallest candidate admitted either by the bound (`ε_A(R, g) ≤ tol`, `R` the smaller of the
+    /// shifted and unshifted bounds, which also fixes the row shift) or by the estimate (its 95%
+    /// upper confidence bound on the relative Frobenius error of the head's output `≤ tol`; the
+    /// query-gradient estimate is carried along for the report); otherwise Exact. Without candidates the cheapest degree is still measured, so the
+    /// report shows how far the method would be.
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose(
+        n: usize,
+        d: usize,
+        dv: usize,
+        causal: bool,
+        bounds: ScoreBounds,
+        tol: f64,
+        max_rank: usize,
+        measure: &mut dyn FnMut(&[usize], bool) -> Vec<ErrorEstimate>,
+    ) -> Policy {
+        let (bound, center) = bounds.best();
+        let ef = exact_flops(n, d, dv, causal);
+        let pf = |r: usize| poly_flops(n, d, dv, r, causal, DEFAULT_CHUNK);
+        let rank = |g: usize| feature_dim(d, g).filter(|&r| r <= max_rank.min(MAX_FEATURE_DIM));
+        let cands: Vec<usize> =
+            (2..=MAX_AUTO_DEGREE).step_by(2).filter(|&g| rank(g).is_some_and(|r| pf(r) < ef)).collect();
+        let exact = |decided_by, estimate, reason| Policy {
             method: Method::Exact,
             degree: None,
             rank: None,
             bound,
+            center,
             predicted_rel_err: 0.0,
+            estimate,
+            decided_by,
             reason,
         };
-        let Some(g) = choose_degree(bound, tol, MAX_AUTO_DEGREE) else {
-            return exact(format!(
-                "no even degree ≤ {MAX_AUTO_DEGREE} reaches ε_A ≤ {tol:e} at score bound R = {bound:.3} \
-                 (ε_A(R, {MAX_AUTO_DEGREE}) = {:.2e})",
-                eps_a(bound, MAX_AUTO_DEGREE)
-            ));
-        };
-        let Some(r) = feature_dim(d, g).filter(|&r| r <= max_rank) else {
-            return exact(format!(
-                "degree {g} needs feature width r = C({d}+{g}, {g}) = {}, above max_rank = {max_rank}",
-                feature_dim(d, g).map_or("overflow".to_string(), |r| r.to_string())
-            ));
-        };
-        let (pf, ef) = (poly_flops(n, d, dv, r, causal, DEFAULT_CHUNK), exact_flops(n, d, dv, causal));
-        if pf >= ef {
-            return exact(format!(
-                "polynomial attention (g = {g}, r = {r}) would cost {:.3e} FLOP vs {:.3e} for exact at n = {n}",
-                pf, ef
-            ));
+        let shift = if center { "shifted" } else { "unshifted" };
+        if cands.is_empty() {
+            let est = measure(&[2], center).into_iter().next();
+            let seen = est.map_or(String::new(), |e| {
+                format!("; measured at g = 2: output error ≤ {:.1e}, dq error ≤ {:.1e} (95%)", e.upper, e.upper_dq)
+            });
+            let why = match rank(2) {
+                None => format!(
+                    "degree 2 needs feature width r = C({d}+2, 2) = {}, above max_rank = {max_rank}",
+                    feature_dim(d, 2).map_or("overflow".to_string(), |r| r.to_string())
+                ),
+                Some(r) => {
+                    format!("at n = {n} even degree 2 (r = {r}) would cost {:.3e} FLOP vs {ef:.3e} for exact", pf(r))
+                }
+            };
+            return exact(Decider::Cost, est, format!("{why}{seen}"));
         }
+        let by_bound = cands.iter().copied().find(|&g| eps_a(bound, g) <= tol);
+        let ests = measure(&cands, center);
+        let by_est = cands.iter().zip(&ests).find(|(_, e)| e.upper <= tol).map(|(&g, e)| (g, *e));
+        let est_of = |g: usize| cands.iter().position(|&c| c == g).and_then(|i| ests.get(i).copied());
+        let (g, decided_by) = match (by_bound, by_est) {
+            (Some(b), Some((e, _))) if e < b => (e, Decider::Estimate),
+            (Some(b), _) => (b, Decider::Bound),
+            (None, Some((e, _))) => (e, Decider::Estimate),
+            (None, None) => {
+                let gmax = *cands.last().expect("non-empty");
+                let worst = est_of(gmax);
+                return exact(
+                    Decider::Error,
+                    worst,
+                    format!(
+                        "no degree cheaper than exact meets {tol:e}: at g = {gmax}, ε_A(R = {bound:.3} {shift}) = {:.1e} \
+                         and the measured output error is ≤ {} (95%)",
+                        eps_a(bound, gmax),
+                        worst.map_or("unmeasured".to_string(), |e| format!("{:.1e}", e.upper))
+                    ),
+                );
+            }
+        };
+        let r = rank(g).expect("candidate");
+        let est = est_of(g);
+        let measured =
+            est.map_or("unmeasured".to_string(), |e| format!("{:.1e} (dq error ≤ {:.1e})", e.upper, e.upper_dq));
+        let reason = match decided_by {
+            Decider::Bound => format!(
+                "R = {bound:.3} ({shift}): degree {g} gives ε_A = {:.2e} ≤ {tol:e} (measured output error ≤ {measured}), r = {r}, \
+                 {:.1}× fewer FLOPs than exact",
+                eps_a(bound, g),
+                ef / pf(r)
+            ),
+            _ => format!(
+                "measured output error at degree {g} ≤ {measured} (95%), within {tol:e}, where the bound gives ε_A(R = {bound:.3} \
+                 {shift}) = {:.1e}; r = {r}, {:.1}× fewer FLOPs than exact",
+                eps_a(bound, g),
+                ef / pf(r)
+            ),
+        };
         Policy {
             method: Method::Poly,
             degree: Some(g),
             rank: Some(r),
             bound,
+            center,
             predicted_rel_err: output_bound(bound, g),
-            reason: format!(
-                "R = {bound:.3}: degree {g} gives ε_A = {:.2e} ≤ {tol:e}, r = {r}, {:.1}× fewer FLOPs than exact",
-                eps_a(bound, g),
-                ef / pf
-            ),
+            estimate: est,
+            decided_by,
+            reason,
         }
+    }
+}
+
+/// Limits on what a forced polynomial or ALTGrad run may cost before it starts (never silently
+/// slow): predicted attention FLOPs at most `max_slowdown` × exact's ([`Method::flops`], MATH §7),
+/// predicted working memory of one layer's attention at most `max_memory` bytes
+/// ([`Method::state_bytes`]). [`Budget::UNLIMITED`] is `--force`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    /// Largest ratio of predicted FLOPs to exact attention's.
+    pub max_slowdown: f64,
+    /// Largest predicted working memory, in bytes.
+    pub max_memory: f64,
+}
+
+impl Budget {
+    /// No limit (`--force`).
+    pub const UNLIMITED: Budget = Budget { max_slowdown: f64::INFINITY, max_memory: f64::INFINITY };
+    /// The CLI's defaults: 4× exact's FLOPs, 8 GiB.
+    pub const DEFAULT: Budget = Budget { max_slowdown: 4.0, max_memory: 8.0 * (1u64 << 30) as f64 };
+
+    /// Checks the plans of one layer's query heads against the budget: `n` rows, widths `d`, `d_v`,
+    /// `elem` bytes per number (4 for f32, 8 for f64), `threads` heads running at once.
+    ///
+    /// Errors: [`Error::BadInput`] naming `attention`, with both predicted costs and what to do.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check(
+        &self,
+        plans: &[HeadPlan],
+        n: usize,
+        d: usize,
+        dv: usize,
+        causal: bool,
+        elem: usize,
+        threads: usize,
+    ) -> Result<()> {
+        let Some(worst) =
+            plans.iter().filter(|p| p.options().is_some()).max_by_key(|p| p.rank(d).unwrap_or(usize::MAX))
+        else {
+            return Ok(());
+        };
+        let flops: f64 = plans.iter().map(|p| p.flops(n, d, dv, causal)).sum();
+        let ef = plans.len() as f64 * exact_flops(n, d, dv, causal);
+        let (g, r) = (worst.degree().unwrap_or(0), worst.rank(d).unwrap_or(usize::MAX));
+        let p = worst.options().expect("approximate");
+        let at_once = threads.clamp(1, plans.len().max(1));
+        let mem = at_once as f64 * worst.method().state_bytes(d, dv, r, p.chunk, elem) as f64;
+        let what = format!("{} with degree {g} (feature width r = {r}) at n = {n}", worst.method_name());
+        let fix = "use a lower degree, auto or exact attention, or force (CLI --force, Python force=True) to run it \
+                   anyway";
+        if flops > self.max_slowdown * ef {
+            return Err(Error::bad(
+                "attention",
+                format!(
+                    "{what} would cost {flops:.2e} FLOP per layer against {ef:.2e} for exact attention ({:.0}× exact, \
+                     above the limit max_slowdown = {}); {fix}",
+                    flops / ef,
+                    self.max_slowdown
+                ),
+            ));
+        }
+        if mem > self.max_memory {
+            return Err(Error::bad(
+                "attention",
+                format!(
+                    "{what} would need {:.2} GiB of working memory ({at_once} heads at once) against {:.1} MiB for \
+                     exact attention, above the limit max_memory = {:.1} GiB; {fix}",
+                    mem / (1u64 << 30) as f64,
+                    at_once as f64 * exact_state_bytes(elem) as f64 / (1u64 << 20) as f64,
+                    self.max_memory / (1u64 << 30) as f64
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -462,17 +632,60 @@ mod tests {
         assert!("auto".parse::<Method>().unwrap_err().to_string().contains("exact, poly, altgrad"));
     }
 
+    fn sb(r: f64) -> ScoreBounds {
+        ScoreBounds { shifted: r, unshifted: 2.0 * r }
+    }
+
+    fn est(upper: f64) -> impl FnMut(&[usize], bool) -> Vec<ErrorEstimate> {
+        move |gs: &[usize], _| {
+            gs.iter()
+                .map(|&g| ErrorEstimate {
+                    degree: g,
+                    rel_err_o: upper,
+                    rel_err_dq: upper,
+                    upper,
+                    upper_dq: upper,
+                    rows: 1,
+                })
+                .collect()
+        }
+    }
+
     #[test]
     fn policy_prefers_exact_when_short_or_unbounded() {
-        let p = Policy::choose(128, 64, 64, true, 0.5, 1e-2, 1 << 20);
-        assert_eq!(p.method, Method::Exact, "{}", p.reason);
-        let p = Policy::choose(32768, 16, 16, true, 0.5, 1e-1, 1 << 20);
-        assert_eq!(p.method, Method::Poly, "{}", p.reason);
-        assert_eq!((p.degree, p.rank), (Some(2), Some(153)));
-        let p = Policy::choose(32768, 16, 16, true, 8.0, 1e-3, 1 << 20);
-        assert_eq!(p.method, Method::Exact);
-        let p = Policy::choose(32768, 16, 16, true, 0.5, 1e-1, 100);
+        let p = Policy::choose(128, 64, 64, true, sb(0.5), 1e-2, 1 << 20, &mut est(0.0));
+        assert_eq!((p.method, p.decided_by), (Method::Exact, Decider::Cost), "{}", p.reason);
+        let p = Policy::choose(32768, 16, 16, true, sb(0.5), 1e-1, 1 << 20, &mut est(1.0));
+        assert_eq!((p.method, p.decided_by), (Method::Poly, Decider::Bound), "{}", p.reason);
+        assert_eq!((p.degree, p.rank, p.center), (Some(2), Some(153), true));
+        let p = Policy::choose(32768, 16, 16, true, sb(8.0), 1e-3, 1 << 20, &mut est(1.0));
+        assert_eq!((p.method, p.decided_by), (Method::Exact, Decider::Error));
+        let p = Policy::choose(32768, 16, 16, true, sb(0.5), 1e-1, 100, &mut est(0.0));
         assert_eq!(p.method, Method::Exact);
         assert!(p.reason.contains("max_rank"));
+    }
+
+    #[test]
+    fn estimate_admits_where_bound_does_not() {
+        // R = 8: ε_A ≥ 1 at every degree; a measured error of 1e-4 admits the cheapest degree.
+        let p = Policy::choose(32768, 16, 16, true, sb(8.0), 1e-3, 1 << 20, &mut est(1e-4));
+        assert_eq!((p.method, p.degree, p.decided_by), (Method::Poly, Some(2), Decider::Estimate), "{}", p.reason);
+        assert!(p.reason.contains("measured output error at degree 2"), "{}", p.reason);
+        // the unshifted bound is used when it is the smaller one
+        let b = ScoreBounds { shifted: 3.0, unshifted: 0.5 };
+        let p = Policy::choose(32768, 16, 16, true, b, 1e-1, 1 << 20, &mut est(1.0));
+        assert_eq!((p.method, p.center, p.bound), (Method::Poly, false, 0.5));
+    }
+
+    #[test]
+    fn budget_refuses_with_both_costs() {
+        let plan = Method::Poly.plan(PolyOptions::new(6));
+        let e = Budget::DEFAULT.check(&[plan; 4], 64, 32, 32, true, 4, 2).unwrap_err().to_string();
+        assert!(e.contains("FLOP per layer against") && e.contains("--force"), "{e}");
+        assert!(Budget::UNLIMITED.check(&[plan; 4], 64, 32, 32, true, 4, 2).is_ok());
+        let cheap = Method::Poly.plan(PolyOptions::new(2));
+        assert!(Budget::DEFAULT.check(&[cheap, HeadPlan::Exact], 65536, 16, 16, true, 4, 2).is_ok());
+        let mem = Budget { max_slowdown: f64::INFINITY, max_memory: 1e6 };
+        assert!(mem.check(&[plan], 64, 32, 32, true, 4, 2).unwrap_err().to_string().contains("GiB of working memory"));
     }
 }

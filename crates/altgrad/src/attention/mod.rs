@@ -31,7 +31,7 @@ use view::{heads_mut, Rows, RowsMut};
 
 pub use altgrad::{backward_altgrad, backward_altgrad_into};
 pub use exact::{backward_exact, backward_exact_into, forward_exact, forward_exact_into};
-pub use method::{HeadPlan, Method, Policy};
+pub use method::{Budget, Decider, HeadPlan, Method, Policy};
 pub use poly::{
     backward_poly, backward_poly_into, backward_poly_state, forward_poly, forward_poly_into, forward_poly_state,
     PolyBuffers, PolyOptions, PolyOutput, PolySaved, PolyState, PolyStateGrad,
@@ -528,9 +528,9 @@ pub(crate) fn sum_groups<A: AddAll>(per_head: Vec<A>, group: usize) -> Vec<A> {
     out
 }
 
-/// The score bound `R` of every query head (MATH §3, [`bound::score_bound`]): shifted scores when
-/// `center`, else unshifted; `[batch, num_heads]`, each against its key/value head. O(n·d) per head. A
-/// window mask is bounded as the causal mask (its pairs are a subset).
+/// The score bound `R` of every query head (MATH §3, [`bound::score_bounds`]): shifted scores when
+/// `center`, else unshifted; `[batch, num_heads]`, each against its key/value head. O(n·d) per head.
+/// A window mask is bounded as the causal mask (its pairs are a subset).
 ///
 /// Errors: [`Error::BadInput`] when `q`/`k` disagree with `shape`, `kv_len ≠ seq_len`, or the
 /// scale is not positive.
@@ -541,19 +541,28 @@ pub fn head_bounds<T: Scalar>(
     opts: &AttnOptions,
     center: bool,
 ) -> Result<Vec<f64>> {
+    Ok(head_score_bounds(q, k, shape, opts)?.into_iter().map(|b| b.for_center(center)).collect())
+}
+
+/// Both score bounds (shifted and unshifted, [`bound::score_bounds`]) of every query head,
+/// `[batch, num_heads]`, heads in parallel. O(n·d) per head.
+///
+/// Errors: as [`head_bounds`].
+pub fn head_score_bounds<T: Scalar>(
+    q: &[T],
+    k: &[T],
+    shape: &AttnShape,
+    opts: &AttnOptions,
+) -> Result<Vec<bound::ScoreBounds>> {
     let s = *shape;
     s.validate()?;
     s.check_len("q", q, s.num_heads, s.head_dim)?;
     s.check_self("k")?;
     s.check_len("k", k, s.num_kv_heads, s.head_dim)?;
     opts.validate()?;
-    let n = s.seq_len;
     Ok((0..s.heads())
         .into_par_iter()
-        .map(|h| {
-            let (qh, kh) = (s.query(q, h).to_vec(), s.key(k, h / s.group()).to_vec());
-            bound::score_bound(&qh, &kh, n, s.head_dim, opts.scale, opts.is_causal(), center)
-        })
+        .map(|h| bound::score_bounds(s.query(q, h), s.key(k, h / s.group()), opts.scale, opts.is_causal()))
         .collect())
 }
 

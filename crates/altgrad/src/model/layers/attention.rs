@@ -43,7 +43,7 @@ impl<T: Scalar> AttnCache<T> {
         opts: AttnOptions,
         policy: &AttentionPolicy,
     ) -> Result<Self> {
-        let decisions = decide(policy, &q, &k, &shape, &opts)?;
+        let decisions = decide(policy, &q, &k, &v, &shape, &opts)?;
         let plans: Vec<HeadPlan> = decisions.iter().map(|d| d.plan).collect();
         let out = forward_layer(&q, &k, &v, &shape, &opts, &plans)?;
         Ok(AttnCache { q, k, v, out, decisions, shape, opts })
