@@ -1,0 +1,177 @@
+"""``altgrad.distributed``: one sequence split across processes (sequence parallelism) on
+``torch.distributed``, for causal polynomial attention (MATH §4 "Causal"; issue 16).
+
+Rank ``r`` of the process group holds the ``r``-th contiguous slice of the sequence, in rank
+order (slices may differ in length; ``B``, ``H``, ``H_kv``, ``D``, ``D_v`` and every option equal on
+all ranks). Polynomial attention carries its whole past in a state of ``r_f × (D_v + 1)`` numbers
+per key/value head (``r_f = C(D + g, g)``), independent of the sequence length, so the ranks
+exchange states, not keys:
+
+1. the reference point ``c`` (the mean of the first ``min(chunk, T_0)`` keys of rank 0, zeros
+   without ``center``) is broadcast from rank 0, so every state has the same reference;
+2. each rank computes its slice's own state contribution (``s``, ``key_sum``, key count) from a
+   zero state at ``c`` — a local :func:`altgrad.attention` call;
+3. an exclusive prefix sum across ranks (one ``all_gather`` of the contributions) gives rank
+   ``r`` the state of every key before its slice;
+4. each rank runs :func:`altgrad.attention` on its slice from that state.
+
+The backward is autograd's: the prefix sum's backward is the reverse exclusive sum of the state
+gradients (one more ``all_gather``), so every rank gets its own ``dq, dk, dv``. Per call and rank
+the wire carries ``P`` states each way, ``2 · P · B · H_kv · (r_f · (D_v + 1) + D + 1)`` numbers —
+where ring attention would move every key and value, ``O(T · H_kv · (D + D_v))`` per rank.
+
+Only collectives that gloo (CPU) and nccl both provide are used (``broadcast``, ``all_gather``).
+Not provided: non-causal calls (they would need an all-reduce of the whole-sequence state, and the
+kernels take no external state without a mask) and ``method="exact"`` (ring attention); both are
+refused with a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .attention import PolyState
+from .attention import attention as _local_attention
+
+__all__ = ["attention", "state_numbers"]
+
+
+def state_numbers(batch: int, num_kv_heads: int, head_dim: int, head_dim_v: int, degree: int) -> int:
+    """Numbers in one rank's state contribution (``s``, ``key_sum`` and the count):
+    ``B · H_kv · (C(D + g, g) · (D_v + 1) + D) + 1``. Each call sends ``P`` of them per direction."""
+    r = math.comb(head_dim + degree, degree)
+    return batch * num_kv_heads * (r * (head_dim_v + 1) + head_dim) + 1
+
+
+def _group_info(group) -> tuple:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("altgrad.distributed.attention: torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _src(group) -> int:
+    """The global rank of the group's rank 0 (what ``broadcast`` takes)."""
+    if group is None:
+        return 0
+    return dist.get_global_rank(group, 0)
+
+
+def _all_gather(x: torch.Tensor, world: int, group) -> List[torch.Tensor]:
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous(), group=group)
+    return out
+
+
+class _ExclusiveScan(torch.autograd.Function):
+    """``y_r = Σ_{r' < r} x_{r'}`` across the ranks of ``group`` (zeros on rank 0); its backward is
+    the reverse exclusive sum ``dx_r = Σ_{r' > r} dy_{r'}``. One ``all_gather`` each way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        rank, world = _group_info(group)
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        parts = _all_gather(x.detach(), world, group)
+        y = torch.zeros_like(x)
+        for p in parts[:rank]:
+            y = y + p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        parts = _all_gather(dy, ctx.world, ctx.group)
+        dx = torch.zeros_like(dy)
+        for p in parts[ctx.rank + 1:]:
+            dx = dx + p
+        return dx, None
+
+
+def _check_agreement(q, k, v, degree, scale, center, chunk, group, world) -> None:
+    """Every rank must call with the same batch, heads, widths, dtype and options, so that the
+    states they exchange have one shape and meaning: gathered and compared, a ``ValueError`` on
+    every rank otherwise."""
+    meta = torch.tensor(
+        [q.shape[0], q.shape[2], k.shape[2], q.shape[3], v.shape[3], degree, int(center), chunk,
+         0 if q.dtype == torch.float32 else 1, int(round((scale or 0.0) * 1e12))],
+        dtype=torch.int64,
+    )
+    metas = _all_gather(meta, world, group)
+    names = ["batch", "num_heads", "num_kv_heads", "head_dim", "head_dim_v", "degree", "center", "chunk",
+             "dtype", "scale"]
+    for r, m in enumerate(metas):
+        if not torch.equal(m, meta):
+            bad = [n for n, a, b in zip(names, m.tolist(), meta.tolist()) if a != b]
+            raise ValueError(f"altgrad.distributed.attention: rank {r} differs from this rank in {', '.join(bad)}; "
+                             "every rank must pass the same batch, heads, widths, dtype and options")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    method: str = "poly",
+    causal: bool = True,
+    scale: Optional[float] = None,
+    degree: int = 2,
+    center: bool = True,
+    chunk: Optional[int] = None,
+    group=None,
+) -> torch.Tensor:
+    """This rank's slice of causal polynomial attention over one sequence split across the ranks
+    of ``group`` (the default group when ``None``), differentiable by torch autograd.
+
+    Shapes: this rank's slice ``q [B, T_r, H, D]``, ``k [B, T_r, H_kv, D]``, ``v [B, T_r, H_kv, D_v]``
+    → ``o [B, T_r, H, D_v]``, the rows of :func:`altgrad.attention` over the concatenation of all
+    ranks' slices in rank order (to rounding). ``T_r ≥ 1`` may differ across ranks; everything else
+    must agree (checked). Options as :func:`altgrad.attention` (``method="poly"``, ``causal=True``).
+
+    Raises:
+        ValueError: ``method`` other than ``"poly"`` (exact attention across ranks would need ring
+            attention, which altgrad does not provide), ``causal=False`` (not provided), ranks that
+            disagree on shapes, dtype or options, and everything :func:`altgrad.attention` raises.
+        RuntimeError: ``torch.distributed`` not initialized.
+    """
+    if method != "poly":
+        raise ValueError(f"altgrad.distributed.attention: method {method!r} is not provided across ranks: only "
+                         "'poly' (states cross the wire); exact attention would need ring attention")
+    if not causal:
+        raise ValueError("altgrad.distributed.attention: only causal=True is provided (a non-causal call would "
+                         "need an all-reduce of the whole-sequence state, which the kernels do not take)")
+    rank, world = _group_info(group)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"altgrad.distributed.attention: {name} must be a 4-D tensor [B, T, H, D]")
+    if q.shape[1] == 0:
+        raise ValueError(f"altgrad.distributed.attention: rank {rank} holds an empty slice (T = 0)")
+    ch = 64 if chunk is None else int(chunk)
+    _check_agreement(q, k, v, int(degree), scale, bool(center), ch, group, world)
+    b, _, hkv, d = k.shape
+    dv = v.shape[3]
+    opts = dict(method="poly", causal=True, scale=scale, degree=degree, center=center, chunk=chunk)
+    # 1. one reference point for every state: rank 0's first min(chunk, T_0) keys
+    if center:
+        c = k.detach()[:, : min(ch, k.shape[1])].mean(dim=1).contiguous()
+    else:
+        c = torch.zeros(b, hkv, d, dtype=k.dtype)
+    dist.broadcast(c, src=_src(group), group=group)
+    # 2. this slice's own contribution, from a zero state at c
+    r_f = math.comb(d + int(degree), int(degree))
+    zero = PolyState(
+        torch.zeros(b, hkv, r_f, dv + 1, dtype=q.dtype),
+        torch.zeros(b, hkv, d, dtype=q.dtype),
+        c,
+        torch.tensor(0, dtype=torch.int64),
+    )
+    _, own = _local_attention(q, k, v, **opts, initial_state=zero, output_final_state=True)
+    # 3. the state of every key before this slice: exclusive prefix sums across ranks
+    lengths = _all_gather(torch.tensor([k.shape[1]], dtype=torch.int64), world, group)
+    count = torch.tensor(int(sum(int(t) for t in lengths[:rank])), dtype=torch.int64)
+    before = PolyState(_ExclusiveScan.apply(own.s, group), _ExclusiveScan.apply(own.key_sum, group), c, count)
+    # 4. this slice from that state
+    o, _ = _local_attention(q, k, v, **opts, initial_state=before, output_final_state=True)
+    return o
