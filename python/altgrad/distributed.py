@@ -16,9 +16,11 @@ exchange states, not keys:
 4. each rank runs :func:`altgrad.attention` on its slice from that state.
 
 The backward is autograd's: the prefix sum's backward is the reverse exclusive sum of the state
-gradients (one more ``all_gather``), so every rank gets its own ``dq, dk, dv``. Per call and rank
-the wire carries ``P`` states each way, ``2 · P · B · H_kv · (r_f · (D_v + 1) + D + 1)`` numbers —
-where ring attention would move every key and value, ``O(T · H_kv · (D + D_v))`` per rank.
+gradients (one more ``all_gather``), so every rank gets its own ``dq, dk, dv``. Per call each rank
+sends its state contribution, ``B · H_kv · (r_f · (D_v + 1) + D)`` numbers (:func:`state_numbers`),
+to the ``P − 1`` others twice (the prefix sum forward, its gradient backward), plus the reference
+point and small metadata — where ring attention would move every key and value,
+``O(T · H_kv · (D + D_v))`` per rank.
 
 Only collectives that gloo (CPU) and nccl both provide are used (``broadcast``, ``all_gather``).
 Not provided: non-causal calls (they would need an all-reduce of the whole-sequence state, and the
@@ -41,8 +43,9 @@ __all__ = ["attention", "state_numbers"]
 
 
 def state_numbers(batch: int, num_kv_heads: int, head_dim: int, head_dim_v: int, degree: int) -> int:
-    """Numbers in one rank's state contribution (``s``, ``key_sum`` and the count):
-    ``B · H_kv · (C(D + g, g) · (D_v + 1) + D) + 1``. Each call sends ``P`` of them per direction."""
+    """Numbers in one rank's state contribution (``s``, ``key_sum``) plus its length:
+    ``B · H_kv · (C(D + g, g) · (D_v + 1) + D) + 1``. Each rank sends its ``s`` and ``key_sum`` to the
+    ``P − 1`` others in the forward and their gradients in the backward."""
     r = math.comb(head_dim + degree, degree)
     return batch * num_kv_heads * (r * (head_dim_v + 1) + head_dim) + 1
 
@@ -90,23 +93,61 @@ class _ExclusiveScan(torch.autograd.Function):
         return dx, None
 
 
-def _check_agreement(q, k, v, degree, scale, center, chunk, group, world) -> None:
-    """Every rank must call with the same batch, heads, widths, dtype and options, so that the
-    states they exchange have one shape and meaning: gathered and compared, a ``ValueError`` on
-    every rank otherwise."""
-    meta = torch.tensor(
-        [q.shape[0], q.shape[2], k.shape[2], q.shape[3], v.shape[3], degree, int(center), chunk,
-         0 if q.dtype == torch.float32 else 1, int(round((scale or 0.0) * 1e12))],
-        dtype=torch.int64,
-    )
+_DTYPES = {torch.float32: 1, torch.float64: 2}
+_META = ["batch", "num_heads", "num_kv_heads", "head_dim", "head_dim_v", "degree", "center", "chunk", "dtype",
+         "scale"]
+
+
+def _local_problem(q, k, v, method, causal, scale, degree, chunk, rank) -> Optional[str]:
+    """What is wrong with this rank's own call, before any collective (``None`` when nothing)."""
+    if method != "poly":
+        return (f"method {method!r} is not provided across ranks: only 'poly' (states cross the wire); exact "
+                "attention would need ring attention, and ALTGrad's backward continues no state")
+    if not causal:
+        return ("only causal=True is provided (a non-causal call would need an all-reduce of the whole-sequence "
+                "state, which the kernels do not take)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return f"{name} must be a 4-D tensor [B, T, H, D]"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v must be all float32 or all float64, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.shape[1] == 0:
+        return f"rank {rank} holds an empty slice (T = 0)"
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+        return (f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+                "[B, T, H, D], [B, T, H_kv, D], [B, T, H_kv, D_v]")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        return f"scale must be a positive finite number or None, got {scale!r}"
+    if isinstance(degree, bool) or not isinstance(degree, int):
+        return f"degree must be an int, got {degree!r}"
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        return f"chunk must be a positive int or None, got {chunk!r}"
+    return None
+
+
+def _check_agreement(problem, q, k, v, degree, scale, center, chunk, group, world, rank) -> None:
+    """One ``all_gather`` that every rank joins, even one whose own call is wrong, so that no rank
+    is left waiting in a collective: each rank's validity and its batch, heads, widths, dtype and
+    options. Every rank raises ``ValueError`` if any rank's call was wrong (that rank with its own
+    message) or if the ranks disagree, so that the states they exchange have one shape and meaning."""
+    if problem is None:
+        vals = [1.0, q.shape[0], q.shape[2], k.shape[2], q.shape[3], v.shape[3], degree, float(center), chunk,
+                _DTYPES[q.dtype], -1.0 if scale is None else float(scale)]
+    else:
+        vals = [0.0] + [0.0] * len(_META)
+    meta = torch.tensor(vals, dtype=torch.float64)
     metas = _all_gather(meta, world, group)
-    names = ["batch", "num_heads", "num_kv_heads", "head_dim", "head_dim_v", "degree", "center", "chunk",
-             "dtype", "scale"]
+    if problem is not None:
+        raise ValueError(f"altgrad.distributed.attention: {problem}")
+    bad_ranks = [r for r, m in enumerate(metas) if m[0].item() == 0.0]
+    if bad_ranks:
+        raise ValueError(f"altgrad.distributed.attention: the inputs of rank(s) {bad_ranks} were refused "
+                         "(see the error on those ranks)")
     for r, m in enumerate(metas):
         if not torch.equal(m, meta):
-            bad = [n for n, a, b in zip(names, m.tolist(), meta.tolist()) if a != b]
-            raise ValueError(f"altgrad.distributed.attention: rank {r} differs from this rank in {', '.join(bad)}; "
-                             "every rank must pass the same batch, heads, widths, dtype and options")
+            bad = [n for n, a, b in zip(_META, m[1:].tolist(), meta[1:].tolist()) if a != b]
+            raise ValueError(f"altgrad.distributed.attention: rank {r} differs from rank {rank} in "
+                             f"{', '.join(bad)}; every rank must pass the same batch, heads, widths, dtype and options")
 
 
 def attention(
@@ -130,26 +171,26 @@ def attention(
     ranks' slices in rank order (to rounding). ``T_r ≥ 1`` may differ across ranks; everything else
     must agree (checked). Options as :func:`altgrad.attention` (``method="poly"``, ``causal=True``).
 
+    Every rank must call it (and, when the loss is differentiated, run the backward: the
+    backward's prefix sum is a collective too). A rank whose own call is wrong still joins the
+    first collective, so every rank raises instead of waiting.
+
     Raises:
-        ValueError: ``method`` other than ``"poly"`` (exact attention across ranks would need ring
-            attention, which altgrad does not provide), ``causal=False`` (not provided), ranks that
-            disagree on shapes, dtype or options, and everything :func:`altgrad.attention` raises.
+        ValueError: on every rank, when any rank passes a ``method`` other than ``"poly"`` (exact
+            attention across ranks would need ring attention, which altgrad does not provide),
+            ``causal=False`` (not provided), an empty slice, inconsistent shapes or dtypes, a bad
+            ``scale``, ``degree`` or ``chunk``, or when ranks disagree on batch, heads, widths,
+            dtype or options; and everything :func:`altgrad.attention` raises.
         RuntimeError: ``torch.distributed`` not initialized.
     """
-    if method != "poly":
-        raise ValueError(f"altgrad.distributed.attention: method {method!r} is not provided across ranks: only "
-                         "'poly' (states cross the wire); exact attention would need ring attention")
-    if not causal:
-        raise ValueError("altgrad.distributed.attention: only causal=True is provided (a non-causal call would "
-                         "need an all-reduce of the whole-sequence state, which the kernels do not take)")
+    ch = 64 if chunk is None else chunk
+    if not (dist.is_available() and dist.is_initialized()):
+        problem = _local_problem(q, k, v, method, causal, scale, degree, ch, 0)
+        if problem is not None:
+            raise ValueError(f"altgrad.distributed.attention: {problem}")
     rank, world = _group_info(group)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"altgrad.distributed.attention: {name} must be a 4-D tensor [B, T, H, D]")
-    if q.shape[1] == 0:
-        raise ValueError(f"altgrad.distributed.attention: rank {rank} holds an empty slice (T = 0)")
-    ch = 64 if chunk is None else int(chunk)
-    _check_agreement(q, k, v, int(degree), scale, bool(center), ch, group, world)
+    problem = _local_problem(q, k, v, method, causal, scale, degree, ch, rank)
+    _check_agreement(problem, q, k, v, degree, scale, bool(center), ch, group, world, rank)
     b, _, hkv, d = k.shape
     dv = v.shape[3]
     opts = dict(method="poly", causal=True, scale=scale, degree=degree, center=center, chunk=chunk)

@@ -106,7 +106,7 @@ class Model:
             degree: even degree for every poly/altgrad head; ``None`` picks per head the smallest
                 even degree meeting ``tol`` (MATH §3). Not with ``"auto"``.
             tol: tolerance on a head's relative error: ε_A of the attention matrix (the bound), or
-                for ``"auto"`` the measured error of its output and score gradient (95% upper bound).
+                for ``"auto"`` the measured relative error of its output (95% upper bound).
             compare: also run the exact backward and report per-layer errors and the speed-up.
             chunk: rows per chunk of the polynomial kernels.
             center: the row shift (MATH §3).

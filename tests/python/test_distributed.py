@@ -119,3 +119,40 @@ def test_a_decoder_trained_across_processes_has_the_single_process_losses():
     rep = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(rep["parallel"]) == len(rep["single"]) == 5
     assert rep["max_abs_diff"] <= 1e-10, rep
+
+
+def _bad_worker(rank, world, port, case, out_dir):
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x = torch.randn(1, 4, 2, 3, dtype=torch.float64)
+        kw = {}
+        if rank == 1:
+            if case == "method":
+                kw["method"] = "exact"
+            elif case == "empty":
+                x = x[:, :0]
+            elif case == "scale":
+                kw["scale"] = float("nan")
+            elif case == "dtype":
+                x = x.to(torch.bfloat16)
+        try:
+            altgrad.distributed.attention(x, x, x, **kw)
+            msg = "no error"
+        except ValueError as e:
+            msg = str(e)
+        with open(os.path.join(out_dir, f"{case}{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["method", "empty", "scale", "dtype"])
+def test_one_bad_rank_makes_every_rank_raise_instead_of_hanging(tmp_path, case):
+    mp.spawn(_bad_worker, args=(2, _free_port(), case, str(tmp_path)), nprocs=2, join=True)
+    own = (tmp_path / f"{case}1.txt").read_text()
+    other = (tmp_path / f"{case}0.txt").read_text()
+    assert own.startswith("altgrad.distributed.attention:") and "no error" not in own, own
+    assert "rank(s) [1] were refused" in other, other

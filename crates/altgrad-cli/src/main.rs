@@ -87,8 +87,9 @@ impl ValueEnum for Attention {
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         Some(match self {
             Attention::Every(m) => clap::builder::PossibleValue::new(m.as_str()).help(m.summary()),
-            Attention::Auto => clap::builder::PossibleValue::new("auto")
-                .help("Per head: polynomial where the measured bound meets --tol and it is cheaper, else exact"),
+            Attention::Auto => clap::builder::PossibleValue::new("auto").help(
+                "Per head: polynomial where it is cheaper and the bound or the measured error meets --tol, else exact",
+            ),
         })
     }
 }
@@ -104,8 +105,8 @@ struct AttnMethodArgs {
     #[arg(long)]
     degree: Option<usize>,
     /// Tolerance on a head's relative error: the a-priori ε_A of the attention matrix (MATH §3) or,
-    /// for auto, the measured error of the head's output and score gradient on sampled rows (95%
-    /// upper bound), whichever admits the cheaper degree.
+    /// for auto, the measured relative error of the head's output on sampled rows (95% upper bound),
+    /// whichever admits the cheaper degree (the query-gradient error is reported, not used).
     #[arg(long, default_value_t = 1e-3)]
     tol: f64,
     /// Refuse a forced poly/altgrad run whose predicted attention FLOPs exceed this many times
@@ -133,13 +134,14 @@ struct AttnMethodArgs {
 impl AttnMethodArgs {
     fn policy(&self) -> Result<AttentionPolicy> {
         let a = self;
-        let budget = if a.force {
-            Budget::UNLIMITED
-        } else {
-            Budget { max_slowdown: a.max_slowdown, max_memory: a.max_memory * (1u64 << 30) as f64 }
-        };
-        job::attention_policy(a.attention.name(), a.degree, a.tol, a.chunk, !a.no_center, a.max_rank, budget)
-            .map_err(|e| flag_error(e).into())
+        let budget = Budget { max_slowdown: a.max_slowdown, max_memory: a.max_memory * (1u64 << 30) as f64 };
+        let mut policy =
+            job::attention_policy(a.attention.name(), a.degree, a.tol, a.chunk, !a.no_center, a.max_rank, budget)
+                .map_err(flag_error)?;
+        if let (true, AttentionPolicy::Forced { budget, .. }) = (a.force, &mut policy) {
+            *budget = Budget::UNLIMITED; // the limits were still validated
+        }
+        Ok(policy)
     }
 }
 
@@ -608,8 +610,11 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
             println!(" 'no bound' where ε_A ≥ 1. The errors are measured against the exact backward.)");
             if auto {
                 println!("(est.: the largest measured relative error of a head's output o and query gradient dq on sampled rows, a");
-                println!(" 95% upper bound, the larger of the two; true: the same two errors measured on whole heads,");
-                println!(" the largest of a layer. Exact heads: the errors their cheapest degree would have.)");
+                println!(" 95% upper bound, the larger of the two; true: the same two errors measured on whole heads");
+                println!(
+                    " (dq for an independent draw of the upstream gradient), the largest of a layer. Exact heads:"
+                );
+                println!(" the errors of the degree auto measured.)");
                 println!("layer  methods                    bound o        est.      true  rel_err_dx  rel_err_dw");
             } else {
                 println!("layer  methods                    bound o        rel_err_dx  rel_err_dw");

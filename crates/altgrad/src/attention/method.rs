@@ -596,7 +596,7 @@ impl Budget {
             return Err(Error::bad(
                 "attention",
                 format!(
-                    "{what} would cost {flops:.2e} FLOP per layer against {ef:.2e} for exact attention ({:.0}× exact, \
+                    "{what} would cost {flops:.2e} FLOP per layer against {ef:.2e} for exact attention ({:.1}× exact, \
                      above the limit max_slowdown = {}); {fix}",
                     flops / ef,
                     self.max_slowdown

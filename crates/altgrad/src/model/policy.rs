@@ -21,8 +21,8 @@ pub enum AttentionPolicy {
     /// unshifted bounds) or the measured estimate (95% upper bound `≤ tol`) admits; otherwise
     /// exact ([`crate::attention::Policy::choose`], MATH §3 "Measured estimate").
     Auto {
-        /// Tolerance on a head's relative error: `ε_A` for the bound, the relative error of the
-        /// output and score gradient for the estimate.
+        /// Tolerance on a head's relative error: `ε_A` for the bound, the measured relative error
+        /// of the head's output (95% upper bound) for the estimate.
         tol: f64,
         /// Largest feature width `r` allowed (memory budget).
         max_rank: usize,
