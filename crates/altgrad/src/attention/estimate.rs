@@ -185,7 +185,7 @@ fn row_errors<T: Scalar>(
         }
         matmul(rm_mut(o, b, dv), false, rm(w, b, n), rm(&vf, n, dv), 1.0, Par::Seq);
         // exact: ds_ij = p_ij (g_i·v_j − g_i·o_i), dq_i = τ Σ_j ds_ij k_j (MATH §4)
-        let mut exact = Vec::with_capacity(b);
+        let mut y_o = Vec::with_capacity(b);
         let mut ds = vec![0.0f64; b * n];
         for r in 0..b {
             let (or, gr) = (&mut o[r * dv..(r + 1) * dv], &gb[r * dv..(r + 1) * dv]);
@@ -194,7 +194,7 @@ fn row_errors<T: Scalar>(
             for j in 0..keys(r) {
                 ds[r * n + j] = w[r * n + j] / psum[r] * (gv[r * n + j] - go);
             }
-            exact.push((go, or.iter().map(|x| x * x).sum::<f64>()));
+            y_o.push(or.iter().map(|x| x * x).sum::<f64>());
         }
         let mut dq = vec![0.0f64; b * d];
         let mut dqt = vec![0.0f64; b * d];
@@ -235,7 +235,7 @@ fn row_errors<T: Scalar>(
                 let (dr, dtr) = (&dq[r * d..(r + 1) * d], &dqt[r * d..(r + 1) * d]);
                 let e_dq: f64 = dtr.iter().zip(dr).map(|(a, c)| (a - c) * (a - c)).sum();
                 let y_dq: f64 = dr.iter().map(|x| x * x).sum();
-                out[di].push([e_o[r], exact[r].1, e_dq, y_dq]);
+                out[di].push([e_o[r], y_o[r], e_dq, y_dq]);
             }
         }
     }
