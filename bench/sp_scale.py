@@ -96,6 +96,7 @@ def run(rank, world, init, seq_len, iface, out):
             if out:
                 with open(out, "a") as f:
                     f.write(line + "\n")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

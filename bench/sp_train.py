@@ -128,6 +128,7 @@ def worker(rank, world, port, lengths, steps, dtype, out):
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(losses, f)
+        dist.barrier()  # no rank tears its connections down while a peer still reads from them
     finally:
         dist.destroy_process_group()
 

@@ -55,6 +55,7 @@ def _worker(rank, world, port, lengths, out_dir):
             o.backward(do[:, lo:hi])
             results.append((o.detach(), q.grad, k.grad, v.grad))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears its connections down while a peer still reads from them
     finally:
         dist.destroy_process_group()
 
@@ -145,6 +146,7 @@ def _bad_worker(rank, world, port, case, out_dir):
             msg = str(e)
         with open(os.path.join(out_dir, f"{case}{rank}.txt"), "w") as f:
             f.write(msg)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
