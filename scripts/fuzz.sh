@@ -29,6 +29,10 @@ if [ "$target" = all ]; then
 fi
 case " $TARGETS " in *" $target "*) ;; *) echo "unknown target $target (targets: $TARGETS)" >&2; exit 2 ;; esac
 mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target" fuzz/logs
+# fetched model files seed the git-ignored working corpus, never fuzz/seeds/ (they stay out of git)
+if [ "$target" = hf_config ] && [ -f models/minilm/config.json ]; then
+  cp models/minilm/config.json fuzz/corpus/hf_config/ok_minilm.json
+fi
 export RAYON_NUM_THREADS=1
 if [ "${FUZZ_NO_BUILD:-0}" != 1 ]; then
   (cd fuzz && cargo +nightly fuzz build "$target" >/dev/null)
