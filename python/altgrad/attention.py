@@ -1,4 +1,4 @@
-"""``altgrad.attention``: exact, polynomial or ALTGrad attention as a ``torch.autograd.Function``.
+"""``altgrad.attention``: exact, polynomial, ALTGrad or hybrid attention as a ``torch.autograd.Function``.
 
 Layout (flash-attn, MATH §1): ``q [B, T, H, D]``, ``k [B, T, H_kv, D]``, ``v [B, T, H_kv, D_v]``,
 ``o [B, T, H, D_v]``; query head ``h`` reads key/value head ``h // (H // H_kv)`` (GQA). CPU tensors
@@ -25,17 +25,27 @@ from torch.autograd.function import once_differentiable
 
 from . import _core
 
-__all__ = ["attention", "METHODS", "PolyState", "ExactAttention", "PolyAttention", "AltGradAttention"]
+__all__ = [
+    "attention",
+    "METHODS",
+    "PolyState",
+    "ExactAttention",
+    "PolyAttention",
+    "AltGradAttention",
+    "HybridAttention",
+]
 
 #: The methods ``attention`` accepts.
-METHODS = ("exact", "poly", "altgrad")
+METHODS = ("exact", "poly", "altgrad", "hybrid")
 
 #: The forward tensors each method saves for its backward, besides ``q, k, v`` (names of the dict
 #: ``_core.attention_forward`` returns): ``o [B, T, H, D_v]``, and ``lse [B, H, T]`` (exact) or the
 #: denominators ``den [B, H, T]``, the non-causal state ``kv_state [B, H_kv, r, D_v + 1]`` and the
-#: reference points ``reference [B, H_kv, D]`` (poly, altgrad).
+#: reference points ``reference [B, H_kv, D]`` (poly, altgrad); hybrid: ``lse`` and the far
+#: keys' output ``far_o [B, T, H, D_v]`` and log-sum-exps ``far_lse [B, H, T]``.
 _SAVED = {
     "exact": ("o", "lse"),
+    "hybrid": ("o", "lse", "far_o", "far_lse"),
     "poly": ("o", "den", "kv_state", "reference"),
     "altgrad": ("o", "den", "kv_state", "reference"),
 }
@@ -186,7 +196,18 @@ class AltGradAttention(_AttentionFunction):
     it by design; it tends to the exact gradient as the degree rises."""
 
 
-_FUNCTIONS = {"exact": ExactAttention, "poly": PolyAttention, "altgrad": AltGradAttention}
+class HybridAttention(_AttentionFunction):
+    """Hybrid attention (MATH §4.1; Based, LoLCATs), causal: row ``i`` weighs the keys near it —
+    the ``window`` latest (``i − window < j ≤ i``) and the ``sinks`` first — by ``exp(s_ij)``, and
+    every other key ``j ≤ i`` by ``T_g(s_ij − μ_i)·exp(μ_i)`` (``μ_i = scale · q_i·k̄_i``, ``k̄_i``
+    the mean of row ``i``'s far keys if ``center``, else 0), one normalization over both. Exact
+    window attention plus causal polynomial attention merged by log-sum-exp:
+    O(T·(window + sinks + r)·D) per head. ``window = sinks = 0`` is causal ``"poly"``; a window of
+    at least ``T`` is exact causal attention. Saves ``q, k, v, o, lse`` and the far part's output
+    and log-sum-exps; the backward is the exact gradient of this function."""
+
+
+_FUNCTIONS = {"exact": ExactAttention, "poly": PolyAttention, "altgrad": AltGradAttention, "hybrid": HybridAttention}
 
 
 def _check_tensor(name: str, x, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -250,17 +271,25 @@ def _options(method, causal, scale, degree, center, chunk, window, sinks, output
     chunk = _core.DEFAULT_CHUNK if chunk is None else _check_int("chunk", chunk)
     if chunk < 1:
         raise ValueError(f"chunk: must be at least 1, got {chunk}")
-    if window is not None:
+    sinks = _check_int("sinks", sinks)
+    if sinks < 0:
+        raise ValueError(f"sinks: must be non-negative, got {sinks}")
+    if method == "hybrid":
+        if window is None:
+            raise ValueError("window: hybrid attention needs a window (keys per row seen exactly, e.g. 64)")
+        window = _check_int("window", window)
+        if window < 0:
+            raise ValueError(f"window: must be non-negative, got {window}")
+        if not causal:
+            raise ValueError("causal: hybrid attention is causal: pass causal=True")
+    elif window is not None:
         window = _check_int("window", window)
         if window < 1:
             raise ValueError(f"window: must be at least 1 (keys per row, diagonal included), got {window}")
         if method != "exact":
-            raise ValueError('window: a sliding window is an exact-attention mask (method="exact")')
+            raise ValueError('window: a sliding window is an exact-attention mask (method="exact") or hybrid\'s')
         if not causal:
             raise ValueError("window: a sliding window is causal: pass causal=True")
-    sinks = _check_int("sinks", sinks)
-    if sinks < 0:
-        raise ValueError(f"sinks: must be non-negative, got {sinks}")
     if sinks > 0 and window is None:
         raise ValueError("sinks: attention sinks belong to a sliding window: pass window too")
     output_final_state = _check_bool("output_final_state", output_final_state)
@@ -348,17 +377,21 @@ def attention(
       (LSSSZ arXiv 2408.13233; MATH §5): the exact softmax-gradient formula with the low-rank
       ``f̃ = D̃⁻¹ Φ_Q Φ_Kᵀ`` in place of softmax — **the paper's formula, not the gradient of any
       function** (so ``gradcheck`` fails on it by design); no chain rule through ``m_i``.
+    - ``"hybrid"`` (causal): exact softmax weights for the ``window`` latest keys and the ``sinks``
+      first, ``T_g(s_ij − μ_i)·exp(μ_i)`` for every other key (``μ_i`` the row shift over the far
+      keys), one normalization (MATH §4.1; Based, LoLCATs); its backward is the exact gradient.
 
     Args:
         q, k, v: the inputs above.
-        method: ``"exact"``, ``"poly"`` or ``"altgrad"``.
+        method: ``"exact"``, ``"poly"``, ``"altgrad"`` or ``"hybrid"``.
         causal: causal mask ``j ≤ i`` (diagonal included).
         scale: score scale τ (> 0); ``None`` for ``1/√D``.
-        degree: even degree g ≥ 2 of ``T_g`` (poly and altgrad only).
-        center: the row shift ``m_i`` (poly and altgrad only; MATH §3).
+        degree: even degree g ≥ 2 of ``T_g`` (poly, altgrad, hybrid).
+        center: the row shift ``m_i`` (poly, altgrad, hybrid; MATH §3).
         chunk: rows per chunk of the polynomial kernels (``None``: 64).
-        window: exact causal attention only: a sliding window of ``window`` keys per row
-            (diagonal included: row ``i`` sees ``i − window < j ≤ i``); ``None`` for none.
+        window: exact causal attention: a sliding window of ``window`` keys per row (diagonal
+            included: row ``i`` sees ``i − window < j ≤ i``); ``None`` for none. Hybrid
+            (required, ≥ 0): the keys each row weighs by ``exp`` instead of the polynomial.
         sinks: with ``window``: the first ``sinks`` keys, which every row also sees (attention
             sinks, StreamingLLM).
         initial_state: causal ``"poly"`` only: the :class:`PolyState` a previous call returned
@@ -381,7 +414,8 @@ def attention(
             or ``H_kv``, ``H`` not a multiple of ``H_kv``, an empty dimension), a NaN or infinity
             in an input (or, in backward, in the incoming gradient), an unknown method, an odd or
             too small degree, a degree whose feature width is too large, a non-positive scale or
-            chunk, a window on a non-exact or non-causal call, sinks without a window; a state on
+            chunk, a window on a poly/altgrad or non-causal call, sinks without a window, hybrid
+            without a window or without ``causal=True``; a state on
             another method than causal poly, or one of the wrong shape or degree.
         MemoryError: when the call would need more memory than the machine has free.
         RuntimeError: an internal error of altgrad (a bug; never a crash of the interpreter).

@@ -114,3 +114,31 @@ def altgrad_gradients(q, k, v, grad_o, causal=False, scale=None, degree=2, cente
 def rel_err(x, y):
     """‖x − y‖ / ‖y‖ (MATH §1)."""
     return ((x - y).norm() / y.norm()).item()
+
+
+def hybrid_attention(q, k, v, window, sinks, scale=None, degree=2, center=True):
+    """Hybrid attention written out from MATH §4.1, causal, as plain torch (autograd gives its
+    gradient): key j ≤ i is near when i − j < window or j < sinks, with log-weight s_ij; else far,
+    with log-weight ln T_g(s_ij − μ_i) + μ_i, μ_i = τ q_i·k̄_i and k̄_i the mean of row i's far keys
+    (0 without center or without far keys); o_i = softmax over the log-weights of row i, times V.
+    Returns o [B, T, H, D_v]."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qh, kh, vh = heads_first(q, k, v)
+    t = q.shape[1]
+    s = scores(qh, kh, scale)
+    i = torch.arange(t).view(t, 1)
+    j = torch.arange(t).view(1, t)
+    seen = j <= i
+    near = seen & ((i - j < window) | (j < sinks))
+    far = seen & ~near
+    if center:
+        f = far.to(q.dtype)  # [T, T]
+        counts = f.sum(dim=-1, keepdim=True).clamp(min=1)  # [T, 1]
+        kbar = (f @ kh) / counts  # [B, H, T, D]
+        mu = scale * (qh * kbar).sum(dim=-1, keepdim=True)  # [B, H, T, 1]
+    else:
+        mu = torch.zeros_like(s[..., :1])
+    # the far log-weights, computed where far (T_g > 0 for even g) and masked elsewhere
+    far_logw = torch.log(taylor(torch.where(far, s - mu, torch.zeros_like(s)), degree)) + mu
+    logw = torch.where(near, s, torch.where(far, far_logw, torch.full_like(s, float("-inf"))))
+    return (torch.softmax(logw, dim=-1) @ vh).transpose(1, 2)

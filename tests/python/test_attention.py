@@ -204,3 +204,52 @@ def test_scale_and_default_scale():
     torch.testing.assert_close(
         altgrad.attention(q, k, v, scale=0.7, method="poly"), ref.poly_attention(q, k, v, scale=0.7)
     )
+
+
+HYBRID_CASES = [  # (B, T, H, H_kv, D, D_v, window, sinks, chunk)
+    (2, 23, 4, 2, 4, 3, 5, 2, 4),
+    (1, 40, 2, 1, 8, 8, 16, 0, 7),
+    (3, 9, 2, 2, 3, 2, 0, 3, 2),
+    (1, 12, 2, 1, 4, 4, 0, 0, 5),
+    (1, 10, 3, 1, 4, 2, 10, 1, 3),
+]
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("case", HYBRID_CASES)
+def test_hybrid_matches_naive_reference(case, center):
+    b, t, h, hkv, d, dv, window, sinks, chunk = case
+    q, k, v = small_inputs(b, t, h, hkv, d, dv)
+    g = torch.randn(b, t, h, dv, dtype=torch.float64)
+    for degree in (2, 4):
+        kw = dict(window=window, sinks=sinks, degree=degree, center=center)
+        mine = grads_of(
+            lambda q, k, v: altgrad.attention(q, k, v, method="hybrid", causal=True, chunk=chunk, **kw), q, k, v, g
+        )
+        want = grads_of(lambda q, k, v: ref.hybrid_attention(q, k, v, **kw), q, k, v, g)
+        for a, w in zip(mine, want):
+            torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-11)
+
+
+def test_gradcheck_hybrid():
+    q, k, v = small_inputs(2, 11, 4, 2, 3, 2)
+    fn = lambda q, k, v: altgrad.attention(  # noqa: E731
+        q, k, v, method="hybrid", causal=True, window=3, sinks=1, chunk=4
+    )
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_hybrid_float32_and_its_limits():
+    q, k, v = small_inputs(2, 150, 4, 2, 16, 16)
+    g = torch.randn(2, 150, 4, 16, dtype=torch.float64)
+    want = grads_of(lambda q, k, v: ref.hybrid_attention(q, k, v, window=32, sinks=1), q, k, v, g)
+    f32 = [x.float() for x in (q, k, v, g)]
+    mine = grads_of(lambda q, k, v: altgrad.attention(q, k, v, method="hybrid", causal=True, window=32, sinks=1), *f32)
+    for a, w in zip(mine, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), w, rtol=2e-4, atol=2e-5)
+    # a window of the whole sequence is exact causal attention; no window and no sinks is poly
+    full = altgrad.attention(q, k, v, method="hybrid", causal=True, window=150)
+    torch.testing.assert_close(full, ref.exact_attention(q, k, v, causal=True), rtol=1e-10, atol=1e-12)
+    none = altgrad.attention(q, k, v, method="hybrid", causal=True, window=0)
+    torch.testing.assert_close(none, ref.poly_attention(q, k, v, causal=True), rtol=1e-10, atol=1e-12)

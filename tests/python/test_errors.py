@@ -105,6 +105,12 @@ def test_non_finite_grad_output():
         (dict(window=4, causal=True, method="poly"), ValueError, "^window: a sliding window is an exact"),
         (dict(sinks=2, causal=True), ValueError, "^sinks: attention sinks belong"),
         (dict(sinks=-1), ValueError, "^sinks: must be non-negative"),
+        (dict(method="hybrid", causal=True), ValueError, "^window: hybrid attention needs a window"),
+        (dict(method="hybrid", window=4), ValueError, "^causal: hybrid attention is causal"),
+        (dict(method="hybrid", causal=True, window=-1), ValueError, "^window: must be non-negative"),
+        (dict(method="hybrid", causal=True, window=4, degree=3), ValueError, "^degree: must be even"),
+        (dict(method="hybrid", causal=True, window=4, output_final_state=True), ValueError,
+         "^output_final_state: only the causal polynomial"),
     ],
 )
 def test_bad_options(kw, exc, match):

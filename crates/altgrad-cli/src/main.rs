@@ -1,7 +1,7 @@
 //! The `altgrad` command line: parses, calls the library, prints. No math here.
 
 use altgrad::attention;
-use altgrad::attention::{AttnOptions, Budget, HeadPlan, Method, PolyOptions};
+use altgrad::attention::{AttnOptions, Budget, HeadPlan, HybridOptions, Method, PolyOptions};
 use altgrad::io::{self as aio, Loaded};
 use altgrad::job;
 use altgrad::linalg::norm;
@@ -45,18 +45,29 @@ enum Cmd {
     Bench(BenchCmd),
 }
 
-/// A library [`Method`] as a clap value: names and help come from the library's registry
-/// ([`Method::ALL`], [`Method::as_str`], [`Method::summary`]).
+/// `--attention` of `attn`: a library [`Method`], or `hybrid` (MATH §4.1, its own kernel with a
+/// window and sinks).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct MethodArg(Method);
+enum AttnKernel {
+    /// This method for every head.
+    Every(Method),
+    /// Hybrid attention for every head.
+    Hybrid,
+}
 
-impl ValueEnum for MethodArg {
+impl ValueEnum for AttnKernel {
     fn value_variants<'a>() -> &'a [Self] {
-        static ALL: std::sync::OnceLock<Vec<MethodArg>> = std::sync::OnceLock::new();
-        ALL.get_or_init(|| Method::ALL.into_iter().map(MethodArg).collect())
+        static ALL: std::sync::OnceLock<Vec<AttnKernel>> = std::sync::OnceLock::new();
+        ALL.get_or_init(|| Method::ALL.into_iter().map(AttnKernel::Every).chain([AttnKernel::Hybrid]).collect())
     }
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.0.as_str()).help(self.0.summary()))
+        Some(match self {
+            AttnKernel::Every(m) => clap::builder::PossibleValue::new(m.as_str()).help(m.summary()),
+            AttnKernel::Hybrid => clap::builder::PossibleValue::new("hybrid").help(
+                "Causal hybrid: exact softmax for --window keys and --sinks, degree-g polynomial for the far keys, one \
+                 normalization",
+            ),
+        })
     }
 }
 
@@ -391,17 +402,24 @@ struct AttnArgs {
     out: PathBuf,
     /// Attention method for every head.
     #[arg(long, value_enum, default_value = "exact")]
-    attention: MethodArg,
-    /// Polynomial degree (even, ≥ 2) for poly/altgrad.
+    attention: AttnKernel,
+    /// Polynomial degree (even, ≥ 2) for poly/altgrad/hybrid.
     #[arg(long, default_value_t = 2)]
     degree: usize,
+    /// Sliding window: keys per row seen exactly (diagonal included). Hybrid: required (0 with
+    /// --sinks 0 is poly); exact: a causal sliding-window mask.
+    #[arg(long)]
+    window: Option<usize>,
+    /// Attention sinks: leading keys every row sees exactly (with --window).
+    #[arg(long, default_value_t = 0)]
+    sinks: usize,
     /// Rows per chunk of the polynomial kernels.
     #[arg(long, default_value_t = 64)]
     chunk: usize,
     /// Turn off the row shift (MATH §3).
     #[arg(long)]
     no_center: bool,
-    /// Causal mask (j ≤ i).
+    /// Causal mask (j ≤ i); hybrid attention and --window are causal by definition.
     #[arg(long)]
     causal: bool,
     /// Score scale τ (default 1/√d; must be positive).
@@ -973,27 +991,76 @@ fn run_inspect(a: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// What `attn` runs for every head: a library plan, or hybrid attention.
+enum Kernel {
+    Plan(HeadPlan),
+    Hybrid(HybridOptions),
+}
+
+impl Kernel {
+    fn run<T: Scalar>(
+        &self,
+        inp: &aio::attn_file::AttnInput,
+        opts: &AttnOptions,
+    ) -> altgrad::Result<Vec<aio::attn_file::NamedOutput<T>>> {
+        match self {
+            Kernel::Plan(p) => aio::attn_file::run_attn::<T>(inp, p, opts),
+            Kernel::Hybrid(h) => aio::attn_file::run_attn_hybrid::<T>(inp, h, opts),
+        }
+    }
+}
+
 fn run_attn(a: &AttnArgs) -> Result<()> {
     set_threads(a.threads)?;
     aio::check_output_file("--out", &a.out)?;
+    let p = PolyOptions { degree: a.degree, center: !a.no_center, chunk: a.chunk };
+    let kernel = match a.attention {
+        AttnKernel::Hybrid => {
+            let Some(window) = a.window else {
+                let msg = "hybrid attention needs --window (keys per row seen exactly, e.g. 64)";
+                return Err(Error::bad("--window", msg).into());
+            };
+            p.validate().map_err(Error::for_flags)?;
+            Kernel::Hybrid(HybridOptions { window, sinks: a.sinks, poly: p })
+        }
+        AttnKernel::Every(m) => {
+            let plan = m.plan(p);
+            if plan != HeadPlan::Exact {
+                p.validate().map_err(Error::for_flags)?;
+            }
+            if a.window.is_some() && m != Method::Exact {
+                let msg = format!("{m} attention takes no window; use --attention hybrid or exact");
+                return Err(Error::bad("--window", msg).into());
+            }
+            Kernel::Plan(plan)
+        }
+    };
+    let mask = match (&kernel, a.window) {
+        (Kernel::Hybrid(_), _) => attention::Mask::causal(),
+        (_, None) if a.sinks > 0 => return Err(Error::bad("--sinks", "sinks belong to a window: give --window").into()),
+        (_, None) => attention::Mask::from_causal(a.causal),
+        (_, Some(0)) if a.sinks == 0 => {
+            return Err(Error::bad(
+                "--window",
+                "must be at least 1 (keys per row, diagonal included) or come with --sinks",
+            )
+            .into())
+        }
+        (_, Some(window)) => attention::Mask::Window { window, sinks: a.sinks, q_offset: 0 },
+    };
     let input = a.input.display().to_string();
     let inp = aio::attn_file::attn_input(aio::read_safetensors(&a.input)?, &input)?;
-    let p = PolyOptions { degree: a.degree, center: !a.no_center, chunk: a.chunk };
-    let plan = a.attention.0.plan(p);
-    if plan != HeadPlan::Exact {
-        p.validate().map_err(Error::for_flags)?;
-    }
     let scale = a.scale.unwrap_or(1.0 / (inp.shape.head_dim as f64).sqrt());
     if !(scale.is_finite() && scale > 0.0) {
         return Err(Error::bad("--scale", format!("must be a positive number, got {scale}")).into());
     }
-    let opts = AttnOptions { mask: attention::Mask::from_causal(a.causal), scale };
+    let opts = AttnOptions { mask, scale };
     let n = if inp.dtype == "F64" {
-        let out = aio::attn_file::run_attn::<f64>(&inp, &plan, &opts)?;
+        let out = kernel.run::<f64>(&inp, &opts)?;
         aio::write_safetensors_as(&a.out, &out, &inp.dtype)?;
         out.len()
     } else {
-        let out = aio::attn_file::run_attn::<f32>(&inp, &plan, &opts)?;
+        let out = kernel.run::<f32>(&inp, &opts)?;
         aio::write_safetensors_as(&a.out, &out, &inp.dtype)?;
         out.len()
     };

@@ -105,6 +105,64 @@ fn attn_exact_matches_pytorch_through_the_cli() {
     }
 }
 
+#[test]
+fn attn_hybrid_through_the_cli() {
+    let d = tmpdir("attn_hybrid");
+    let out = d.join("o.safetensors");
+    let (inp, o_path) = (fixture("attention/input.safetensors"), out.to_str().unwrap().to_string());
+    let run = |extra: &[&str]| {
+        let mut args = vec!["attn", "--input", &inp, "--out", &o_path, "--attention", "hybrid"];
+        args.extend_from_slice(extra);
+        let o = altgrad(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        altgrad::io::read_safetensors(&out).unwrap()
+    };
+    let get = |ts: &[altgrad::io::TensorF64], n: &str| ts.iter().find(|t| t.name == n).unwrap().clone();
+    let maxdiff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    // a window longer than the sequence is exact causal attention: PyTorch's numbers
+    let got = run(&["--window", "100000"]);
+    let exp = altgrad::io::read_safetensors(Path::new(&fixture("attention/expected.safetensors"))).unwrap();
+    for name in ["o", "dq", "dk", "dv"] {
+        let err = maxdiff(&get(&got, name).data, &get(&exp, &format!("{name}_causal")).data);
+        assert!(err < 1e-12, "{name}: {err}");
+    }
+    // a short window and a sink: the naive O(n²) form
+    let got = run(&["--window", "3", "--sinks", "1", "--degree", "2", "--chunk", "5"]);
+    let x = altgrad::io::read_safetensors(Path::new(&inp)).unwrap();
+    let (q, k, v) = (get(&x, "q"), get(&x, "k"), get(&x, "v"));
+    let [b, n, h, dd] = q.shape[..] else { panic!("q is 4-D") };
+    assert_eq!(b, 1, "the fixture holds one sequence");
+    let s = altgrad::attention::AttnShape::new(n, h, k.shape[2], dd).with_head_dim_v(v.shape[3]);
+    let p = altgrad::attention::naive::Poly::new(true, 1.0 / (dd as f64).sqrt(), 2, true);
+    let want = altgrad::attention::naive::hybrid_forward(&q.data, &k.data, &v.data, &s, &p, 3, 1);
+    let err = maxdiff(&get(&got, "o").data, &want);
+    assert!(err < 1e-12, "hybrid o: {err}");
+    assert!(get(&got, "dq").data.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn attn_window_flags_are_checked() {
+    let d = tmpdir("attn_window");
+    let out = d.join("o.safetensors");
+    let (inp, o) = (fixture("attention/input.safetensors"), out.to_str().unwrap().to_string());
+    let base = ["attn", "--input", inp.as_str(), "--out", o.as_str()];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter().map(|s| s.to_string()).chain(extra.iter().map(|s| s.to_string())).collect()
+    };
+    for (extra, needle) in [
+        (&["--attention", "hybrid"][..], "--window: hybrid attention needs --window"),
+        (&["--attention", "hybrid", "--window", "4", "--degree", "3"][..], "--degree"),
+        (&["--attention", "poly", "--window", "4"][..], "--window: poly attention takes no window"),
+        (&["--window", "0"][..], "--window: must be at least 1"),
+        (&["--sinks", "2"][..], "--sinks: sinks belong to a window"),
+    ] {
+        let args = with(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_user_error(&refs, needle);
+    }
+    assert!(!out.exists(), "nothing written on error");
+}
+
 fn assert_user_error(args: &[&str], needle: &str) {
     let o = altgrad(args);
     let err = stderr(&o);

@@ -9,7 +9,8 @@
 
 use crate::runtime::{check_memory, record_kernel, run};
 use altgrad::attention::{
-    self as at, features, AttnOptions, AttnShape, Mask, Method, PolyOptions, PolySaved, PolyState, PolyStateGrad, Qkv,
+    self as at, features, AttnOptions, AttnShape, HybridOptions, Mask, Method, PolyOptions, PolySaved, PolyState,
+    PolyStateGrad, Qkv,
 };
 use altgrad::linalg::Scalar;
 use altgrad::Error;
@@ -19,22 +20,30 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::time::Instant;
 
-/// The library method named `s` ([`Method::from_name`]).
+/// The library method named `s` ([`Method::from_name`]), or `None` for `"hybrid"` (MATH §4.1,
+/// its own kernel).
 ///
 /// Errors: `ValueError` naming `method` and listing the names.
-fn parse_method(s: &str) -> PyResult<Method> {
-    Method::from_name(s).ok_or_else(|| {
-        let names: Vec<String> = Method::ALL.iter().map(|m| format!("{:?}", m.as_str())).collect();
+fn parse_method(s: &str) -> PyResult<Option<Method>> {
+    if s == "hybrid" {
+        return Ok(None);
+    }
+    Method::from_name(s).map(Some).ok_or_else(|| {
+        let names: Vec<String> =
+            Method::ALL.iter().map(|m| format!("{:?}", m.as_str())).chain(["\"hybrid\"".to_string()]).collect();
         let (last, rest) = names.split_last().expect("at least one method");
         PyValueError::new_err(format!("method: expected {} or {last}, got {s:?}", rest.join(", ")))
     })
 }
 
 /// Everything that fixes one call: method, batched shape, options (the mask's query offset is 0;
-/// a state's count moves it, [`Call::opts_at`]).
+/// a state's count moves it, [`Call::opts_at`]). A hybrid call has `hybrid` set (its window,
+/// sinks and polynomial) and `method` [`Method::Poly`] (its far part's kernel, for the memory
+/// estimate); every method-specific step checks `hybrid` first.
 #[derive(Clone, Copy, Debug)]
 struct Call {
     method: Method,
+    hybrid: Option<HybridOptions>,
     shape: AttnShape,
     opts: AttnOptions,
     popts: PolyOptions,
@@ -107,7 +116,8 @@ fn call_of(
     window: Option<usize>,
     sinks: usize,
 ) -> PyResult<Call> {
-    let method = parse_method(method)?;
+    let parsed = parse_method(method)?;
+    let method = parsed.unwrap_or(Method::Poly);
     for (name, s, want) in [("q", q, "[B, T, H, D]"), ("k", k, "[B, T, H_kv, D]"), ("v", v, "[B, T, H_kv, D_v]")] {
         if s.len() != 4 {
             return Err(PyValueError::new_err(format!("{name}: expected a 4-D tensor {want}, got shape {s:?}")));
@@ -143,6 +153,22 @@ fn call_of(
     if method != Method::Exact {
         popts.validate().map_err(crate::runtime::to_py_err)?;
     }
+    if parsed.is_none() {
+        // hybrid: the window and sinks are its near keys, the rest its polynomial's
+        let Some(window) = window else {
+            return Err(PyValueError::new_err("window: hybrid attention needs a window (keys per row seen exactly)"));
+        };
+        if !causal {
+            return Err(PyValueError::new_err("causal: hybrid attention is causal: pass causal=True"));
+        }
+        return Ok(Call {
+            method,
+            hybrid: Some(HybridOptions { window, sinks, poly: popts }),
+            shape: AttnShape::new(t, h, hkv, d).with_head_dim_v(dv).with_batch(b),
+            opts: AttnOptions { mask: Mask::causal(), scale },
+            popts,
+        });
+    }
     let mask = match window {
         None if sinks > 0 => {
             return Err(PyValueError::new_err("sinks: attention sinks belong to a sliding window: pass window too"))
@@ -162,6 +188,7 @@ fn call_of(
     };
     Ok(Call {
         method,
+        hybrid: None,
         shape: AttnShape::new(t, h, hkv, d).with_head_dim_v(dv).with_batch(b),
         opts: AttnOptions { mask, scale },
         popts,
@@ -249,6 +276,11 @@ fn state_dims(c: &Call) -> PyResult<([usize; 4], [usize; 3])> {
 
 /// Checks that a call may carry a state: causal polynomial attention (MATH §4 "Causal").
 fn check_stateful(c: &Call, what: &str) -> PyResult<()> {
+    if c.hybrid.is_some() {
+        return Err(PyValueError::new_err(format!(
+            "{what}: hybrid attention carries no state; only the causal polynomial method (method=\"poly\") does"
+        )));
+    }
     match c.method {
         Method::Poly if c.causal() => Ok(()),
         Method::Poly => Err(PyValueError::new_err(format!(
@@ -296,6 +328,8 @@ fn state_of<T: Scalar + Element>(c: &Call, st: &Bound<'_, PyAny>, dtype: &str) -
 struct Fwd<T> {
     o: Vec<T>,
     lse: Vec<T>,
+    /// Hybrid: the far part's output and log-sum-exps (empty otherwise).
+    far: (Vec<T>, Vec<T>),
     den: Vec<T>,
     kv_state: Vec<T>,
     reference: Vec<T>,
@@ -314,12 +348,34 @@ fn forward_all<T: Scalar>(
     check_finite("v", v)?;
     let x = Qkv::new(q, k, v, &c.shape)?;
     let t0 = Instant::now();
-    let f = match c.method {
-        Method::Exact => {
-            let f = at::forward_exact(&x, &c.opts)?;
-            Fwd { o: f.o, lse: f.lse, den: Vec::new(), kv_state: Vec::new(), reference: Vec::new(), final_state: None }
+    let none = || (Vec::new(), Vec::new());
+    let f = match (c.hybrid, c.method) {
+        (Some(h), _) => {
+            let f = at::forward_hybrid(&x, &c.opts, &h)?;
+            let far = (f.far_o, f.far_lse);
+            Fwd {
+                o: f.o,
+                lse: f.lse,
+                far,
+                den: Vec::new(),
+                kv_state: Vec::new(),
+                reference: Vec::new(),
+                final_state: None,
+            }
         }
-        Method::Poly | Method::AltGrad => {
+        (None, Method::Exact) => {
+            let f = at::forward_exact(&x, &c.opts)?;
+            Fwd {
+                o: f.o,
+                lse: f.lse,
+                far: none(),
+                den: Vec::new(),
+                kv_state: Vec::new(),
+                reference: Vec::new(),
+                final_state: None,
+            }
+        }
+        (None, Method::Poly | Method::AltGrad) => {
             if c.method == Method::AltGrad {
                 // the backward's Kronecker state: refused before any work
                 at::altgrad::check_kron_state(&c.shape, &c.popts)?;
@@ -330,6 +386,7 @@ fn forward_all<T: Scalar>(
             Fwd {
                 o: f.o,
                 lse: f.lse,
+                far: none(),
                 den: f.den,
                 kv_state: saved.kv_state,
                 reference: saved.reference,
@@ -367,7 +424,10 @@ fn forward_t<'py, T: Scalar + Element>(
     let out = PyDict::new(py);
     out.set_item("o", PyArray1::from_vec(py, f.o).reshape(c.dims(h, dv))?)?;
     out.set_item("lse", PyArray1::from_vec(py, f.lse).reshape([b, h, t])?)?;
-    if c.method != Method::Exact {
+    if c.hybrid.is_some() {
+        out.set_item("far_o", PyArray1::from_vec(py, f.far.0).reshape(c.dims(h, dv))?)?;
+        out.set_item("far_lse", PyArray1::from_vec(py, f.far.1).reshape([b, h, t])?)?;
+    } else if c.method != Method::Exact {
         let (ds, dk) = state_dims(c)?;
         out.set_item("den", PyArray1::from_vec(py, f.den).reshape([b, h, t])?)?;
         let kv = if c.causal() { [b, hkv, 0, 0] } else { ds };
@@ -441,6 +501,8 @@ pub fn attention_forward<'py>(
 struct Saved<'a, T> {
     o: &'a [T],
     lse: &'a [T],
+    far_o: &'a [T],
+    far_lse: &'a [T],
     den: &'a [T],
     kv_state: &'a [T],
     reference: &'a [T],
@@ -465,12 +527,17 @@ fn backward_all<T: Scalar>(
     let mut grads = altgrad::attention::AttnGrads::zeros(&c.shape);
     let ws = at::Workspace::new();
     let t0 = Instant::now();
-    let dinit = match c.method {
-        Method::Exact => {
+    let dinit = match (c.hybrid, c.method) {
+        (Some(h), _) => {
+            let saved = at::HybridSaved { o: sv.o, lse: sv.lse, far_o: sv.far_o, far_lse: sv.far_lse };
+            at::backward_hybrid_into(&x, &c.opts, &h, saved, dout, grads.as_mut(), &ws)?;
+            None
+        }
+        (None, Method::Exact) => {
             at::backward_exact_into(&x, &c.opts, sv.o, sv.lse, dout, grads.as_mut(), &ws)?;
             None
         }
-        Method::Poly | Method::AltGrad => {
+        (None, Method::Poly | Method::AltGrad) => {
             let saved = PolySaved {
                 kv_state: sv.kv_state.to_vec(),
                 reference: sv.reference.to_vec(),
@@ -553,13 +620,18 @@ fn backward_t<'py, T: Scalar + Element>(
     };
     let s = c.shape;
     let (b, t, h, hkv, d, dv) = (s.batch, s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
-    let exact = c.method == Method::Exact;
+    let hybrid = c.hybrid.is_some();
+    let exact = c.method == Method::Exact && !hybrid;
+    let poly = !exact && !hybrid;
     let o = get("o")?;
-    let lse = if exact { Some(get("lse")?) } else { None };
+    let lse = if exact || hybrid { Some(get("lse")?) } else { None };
+    let (fo, fl) = if hybrid { (Some(get("far_o")?), Some(get("far_lse")?)) } else { (None, None) };
     let (den, kvs, rf) =
-        if exact { (None, None, None) } else { (Some(get("den")?), Some(get("kv_state")?), Some(get("reference")?)) };
+        if poly { (Some(get("den")?), Some(get("kv_state")?), Some(get("reference")?)) } else { (None, None, None) };
     let (qr, kr, vr, gr) = (borrow("q", q)?, borrow("k", &k)?, borrow("v", &v)?, borrow("grad_output", &g)?);
     let or = borrow("o", &o)?;
+    let for_ = fo.as_ref().map(|x| borrow("far_o", x)).transpose()?;
+    let flr = fl.as_ref().map(|x| borrow("far_lse", x)).transpose()?;
     let lr = lse.as_ref().map(|x| borrow("lse", x)).transpose()?;
     let dr = den.as_ref().map(|x| borrow("den", x)).transpose()?;
     let kr2 = kvs.as_ref().map(|x| borrow("kv_state", x)).transpose()?;
@@ -572,6 +644,14 @@ fn backward_t<'py, T: Scalar + Element>(
         o: data("o", &or, b * t * h * dv)?,
         lse: match &lr {
             Some(x) => data("lse", x, b * h * t)?,
+            None => empty,
+        },
+        far_o: match &for_ {
+            Some(x) => data("far_o", x, b * t * h * dv)?,
+            None => empty,
+        },
+        far_lse: match &flr {
+            Some(x) => data("far_lse", x, b * h * t)?,
             None => empty,
         },
         den: match &dr {
@@ -594,7 +674,7 @@ fn backward_t<'py, T: Scalar + Element>(
     };
     check_memory(c.memory_bytes(std::mem::size_of::<T>(), true), "this attention backward")?;
     let (grads, dinit) = run(py, || backward_all(c, qs, ks, vs, &sv, gs, initial, dfinal))?;
-    let (ds, dk) = if exact { ([0; 4], [0; 3]) } else { state_dims(c)? };
+    let (ds, dk) = if poly { state_dims(c)? } else { ([0; 4], [0; 3]) };
     let (dinit_s, dinit_k) = match dinit {
         Some(g) => (
             Some(PyArray1::from_vec(py, g.ds).reshape(ds)?.into_any()),

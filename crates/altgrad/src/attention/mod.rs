@@ -17,6 +17,7 @@ pub mod dispatch;
 pub mod estimate;
 pub mod exact;
 pub mod features;
+pub mod hybrid;
 pub mod method;
 #[doc(hidden)]
 pub mod naive;
@@ -31,6 +32,10 @@ use view::{heads_mut, Rows, RowsMut};
 
 pub use altgrad::{backward_altgrad, backward_altgrad_into};
 pub use exact::{backward_exact, backward_exact_into, forward_exact, forward_exact_into};
+pub use hybrid::{
+    backward_hybrid, backward_hybrid_into, forward_hybrid, forward_hybrid_into, HybridBuffers, HybridOptions,
+    HybridOutput, HybridSaved,
+};
 pub use method::{Budget, Decider, HeadPlan, Method, Policy};
 pub use poly::{
     backward_poly, backward_poly_into, backward_poly_state, forward_poly, forward_poly_into, forward_poly_state,
@@ -243,7 +248,7 @@ pub enum Mask {
     /// A sliding window with attention sinks: keys `j ≤ p` with `p − j < window` (the `window`
     /// latest keys, diagonal included) or `j < sinks` (the first `sinks` keys).
     Window {
-        /// Keys in the window (≥ 1).
+        /// Keys in the window (≥ 1, or 0 with at least one sink: sinks only).
         window: usize,
         /// Leading keys every row sees.
         sinks: usize,
@@ -292,11 +297,11 @@ impl Mask {
     }
     /// Checks the mask against a shape.
     ///
-    /// Errors: [`Error::BadInput`] (input `mask`) for a zero window, or `kv_len` other than
-    /// [`Mask::kv_len`].
+    /// Errors: [`Error::BadInput`] (input `mask`) for a zero window without sinks (rows that see
+    /// no key), or `kv_len` other than [`Mask::kv_len`].
     pub fn validate(&self, s: &AttnShape) -> Result<()> {
-        if let Mask::Window { window: 0, .. } = self {
-            return Err(Error::bad("mask", "a sliding window needs at least one key (window ≥ 1)"));
+        if let Mask::Window { window: 0, sinks: 0, .. } = self {
+            return Err(Error::bad("mask", "a sliding window needs at least one key (window ≥ 1, or a sink)"));
         }
         match self.kv_len(s.seq_len) {
             Some(want) if want != s.kv_len => Err(Error::bad(

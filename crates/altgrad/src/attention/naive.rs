@@ -479,3 +479,57 @@ pub fn w_form_from_matrix(
     }
     (dw, dw_v, dx)
 }
+
+/// Naive hybrid attention (MATH §4.1), causal, one sequence: row `i` weighs key `j ≤ i` by
+/// `exp(s_ij)` when it is near (`i − j < window` or `j < sinks`), else by
+/// `T_g(s_ij − μ_i)·exp(μ_i)` with `μ_i = scale·q_i·k̄_i`, `k̄_i` the mean of row `i`'s far keys
+/// (`sinks ≤ j ≤ i − window`; `μ_i = 0` without `center`); `o_i = Σ_j a_ij v_j / Σ_j a_ij`, from
+/// log-weights with the row maximum subtracted (even `degree`: `T_g > 0`). Returns
+/// `o [n, num_heads, head_dim_v]`.
+#[allow(clippy::too_many_arguments)]
+pub fn hybrid_forward(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    s: &AttnShape,
+    p: &Poly,
+    window: usize,
+    sinks: usize,
+) -> Vec<f64> {
+    let (n, d, dvw) = (s.seq_len, s.head_dim, s.head_dim_v);
+    let mut o = vec![0.0; n * s.num_heads * dvw];
+    for h in 0..s.num_heads {
+        let kv = h / (s.num_heads / s.num_kv_heads);
+        let qv = |i: usize, c: usize| q[idx(i, h, c, s.num_heads, d)];
+        let kvv = |j: usize, c: usize| k[idx(j, kv, c, s.num_kv_heads, d)];
+        for i in 0..n {
+            let far: Vec<usize> = (0..=i).filter(|&j| i - j >= window && j >= sinks).collect();
+            let mut mu = 0.0;
+            if p.center && !far.is_empty() {
+                for c in 0..d {
+                    let kb: f64 = far.iter().map(|&j| kvv(j, c)).sum::<f64>() / far.len() as f64;
+                    mu += qv(i, c) * kb;
+                }
+                mu *= p.scale;
+            }
+            let logw: Vec<f64> = (0..=i)
+                .map(|j| {
+                    let sij = p.scale * (0..d).map(|c| qv(i, c) * kvv(j, c)).sum::<f64>();
+                    if i - j < window || j < sinks {
+                        sij
+                    } else {
+                        taylor_exp(p.degree, sij - mu).ln() + mu
+                    }
+                })
+                .collect();
+            let mx = logw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = logw.iter().map(|l| (l - mx).exp()).collect();
+            let den: f64 = w.iter().sum();
+            for c in 0..dvw {
+                let num: f64 = w.iter().enumerate().map(|(j, a)| a * v[idx(j, kv, c, s.num_kv_heads, dvw)]).sum();
+                o[idx(i, h, c, s.num_heads, dvw)] = num / den;
+            }
+        }
+    }
+    o
+}

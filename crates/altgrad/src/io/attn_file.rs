@@ -1,12 +1,14 @@
 //! The `altgrad attn` file format: `q [b,n,h,d]`, `k [b,n,h_kv,d]`, `v [b,n,h_kv,d_v]` and an
 //! optional `do [b,n,h,d_v]` in one safetensors file (all of one dtype: F32, F64, F16 or
 //! BF16), validated by [`attn_input`]; [`run_attn`] computes `o` (and `dq`, `dk`, `dv` when `do`
-//! is given) with one method for every head and checks that every output is finite.
+//! is given) with one method for every head ([`run_attn_hybrid`]: hybrid attention) and checks
+//! that every output is finite.
 
 use super::TensorF64;
 use crate::attention::dispatch::{backward_layer, forward_layer};
-use crate::attention::HeadPlan;
-use crate::attention::{AttnOptions, AttnShape};
+use crate::attention::{
+    backward_hybrid, forward_hybrid, AttnGrads, AttnOptions, AttnShape, HeadPlan, HybridOptions, PolyOptions, Qkv,
+};
 use crate::error::check_finite_result;
 use crate::linalg::Scalar;
 use crate::{Error, Result};
@@ -94,9 +96,10 @@ pub type NamedOutput<T> = (String, Vec<usize>, Vec<T>);
 /// f64), checked before anything is allocated.
 pub const MAX_POLY_STATE: usize = 1 << 25;
 
-/// Checks the per-head state sizes of `plan` on `shape` against [`MAX_POLY_STATE`].
-fn check_poly_state(plan: &HeadPlan, shape: &AttnShape) -> Result<()> {
-    let (HeadPlan::Poly(p) | HeadPlan::AltGrad(p)) = plan else { return Ok(()) };
+/// Checks the per-head state sizes of polynomial options `p` (`None`: exact) on `shape` against
+/// [`MAX_POLY_STATE`].
+fn check_poly_state(p: Option<&PolyOptions>, shape: &AttnShape) -> Result<()> {
+    let Some(p) = p else { return Ok(()) };
     let d = shape.head_dim;
     let r = crate::attention::features::feature_dim(d, p.degree);
     let state = r.and_then(|r| r.checked_mul(shape.head_dim_v.checked_add(1)?));
@@ -118,10 +121,11 @@ fn check_poly_state(plan: &HeadPlan, shape: &AttnShape) -> Result<()> {
     }
 }
 
-/// What to suggest when a result of `plan` in `T` is not finite.
-fn overflow_advice<T: Scalar>(plan: &HeadPlan) -> String {
+/// What to suggest when a result of a method of degree `degree` (`None`: exact) in `T` is not
+/// finite.
+fn overflow_advice<T: Scalar>(degree: Option<usize>) -> String {
     let wider = if T::DTYPE == "F64" { "" } else { "float64 inputs, or " };
-    match plan.degree() {
+    match degree {
         Some(g) if g > 2 => format!("use {wider}a lower --degree than {g} (scores near the bound overflow T_{g})"),
         Some(_) => format!("use {wider}smaller scores (a smaller --scale)"),
         None => format!("use {wider}a smaller --scale (|τ q·k| overflows {})", T::DTYPE),
@@ -135,11 +139,51 @@ fn overflow_advice<T: Scalar>(plan: &HeadPlan) -> String {
 /// `BadInput` naming the output (`attention output o`, `gradient dq`, …) when finite inputs
 /// gave a non-finite result (the intermediates overflowed `T`), with what to change.
 pub fn run_attn<T: Scalar>(input: &AttnInput, plan: &HeadPlan, opts: &AttnOptions) -> Result<Vec<NamedOutput<T>>> {
+    check_poly_state(plan.options(), &input.shape)?;
+    let plans = vec![*plan; input.shape.num_heads];
+    run_with(input, opts, plan.method_name(), plan.degree(), |q, k, v, g| {
+        let s = &input.shape;
+        let fwd = forward_layer(q, k, v, s, opts, &plans)?;
+        let grads = g.map(|g| backward_layer(q, k, v, &fwd, g, s, opts, &plans)).transpose()?;
+        Ok((fwd.o, grads))
+    })
+}
+
+/// [`run_attn`] with hybrid attention (MATH §4.1) for every head: `opts.mask` must be causal.
+///
+/// Errors: as [`run_attn`] and [`crate::attention::forward_hybrid`].
+pub fn run_attn_hybrid<T: Scalar>(
+    input: &AttnInput,
+    hopts: &HybridOptions,
+    opts: &AttnOptions,
+) -> Result<Vec<NamedOutput<T>>> {
+    if hopts.far_rows(input.shape.seq_len) > 0 {
+        check_poly_state(Some(&hopts.poly), &input.shape)?;
+    }
+    run_with(input, opts, "hybrid", Some(hopts.poly.degree), |q, k, v, g| {
+        let x = Qkv::new(q, k, v, &input.shape)?;
+        let fwd = forward_hybrid(&x, opts, hopts)?;
+        let grads = g.map(|g| backward_hybrid(&x, &fwd, g)).transpose()?;
+        Ok((fwd.o, grads))
+    })
+}
+
+/// Gradients of `q`, `k`, `v`, when `do` is given.
+type MaybeGrads<T> = Option<AttnGrads<T>>;
+
+/// Converts `input` to `T`, runs `f(q, k, v, do)` (the output `o` and, with `do`, the gradients)
+/// and checks every result is finite; `name` and `degree` describe the method in messages.
+fn run_with<T: Scalar>(
+    input: &AttnInput,
+    opts: &AttnOptions,
+    name: &str,
+    degree: Option<usize>,
+    f: impl FnOnce(&[T], &[T], &[T], Option<&[T]>) -> Result<(Vec<T>, MaybeGrads<T>)>,
+) -> Result<Vec<NamedOutput<T>>> {
     if !(opts.scale.is_finite() && opts.scale > 0.0) {
         return Err(Error::bad("--scale", format!("must be finite and positive, got {}", opts.scale)));
     }
     let s = &input.shape;
-    check_poly_state(plan, s)?;
     let conv = |x: &[f64]| -> Vec<T> { x.iter().map(|&v| T::from_f64(v)).collect() };
     let (q, k, v) = (conv(&input.q), conv(&input.k), conv(&input.v));
     for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
@@ -147,26 +191,19 @@ pub fn run_attn<T: Scalar>(input: &AttnInput, plan: &HeadPlan, opts: &AttnOption
     }
     let g = input.dout.as_deref().map(conv);
     let (b, n, h, hkv, d, dv) = (input.batch, s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
-    let plans = vec![*plan; h];
-    let advice = overflow_advice::<T>(plan);
-    let stage = |what: &str| format!("{what} ({} attention, {})", plan.method_name(), T::DTYPE);
+    let advice = overflow_advice::<T>(degree);
+    let stage = |what: &str| format!("{what} ({name} attention, {})", T::DTYPE);
     // the whole batch in one call: the (sequence, head) pairs run in parallel
-    let fwd = forward_layer(&q, &k, &v, s, opts, &plans)?;
-    check_finite_result(&stage("attention output o"), &fwd.o, &advice)?;
-    let (mut dq, mut dk, mut dvv) = (Vec::new(), Vec::new(), Vec::new());
-    if let Some(g) = &g {
-        let gr = backward_layer(&q, &k, &v, &fwd, g, s, opts, &plans)?;
+    let (o, grads) = f(&q, &k, &v, g.as_deref())?;
+    check_finite_result(&stage("attention output o"), &o, &advice)?;
+    let mut out = vec![("o".to_string(), vec![b, n, h, dv], o)];
+    if let Some(gr) = grads {
         for (name, t) in [("gradient dq", &gr.dq), ("gradient dk", &gr.dk), ("gradient dv", &gr.dv)] {
             check_finite_result(&stage(name), t, &advice)?;
         }
-        (dq, dk, dvv) = (gr.dq, gr.dk, gr.dv);
-    }
-    let o = fwd.o;
-    let mut out = vec![("o".to_string(), vec![b, n, h, dv], o)];
-    if g.is_some() {
-        out.push(("dq".into(), vec![b, n, h, d], dq));
-        out.push(("dk".into(), vec![b, n, hkv, d], dk));
-        out.push(("dv".into(), vec![b, n, hkv, dv], dvv));
+        out.push(("dq".into(), vec![b, n, h, d], gr.dq));
+        out.push(("dk".into(), vec![b, n, hkv, d], gr.dk));
+        out.push(("dv".into(), vec![b, n, hkv, dv], gr.dv));
     }
     Ok(out)
 }
