@@ -276,15 +276,29 @@ struct TrainArgs {
     /// Maximum global gradient norm (0 = off).
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
-    /// Attention: exact, poly or altgrad.
+    /// Attention: exact, poly or altgrad (gradients of a softmax-shaped model), or hybrid (a model
+    /// built with it). With hybrid, --feature-dim or --layer-attention the tiny model is built with
+    /// its own attention (saved in checkpoints; grad and inspect then compute that attention).
     #[arg(long, default_value = "exact")]
     attention: String,
-    /// Degree of poly/altgrad (even, ≥ 2).
+    /// Degree of poly/altgrad/hybrid (even, ≥ 2).
     #[arg(long, default_value_t = 2)]
     degree: usize,
     /// Chunk size of the polynomial kernels.
     #[arg(long, default_value_t = 64)]
     chunk: usize,
+    /// Built-in attention: query/key width of the poly and hybrid layers (Based: 16; even).
+    #[arg(long)]
+    feature_dim: Option<usize>,
+    /// Hybrid layers: keys per row seen exactly (the sliding window, diagonal included).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Hybrid layers: leading keys every row sees exactly (attention sinks).
+    #[arg(long, default_value_t = 0)]
+    sinks: usize,
+    /// Built-in attention per layer, comma-separated (e.g. `exact,hybrid,hybrid,hybrid`).
+    #[arg(long, value_delimiter = ',')]
+    layer_attention: Option<Vec<String>>,
     /// Seed of the tiny weights and of every batch.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -617,8 +631,8 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
                     job::COMPARE_REPS
                 ),
                 None => println!(
-                    "exact        loss {:.6}, backward {:.3} s (every head ran exact attention on both sides: no \
-                     speed-up to report)",
+                    "exact        loss {:.6}, backward {:.3} s (every head ran the same attention on both sides: \
+                     exact, or the model's built-in attention; no speed-up to report)",
                     c.loss_exact, e.t_bwd
                 ),
             }
@@ -770,9 +784,25 @@ fn run_train_cmd(a: &TrainArgs) -> Result<()> {
         beta2: a.beta2,
         eps: a.eps,
         grad_clip: a.grad_clip,
-        attention: a.attention.parse::<Method>().map_err(flag_error)?,
+        attention: match a.attention.as_str() {
+            "hybrid" => Method::Hybrid,
+            other => other.parse::<Method>().map_err(|e| match e {
+                Error::BadInput { msg, .. } => Error::bad("--attention", format!("{msg} or hybrid")),
+                e => e,
+            })?,
+        },
         degree: a.degree,
         chunk: a.chunk,
+        feature_dim: a.feature_dim,
+        window: a.window,
+        sinks: a.sinks,
+        layer_attention: a
+            .layer_attention
+            .as_ref()
+            .map(|l| {
+                l.iter().map(|k| k.parse().map_err(|e: Error| Error::bad("--layer-attention", e.to_string()))).collect()
+            })
+            .transpose()?,
         seed: a.seed,
         eval_every: a.eval_every,
         eval_seqs: a.eval_seqs,

@@ -262,6 +262,7 @@ fn non_finite_results_fail_with_exit_2() {
         tie_word_embeddings: true,
         attention_bias: false,
         mlp_bias: false,
+        built_in_attention: None,
     };
     let mut w = altgrad::model::LlamaWeights::<f32>::random_hf(&cfg, 2);
     let l0 = &mut w.layers[0];

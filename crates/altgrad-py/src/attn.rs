@@ -20,15 +20,15 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use std::time::Instant;
 
-/// The library method named `s` ([`Method::from_name`]), or `None` for `"hybrid"` (MATH §4.1,
-/// its own kernel).
+/// The library method named `s` ([`Method::from_name`], or `"hybrid"`: [`Method::Hybrid`], MATH
+/// §4.1).
 ///
 /// Errors: `ValueError` naming `method` and listing the names.
-fn parse_method(s: &str) -> PyResult<Option<Method>> {
+fn parse_method(s: &str) -> PyResult<Method> {
     if s == "hybrid" {
-        return Ok(None);
+        return Ok(Method::Hybrid);
     }
-    Method::from_name(s).map(Some).ok_or_else(|| {
+    Method::from_name(s).ok_or_else(|| {
         let names: Vec<String> =
             Method::ALL.iter().map(|m| format!("{:?}", m.as_str())).chain(["\"hybrid\"".to_string()]).collect();
         let (last, rest) = names.split_last().expect("at least one method");
@@ -37,9 +37,8 @@ fn parse_method(s: &str) -> PyResult<Option<Method>> {
 }
 
 /// Everything that fixes one call: method, batched shape, options (the mask's query offset is 0;
-/// a state's count moves it, [`Call::opts_at`]). A hybrid call has `hybrid` set (its window,
-/// sinks and polynomial) and `method` [`Method::Poly`] (its far part's kernel, for the memory
-/// estimate); every method-specific step checks `hybrid` first.
+/// a state's count moves it, [`Call::opts_at`]). A hybrid call ([`Method::Hybrid`]) has `hybrid`
+/// set: its window, sinks and polynomial.
 #[derive(Clone, Copy, Debug)]
 struct Call {
     method: Method,
@@ -50,6 +49,10 @@ struct Call {
 }
 
 impl Call {
+    /// The hybrid options of a hybrid call (no window, no sinks — poly — if unset).
+    fn hybrid_options(&self) -> HybridOptions {
+        self.hybrid.unwrap_or(HybridOptions { window: 0, sinks: 0, poly: self.popts })
+    }
     /// Feature width `r = C(d+g, g)` (MATH §3), when representable.
     fn rank(&self) -> Option<usize> {
         features::feature_dim(self.shape.head_dim, self.popts.degree)
@@ -116,8 +119,7 @@ fn call_of(
     window: Option<usize>,
     sinks: usize,
 ) -> PyResult<Call> {
-    let parsed = parse_method(method)?;
-    let method = parsed.unwrap_or(Method::Poly);
+    let method = parse_method(method)?;
     for (name, s, want) in [("q", q, "[B, T, H, D]"), ("k", k, "[B, T, H_kv, D]"), ("v", v, "[B, T, H_kv, D_v]")] {
         if s.len() != 4 {
             return Err(PyValueError::new_err(format!("{name}: expected a 4-D tensor {want}, got shape {s:?}")));
@@ -153,7 +155,7 @@ fn call_of(
     if method != Method::Exact {
         popts.validate().map_err(crate::runtime::to_py_err)?;
     }
-    if parsed.is_none() {
+    if method == Method::Hybrid {
         // hybrid: the window and sinks are its near keys, the rest its polynomial's
         let Some(window) = window else {
             return Err(PyValueError::new_err("window: hybrid attention needs a window (keys per row seen exactly)"));
@@ -276,12 +278,10 @@ fn state_dims(c: &Call) -> PyResult<([usize; 4], [usize; 3])> {
 
 /// Checks that a call may carry a state: causal polynomial attention (MATH §4 "Causal").
 fn check_stateful(c: &Call, what: &str) -> PyResult<()> {
-    if c.hybrid.is_some() {
-        return Err(PyValueError::new_err(format!(
-            "{what}: hybrid attention carries no state; only the causal polynomial method (method=\"poly\") does"
-        )));
-    }
     match c.method {
+        Method::Hybrid => Err(PyValueError::new_err(format!(
+            "{what}: hybrid attention carries no state; only the causal polynomial method (method=\"poly\") does"
+        ))),
         Method::Poly if c.causal() => Ok(()),
         Method::Poly => Err(PyValueError::new_err(format!(
             "{what}: the polynomial scan's state continues a causal sequence: pass causal=True"
@@ -349,8 +349,9 @@ fn forward_all<T: Scalar>(
     let x = Qkv::new(q, k, v, &c.shape)?;
     let t0 = Instant::now();
     let none = || (Vec::new(), Vec::new());
-    let f = match (c.hybrid, c.method) {
-        (Some(h), _) => {
+    let f = match c.method {
+        Method::Hybrid => {
+            let h = c.hybrid_options();
             let f = at::forward_hybrid(&x, &c.opts, &h)?;
             let far = (f.far_o, f.far_lse);
             Fwd {
@@ -363,7 +364,7 @@ fn forward_all<T: Scalar>(
                 final_state: None,
             }
         }
-        (None, Method::Exact) => {
+        Method::Exact => {
             let f = at::forward_exact(&x, &c.opts)?;
             Fwd {
                 o: f.o,
@@ -375,7 +376,7 @@ fn forward_all<T: Scalar>(
                 final_state: None,
             }
         }
-        (None, Method::Poly | Method::AltGrad) => {
+        Method::Poly | Method::AltGrad => {
             if c.method == Method::AltGrad {
                 // the backward's Kronecker state: refused before any work
                 at::altgrad::check_kron_state(&c.shape, &c.popts)?;
@@ -424,7 +425,7 @@ fn forward_t<'py, T: Scalar + Element>(
     let out = PyDict::new(py);
     out.set_item("o", PyArray1::from_vec(py, f.o).reshape(c.dims(h, dv))?)?;
     out.set_item("lse", PyArray1::from_vec(py, f.lse).reshape([b, h, t])?)?;
-    if c.hybrid.is_some() {
+    if c.method == Method::Hybrid {
         out.set_item("far_o", PyArray1::from_vec(py, f.far.0).reshape(c.dims(h, dv))?)?;
         out.set_item("far_lse", PyArray1::from_vec(py, f.far.1).reshape([b, h, t])?)?;
     } else if c.method != Method::Exact {
@@ -527,17 +528,18 @@ fn backward_all<T: Scalar>(
     let mut grads = altgrad::attention::AttnGrads::zeros(&c.shape);
     let ws = at::Workspace::new();
     let t0 = Instant::now();
-    let dinit = match (c.hybrid, c.method) {
-        (Some(h), _) => {
+    let dinit = match c.method {
+        Method::Hybrid => {
+            let h = c.hybrid_options();
             let saved = at::HybridSaved { o: sv.o, lse: sv.lse, far_o: sv.far_o, far_lse: sv.far_lse };
             at::backward_hybrid_into(&x, &c.opts, &h, saved, dout, grads.as_mut(), &ws)?;
             None
         }
-        (None, Method::Exact) => {
+        Method::Exact => {
             at::backward_exact_into(&x, &c.opts, sv.o, sv.lse, dout, grads.as_mut(), &ws)?;
             None
         }
-        (None, Method::Poly | Method::AltGrad) => {
+        Method::Poly | Method::AltGrad => {
             let saved = PolySaved {
                 kv_state: sv.kv_state.to_vec(),
                 reference: sv.reference.to_vec(),
@@ -620,8 +622,8 @@ fn backward_t<'py, T: Scalar + Element>(
     };
     let s = c.shape;
     let (b, t, h, hkv, d, dv) = (s.batch, s.seq_len, s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim_v);
-    let hybrid = c.hybrid.is_some();
-    let exact = c.method == Method::Exact && !hybrid;
+    let hybrid = c.method == Method::Hybrid;
+    let exact = c.method == Method::Exact;
     let poly = !exact && !hybrid;
     let o = get("o")?;
     let lse = if exact || hybrid { Some(get("lse")?) } else { None };

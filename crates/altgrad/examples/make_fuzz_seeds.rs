@@ -273,6 +273,7 @@ fn tiny_llama_cfg(tied: bool) -> LlamaConfig {
         tie_word_embeddings: tied,
         attention_bias: tied,
         mlp_bias: false,
+        built_in_attention: None,
     }
 }
 

@@ -409,9 +409,10 @@ pub struct GradRun<T> {
     pub report: GradReport,
 }
 
-/// Whether every head of `pass` ran exact attention.
+/// Whether every head of `pass` ran exact attention or its layer's built-in attention (which the
+/// exact pass runs too): then both passes compute the same function.
 pub fn all_exact<T>(pass: &Pass<T>) -> bool {
-    pass.decisions.iter().flatten().all(|d| d.plan == HeadPlan::Exact)
+    pass.decisions.iter().flatten().all(|d| d.plan == HeadPlan::Exact || d.is_built_in())
 }
 
 /// Timed repetitions of each pass under `--compare` (interleaved; medians reported).
@@ -496,7 +497,12 @@ pub fn grad_run<T: Scalar>(
         model: loaded.source().to_string(),
         seq_len: n,
         n_layers: num_layers(&loaded.model),
-        attention: attention.to_string(),
+        // a model built with its attention runs it whatever --attention asked
+        attention: if pass.decisions.iter().flatten().all(|d| d.is_built_in()) {
+            "built-in".to_string()
+        } else {
+            attention.to_string()
+        },
         loss: pass.loss,
         heads,
         timing_s: Timing { forward: pass.t_fwd, backward: pass.t_bwd, exact_backward: exact.as_ref().map(|e| e.t_bwd) },

@@ -83,7 +83,8 @@ pub struct GradReport {
     pub seq_len: usize,
     /// Number of transformer layers.
     pub n_layers: usize,
-    /// Attention method requested (`exact`, `poly`, `altgrad`, `auto`).
+    /// Attention method requested (`exact`, `poly`, `altgrad`, `auto`), or `built-in` when every
+    /// layer of the model is built with its own attention (which then ran whatever was requested).
     pub attention: String,
     /// Loss value (mean next-token cross-entropy, nats).
     pub loss: f64,

@@ -122,6 +122,7 @@ fn llama(layout: RopeLayout, qk: f32) -> (LlamaConfig, LlamaWeights<f32>) {
         tie_word_embeddings: false,
         attention_bias: true,
         mlp_bias: false,
+        built_in_attention: None,
     };
     let mut w = LlamaWeights::<f32>::random_hf(&cfg, 11);
     for l in &mut w.layers {

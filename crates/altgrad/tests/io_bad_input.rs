@@ -49,6 +49,7 @@ fn cfg() -> LlamaConfig {
         tie_word_embeddings: false,
         attention_bias: false,
         mlp_bias: false,
+        built_in_attention: None,
     }
 }
 

@@ -26,6 +26,7 @@ fn small_cfg(layout: RopeLayout, tied: bool, bias: bool) -> LlamaConfig {
         tie_word_embeddings: tied,
         attention_bias: bias,
         mlp_bias: bias,
+        built_in_attention: None,
     }
 }
 
@@ -173,5 +174,75 @@ fn approximate_model_gradients_approach_exact_as_degree_rises() {
             .collect();
         eprintln!("{:?}: rel err of all gradients vs exact for g = 2, 4, 6: {errs:?}", make(2).method_name());
         assert!(errs[0] < 0.05 && errs[1] < errs[0] && errs[2] < errs[1], "{errs:?}");
+    }
+}
+
+/// A decoder built for polynomial attention (issue 17): layers of each kind, `feature_dim`-wide
+/// queries and keys in the poly and hybrid layers (head_dim 4, feature_dim 2 or 6).
+fn built_in_cfg(kinds: &[&str], feature_dim: usize, window: usize, sinks: usize) -> LlamaConfig {
+    let layers = kinds.iter().map(|k| k.parse().unwrap()).collect();
+    LlamaConfig {
+        num_layers: kinds.len(),
+        built_in_attention: Some(altgrad::model::BuiltInAttention {
+            layers,
+            feature_dim,
+            degree: 2,
+            window,
+            sinks,
+            center: true,
+            chunk: 3,
+        }),
+        ..small_cfg(RopeLayout::RotateHalf, false, false)
+    }
+}
+
+#[test]
+fn built_in_attention_models_have_their_own_exact_gradient() {
+    // every parameter by finite differences: the gradient is the model's own (hybrid and poly
+    // layers included), whatever the run's policy
+    for (kinds, df, w, s) in [(&["hybrid", "exact"][..], 6, 3, 1), (&["poly", "hybrid"][..], 2, 2, 0)] {
+        let cfg = built_in_cfg(kinds, df, w, s);
+        let m = model(cfg.clone(), 21);
+        assert_eq!(m.weights.layers[0].q_proj.weight.shape, vec![cfg.num_heads * cfg.qk_head_dim(0), 8]);
+        check_ce_gradients(cfg, 21);
+    }
+}
+
+#[test]
+fn built_in_hybrid_layer_with_a_long_window_is_the_softmax_layer() {
+    // window ≥ n and feature_dim = head_dim: the hybrid model is the softmax model with the same weights
+    let soft = model(small_cfg(RopeLayout::RotateHalf, false, false), 5);
+    let cfg = built_in_cfg(&["hybrid", "hybrid"], 4, 64, 0);
+    let hyb = Model::new(cfg, soft.weights.clone(), "test").unwrap();
+    let ids: Vec<u32> = vec![3, 7, 1, 12, 0, 7, 5, 2, 9];
+    let (la, ga, _) = soft.loss_and_grads(&ids).unwrap();
+    let (lb, gb, _) = hyb.loss_and_grads(&ids).unwrap();
+    assert!((la - lb).abs() < 1e-12, "{la} vs {lb}");
+    for (a, b) in ga.weights.params().iter().zip(gb.weights.params()) {
+        assert!(rel(&b.data, &a.data) < 1e-11, "{}", a.name);
+    }
+}
+
+#[test]
+fn built_in_attention_configs_are_checked() {
+    let bad = |cfg: LlamaConfig, needle: &str| {
+        let e = cfg.validate("cfg").unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    };
+    bad(built_in_cfg(&["hybrid"], 4, 2, 0).clone_with_layers(2), "layer entries");
+    bad(built_in_cfg(&["hybrid", "poly"], 3, 2, 0), "feature_dim (3)");
+    bad(built_in_cfg(&["hybrid", "poly"], 4, 0, 0), "need a window or sinks");
+    let mut c = built_in_cfg(&["poly", "poly"], 4, 0, 0);
+    c.built_in_attention.as_mut().unwrap().degree = 3;
+    bad(c, "degree");
+}
+
+trait WithLayers {
+    fn clone_with_layers(&self, n: usize) -> Self;
+}
+
+impl WithLayers for LlamaConfig {
+    fn clone_with_layers(&self, n: usize) -> Self {
+        LlamaConfig { num_layers: n, ..self.clone() }
     }
 }

@@ -39,6 +39,26 @@ pub fn poly_flops(n: usize, d: usize, dv: usize, r: usize, causal: bool, chunk: 
     }
 }
 
+/// FLOPs of hybrid attention forward + backward for one head (MATH §4.1, §7), causal: the exact
+/// part over the `w + s` near keys of each row (`2·(w+s)·(4d + 3d_v)` per row, as
+/// [`exact_flops`] per pair, capped at the causal count) plus [`poly_flops`] over the
+/// `n − w − s` rows with far keys, and the merge (`≈ 4 n d_v`). Tiles the window mask only partly
+/// covers are counted as their allowed pairs (the kernels compute whole tiles: a lower bound).
+pub fn hybrid_flops(n: usize, d: usize, dv: usize, r: usize, window: usize, sinks: usize, chunk: usize) -> f64 {
+    let near = window.saturating_add(sinks);
+    let nf = n as f64;
+    // allowed near pairs: Σ_i min(i + 1, w + s)
+    let pairs = if near >= n {
+        nf * (nf + 1.0) / 2.0
+    } else {
+        let m = near as f64;
+        m * (m + 1.0) / 2.0 + (nf - m) * m
+    };
+    let far_rows = n.saturating_sub(near);
+    let far = if far_rows > 0 { poly_flops(far_rows, d, dv, r, true, chunk) } else { 0.0 };
+    2.0 * pairs * (4 * d + 3 * dv) as f64 + far + 4.0 * nf * dv as f64
+}
+
 /// Working memory of the polynomial kernels for one head, in bytes, excluding inputs, outputs
 /// and O(n + C·g) vectors: the `r×(d_v+1)` state and its gradient, and the chunk scratch of
 /// `poly::Head::scratch_len` (centered): three `r×C` feature buffers (`Φᵀ`, `Ψᵀ`,

@@ -47,6 +47,10 @@ fn prepare<T: Scalar>(
     plans: &[HeadPlan],
 ) -> Result<(bool, Vec<Option<FeatureMap<T>>>)> {
     opts.check(s)?;
+    if plans.iter().any(|p| matches!(p, HeadPlan::Hybrid(_))) {
+        // its kernel runs whole layers (forward_hybrid): every head of the layer the same plan
+        return Err(Error::bad("attention plan", "hybrid heads cannot share a layer with heads of other plans"));
+    }
     if plans.iter().any(|p| *p != HeadPlan::Exact) {
         poly::poly_mask(opts, s, 0)?;
     }

@@ -11,9 +11,12 @@
 //! (name, summary, cost, check) and one in [`HeadPlan`] (its forward and backward).
 
 use super::bound::{eps_a, output_bound, ScoreBounds, MAX_AUTO_DEGREE};
-use super::cost::{altgrad_flops, altgrad_state_bytes, exact_flops, exact_state_bytes, poly_flops, poly_state_bytes};
+use super::cost::{
+    altgrad_flops, altgrad_state_bytes, exact_flops, exact_state_bytes, hybrid_flops, poly_flops, poly_state_bytes,
+};
 use super::estimate::ErrorEstimate;
 use super::features::{feature_dim, FeatureMap, MAX_FEATURE_DIM};
+use super::hybrid::{HybridOptions, HybridOutput};
 use super::poly::{self, Head, PolyOptions, PolyOutput, State, DEFAULT_CHUNK};
 use super::view::{Rows, RowsMut};
 use super::workspace::Workspace;
@@ -32,10 +35,16 @@ pub enum Method {
     Poly,
     /// The paper's Algorithm 1 (MATH §5).
     AltGrad,
+    /// Hybrid attention (MATH §4.1): exact softmax for a window and sinks, the polynomial for the
+    /// far keys. A model's own attention (a layer of a model built for it, `attn`, Python), not a
+    /// stand-in for softmax: outside [`Method::ALL`], so `grad --attention` and `auto` do not offer
+    /// it; its window lives in [`HeadPlan::Hybrid`].
+    Hybrid,
 }
 
 impl Method {
-    /// Every method, in report order (exact first): the registry parsing and listings use.
+    /// The methods that stand in for a softmax head, in report order (exact first): the registry
+    /// parsing and listings use ([`Method::Hybrid`], a model's own attention, is not among them).
     pub const ALL: [Method; 3] = [Method::Exact, Method::Poly, Method::AltGrad];
 
     /// Lower-case name, as on the CLI, in JSON reports and in Python: `exact`, `poly`, `altgrad`.
@@ -44,6 +53,7 @@ impl Method {
             Method::Exact => "exact",
             Method::Poly => "poly",
             Method::AltGrad => "altgrad",
+            Method::Hybrid => "hybrid",
         }
     }
 
@@ -53,6 +63,9 @@ impl Method {
             Method::Exact => "Exact softmax attention (tiled, O(n²) time, O(n) memory)",
             Method::Poly => "Polynomial attention: degree-g Taylor softmax with its exact gradient, O(n·r·d)",
             Method::AltGrad => "The paper's Algorithm 1 (ALTGrad): the softmax gradient formula with the low-rank f̃",
+            Method::Hybrid => {
+                "Hybrid: exact softmax for a window and sinks, the polynomial for the far keys, one normalization"
+            }
         }
     }
 
@@ -78,12 +91,14 @@ impl Method {
         !matches!(self, Method::Exact)
     }
 
-    /// This method with options `p` (ignored for exact): what one head runs.
+    /// This method with options `p` (ignored for exact): what one head runs. Hybrid gets no
+    /// window and no sinks here (which is `poly`); build [`HeadPlan::Hybrid`] to give them.
     pub fn plan(self, p: PolyOptions) -> HeadPlan {
         match self {
             Method::Exact => HeadPlan::Exact,
             Method::Poly => HeadPlan::Poly(p),
             Method::AltGrad => HeadPlan::AltGrad(p),
+            Method::Hybrid => HeadPlan::Hybrid(HybridOptions { window: 0, sinks: 0, poly: p }),
         }
     }
 
@@ -95,6 +110,8 @@ impl Method {
             Method::Exact => exact_flops(n, d, dv, causal),
             Method::Poly => poly_flops(n, d, dv, r, causal, chunk),
             Method::AltGrad => altgrad_flops(n, d, dv, r, causal, chunk),
+            // without its window ([`HeadPlan::flops`] adds it)
+            Method::Hybrid => poly_flops(n, d, dv, r, causal, chunk),
         }
     }
 
@@ -103,7 +120,7 @@ impl Method {
     pub fn state_bytes(&self, d: usize, dv: usize, r: usize, chunk: usize, elem: usize) -> usize {
         match self {
             Method::Exact => exact_state_bytes(elem),
-            Method::Poly => poly_state_bytes(d, dv, r, chunk, elem),
+            Method::Poly | Method::Hybrid => poly_state_bytes(d, dv, r, chunk, elem),
             Method::AltGrad => altgrad_state_bytes(d, dv, r, chunk, elem),
         }
     }
@@ -114,7 +131,7 @@ impl Method {
     pub fn fits(&self, d: usize, dv: usize, g: usize) -> bool {
         match (self, feature_dim(d, g)) {
             (Method::Exact, _) => true,
-            (Method::Poly, Some(r)) => r <= MAX_FEATURE_DIM,
+            (Method::Poly | Method::Hybrid, Some(r)) => r <= MAX_FEATURE_DIM,
             (Method::AltGrad, Some(r)) => {
                 r <= MAX_FEATURE_DIM && altgrad::kron_state_len(r, dv, d).is_some_and(|k| k <= altgrad::MAX_KRON_STATE)
             }
@@ -130,7 +147,7 @@ impl Method {
     pub fn check(&self, shape: &AttnShape, p: &PolyOptions) -> Result<()> {
         match self {
             Method::Exact => Ok(()),
-            Method::Poly => p.validate(),
+            Method::Poly | Method::Hybrid => p.validate(),
             Method::AltGrad => {
                 p.validate()?;
                 altgrad::check_kron_state(shape, p)
@@ -165,6 +182,8 @@ pub enum HeadPlan {
     Poly(PolyOptions),
     /// The paper's Algorithm 1 (MATH §5).
     AltGrad(PolyOptions),
+    /// Hybrid attention (MATH §4.1); only as every head of a layer (its own multi-head kernel).
+    Hybrid(HybridOptions),
 }
 
 /// One (sequence, head) pair of a layer as [`HeadPlan::forward_head`] and
@@ -214,6 +233,8 @@ pub(crate) enum LayerSaved<T> {
     Exact(AttnOutput<T>),
     /// The polynomial forward's output (ALTGrad's forward is polynomial attention's).
     Poly(Box<PolyOutput<T>>),
+    /// The hybrid forward's output.
+    Hybrid(Box<HybridOutput<T>>),
 }
 
 impl<T> LayerSaved<T> {
@@ -222,6 +243,7 @@ impl<T> LayerSaved<T> {
         match self {
             LayerSaved::Exact(f) => &f.o,
             LayerSaved::Poly(f) => &f.o,
+            LayerSaved::Hybrid(f) => &f.o,
         }
     }
 }
@@ -233,19 +255,21 @@ impl HeadPlan {
             HeadPlan::Exact => Method::Exact,
             HeadPlan::Poly(_) => Method::Poly,
             HeadPlan::AltGrad(_) => Method::AltGrad,
+            HeadPlan::Hybrid(_) => Method::Hybrid,
         }
     }
 
-    /// `exact`, `poly` or `altgrad` ([`Method::as_str`]).
+    /// `exact`, `poly`, `altgrad` or `hybrid` ([`Method::as_str`]).
     pub fn method_name(&self) -> &'static str {
         self.method().as_str()
     }
 
-    /// The options of an approximate method.
+    /// The polynomial options of an approximate method (hybrid: its far keys').
     pub fn options(&self) -> Option<&PolyOptions> {
         match self {
             HeadPlan::Exact => None,
             HeadPlan::Poly(p) | HeadPlan::AltGrad(p) => Some(p),
+            HeadPlan::Hybrid(h) => Some(&h.poly),
         }
     }
 
@@ -263,6 +287,9 @@ impl HeadPlan {
     /// FLOPs of forward + backward of one head of `n` rows, widths `d`, `d_v` ([`Method::flops`]).
     pub fn flops(&self, n: usize, d: usize, dv: usize, causal: bool) -> f64 {
         let chunk = self.options().map_or(DEFAULT_CHUNK, |p| p.chunk);
+        if let HeadPlan::Hybrid(h) = self {
+            return hybrid_flops(n, d, dv, self.rank(d).unwrap_or(0), h.window, h.sinks, chunk);
+        }
         self.method().flops(n, d, dv, self.rank(d).unwrap_or(0), causal, chunk)
     }
 
@@ -296,6 +323,7 @@ impl HeadPlan {
                 altgrad::check_kron_state(x.shape(), p)?;
                 Ok(LayerSaved::Poly(Box::new(super::forward_poly(x, opts, p)?)))
             }
+            HeadPlan::Hybrid(h) => Ok(LayerSaved::Hybrid(Box::new(super::forward_hybrid(x, opts, h)?))),
         }
     }
 
@@ -313,6 +341,7 @@ impl HeadPlan {
             (HeadPlan::Exact, LayerSaved::Exact(f)) => Some(super::backward_exact(x, f, dout)),
             (HeadPlan::Poly(_), LayerSaved::Poly(f)) => Some(super::backward_poly(x, f, dout)),
             (HeadPlan::AltGrad(_), LayerSaved::Poly(f)) => Some(super::backward_altgrad(x, f, dout)),
+            (HeadPlan::Hybrid(_), LayerSaved::Hybrid(f)) => Some(super::backward_hybrid(x, f, dout)),
             _ => None,
         }
     }

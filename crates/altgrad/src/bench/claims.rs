@@ -258,6 +258,7 @@ pub(crate) fn multilayer_claim(plan: &Plan, tick: &dyn Fn(&str)) -> Result<Multi
         tie_word_embeddings: false,
         attention_bias: false,
         mlp_bias: false,
+        built_in_attention: None,
     };
     let mut model = Model::<f64>::new(cfg.clone(), LlamaWeights::random_hf(&cfg, plan.seed ^ 0xc), "bench")?;
     let ids: Vec<u32> = {

@@ -385,6 +385,14 @@ pub(crate) fn run_method<T: Scalar>(
             };
             (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
         }
+        Method::Hybrid => {
+            // no window, no sinks: the sweep's hybrid is poly through the hybrid kernel
+            let h = attention::HybridOptions { window: 0, sinks: 0, poly: *popts };
+            let f = attention::forward_hybrid(&x, o, &h)?;
+            let t1 = t0.elapsed().as_secs_f64();
+            let gr = attention::backward_hybrid(&x, &f, g)?;
+            (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
+        }
     })
 }
 

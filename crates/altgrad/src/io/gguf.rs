@@ -1434,6 +1434,7 @@ fn llama_config(g: &GgufFile) -> Result<LlamaConfig> {
         tie_word_embeddings: g.tensor_info("output.weight").is_none(),
         attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
         mlp_bias: g.tensor_info("blk.0.ffn_gate.bias").is_some(),
+        built_in_attention: None,
     };
     cfg.validate(file)?;
     Ok(cfg)

@@ -133,6 +133,7 @@ pub(crate) fn parse_hf_llama_config(text: &str, source: &str) -> Result<LlamaCon
         tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         attention_bias: hf.attention_bias.unwrap_or(false),
         mlp_bias: hf.mlp_bias.unwrap_or(false),
+        built_in_attention: None,
     };
     cfg.validate(source)?;
     Ok(cfg)
@@ -389,6 +390,7 @@ mod tests {
             tie_word_embeddings: tied,
             attention_bias: bias,
             mlp_bias: bias,
+            built_in_attention: None,
         }
     }
 

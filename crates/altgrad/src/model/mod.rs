@@ -18,7 +18,9 @@ pub mod param;
 pub mod policy;
 
 pub use layers::{Linear, RopeLayout};
-pub use llama::{ForwardCache, Grads, LayerWeights, LlamaConfig, LlamaWeights, Model};
+pub use llama::{
+    BuiltInAttention, ForwardCache, Grads, LayerAttention, LayerWeights, LlamaConfig, LlamaWeights, Model,
+};
 pub use network::{Activations, Family, Gradients, LossAndGrads, Network, NetworkSummary};
 pub use param::{Param, ParamSet};
 pub use policy::{AttentionPolicy, HeadDecision};

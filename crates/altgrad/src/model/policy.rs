@@ -65,6 +65,10 @@ impl AttentionPolicy {
     }
 }
 
+/// The reason of a head whose layer is built with its attention ([`crate::model::BuiltInAttention`]):
+/// no policy chose it, and the exact pass computes the same function.
+pub const BUILT_IN_REASON: &str = "built into the model: its own attention, computed exactly";
+
 /// One head's decision in a forward pass, for reports.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HeadDecision {
@@ -86,6 +90,14 @@ pub struct HeadDecision {
     pub decided_by: Option<Decider>,
     /// Why this plan (from the policy).
     pub reason: String,
+}
+
+impl HeadDecision {
+    /// Whether the head is a layer's built-in attention ([`BUILT_IN_REASON`]): the model's own
+    /// function, the same in every pass.
+    pub fn is_built_in(&self) -> bool {
+        self.reason == BUILT_IN_REASON
+    }
 }
 
 /// Chooses every head's plan for one layer from its `q`, `k` (after RoPE for decoders) and `v`,

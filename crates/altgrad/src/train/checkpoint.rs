@@ -406,11 +406,25 @@ pub fn to_hf_layout<T: Scalar>(cfg: &LlamaConfig, w: &LlamaWeights<T>) -> (Llama
 /// checkpoint's model had an HF `tokenizer.json` (in the checkpoint, or in the HF directory it was
 /// trained from), a copy of it.
 ///
-/// Errors: those of [`load_checkpoint_model`]; `BadInput` naming `out` when it exists and is
-/// not a directory (files already in it are replaced); `Io` for write failures.
+/// Errors: those of [`load_checkpoint_model`]; `BadInput` naming the checkpoint when its model
+/// is built with its own attention ([`crate::model::BuiltInAttention`]: no HF Llama computes it),
+/// or naming `out` when it exists and is not a directory (files already in it are replaced);
+/// `Io` for write failures.
 pub fn export_checkpoint_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
     crate::io::check_output_dir("--out", out)?;
     let ck = load_checkpoint_model::<f32>(ckpt)?;
+    if let Some(b) = &ck.config.built_in_attention {
+        let kinds: Vec<&str> = b.layers.iter().map(|k| k.as_str()).collect();
+        return Err(crate::Error::bad(
+            ckpt.display().to_string(),
+            format!(
+                "the model is built with its own attention ({}; feature_dim {}), which an HF Llama cannot express: \
+                 transformers would run softmax attention; use the checkpoint itself (grad/inspect --model DIR)",
+                kinds.join(","),
+                b.feature_dim
+            ),
+        ));
+    }
     let (cfg, w) = to_hf_layout(&ck.config, &ck.weights);
     crate::io::save_hf_llama(out, &cfg, &w)?;
     let origin = ck.options.get("model").and_then(|m| m.as_str()).unwrap_or("tiny").to_string();

@@ -24,7 +24,9 @@ use crate::attention::PolyOptions;
 use crate::chart::{ChartSpec, Series};
 use crate::io::tokenizer::TextTokenizer;
 use crate::io::{load_model, AnyModel};
-use crate::model::{AttentionPolicy, LlamaConfig, LlamaWeights, Model, Network, RopeLayout};
+use crate::model::{
+    AttentionPolicy, BuiltInAttention, LayerAttention, LlamaConfig, LlamaWeights, Model, Network, RopeLayout,
+};
 use crate::{Error, Progress, Result};
 use checkpoint::{checkpoint_exists, load_checkpoint, save_checkpoint, TrainState};
 use data::{Mqar, Rng, Sequence, TextData, STREAM_EVAL, STREAM_TRAIN};
@@ -144,10 +146,24 @@ pub struct TrainOptions {
     pub eps: f64,
     /// Maximum global gradient norm (0 = no clipping).
     pub grad_clip: f64,
-    /// Attention method.
+    /// Attention method: `exact`, `poly`, `altgrad`, or `hybrid` (a model built with it).
     pub attention: Method,
-    /// Degree of poly / altgrad (even, ≥ 2).
+    /// Degree of poly / altgrad / hybrid (even, ≥ 2).
     pub degree: usize,
+    /// Built-in attention (`tiny` from scratch): query/key width of the poly and hybrid layers
+    /// (Based's feature dimension). Given, or with `hybrid` or `layer_attention`, the model is
+    /// built with its attention ([`crate::model::BuiltInAttention`]); default: `head_dim`.
+    #[serde(default)]
+    pub feature_dim: Option<usize>,
+    /// Hybrid layers: keys per row seen exactly (required with hybrid).
+    #[serde(default)]
+    pub window: Option<usize>,
+    /// Hybrid layers: leading keys every row sees exactly.
+    #[serde(default)]
+    pub sinks: usize,
+    /// Built-in attention, one kind per layer (default: `attention` for every layer).
+    #[serde(default)]
+    pub layer_attention: Option<Vec<LayerAttention>>,
     /// Chunk size of the polynomial kernels.
     pub chunk: usize,
     /// Seed of the `tiny` weights and of every batch.
@@ -190,6 +206,10 @@ impl Default for TrainOptions {
             grad_clip: 1.0,
             attention: Method::Exact,
             degree: 2,
+            feature_dim: None,
+            window: None,
+            sinks: 0,
+            layer_attention: None,
             chunk: crate::attention::poly::DEFAULT_CHUNK,
             seed: 0,
             eval_every: 50,
@@ -208,13 +228,75 @@ const RESUME_FREE: [&str; 8] =
     ["resume", "stop_at", "json", "plot", "checkpoint", "save_every", "eval_every", "eval_seqs"];
 
 impl TrainOptions {
-    /// The attention policy these options ask for.
+    /// The attention policy these options ask for (exact when the model is built with its own
+    /// attention, [`TrainOptions::built_in`]: no policy reaches its layers).
     pub fn policy(&self) -> Result<AttentionPolicy> {
         let po = PolyOptions { degree: self.degree, center: true, chunk: self.chunk };
         if self.attention.is_approximate() {
             po.validate().map_err(Error::for_flags)?;
         }
+        if self.wants_built_in() {
+            return Ok(AttentionPolicy::EXACT);
+        }
         Ok(AttentionPolicy::Fixed(self.attention.plan(po)))
+    }
+
+    /// Whether the options ask for a model built with its attention: `hybrid`, `feature_dim` or
+    /// `layer_attention`.
+    pub fn wants_built_in(&self) -> bool {
+        self.attention == Method::Hybrid || self.feature_dim.is_some() || self.layer_attention.is_some()
+    }
+
+    /// The attention a `tiny` model of `num_layers` layers and heads of `head_dim` is built with
+    /// (`None` unless [`wants_built_in`](Self::wants_built_in)).
+    ///
+    /// Errors: `BadInput` naming the flag (`--attention`, `--layer-attention`, `--window`, `--sinks`).
+    pub fn built_in(&self, num_layers: usize, head_dim: usize) -> Result<Option<BuiltInAttention>> {
+        if !self.wants_built_in() {
+            if self.window.is_some() || self.sinks > 0 {
+                return Err(Error::bad("--window", "a window belongs to hybrid layers: give --attention hybrid"));
+            }
+            return Ok(None);
+        }
+        let kind = match self.attention {
+            Method::Exact => LayerAttention::Exact,
+            Method::Poly => LayerAttention::Poly,
+            Method::Hybrid => LayerAttention::Hybrid,
+            Method::AltGrad => {
+                return Err(Error::bad(
+                    "--attention",
+                    "altgrad is a backward formula, not a model's attention: build the model with poly or hybrid",
+                ))
+            }
+        };
+        let layers = match &self.layer_attention {
+            Some(l) if l.len() != num_layers => {
+                return Err(Error::bad(
+                    "--layer-attention",
+                    format!("{} kinds for {num_layers} layers (one per layer)", l.len()),
+                ))
+            }
+            Some(l) => l.clone(),
+            None => vec![kind; num_layers],
+        };
+        let hybrid = layers.contains(&LayerAttention::Hybrid);
+        let window = match (hybrid, self.window) {
+            (true, None) => return Err(Error::bad("--window", "hybrid layers need --window (e.g. 64)")),
+            (false, Some(_)) => return Err(Error::bad("--window", "only hybrid layers take a window")),
+            (_, w) => w.unwrap_or(0),
+        };
+        if !hybrid && self.sinks > 0 {
+            return Err(Error::bad("--sinks", "only hybrid layers take sinks"));
+        }
+        Ok(Some(BuiltInAttention {
+            layers,
+            feature_dim: self.feature_dim.unwrap_or(head_dim),
+            degree: self.degree,
+            window,
+            sinks: self.sinks,
+            center: true,
+            chunk: self.chunk,
+        }))
     }
 
     /// The warm-up length actually used.
@@ -263,6 +345,9 @@ impl TrainOptions {
             return bad("--grad-clip", format!("{} must be ≥ 0 (0 = no clipping)", self.grad_clip));
         }
         self.policy()?;
+        if self.model == "tiny" {
+            self.built_in(self.tiny.layers, 2)?; // the flags' errors before any work
+        }
         match (self.text.is_empty(), self.task) {
             (true, None) => return bad("--text/--task", "give training data: --text PATH or --task mqar".into()),
             (false, Some(_)) => return bad("--text/--task", "give either --text or --task, not both".into()),
@@ -394,9 +479,20 @@ fn build_model(opts: &TrainOptions) -> Result<(Model<f32>, Option<TextTokenizer>
             }
             (v, _) => v.unwrap_or(256),
         };
-        let cfg = opts.tiny.config(vocab)?;
+        let mut cfg = opts.tiny.config(vocab)?;
+        cfg.built_in_attention = opts.built_in(cfg.num_layers, cfg.head_dim)?;
+        cfg.validate("tiny (--attention/--feature-dim/--window/--layer-attention)")?;
         let w = LlamaWeights::random_hf(&cfg, opts.seed);
         return Ok((Model::new(cfg, w, "tiny")?, None));
+    }
+    if opts.wants_built_in() || opts.window.is_some() {
+        return Err(Error::bad(
+            "--attention",
+            format!(
+                "a model's built-in attention is chosen when it is created (--model tiny); {} keeps its own",
+                opts.model
+            ),
+        ));
     }
     let loaded = load_model::<f32>(&opts.model, opts.seed)?;
     match loaded.model {
@@ -779,9 +875,19 @@ fn cfg_label(m: &Model<f32>) -> String {
 }
 
 fn policy_label(opts: &TrainOptions) -> String {
-    match opts.attention {
-        Method::Exact => Method::Exact.to_string(),
-        a => format!("{a} g={}", opts.degree),
+    let df = opts.feature_dim.map(|d| format!(" d_f={d}")).unwrap_or_default();
+    match (opts.attention, &opts.layer_attention) {
+        (_, Some(l)) => {
+            let kinds: Vec<&str> = l.iter().map(|k| k.as_str()).collect();
+            format!("{}{df} g={}", kinds.join(","), opts.degree)
+        }
+        (Method::Exact, None) if df.is_empty() => Method::Exact.to_string(),
+        (Method::Exact, None) => format!("exact{df}"),
+        (Method::Hybrid, None) => {
+            let s = if opts.sinks > 0 { format!(" s={}", opts.sinks) } else { String::new() };
+            format!("hybrid w={}{s}{df} g={}", opts.window.unwrap_or(0), opts.degree)
+        }
+        (a, None) => format!("{a}{df} g={}", opts.degree),
     }
 }
 

@@ -8,7 +8,7 @@ use crate::attention::dispatch::{backward_layer, forward_layer, LayerOutput};
 use crate::attention::HeadPlan;
 use crate::attention::{AttnGrads, AttnOptions, AttnShape};
 use crate::linalg::Scalar;
-use crate::model::policy::{decide, AttentionPolicy, HeadDecision};
+use crate::model::policy::{decide, AttentionPolicy, HeadDecision, BUILT_IN_REASON};
 use crate::Result;
 
 /// One layer's attention: what its forward produced and its backward needs.
@@ -45,6 +45,39 @@ impl<T: Scalar> AttnCache<T> {
     ) -> Result<Self> {
         let decisions = decide(policy, &q, &k, &v, &shape, &opts)?;
         let plans: Vec<HeadPlan> = decisions.iter().map(|d| d.plan).collect();
+        let out = forward_layer(&q, &k, &v, &shape, &opts, &plans)?;
+        Ok(AttnCache { q, k, v, out, decisions, shape, opts })
+    }
+
+    /// Runs the attention forward with `plan` for every head: a model's own attention (built in,
+    /// [`crate::model::BuiltInAttention`]), so no policy decides and nothing is predicted (the
+    /// decisions say so; the bound is measured for reports).
+    ///
+    /// Errors: shape mismatches, invalid plans.
+    pub fn forward_built_in(
+        q: Vec<T>,
+        k: Vec<T>,
+        v: Vec<T>,
+        shape: AttnShape,
+        opts: AttnOptions,
+        plan: HeadPlan,
+    ) -> Result<Self> {
+        let center = plan.options().is_none_or(|p| p.center);
+        let bounds = crate::attention::head_bounds(&q, &k, &shape, &opts, center)?;
+        let decisions = bounds
+            .into_iter()
+            .map(|bound| HeadDecision {
+                plan,
+                bound,
+                center,
+                rank: plan.rank(shape.head_dim),
+                predicted_rel_err: 0.0,
+                estimate: None,
+                decided_by: None,
+                reason: BUILT_IN_REASON.to_string(),
+            })
+            .collect();
+        let plans = vec![plan; shape.num_heads];
         let out = forward_layer(&q, &k, &v, &shape, &opts, &plans)?;
         Ok(AttnCache { q, k, v, out, decisions, shape, opts })
     }

@@ -1,8 +1,82 @@
 //! Configuration of a Llama-family decoder and the built-in `tiny` model's shape.
 
+use crate::attention::{features, HeadPlan, HybridOptions, PolyOptions};
 use crate::model::layers::RopeLayout;
 use crate::model::network::check_sizes;
 use serde::{Deserialize, Serialize};
+
+/// What one layer of a model built for polynomial attention computes (MATH §2, §4, §4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerAttention {
+    /// Softmax attention over `head_dim`-wide queries and keys.
+    Exact,
+    /// Causal polynomial attention over `feature_dim`-wide queries and keys.
+    Poly,
+    /// Hybrid attention (window and sinks exact, far keys polynomial) over `feature_dim`-wide
+    /// queries and keys.
+    Hybrid,
+}
+
+impl LayerAttention {
+    /// `exact`, `poly` or `hybrid`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LayerAttention::Exact => "exact",
+            LayerAttention::Poly => "poly",
+            LayerAttention::Hybrid => "hybrid",
+        }
+    }
+}
+
+impl std::str::FromStr for LayerAttention {
+    type Err = crate::Error;
+    /// Parses `exact`, `poly` or `hybrid`.
+    ///
+    /// Errors: `BadInput` (input `attention`) for any other string.
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "exact" => Ok(LayerAttention::Exact),
+            "poly" => Ok(LayerAttention::Poly),
+            "hybrid" => Ok(LayerAttention::Hybrid),
+            _ => Err(crate::Error::bad("attention", format!("`{s}` is not a layer attention (exact, poly, hybrid)"))),
+        }
+    }
+}
+
+fn default_chunk() -> usize {
+    crate::attention::poly::DEFAULT_CHUNK
+}
+
+fn default_center() -> bool {
+    true
+}
+
+/// The attention a decoder is built with (Based, Arora et al. 2024; LoLCATs): per layer exact,
+/// poly or hybrid. In poly and hybrid layers `q_proj` and `k_proj` map to `feature_dim` values per
+/// head (Based's feature dimension, 16 there) and scores use `τ = 1/√feature_dim`; values and the
+/// output keep `head_dim`. A model with it computes its own attention whatever a run's
+/// `--attention` asks: its gradient is exact for that model (MATH §4.1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltInAttention {
+    /// One entry per layer.
+    pub layers: Vec<LayerAttention>,
+    /// Query/key width `d_f` of the poly and hybrid layers (even, ≥ 2).
+    pub feature_dim: usize,
+    /// Degree `g` of the polynomial (even, ≥ 2).
+    pub degree: usize,
+    /// Hybrid layers: keys per row seen exactly (the window, diagonal included).
+    pub window: usize,
+    /// Hybrid layers: leading keys every row sees exactly.
+    pub sinks: usize,
+    /// Row shift of the polynomial (MATH §3).
+    #[serde(default = "default_center")]
+    pub center: bool,
+    /// Rows per chunk of the polynomial kernels (a compute setting: the function does not depend
+    /// on it).
+    #[serde(default = "default_chunk")]
+    pub chunk: usize,
+}
 
 /// Shape and hyper-parameters of a Llama-family decoder.
 ///
@@ -37,6 +111,10 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     /// gate/up/down projections have biases.
     pub mlp_bias: bool,
+    /// The attention the model is built with; `None` (softmax models, every pretrained one): each
+    /// run's `--attention` policy decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_in_attention: Option<BuiltInAttention>,
 }
 
 impl LlamaConfig {
@@ -58,6 +136,7 @@ impl LlamaConfig {
             tie_word_embeddings: false,
             attention_bias: false,
             mlp_bias: false,
+            built_in_attention: None,
         }
     }
 
@@ -93,10 +172,74 @@ impl LlamaConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return bad(format!("rope_theta ({}) must be finite and > 1", self.rope_theta));
         }
+        if let Some(b) = &self.built_in_attention {
+            if b.layers.len() != self.num_layers {
+                return bad(format!(
+                    "built_in_attention has {} layer entries for {} layers",
+                    b.layers.len(),
+                    self.num_layers
+                ));
+            }
+            if b.feature_dim < 2 || !b.feature_dim.is_multiple_of(2) {
+                return bad(format!(
+                    "feature_dim ({}) must be even and at least 2 (RoPE pairs coordinates)",
+                    b.feature_dim
+                ));
+            }
+            PolyOptions { degree: b.degree, center: b.center, chunk: b.chunk }
+                .validate()
+                .map_err(|e| crate::Error::bad(source, format!("built_in_attention: {e}")))?;
+            if features::feature_dim(b.feature_dim, b.degree).is_none_or(|r| r > features::MAX_FEATURE_DIM) {
+                return bad(format!(
+                    "feature width C(feature_dim + degree, degree) for feature_dim {} and degree {} is too large",
+                    b.feature_dim, b.degree
+                ));
+            }
+            let hybrid = b.layers.contains(&LayerAttention::Hybrid);
+            if hybrid && b.window == 0 && b.sinks == 0 {
+                return bad("hybrid layers need a window or sinks (without both they are poly layers)".into());
+            }
+        }
         Ok(())
     }
 
-    /// Width of the concatenated query heads, `num_heads · head_dim`.
+    /// Query/key width of layer `l`: `feature_dim` in a built-in poly or hybrid layer, else
+    /// `head_dim`.
+    pub fn qk_head_dim(&self, l: usize) -> usize {
+        match (&self.built_in_attention, self.layer_attention(l)) {
+            (Some(b), Some(LayerAttention::Poly | LayerAttention::Hybrid)) => b.feature_dim,
+            _ => self.head_dim,
+        }
+    }
+
+    /// Layer `l`'s built-in attention kind (`None` for a model without one).
+    pub fn layer_attention(&self, l: usize) -> Option<LayerAttention> {
+        self.built_in_attention.as_ref().and_then(|b| b.layers.get(l).copied())
+    }
+
+    /// The plan every head of layer `l` runs when the model is built with its attention (`None`:
+    /// the run's policy decides).
+    pub fn layer_plan(&self, l: usize) -> Option<HeadPlan> {
+        let b = self.built_in_attention.as_ref()?;
+        let poly = PolyOptions { degree: b.degree, center: b.center, chunk: b.chunk };
+        Some(match self.layer_attention(l)? {
+            LayerAttention::Exact => HeadPlan::Exact,
+            LayerAttention::Poly => HeadPlan::Poly(poly),
+            LayerAttention::Hybrid => HeadPlan::Hybrid(HybridOptions { window: b.window, sinks: b.sinks, poly }),
+        })
+    }
+
+    /// Width of layer `l`'s concatenated query heads, `num_heads · qk_head_dim(l)`.
+    pub fn q_dim_of(&self, l: usize) -> usize {
+        self.num_heads * self.qk_head_dim(l)
+    }
+
+    /// Width of layer `l`'s concatenated key heads, `num_kv_heads · qk_head_dim(l)`.
+    pub fn k_dim_of(&self, l: usize) -> usize {
+        self.num_kv_heads * self.qk_head_dim(l)
+    }
+
+    /// Width of the concatenated query heads (and of the attention output), `num_heads · head_dim`.
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }

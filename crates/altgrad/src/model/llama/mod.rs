@@ -10,6 +10,6 @@ pub mod config;
 pub mod model;
 pub mod weights;
 
-pub use config::LlamaConfig;
+pub use config::{BuiltInAttention, LayerAttention, LlamaConfig};
 pub use model::{ForwardCache, Grads, LayerCache, Model, LOSS_CHUNK};
 pub use weights::{LayerWeights, LlamaWeights};

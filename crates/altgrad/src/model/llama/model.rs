@@ -77,6 +77,19 @@ pub struct ForwardCache<T> {
     /// Final hidden states after the final norm `[n, hidden]` (what `--hidden-out` writes).
     pub hidden: Vec<T>,
     rope: Rope<T>,
+    /// RoPE tables of the built-in poly/hybrid layers' `feature_dim`-wide queries and keys (when
+    /// it differs from `head_dim`).
+    rope_f: Option<Rope<T>>,
+}
+
+impl<T: Scalar> ForwardCache<T> {
+    /// The RoPE tables for queries and keys of width `width`.
+    fn rope(&self, width: usize) -> &Rope<T> {
+        match &self.rope_f {
+            Some(r) if r.head_dim() == width => r,
+            _ => &self.rope,
+        }
+    }
 }
 
 impl_activations!(ForwardCache);
@@ -113,12 +126,15 @@ impl<T: Scalar> Model<T> {
         Ok(Model { cfg, weights, source })
     }
 
-    fn attn_shape(&self, n: usize) -> AttnShape {
-        AttnShape::new(n, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim)
+    /// Layer `l`'s attention shape: `qk_head_dim(l)`-wide queries and keys, `head_dim`-wide values.
+    fn attn_shape(&self, l: usize, n: usize) -> AttnShape {
+        let c = &self.cfg;
+        AttnShape::new(n, c.num_heads, c.num_kv_heads, c.qk_head_dim(l)).with_head_dim_v(c.head_dim)
     }
 
-    fn attn_opts(&self) -> AttnOptions {
-        AttnOptions::standard(self.cfg.head_dim, true)
+    /// Causal, `τ = 1/√qk_head_dim(l)`.
+    fn attn_opts(&self, l: usize) -> AttnOptions {
+        AttnOptions::standard(self.cfg.qk_head_dim(l), true)
     }
 
     /// Mean next-token cross-entropy over the `n − 1` predictions (HF convention), in nats, and
@@ -212,19 +228,30 @@ impl<T: Scalar> Network<T> for Model<T> {
             return Err(Error::bad("embeddings", format!("n = {n} exceeds max_seq_len {}", c.max_seq_len)));
         }
         let rope = Rope::new(n, c.head_dim, c.rope_theta);
-        let shape = self.attn_shape(n);
-        let opts = self.attn_opts();
+        let rope_f = c
+            .built_in_attention
+            .as_ref()
+            .filter(|b| b.feature_dim != c.head_dim)
+            .map(|b| Rope::new(n, b.feature_dim, c.rope_theta));
         let mut layers = Vec::with_capacity(c.num_layers);
         let mut x = x;
-        for lw in &self.weights.layers {
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            let (shape, opts) = (self.attn_shape(l, n), self.attn_opts(l));
+            let rl = match &rope_f {
+                Some(r) if r.head_dim() == shape.head_dim => r,
+                _ => &rope,
+            };
             let (xn1, inv_rms1) = rmsnorm_forward(&x, h, &lw.attn_norm.data, c.rms_norm_eps);
             let mut q = lw.q_proj.forward(&xn1, n);
             let mut k = lw.k_proj.forward(&xn1, n);
             let v = lw.v_proj.forward(&xn1, n);
             drop(xn1);
-            rope.apply(&mut q, n, c.num_heads, c.rope_layout);
-            rope.apply(&mut k, n, c.num_kv_heads, c.rope_layout);
-            let attn = AttnCache::forward(q, k, v, shape, opts, policy)?;
+            rl.apply(&mut q, n, c.num_heads, c.rope_layout);
+            rl.apply(&mut k, n, c.num_kv_heads, c.rope_layout);
+            let attn = match c.layer_plan(l) {
+                Some(plan) => AttnCache::forward_built_in(q, k, v, shape, opts, plan)?,
+                None => AttnCache::forward(q, k, v, shape, opts, policy)?,
+            };
             let mut x_mid = lw.o_proj.forward(attn.o(), n);
             add_inplace(&mut x_mid, &x);
             let (xn2, inv_rms2) = rmsnorm_forward(&x_mid, h, &lw.mlp_norm.data, c.rms_norm_eps);
@@ -238,7 +265,7 @@ impl<T: Scalar> Network<T> for Model<T> {
             x = x_out;
         }
         let (hidden, inv_rms_final) = rmsnorm_forward(&x, h, &self.weights.final_norm.data, c.rms_norm_eps);
-        Ok(ForwardCache { ids: Vec::new(), n, layers, x_final: x, inv_rms_final, hidden, rope })
+        Ok(ForwardCache { ids: Vec::new(), n, layers, x_final: x, inv_rms_final, hidden, rope, rope_f })
     }
 
     /// [`Model::lm_loss`].
@@ -278,8 +305,9 @@ impl<T: Scalar> Network<T> for Model<T> {
             let dattn = lw.o_proj.backward(lc.attn.o(), n, &dx, &mut lg.o_proj);
             let ag = lc.attn.backward(&dattn)?;
             let (mut dq, mut dk) = (ag.dq, ag.dk);
-            cache.rope.apply_inverse(&mut dq, n, c.num_heads, c.rope_layout);
-            cache.rope.apply_inverse(&mut dk, n, c.num_kv_heads, c.rope_layout);
+            let rl = cache.rope(c.qk_head_dim(l));
+            rl.apply_inverse(&mut dq, n, c.num_heads, c.rope_layout);
+            rl.apply_inverse(&mut dk, n, c.num_kv_heads, c.rope_layout);
             let (xn1, _) = rmsnorm_forward(&lc.x_in, h, &lw.attn_norm.data, c.rms_norm_eps);
             let mut dxn1 = lw.q_proj.backward(&xn1, n, &dq, &mut lg.q_proj);
             add_inplace(&mut dxn1, &lw.k_proj.backward(&xn1, n, &dk, &mut lg.k_proj));

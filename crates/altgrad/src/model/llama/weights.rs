@@ -93,8 +93,8 @@ impl<T: Scalar> LlamaWeights<T> {
                 let p = format!("model.layers.{i}");
                 LayerWeights {
                     attn_norm: Param::zeros(format!("{p}.input_layernorm.weight"), &[h]),
-                    q_proj: Linear::zeros(&format!("{p}.self_attn.q_proj"), cfg.q_dim(), h, cfg.attention_bias),
-                    k_proj: Linear::zeros(&format!("{p}.self_attn.k_proj"), cfg.kv_dim(), h, cfg.attention_bias),
+                    q_proj: Linear::zeros(&format!("{p}.self_attn.q_proj"), cfg.q_dim_of(i), h, cfg.attention_bias),
+                    k_proj: Linear::zeros(&format!("{p}.self_attn.k_proj"), cfg.k_dim_of(i), h, cfg.attention_bias),
                     v_proj: Linear::zeros(&format!("{p}.self_attn.v_proj"), cfg.kv_dim(), h, cfg.attention_bias),
                     o_proj: Linear::zeros(&format!("{p}.self_attn.o_proj"), h, cfg.q_dim(), cfg.attention_bias),
                     mlp_norm: Param::zeros(format!("{p}.post_attention_layernorm.weight"), &[h]),
