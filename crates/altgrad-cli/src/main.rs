@@ -348,6 +348,9 @@ struct TrainPlotArgs {
     /// `train --json` logs to compare.
     #[arg(required = true)]
     logs: Vec<PathBuf>,
+    /// x axis: the update, or the training time in seconds (equal wall-clock budgets).
+    #[arg(long, value_parser = ["update", "time"], default_value = "update")]
+    x: String,
 }
 
 #[derive(clap::Args)]
@@ -896,7 +899,7 @@ fn run_train_cmd(a: &TrainArgs) -> Result<()> {
 
 fn run_train_plot(a: &TrainPlotArgs) -> Result<()> {
     aio::check_plot_stem("--out", &a.out)?;
-    for spec in altgrad::train::run_charts(&a.logs, &a.out)? {
+    for spec in altgrad::train::run_charts_by(&a.logs, &a.out, a.x == "time")? {
         plot::draw_spec(Path::new(""), &spec)?;
     }
     Ok(())

@@ -390,4 +390,59 @@ fn train_plot_and_train_plot_subcommand_draw_files() {
     let o = altgrad(&["train-plot", "--out", cmp.to_str().unwrap(), log.to_str().unwrap(), log.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(d.join("cmp.png").metadata().map(|m| m.len()).unwrap_or(0) > 1000);
+    // against training time (equal wall-clock budgets)
+    let by_time = d.join("cmp-time");
+    let o = altgrad(&["train-plot", "--x", "time", "--out", by_time.to_str().unwrap(), log.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let svg = std::fs::read_to_string(d.join("cmp-time.svg")).unwrap();
+    assert!(svg.contains("training time (s)"), "the x axis is time");
+}
+
+#[test]
+fn a_model_built_with_hybrid_attention_trains_and_grad_computes_its_own_attention() {
+    let d = tmpdir("hybrid_model");
+    let ck = d.join("ck");
+    let text_path = d.join("text.txt");
+    std::fs::write(&text_path, "the program is free software; you can copy and share it. ".repeat(40)).unwrap();
+    let text = text_path.to_str().unwrap().to_string();
+    let o = altgrad(&[
+        "train",
+        "--text",
+        &text,
+        "--layers",
+        "2",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--seq-len",
+        "24",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--attention",
+        "hybrid",
+        "--window",
+        "4",
+        "--sinks",
+        "1",
+        "--feature-dim",
+        "8",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hybrid w=4 s=1 d_f=8 g=2"));
+    let o = altgrad(&["grad", "--model", ck.to_str().unwrap(), "--text", &text, "--compare", "--json", "-"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["attention"], "built-in");
+    assert!(v["heads"].as_array().unwrap().iter().all(|h| h["method"] == "hybrid"));
+    assert!(v["compare"]["speedup"].is_null(), "the same function on both sides: no speed-up");
+    assert_eq!(v["compare"]["rel_err_total"], 0.0);
+    // an HF Llama cannot compute it: export refuses
+    assert_user_error(&["export", ck.to_str().unwrap(), "--out", d.join("hf").to_str().unwrap()], "its own attention");
 }

@@ -158,10 +158,16 @@ fn hybrid_limits_are_poly_and_exact() {
     let want = naive::poly_forward(&q, &k, &v, &s, &naive::Poly::new(true, opts.scale, 2, true));
     assert!(rel(&o, &want) < 1e-12, "w = s = 0 vs naive poly: {:e}", rel(&o, &want));
     // a window covering the sequence: exact causal attention
-    for w in [n, n + 10] {
-        let o = forward_hybrid(&x, &opts, &HybridOptions::new(w, 0, 2)).unwrap().o;
+    // (and no overflow at the largest sizes a hostile config could give)
+    for (w, sinks) in [(n, 0), (n + 10, 0), (usize::MAX, 0), (1, usize::MAX), (usize::MAX, usize::MAX)] {
+        let h = HybridOptions::new(w, sinks, 2);
+        let fwd = forward_hybrid(&x, &opts, &h).unwrap();
         let want = naive::forward(&q, &k, &v, &s, true, opts.scale);
-        assert!(rel(&o, &want) < 1e-12, "w = {w} vs naive exact: {:e}", rel(&o, &want));
+        assert!(rel(&fwd.o, &want) < 1e-12, "w = {w}, s = {sinks} vs naive exact: {:e}", rel(&fwd.o, &want));
+        let g = randn(n * h_dims(&s), 10, 1.0);
+        let gr = backward_hybrid(&x, &fwd, &g).unwrap();
+        let (dq, dk, dv) = naive::backward(&x, &g, true, opts.scale);
+        assert!(rel(&gr.dq, &dq) < 1e-11 && rel(&gr.dk, &dk) < 1e-11 && rel(&gr.dv, &dv) < 1e-11, "w = {w}");
     }
 }
 
@@ -188,4 +194,9 @@ fn hybrid_rejects_bad_options() {
     let s2 = AttnShape::new(4, 2, 2, 4).with_batch(2);
     let err = backward_hybrid(&qkv(&x, &x, &x, &s2), &fwd, &x).unwrap_err().to_string();
     assert!(err.starts_with("fwd:"), "{err}");
+}
+
+/// Values per row of `o`: `num_heads · head_dim_v`.
+fn h_dims(s: &AttnShape) -> usize {
+    s.num_heads * s.head_dim_v
 }

@@ -62,14 +62,25 @@ fn tile(mask: &Mask, p0: usize, p1: usize, j0: usize, j1: usize) -> Tile {
         Mask::Causal { .. } => Tile::Partial,
         Mask::Window { window, sinks, .. } => {
             // the rows' windows cover keys (p0 − window, p1], the sinks keys [0, sinks)
-            if j0 > p1 || (j1 + window <= p0 + 1 && j0 >= sinks) {
+            if j0 > p1 || (j1.saturating_add(window) <= p0 + 1 && j0 >= sinks) {
                 Tile::Empty
-            } else if j1 - 1 <= p0 && (p1 < j0 + window || j1 <= sinks) {
+            } else if j1 - 1 <= p0 && (p1 < j0.saturating_add(window) || j1 <= sinks) {
                 Tile::Full
             } else {
                 Tile::Partial
             }
         }
+    }
+}
+
+/// Columns of the key tile starting at `j0` (keys up to `end`): `BLOCK_K`, except that a window
+/// mask's sinks get tiles of their own (`[0, sinks)` in tiles of at most `BLOCK_K`), so the
+/// sinks do not pull a whole tile of hidden keys into every row.
+#[inline]
+fn key_block(mask: &Mask, j0: usize, end: usize) -> usize {
+    match *mask {
+        Mask::Window { sinks, .. } if j0 < sinks => BLOCK_K.min(sinks - j0).min(end - j0),
+        _ => BLOCK_K.min(end - j0),
     }
 }
 
@@ -114,7 +125,16 @@ pub fn forward_head<T: Scalar>(
         let kend = if mask.is_causal() { nk.min(p1 + 1) } else { nk };
         let mut j0 = 0;
         while j0 < kend {
-            let bc = BLOCK_K.min(kend - j0);
+            if let Mask::Window { window, sinks, .. } = mask {
+                // past the sinks, the block's windows start at key p0 + 1 − window: skip there
+                if j0 >= sinks {
+                    j0 = j0.max((p0 + 1).saturating_sub(window));
+                    if j0 >= kend {
+                        break;
+                    }
+                }
+            }
+            let bc = key_block(&mask, j0, kend);
             let t = tile(&mask, p0, p1, j0, j0 + bc);
             if t == Tile::Empty {
                 j0 += bc;
@@ -191,7 +211,7 @@ pub fn backward_head<T: Scalar>(
     let off = mask.q_offset();
     let mut j0 = 0;
     while j0 < nk {
-        let bc = BLOCK_K.min(nk - j0);
+        let bc = key_block(&mask, j0, nk);
         let (kb, vb) = (k.sub(j0, bc).mat(), v.sub(j0, bc).mat());
         let (mut dk_b, mut dv_b) = (dk.sub_mut(j0, bc), dv.sub_mut(j0, bc));
         // causal: only positions p ≥ j0 see these keys; start at the query block holding j0
@@ -202,7 +222,8 @@ pub fn backward_head<T: Scalar>(
             let (p0, p1) = (off + i0, off + i0 + br - 1);
             let t = tile(&mask, p0, p1, j0, j0 + bc);
             if t == Tile::Empty {
-                if matches!(mask, Mask::Window { window, sinks, .. } if j0 >= sinks && p0 + 1 >= j0 + bc + window) {
+                if matches!(mask, Mask::Window { window, sinks, .. } if j0 >= sinks && p0 + 1 >= (j0 + bc).saturating_add(window))
+                {
                     break; // every later row is past the window of these keys
                 }
                 i0 += br;

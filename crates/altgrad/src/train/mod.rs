@@ -894,6 +894,13 @@ fn policy_label(opts: &TrainOptions) -> String {
 /// The loss chart (`<stem>`) and, when any run measured MQAR accuracy, the accuracy chart
 /// (`<stem>-accuracy`) of labelled runs (see [`run_charts`] for what they show).
 pub fn loss_charts(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str) -> Vec<ChartSpec> {
+    loss_charts_by(runs, stem, title, false)
+}
+
+/// [`loss_charts`] against the update (`by_time = false`) or against the training seconds so far
+/// (`by_time`: the sum of each record's `step_s`, the wall-clock budget a comparison of methods
+/// holds equal).
+pub fn loss_charts_by(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str, by_time: bool) -> Vec<ChartSpec> {
     // One run: raw training loss and held-out loss. Several: the training loss as a moving
     // average over 10 updates, and the held-out loss only while the palette (8 colours) suffices.
     let single = runs.len() == 1;
@@ -901,7 +908,19 @@ pub fn loss_charts(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str)
     let mut loss = Vec::new();
     let mut acc = Vec::new();
     for (label, recs) in runs {
-        let raw: Vec<(f64, f64)> = recs.iter().map(|r| (r.step as f64, r.loss)).collect();
+        // x of each record: its update, or the training seconds up to and including it
+        let xs: Vec<f64> = if by_time {
+            recs.iter()
+                .scan(0.0, |t, r| {
+                    *t += r.step_s;
+                    Some(*t)
+                })
+                .collect()
+        } else {
+            recs.iter().map(|r| r.step as f64).collect()
+        };
+        let x_of = |i: usize| xs[i];
+        let raw: Vec<(f64, f64)> = recs.iter().enumerate().map(|(i, r)| (x_of(i), r.loss)).collect();
         if single {
             loss.push(Series { label: format!("{label} train"), points: raw });
         } else {
@@ -914,11 +933,13 @@ pub fn loss_charts(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str)
                 .collect();
             loss.push(Series { label: format!("{label} train (mean of 10)"), points: pts });
         }
-        let val: Vec<(f64, f64)> = recs.iter().filter_map(|r| r.val_loss.map(|v| (r.step as f64, v))).collect();
+        let val: Vec<(f64, f64)> =
+            recs.iter().enumerate().filter_map(|(i, r)| r.val_loss.map(|v| (x_of(i), v))).collect();
         if !val.is_empty() && with_val {
             loss.push(Series { label: format!("{label} held-out"), points: val });
         }
-        let a: Vec<(f64, f64)> = recs.iter().filter_map(|r| r.accuracy.map(|v| (r.step as f64, v))).collect();
+        let a: Vec<(f64, f64)> =
+            recs.iter().enumerate().filter_map(|(i, r)| r.accuracy.map(|v| (x_of(i), v))).collect();
         if !a.is_empty() {
             acc.push(Series { label: format!("{label} held-out"), points: a });
         }
@@ -928,10 +949,11 @@ pub fn loss_charts(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str)
     let ys = || loss.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|y| y.is_finite() && *y > 0.0);
     let (lo, hi) = (ys().fold(f64::INFINITY, f64::min), ys().fold(0.0f64, f64::max));
     let log_y = lo.is_finite() && hi / lo > 20.0;
+    let x_label = if by_time { "training time (s)" } else { "update" };
     let mut charts = vec![ChartSpec {
         stem: stem.display().to_string(),
         title: title.to_string(),
-        x_label: "update".into(),
+        x_label: x_label.into(),
         y_label: "loss (nats/token)".into(),
         log_x: false,
         log_y,
@@ -942,7 +964,7 @@ pub fn loss_charts(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str)
         charts.push(ChartSpec {
             stem: stem.with_file_name(name).display().to_string(),
             title: "MQAR answer accuracy".into(),
-            x_label: "update".into(),
+            x_label: x_label.into(),
             y_label: "accuracy".into(),
             log_x: false,
             log_y: false,
@@ -961,6 +983,13 @@ pub fn loss_charts(runs: &[(String, Vec<StepRecord>)], stem: &Path, title: &str)
 /// Errors: `BadInput` naming a file that cannot be read, has a line that is not a step record,
 /// or has no records.
 pub fn run_charts(jsonl_files: &[PathBuf], out_stem: &Path) -> Result<Vec<ChartSpec>> {
+    run_charts_by(jsonl_files, out_stem, false)
+}
+
+/// [`run_charts`] against the update or, `by_time`, the training seconds ([`loss_charts_by`]).
+///
+/// Errors: as [`run_charts`].
+pub fn run_charts_by(jsonl_files: &[PathBuf], out_stem: &Path, by_time: bool) -> Result<Vec<ChartSpec>> {
     if jsonl_files.is_empty() {
         return Err(Error::bad("runs", "no JSON-lines files given"));
     }
@@ -981,5 +1010,5 @@ pub fn run_charts(jsonl_files: &[PathBuf], out_stem: &Path) -> Result<Vec<ChartS
         let label = f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or(shown);
         runs.push((label, recs));
     }
-    Ok(loss_charts(&runs, out_stem, "training loss"))
+    Ok(loss_charts_by(&runs, out_stem, "training loss", by_time))
 }
