@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--text", nargs="*", default=sorted(glob.glob("/usr/share/common-licenses/*")))
     ap.add_argument("--mqar", default="", help="MQAR runs as LEN:PAIRS,... (e.g. 128:8,512:8,512:16)")
     ap.add_argument("--vocab", type=int, default=64, help="MQAR token range (keys and values)")
+    ap.add_argument("--model-flags", default="", help="more train flags for every run, e.g. '--layers 2 --hidden 64'")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -70,6 +71,7 @@ def main():
             data = sum((["--text", t] for t in texts), [])
         for kind, flags in KINDS.items():
             base = [*flags, *data, "--seq-len", str(n), "--batch-size", str(batch), "--lr", str(a.lr), "--seed", "1"]
+            base += a.model_flags.split()
             tag = f"{task}-n{n}" + (f"-p{pairs}" if pairs else "") + f"-{kind}"
             probe = train(a.binary, [*base, "--steps", "2", "--eval-seqs", "1"], os.path.join(a.out, f"{tag}-probe.jsonl"))
             step_s = probe[-1]["step_s"]
