@@ -428,8 +428,12 @@ fn main() {
     // git-ignored working corpus instead of committing a copy here.
     // tokenizer_json
     put("tokenizer_json", "ok_bpe.json", bpe_tokenizer_json().as_bytes());
+    // MiniLM's own tokenizer.json, cut down: model data, so into the git-ignored working corpus
+    // (fuzz/corpus/), not the tracked seeds
     if let Some(t) = minilm_tokenizer_json() {
-        put("tokenizer_json", "ok_minilm_cut.json", t.as_bytes());
+        let d = root().join("fuzz/corpus/tokenizer_json");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("ok_minilm_cut.json"), t.as_bytes()).unwrap();
     }
     // tokens
     put("tokens", "ok_ids.txt", b"1 2 3\n4\t5 +6\r\n4294967295\n");
