@@ -187,7 +187,7 @@ pub fn compare<T: Scalar>(approx: &Pass<T>, exact: &Pass<T>) -> Compare {
         .collect();
     Compare {
         loss_exact: exact.loss,
-        speedup: (!all_exact(approx)).then(|| exact.t_bwd / approx.t_bwd.max(1e-12)),
+        speedup: (!same_as_exact(approx)).then(|| exact.t_bwd / approx.t_bwd.max(1e-12)),
         rel_err_total: rel_err(&flat(approx, &mut (0..n_params)), &flat(exact, &mut (0..n_params))),
         layers,
     }
@@ -411,7 +411,7 @@ pub struct GradRun<T> {
 
 /// Whether every head of `pass` ran exact attention or its layer's built-in attention (which the
 /// exact pass runs too): then both passes compute the same function.
-pub fn all_exact<T>(pass: &Pass<T>) -> bool {
+pub fn same_as_exact<T>(pass: &Pass<T>) -> bool {
     pass.decisions.iter().flatten().all(|d| d.plan == HeadPlan::Exact || d.is_built_in())
 }
 

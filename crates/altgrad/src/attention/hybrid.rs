@@ -209,8 +209,7 @@ impl<T: Scalar> Ctx<'_, T> {
             let m = a.max(b);
             let l = m + ((a - m).exp() + (b - m).exp()).ln();
             let (wa, wb) = (T::from_f64((a - l).exp()), T::from_f64((b - l).exp()));
-            let far_row = fo.row_mut(i).to_vec();
-            for (x, y) in o.row_mut(i).iter_mut().zip(&far_row) {
+            for (x, y) in o.row_mut(i).iter_mut().zip(fo.row_mut(i).iter()) {
                 *x = wa * *x + wb * *y;
             }
             lse[i] = T::from_f64(l);

@@ -82,13 +82,12 @@ pub struct ForwardCache<T> {
     rope_f: Option<Rope<T>>,
 }
 
-impl<T: Scalar> ForwardCache<T> {
-    /// The RoPE tables for queries and keys of width `width`.
-    fn rope(&self, width: usize) -> &Rope<T> {
-        match &self.rope_f {
-            Some(r) if r.head_dim() == width => r,
-            _ => &self.rope,
-        }
+/// The RoPE tables for queries and keys of width `width`: `rope_f` (the built-in layers'
+/// `feature_dim`) when it has that width, else `rope` (`head_dim`).
+fn rope_for<'a, T: Scalar>(rope: &'a Rope<T>, rope_f: &'a Option<Rope<T>>, width: usize) -> &'a Rope<T> {
+    match rope_f {
+        Some(r) if r.head_dim() == width => r,
+        _ => rope,
     }
 }
 
@@ -237,10 +236,7 @@ impl<T: Scalar> Network<T> for Model<T> {
         let mut x = x;
         for (l, lw) in self.weights.layers.iter().enumerate() {
             let (shape, opts) = (self.attn_shape(l, n), self.attn_opts(l));
-            let rl = match &rope_f {
-                Some(r) if r.head_dim() == shape.head_dim => r,
-                _ => &rope,
-            };
+            let rl = rope_for(&rope, &rope_f, shape.head_dim);
             let (xn1, inv_rms1) = rmsnorm_forward(&x, h, &lw.attn_norm.data, c.rms_norm_eps);
             let mut q = lw.q_proj.forward(&xn1, n);
             let mut k = lw.k_proj.forward(&xn1, n);
@@ -305,7 +301,7 @@ impl<T: Scalar> Network<T> for Model<T> {
             let dattn = lw.o_proj.backward(lc.attn.o(), n, &dx, &mut lg.o_proj);
             let ag = lc.attn.backward(&dattn)?;
             let (mut dq, mut dk) = (ag.dq, ag.dk);
-            let rl = cache.rope(c.qk_head_dim(l));
+            let rl = rope_for(&cache.rope, &cache.rope_f, c.qk_head_dim(l));
             rl.apply_inverse(&mut dq, n, c.num_heads, c.rope_layout);
             rl.apply_inverse(&mut dk, n, c.num_kv_heads, c.rope_layout);
             let (xn1, _) = rmsnorm_forward(&lc.x_in, h, &lw.attn_norm.data, c.rms_norm_eps);
