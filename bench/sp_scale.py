@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Sequence parallelism at scale (issue 16, item 4): one causal polynomial attention call (degree 2,
+"""Sequence parallelism at scale (issue 16, item 4): one causal (or, with ``--non-causal``, non-causal)
+polynomial attention call (degree 2,
 ``D = D_v = 16``, ``H = H_kv = 4`` heads, float32) over ``T`` tokens split evenly across ``P``
 processes with ``altgrad.distributed.attention``, forward and backward timed, and the bytes each
 rank sends measured two ways: the payload altgrad hands to the collectives (counted by wrapping
-``torch.distributed.broadcast`` / ``all_gather``: ``(P − 1)`` × the tensor for an all-gather, as a
-ring sends it) and the bytes the network interface counted (``tx_bytes`` of ``--iface``, with
+``torch.distributed.broadcast`` / ``all_gather`` / ``all_reduce``: ``(P − 1)`` × the tensor for an
+all-gather and ``2 (P − 1)/P`` × the tensor for an all-reduce, as a ring sends them) and the bytes the network interface counted (``tx_bytes`` of ``--iface``, with
 TCP/IP headers and gloo's own messages). Beside them: what ring attention would send per rank,
 ``(P − 1) · (T/P) · H_kv · (D + D_v) · 4`` bytes of K and V in the forward and twice that in the
 backward (K, V again and dK, dV). Prints one JSON line per rank 0.
@@ -40,13 +41,13 @@ def _tx(iface):
         return None
 
 
-def run(rank, world, init, seq_len, iface, out):
+def run(rank, world, init, seq_len, iface, out, causal=True):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         altgrad.set_num_threads(1)
         sent = {"bytes": 0}
-        real_bc, real_ag = dist.broadcast, dist.all_gather
+        real_bc, real_ag, real_ar = dist.broadcast, dist.all_gather, dist.all_reduce
 
         def broadcast(t, src, group=None, **kw):
             if dist.get_rank() == src:
@@ -57,12 +58,17 @@ def run(rank, world, init, seq_len, iface, out):
             sent["bytes"] += t.numel() * t.element_size() * (world - 1)
             return real_ag(lst, t, group=group, **kw)
 
+        def all_reduce(t, group=None, **kw):
+            sent["bytes"] += t.numel() * t.element_size() * 2 * (world - 1) // world
+            return real_ar(t, group=group, **kw)
+
         altgrad.distributed.dist.broadcast, altgrad.distributed.dist.all_gather = broadcast, all_gather
+        altgrad.distributed.dist.all_reduce = all_reduce
         t = seq_len // world
         g = torch.Generator().manual_seed(rank)
         q, k, v, do = (0.3 * torch.randn(1, t, H, D, generator=g) for _ in range(4))
         q, k, v = (x.requires_grad_(True) for x in (q, k, v))
-        opts = dict(method="poly", causal=True, degree=DEGREE, center=True)
+        opts = dict(method="poly", causal=causal, degree=DEGREE, center=True)
         # warm-up on a short piece (thread pools, first-touch), not counted
         altgrad.distributed.attention(q[:, :256], k[:, :256], v[:, :256], **opts).sum().backward()
         q.grad = k.grad = v.grad = None
@@ -82,7 +88,7 @@ def run(rank, world, init, seq_len, iface, out):
         if rank == 0:
             ring_fwd = (world - 1) * t * H * (D + D) * 4
             rec = dict(
-                procs=world, seq_len=t * world, tokens_per_rank=t, heads=H, head_dim=D, degree=DEGREE,
+                procs=world, causal=causal, seq_len=t * world, tokens_per_rank=t, heads=H, head_dim=D, degree=DEGREE,
                 threads_per_rank=1, cpus=os.cpu_count(),
                 forward_s=max(x[0].item() for x in allt), backward_s=max(x[1].item() for x in allt),
                 sent_bytes_per_rank=max(x[2].item() for x in allt),
@@ -101,8 +107,8 @@ def run(rank, world, init, seq_len, iface, out):
         dist.destroy_process_group()
 
 
-def _spawned(rank, world, port, seq_len, out):
-    run(rank, world, f"tcp://127.0.0.1:{port}", seq_len, "lo", out)
+def _spawned(rank, world, port, seq_len, out, causal):
+    run(rank, world, f"tcp://127.0.0.1:{port}", seq_len, "lo", out, causal)
 
 
 def main(argv=None):
@@ -113,14 +119,15 @@ def main(argv=None):
     ap.add_argument("--master", help="ADDR:PORT of rank 0 (with --rank)")
     ap.add_argument("--iface", default="lo", help="network interface whose tx_bytes are counted")
     ap.add_argument("--out", help="append the JSON line to this file")
+    ap.add_argument("--non-causal", action="store_true", help="every row sees every key (all-reduce of the state)")
     a = ap.parse_args(argv)
     if a.rank is not None:
-        run(a.rank, a.procs, f"tcp://{a.master}", a.seq_len, a.iface, a.out)
+        run(a.rank, a.procs, f"tcp://{a.master}", a.seq_len, a.iface, a.out, not a.non_causal)
         return 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(a.procs, port, a.seq_len, a.out), nprocs=a.procs, join=True)
+    mp.spawn(_spawned, args=(a.procs, port, a.seq_len, a.out, not a.non_causal), nprocs=a.procs, join=True)
     return 0
 
 

@@ -5,8 +5,9 @@
 #   scripts/fuzz.sh all SECONDS                          every target in turn, SECONDS each
 #   scripts/fuzz.sh list                                 the targets
 #
-# Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). One fuzzer process
-# at a time (-jobs=1 -workers=1) with one rayon thread, so it shares the machine. The working
+# Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). One fuzzing process
+# per target, in-process (no -jobs), with one rayon thread, so it shares the machine; runs of
+# different targets may go at once (each has its own log, corpus and artifacts). The working
 # corpus grows in fuzz/corpus/TARGET (git-ignored), starting from the committed seeds in
 # fuzz/seeds/TARGET; crashes land in fuzz/artifacts/TARGET/ (copy each into
 # fuzz/regressions/TARGET/ once fixed: `cargo test` replays them). The log of each run is
@@ -41,14 +42,13 @@ bin="fuzz/target/x86_64-unknown-linux-gnu/release/$target"
 log="fuzz/logs/$target.log"
 echo "fuzz.sh: $target for $secs s (or ${FUZZ_RUNS:-10000000} executions), log $log" >&2
 set +e
-# -jobs=1 -workers=1: one fuzzing process (a child; its output is fuzz-0.log in the cwd).
+# in-process (no -jobs: a -jobs child would write fuzz-0.log in the shared cwd)
 (cd fuzz && "../$bin" "corpus/$target" "seeds/$target" -artifact_prefix="artifacts/$target/" \
-  -max_total_time="$secs" -runs="${FUZZ_RUNS:-10000000}" -jobs=1 -workers=1 -timeout=20 \
+  -max_total_time="$secs" -runs="${FUZZ_RUNS:-10000000}" -timeout=20 \
   -rss_limit_mb=3072 -malloc_limit_mb=3072 -max_len=65536 -print_final_stats=1 "$@") >"$log.run" 2>&1
 rc=$?
 set -e
-{ cat "$log.run"; [ -f fuzz/fuzz-0.log ] && cat fuzz/fuzz-0.log; } >"$log"
-rm -f "$log.run" fuzz/fuzz-0.log
+mv "$log.run" "$log"
 grep -E "stat::number_of_executed_units|cov: " "$log" | tail -2 >&2 || true
 if ls "fuzz/artifacts/$target"/* >/dev/null 2>&1; then
   echo "fuzz.sh: $target: findings in fuzz/artifacts/$target/" >&2

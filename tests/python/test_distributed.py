@@ -15,18 +15,23 @@ import torch.multiprocessing as mp
 import altgrad
 import altgrad.distributed
 
-# (dtype, center, degree, B, H, H_kv, D, D_v)
+# (dtype, center, degree, B, H, H_kv, D, D_v, causal)
 CONFIGS = [
-    (torch.float64, True, 2, 2, 4, 2, 4, 3),
-    (torch.float64, False, 2, 1, 2, 1, 3, 5),
-    (torch.float64, True, 4, 1, 2, 2, 3, 2),
-    (torch.float32, True, 2, 2, 4, 2, 4, 3),
+    (torch.float64, True, 2, 2, 4, 2, 4, 3, True),
+    (torch.float64, False, 2, 1, 2, 1, 3, 5, True),
+    (torch.float64, True, 4, 1, 2, 2, 3, 2, True),
+    (torch.float32, True, 2, 2, 4, 2, 4, 3, True),
+    # non-causal: an all-reduce of the key/value state and of the key sum
+    (torch.float64, True, 2, 2, 4, 2, 4, 3, False),
+    (torch.float64, False, 2, 1, 2, 1, 3, 5, False),
+    (torch.float64, True, 4, 1, 2, 2, 3, 2, False),
+    (torch.float32, True, 2, 2, 4, 2, 4, 3, False),
 ]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def _inputs(cfg, n, seed):
-    dtype, _, _, b, h, hkv, d, dv = cfg
+    dtype, _, _, b, h, hkv, d, dv, _ = cfg
     g = torch.Generator().manual_seed(seed)
     q = (0.7 * torch.randn(b, n, h, d, generator=g, dtype=torch.float64)).to(dtype)
     k = (0.7 * torch.randn(b, n, hkv, d, generator=g, dtype=torch.float64) + 0.3).to(dtype)
@@ -37,7 +42,7 @@ def _inputs(cfg, n, seed):
 
 def _opts(cfg):
     _, center, degree = cfg[:3]
-    return dict(method="poly", causal=True, degree=degree, center=center, chunk=4)
+    return dict(method="poly", causal=cfg[8], degree=degree, center=center, chunk=4)
 
 
 def _worker(rank, world, port, lengths, out_dir):
@@ -94,9 +99,6 @@ def test_refusals_name_what_is_missing():
     with pytest.raises(ValueError, match="ring attention"):
         altgrad.distributed.attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2),
                                       method="exact")
-    with pytest.raises(ValueError, match="only causal=True"):
-        altgrad.distributed.attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2),
-                                      causal=False)
 
 
 def test_state_numbers_counts_what_crosses_the_wire():
@@ -139,6 +141,8 @@ def _bad_worker(rank, world, port, case, out_dir):
                 kw["scale"] = float("nan")
             elif case == "dtype":
                 x = x.to(torch.bfloat16)
+            elif case == "causal":
+                kw["causal"] = False
         try:
             altgrad.distributed.attention(x, x, x, **kw)
             msg = "no error"
@@ -151,10 +155,13 @@ def _bad_worker(rank, world, port, case, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", ["method", "empty", "scale", "dtype"])
+@pytest.mark.parametrize("case", ["method", "empty", "scale", "dtype", "causal"])
 def test_one_bad_rank_makes_every_rank_raise_instead_of_hanging(tmp_path, case):
     mp.spawn(_bad_worker, args=(2, _free_port(), case, str(tmp_path)), nprocs=2, join=True)
     own = (tmp_path / f"{case}1.txt").read_text()
     other = (tmp_path / f"{case}0.txt").read_text()
     assert own.startswith("altgrad.distributed.attention:") and "no error" not in own, own
-    assert "rank(s) [1] were refused" in other, other
+    if case == "causal":  # a valid call on each rank, but the ranks disagree
+        assert "differs from rank" in other and "causal" in other, other
+    else:
+        assert "rank(s) [1] were refused" in other, other

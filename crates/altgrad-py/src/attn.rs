@@ -40,12 +40,12 @@ fn parse_method(s: &str) -> PyResult<Method> {
 /// a state's count moves it, [`Call::opts_at`]). A hybrid call ([`Method::Hybrid`]) has `hybrid`
 /// set: its window, sinks and polynomial.
 #[derive(Clone, Copy, Debug)]
-struct Call {
-    method: Method,
+pub(crate) struct Call {
+    pub(crate) method: Method,
     hybrid: Option<HybridOptions>,
-    shape: AttnShape,
-    opts: AttnOptions,
-    popts: PolyOptions,
+    pub(crate) shape: AttnShape,
+    pub(crate) opts: AttnOptions,
+    pub(crate) popts: PolyOptions,
 }
 
 impl Call {
@@ -54,7 +54,7 @@ impl Call {
         self.hybrid.unwrap_or(HybridOptions { window: 0, sinks: 0, poly: self.popts })
     }
     /// Feature width `r = C(d+g, g)` (MATH §3), when representable.
-    fn rank(&self) -> Option<usize> {
+    pub(crate) fn rank(&self) -> Option<usize> {
         features::feature_dim(self.shape.head_dim, self.popts.degree)
     }
     fn causal(&self) -> bool {
@@ -81,7 +81,7 @@ impl Call {
     /// [`at::cost::poly_state_bytes`], the states `[B, H_kv, r, D_v+1]` (twice: forward state and
     /// its gradient) and, for ALTGrad's backward, two Kronecker states per running head (at most
     /// 8 bytes per value, capped as the library caps them).
-    fn memory_bytes(&self, elem: usize, backward: bool) -> f64 {
+    pub(crate) fn memory_bytes(&self, elem: usize, backward: bool) -> f64 {
         let (s, e) = (&self.shape, elem as f64);
         let threads = crate::runtime::num_threads().max(1).min(s.heads()) as f64;
         let rows = (s.batch * s.seq_len) as f64;
@@ -106,7 +106,7 @@ impl Call {
 /// `window` (keys per row, diagonal included) and `sinks` (leading keys every row sees) make the
 /// exact method's mask a sliding window (MATH §1 "Masks"; causal only).
 #[allow(clippy::too_many_arguments)]
-fn call_of(
+pub(crate) fn call_of(
     method: &str,
     q: &[usize],
     k: &[usize],
@@ -198,19 +198,26 @@ fn call_of(
 }
 
 /// `x` as an array of `T` (the dtype of `q`), else `TypeError` naming it.
-fn typed<'py, T: Element>(name: &str, x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+pub(crate) fn typed<'py, T: Element>(
+    name: &str,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     x.cast::<PyArrayDyn<T>>()
         .cloned()
         .map_err(|_| PyTypeError::new_err(format!("{name}: expected a {dtype} array (the dtype of q)")))
 }
 
 /// A read-only borrow of `x`, else `ValueError` naming it.
-fn borrow<'py, T: Element>(name: &str, x: &Bound<'py, PyArrayDyn<T>>) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+pub(crate) fn borrow<'py, T: Element>(
+    name: &str,
+    x: &Bound<'py, PyArrayDyn<T>>,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     x.try_readonly().map_err(|e| PyValueError::new_err(format!("{name}: cannot be read: {e}")))
 }
 
 /// The contiguous data of `x` with `want` values, else `ValueError` naming it.
-fn data<'a, T: Element>(name: &str, x: &'a PyReadonlyArrayDyn<'_, T>, want: usize) -> PyResult<&'a [T]> {
+pub(crate) fn data<'a, T: Element>(name: &str, x: &'a PyReadonlyArrayDyn<'_, T>, want: usize) -> PyResult<&'a [T]> {
     let s = x
         .as_slice()
         .map_err(|_| PyValueError::new_err(format!("{name}: must be C-contiguous (call .contiguous())")))?;
@@ -228,7 +235,7 @@ fn data<'a, T: Element>(name: &str, x: &'a PyReadonlyArrayDyn<'_, T>, want: usiz
 /// vectorizes (`v − v` is 0 for finite `v` and NaN for ±Inf and NaN, summed in 16 lanes); only a
 /// failing array is searched for the index.
 #[allow(clippy::eq_op)] // `v − v` on purpose: 0 exactly when `v` is finite
-fn check_finite<T: Scalar>(name: &str, x: &[T]) -> altgrad::Result<()> {
+pub(crate) fn check_finite<T: Scalar>(name: &str, x: &[T]) -> altgrad::Result<()> {
     const LANES: usize = 16;
     let mut acc = [T::zero(); LANES];
     let chunks = x.chunks_exact(LANES);
@@ -248,14 +255,19 @@ fn check_finite<T: Scalar>(name: &str, x: &[T]) -> altgrad::Result<()> {
 }
 
 /// The shape of a numpy array, else `TypeError` naming it.
-fn shape_of(name: &str, x: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+pub(crate) fn shape_of(name: &str, x: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
     x.cast::<numpy::PyUntypedArray>()
         .map(|a| a.shape().to_vec())
         .map_err(|_| PyTypeError::new_err(format!("{name}: expected a numpy array")))
 }
 
 /// A copy of array `x` (`name`), which must have shape `want` and finite values.
-fn owned<T: Scalar + Element>(name: &str, x: &Bound<'_, PyAny>, want: &[usize], dtype: &str) -> PyResult<Vec<T>> {
+pub(crate) fn owned<T: Scalar + Element>(
+    name: &str,
+    x: &Bound<'_, PyAny>,
+    want: &[usize],
+    dtype: &str,
+) -> PyResult<Vec<T>> {
     let got = shape_of(name, x)?;
     if got != want {
         return Err(PyValueError::new_err(format!("{name}: shape {got:?}, expected {want:?}")));
@@ -268,7 +280,7 @@ fn owned<T: Scalar + Element>(name: &str, x: &Bound<'_, PyAny>, want: &[usize], 
 }
 
 /// The dims of a state's `s` and of its `key_sum` / `reference`.
-fn state_dims(c: &Call) -> PyResult<([usize; 4], [usize; 3])> {
+pub(crate) fn state_dims(c: &Call) -> PyResult<([usize; 4], [usize; 3])> {
     let s = &c.shape;
     let r = c.rank().filter(|&r| r <= features::MAX_FEATURE_DIM).ok_or_else(|| {
         PyValueError::new_err(format!("degree: feature width C(D+g, g) for D = {} is too large", s.head_dim))

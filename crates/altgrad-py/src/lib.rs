@@ -4,6 +4,8 @@
 //!
 //! - [`attn`]: `attention_forward` / `attention_backward` over `[B, T, H, D]` numpy arrays
 //!   (exact MATH §2, poly MATH §3–4, ALTGrad MATH §5), zero-copy inputs, the batch looped in Rust;
+//! - [`split`]: `poly_split`, the key side and the query side of non-causal polynomial attention
+//!   over one piece of a sequence (for `altgrad.distributed`);
 //! - [`model`]: `Model` (load, tokenize, loss and gradients with the `altgrad grad --json` report,
 //!   the `altgrad inspect` census);
 //! - [`runtime`]: the extension's own rayon pool (`set_num_threads`, `get_num_threads`), the GIL
@@ -15,6 +17,7 @@ use pyo3::prelude::*;
 pub mod attn;
 pub mod model;
 pub mod runtime;
+pub mod split;
 
 /// The module `altgrad._core`.
 #[pymodule]
@@ -22,6 +25,7 @@ pub mod runtime;
 fn altgrad_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attn::attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(attn::attention_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(split::poly_split, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::last_kernel_seconds, m)?)?;

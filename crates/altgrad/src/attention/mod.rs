@@ -22,6 +22,7 @@ pub mod method;
 #[doc(hidden)]
 pub mod naive;
 pub mod poly;
+pub mod poly_split;
 pub mod view;
 pub mod workspace;
 
@@ -41,6 +42,7 @@ pub use poly::{
     backward_poly, backward_poly_into, backward_poly_state, forward_poly, forward_poly_into, forward_poly_state,
     PolyBuffers, PolyOptions, PolyOutput, PolySaved, PolyState, PolyStateGrad,
 };
+pub use poly_split::{poly_key_state, poly_key_state_backward, poly_queries, poly_queries_backward, SplitQueryGrads};
 pub use workspace::Workspace;
 
 /// The sizes of one attention call. Tensors are `[batch, rows, heads, width]` (MATH §1); the
