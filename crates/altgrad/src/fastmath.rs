@@ -2,7 +2,8 @@
 //!
 //! `exp` for f32 in the Cephes form (range reduction by ln 2, degree-6 minimax polynomial,
 //! exponent by bit assembly), written so the compiler vectorizes it; dispatched at run time to
-//! an AVX2+FMA build where the CPU has it, so the binary still runs on any x86-64.
+//! an AVX-512F or AVX2+FMA build where the CPU has it, so the binary still runs on any x86-64.
+//! The softmax tile's row passes (maximum; shift, exp and sum) come fused in one call each.
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -44,24 +45,124 @@ fn exp_generic(xs: &mut [f32]) {
     }
 }
 
+/// Lanes of the sums in [`exp_shift_sum_generic`]: independent accumulators, so the sum
+/// vectorizes (16 f32 = one AVX-512 register, two AVX2 registers).
+const LANES: usize = 16;
+
+/// `xs[i] = exp(xs[i] − shift)` and their sum, in one pass (summed in [`LANES`] lanes, then the
+/// lanes in order).
+#[inline(always)]
+fn exp_shift_sum_generic(xs: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (x, a) in c.iter_mut().zip(acc.iter_mut()) {
+            *x = exp1(*x - shift);
+            *a += *x;
+        }
+    }
+    let mut sum = 0.0f32;
+    for x in chunks.into_remainder() {
+        *x = exp1(*x - shift);
+        sum += *x;
+    }
+    acc.iter().sum::<f32>() + sum
+}
+
+/// The largest element (`−∞` for an empty slice), in [`LANES`] lanes so it vectorizes; the
+/// inputs are finite or `−∞` (masked scores), never NaN.
+#[inline(always)]
+fn max_generic(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (x, a) in c.iter().zip(acc.iter_mut()) {
+            *a = if *x > *a { *x } else { *a };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for x in acc.iter().chain(tail) {
+        m = if *x > m { *x } else { m };
+    }
+    m
+}
+
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_avx2(xs: &mut [f32]) {
-    exp_generic(xs)
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Avx512,
+    Avx2,
+    Generic,
+}
+
+/// The widest instruction set this CPU has, detected once.
+#[cfg(target_arch = "x86_64")]
+fn level() -> Level {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::is_x86_feature_detected!("avx512f") {
+            Level::Avx512
+        } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            Level::Avx2
+        } else {
+            Level::Generic
+        }
+    })
+}
+
+/// Runs `f` compiled for AVX-512F, AVX2+FMA or baseline x86-64, whichever this CPU has (chosen
+/// at run time). Only code inlined into `f` benefits.
+#[inline(always)]
+fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match level() {
+            // SAFETY: level() checked that the CPU has AVX-512F.
+            Level::Avx512 => return unsafe { avx512(f) },
+            // SAFETY: level() checked that the CPU has AVX2 and FMA.
+            Level::Avx2 => return unsafe { avx2(f) },
+            Level::Generic => {}
+        }
+    }
+    f()
 }
 
 /// `xs[i] = exp(xs[i])` for every element; relative error ≤ 2e-7 for arguments in
-/// [−87, 88.7], exactly 0 below −87.33 (and for −∞), +∞ is not produced (clamped).
+/// [−87, 88.7], exactly 0 below −87.33 (and for −∞), +∞ is not produced (clamped). AVX-512 or
+/// AVX2 code, chosen at run time.
 pub fn exp_f32_inplace(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            unsafe { exp_avx2(xs) };
-            return;
-        }
-    }
-    exp_generic(xs)
+    dispatch(
+        #[inline(always)]
+        || exp_generic(xs),
+    )
+}
+
+/// `xs[i] = exp(xs[i] − shift)` (the accuracy of [`exp_f32_inplace`]) and `Σ_i xs[i]`, in one
+/// pass: a softmax tile row against its running maximum. AVX-512 or AVX2 code, chosen at run time.
+pub fn exp_shift_sum_f32(xs: &mut [f32], shift: f32) -> f32 {
+    dispatch(
+        #[inline(always)]
+        || exp_shift_sum_generic(xs, shift),
+    )
+}
+
+/// The largest element of `xs` (`−∞` when empty); `xs` holds no NaN. AVX-512 or AVX2 code,
+/// chosen at run time.
+pub fn max_f32(xs: &[f32]) -> f32 {
+    dispatch(
+        #[inline(always)]
+        || max_generic(xs),
+    )
 }
 
 #[cfg(test)]
@@ -83,5 +184,28 @@ mod tests {
         let mut edge = [f32::NEG_INFINITY, -1000.0, -87.5, 0.0];
         exp_f32_inplace(&mut edge);
         assert_eq!(edge, [0.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn shifted_exp_sum_and_max_match_the_plain_forms() {
+        for len in [0usize, 1, 15, 16, 17, 100, 257] {
+            let xs: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+            let want_max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_f32(&xs), want_max, "len {len}");
+            let shift = if len == 0 { 0.0 } else { want_max };
+            let mut got = xs.clone();
+            let sum = exp_shift_sum_f32(&mut got, shift);
+            let mut want_sum = 0.0f64;
+            for (g, x) in got.iter().zip(&xs) {
+                let w = ((*x - shift) as f64).exp();
+                assert!(((*g as f64) - w).abs() <= 2e-7 * w + 1e-38, "len {len}: {g} vs {w}");
+                want_sum += w;
+            }
+            assert!(((sum as f64) - want_sum).abs() <= 1e-6 * want_sum.max(1e-30), "len {len}: {sum} vs {want_sum}");
+        }
+        let mut masked = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
+        assert_eq!(max_f32(&masked), 0.0);
+        assert_eq!(exp_shift_sum_f32(&mut masked, 0.0), 1.0);
+        assert_eq!(masked, [0.0, 1.0, 0.0]);
     }
 }

@@ -40,6 +40,10 @@ pub trait Scalar:
     /// `exp` of every element of `xs`, in place. f32 uses a vectorized polynomial
     /// (≤ 2 ulp on the range softmax uses); f64 uses the standard library.
     fn exp_inplace(xs: &mut [Self]);
+    /// `xs[i] = exp(xs[i] − shift)` and their sum, in one pass (f32: the vectorized polynomial).
+    fn exp_shift_sum(xs: &mut [Self], shift: Self) -> Self;
+    /// The largest element (`−∞` when empty) of `xs`, which holds no NaN (f32: vectorized).
+    fn max_of(xs: &[Self]) -> Self;
 }
 
 impl Scalar for f32 {
@@ -54,6 +58,12 @@ impl Scalar for f32 {
     }
     fn exp_inplace(xs: &mut [Self]) {
         crate::fastmath::exp_f32_inplace(xs)
+    }
+    fn exp_shift_sum(xs: &mut [Self], shift: Self) -> Self {
+        crate::fastmath::exp_shift_sum_f32(xs, shift)
+    }
+    fn max_of(xs: &[Self]) -> Self {
+        crate::fastmath::max_f32(xs)
     }
 }
 
@@ -71,6 +81,17 @@ impl Scalar for f64 {
         for x in xs {
             *x = x.exp();
         }
+    }
+    fn exp_shift_sum(xs: &mut [Self], shift: Self) -> Self {
+        let mut sum = 0.0;
+        for x in xs {
+            *x = (*x - shift).exp();
+            sum += *x;
+        }
+        sum
+    }
+    fn max_of(xs: &[Self]) -> Self {
+        xs.iter().copied().fold(f64::NEG_INFINITY, f64::max)
     }
 }
 

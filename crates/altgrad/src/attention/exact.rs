@@ -147,19 +147,15 @@ pub fn forward_head<T: Scalar>(
             }
             for r in 0..br {
                 let row = &mut st[r * bc..(r + 1) * bc];
-                let rmax = row.iter().copied().fold(T::neg_infinity(), T::max);
+                let rmax = T::max_of(row);
                 let m_new = m[r].max(rmax);
                 if m_new == T::neg_infinity() {
                     // nothing this row sees yet (a window's keys lie in later tiles)
                     row.fill(T::zero());
                     continue;
                 }
-                for x in row.iter_mut() {
-                    *x -= m_new;
-                }
-                T::exp_inplace(row);
+                let sum = T::exp_shift_sum(row, m_new);
                 let rescale = (m[r] - m_new).exp();
-                let sum: T = row.iter().copied().sum();
                 l[r] = l[r] * rescale + sum;
                 m[r] = m_new;
                 if rescale != T::one() {
@@ -238,11 +234,7 @@ pub fn backward_head<T: Scalar>(
             }
             for r in 0..br {
                 let li = lse[i0 + r];
-                let row = &mut pt[r * bc..(r + 1) * bc];
-                for x in row.iter_mut() {
-                    *x -= li;
-                }
-                T::exp_inplace(row);
+                T::exp_shift_sum(&mut pt[r * bc..(r + 1) * bc], li);
             }
             // dV_j += Pᵀ G_i
             matmul(dv_b.mat_mut(), true, rm(pt, br, bc).transpose(), gb, T::one(), Par::Seq);
