@@ -194,6 +194,10 @@ struct GradArgs {
     /// Also run the exact backward and report per-layer errors and the speed-up.
     #[arg(long)]
     compare: bool,
+    /// Time the forward and backward by layer kind (embedding, norms, projections, RoPE,
+    /// attention, SwiGLU, LM head + loss, …) and print the table (Llama models).
+    #[arg(long, conflicts_with = "compare")]
+    profile: bool,
     /// Write every parameter's gradient (named as in the model) and `embeddings_grad` here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -569,6 +573,37 @@ fn fmt_err(x: f64) -> String {
     }
 }
 
+/// The `grad --profile` table: seconds by layer kind in the forward (the loss included, as
+/// `grad` times it) and the backward, each kind's share of both, and what no kind covers.
+fn print_profile(times: &[altgrad::profile::KindTime], t_fwd: f64, t_bwd: f64) {
+    let total = (t_fwd + t_bwd).max(1e-12);
+    println!("profile      seconds by layer kind (wall clock; the loss is part of the forward):");
+    println!("  {:<26} {:>9} {:>9} {:>9} {:>6}", "kind", "forward", "backward", "total", "share");
+    let (mut sf, mut sb) = (0.0, 0.0);
+    for t in times {
+        let both = t.forward_s + t.backward_s;
+        sf += t.forward_s;
+        sb += t.backward_s;
+        println!(
+            "  {:<26} {:>9.3} {:>9.3} {:>9.3} {:>5.1}%",
+            t.kind.name(),
+            t.forward_s,
+            t.backward_s,
+            both,
+            100.0 * both / total
+        );
+    }
+    let (of, ob) = ((t_fwd - sf).max(0.0), (t_bwd - sb).max(0.0));
+    println!(
+        "  {:<26} {:>9.3} {:>9.3} {:>9.3} {:>5.1}%",
+        "other (untimed)",
+        of,
+        ob,
+        of + ob,
+        100.0 * (of + ob) / total
+    );
+}
+
 fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let policy = a.method.policy()?;
     for (flag, path) in [("--out", a.out.as_deref()), ("--hidden-out", a.hidden_out.as_deref())]
@@ -588,6 +623,10 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
     let ids = token_ids(&inputs, &loaded, max_len)?;
     let input = input_name(&inputs);
     let n = ids.len();
+    if a.profile {
+        altgrad::profile::enable(true);
+        altgrad::profile::take();
+    }
     let run = job::grad_run(&loaded, &ids, &input, &policy, a.method.attention.name(), a.compare, &|m| {
         pb.set_message(m.to_string())
     })
@@ -624,6 +663,9 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
         println!("grad norm    {gnorm:.6e}");
         println!("forward      {:.3} s ({:.0} tokens/s)", r.t_fwd, n as f64 / r.t_fwd);
         println!("backward     {:.3} s ({:.0} tokens/s)", r.t_bwd, n as f64 / r.t_bwd);
+        if a.profile {
+            print_profile(&altgrad::profile::take(), r.t_fwd, r.t_bwd);
+        }
         if let (Some(c), Some(e)) = (compare, exact) {
             match c.speedup {
                 Some(x) => println!(

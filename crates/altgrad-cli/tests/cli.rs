@@ -1,7 +1,7 @@
 //! The command line as a user meets it: outputs, JSON keys, exit codes, and error messages.
 
 mod common;
-use common::{altgrad, fixture, stderr, tmpdir};
+use common::{altgrad, fixture, stderr, stdout, tmpdir};
 use std::path::Path;
 
 #[test]
@@ -445,4 +445,31 @@ fn a_model_built_with_hybrid_attention_trains_and_grad_computes_its_own_attentio
     assert_eq!(v["compare"]["rel_err_total"], 0.0);
     // an HF Llama cannot compute it: export refuses
     assert_user_error(&["export", ck.to_str().unwrap(), "--out", d.join("hf").to_str().unwrap()], "its own attention");
+}
+
+#[test]
+fn grad_profile_times_every_layer_kind_within_the_pass() {
+    let o = altgrad(&["grad", "--model", "tiny", "--seq-len", "128", "--profile"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let secs = |label: &str| -> f64 {
+        let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label}: {out}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let total = secs("forward") + secs("backward");
+    let kinds = ["embedding", "norms", "q/k/v projections", "RoPE", "attention", "o projection"];
+    let mut sum = 0.0;
+    for line in out.lines().skip_while(|l| !l.starts_with("profile")).skip(2).take(12) {
+        // "  kind  forward  backward  total  share%": the total is the third number from the end
+        let nums: Vec<&str> = line.split_whitespace().collect();
+        let t: f64 = nums[nums.len() - 2].parse().unwrap_or_else(|_| panic!("{line}"));
+        sum += t;
+    }
+    for k in kinds.iter().chain(&["gate/up projections", "SwiGLU", "down projection", "LM head + cross-entropy"]) {
+        assert!(out.contains(&format!("  {k} ")), "missing {k}: {out}");
+    }
+    // the kinds and the untimed rest add up to the two passes (to the table's rounding)
+    assert!((sum - total).abs() <= 0.002 * 13.0 + 1e-3 * total, "sum {sum} vs total {total}: {out}");
+    let o = altgrad(&["grad", "--model", "tiny", "--profile", "--compare"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }

@@ -31,6 +31,7 @@ pub mod io;
 pub mod job;
 pub mod linalg;
 pub mod model;
+pub mod profile;
 pub mod report;
 pub mod train;
 

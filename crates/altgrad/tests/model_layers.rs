@@ -298,6 +298,32 @@ fn swiglu_forward_matches_definition_and_backward_fd() {
 }
 
 #[test]
+fn swiglu_in_f32_matches_the_f64_definition() {
+    // the f32 path uses the vectorized exp (fastmath): parallel blocks, every sign and size of gate
+    let mut rng = StdRng::seed_from_u64(12);
+    let n = PAR_MIN_ELEMS * 3 + 77;
+    let g: Vec<f64> = randn_from(&mut rng, n).iter().map(|v| 6.0 * v).collect();
+    let u = randn_from(&mut rng, n);
+    let r = randn_from(&mut rng, n);
+    let h = swiglu_forward(&to_f32(&g), &to_f32(&u));
+    let (dg, du) = swiglu_backward(&to_f32(&g), &to_f32(&u), &to_f32(&r));
+    let (g32, u32_, r32) = (to_f64(&to_f32(&g)), to_f64(&to_f32(&u)), to_f64(&to_f32(&r)));
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let href: Vec<f64> = g32.iter().zip(&u32_).map(|(&a, &b)| silu_ref(a) * b).collect();
+    let duref: Vec<f64> = g32.iter().zip(&r32).map(|(&a, &d)| d * silu_ref(a)).collect();
+    let dgref: Vec<f64> = (0..n)
+        .map(|j| {
+            let s = sig(g32[j]);
+            r32[j] * u32_[j] * s * (1.0 + g32[j] * (1.0 - s))
+        })
+        .collect();
+    for (name, got, want) in [("h", &h, &href), ("dup", &du, &duref), ("dgate", &dg, &dgref)] {
+        let e = rel_err(&to_f64(got), want);
+        assert!(e < 1e-6, "swiglu f32 {name}: relative error {e:.2e}");
+    }
+}
+
+#[test]
 fn swiglu_is_stable_for_large_gate() {
     let g = [1000.0f32, -1000.0, 88.0, -88.0, 200.0, -200.0];
     let u = [1.0f32; 6];

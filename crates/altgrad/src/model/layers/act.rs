@@ -2,18 +2,27 @@
 //! GELU in its exact erf form (BERT's MLP), elementwise, in parallel above [`PAR_MIN_ELEMS`].
 
 use super::{PAR_BLOCK_ELEMS, PAR_MIN_ELEMS};
+use crate::attention::features::simd;
 use crate::linalg::Scalar;
 use rayon::prelude::*;
 
-/// Logistic sigmoid `1 / (1 + e^(−x))`, evaluated so that no `exp` overflows for large `|x|`.
-#[inline]
-fn sigmoid<T: Scalar>(x: T) -> T {
-    if x >= T::zero() {
-        T::one() / (T::one() + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (T::one() + e)
+/// `s[j] = sigmoid(x[j])` for a block: `e = exp(−|x|)` by the vectorized [`Scalar::exp_inplace`],
+/// then `1/(1 + e)` for `x ≥ 0` and `e/(1 + e)` below (no overflow), branch-free.
+fn sigmoid_into<T: Scalar>(x: &[T], s: &mut [T]) {
+    for (sj, &xj) in s.iter_mut().zip(x) {
+        *sj = -xj.abs();
     }
+    T::exp_inplace(s);
+    simd(
+        #[inline(always)]
+        || {
+            for (sj, &xj) in s.iter_mut().zip(x) {
+                let e = *sj;
+                let r = T::one() / (T::one() + e);
+                *sj = if xj >= T::zero() { r } else { e * r };
+            }
+        },
+    );
 }
 
 /// SwiGLU activation (Shazeer 2020, "GLU Variants"; the Llama MLP): `h = silu(gate) ⊙ up` with
@@ -24,9 +33,16 @@ pub fn swiglu_forward<T: Scalar>(gate: &[T], up: &[T]) -> Vec<T> {
     assert_eq!(gate.len(), up.len(), "swiglu_forward: gate and up must have the same shape");
     let mut h = vec![T::zero(); gate.len()];
     let block = |(hb, (gb, ub)): (&mut [T], (&[T], &[T]))| {
-        for ((hj, &g), &u) in hb.iter_mut().zip(gb).zip(ub) {
-            *hj = g * sigmoid(g) * u;
-        }
+        // hb holds sigmoid(g) first, then h
+        sigmoid_into(gb, hb);
+        simd(
+            #[inline(always)]
+            || {
+                for (hj, (&g, &u)) in hb.iter_mut().zip(gb.iter().zip(ub)) {
+                    *hj = g * *hj * u;
+                }
+            },
+        );
     };
     if gate.len() > PAR_MIN_ELEMS {
         h.par_chunks_mut(PAR_BLOCK_ELEMS)
@@ -48,11 +64,20 @@ pub fn swiglu_backward<T: Scalar>(gate: &[T], up: &[T], dh: &[T]) -> (Vec<T>, Ve
     let mut dgate = vec![T::zero(); gate.len()];
     let mut dup = vec![T::zero(); gate.len()];
     let block = |dgb: &mut [T], dub: &mut [T], gb: &[T], ub: &[T], hb: &[T]| {
-        for ((dg, du), (&g, (&u, &d))) in dgb.iter_mut().zip(dub.iter_mut()).zip(gb.iter().zip(ub.iter().zip(hb))) {
-            let s = sigmoid(g);
-            *du = d * g * s;
-            *dg = d * u * s * (T::one() + g * (T::one() - s));
-        }
+        // dgb holds sigmoid(g) first
+        sigmoid_into(gb, dgb);
+        simd(
+            #[inline(always)]
+            || {
+                for ((dg, du), (&g, (&u, &d))) in
+                    dgb.iter_mut().zip(dub.iter_mut()).zip(gb.iter().zip(ub.iter().zip(hb)))
+                {
+                    let s = *dg;
+                    *du = d * g * s;
+                    *dg = d * u * s * (T::one() + g * (T::one() - s));
+                }
+            },
+        );
     };
     if gate.len() > PAR_MIN_ELEMS {
         let b = PAR_BLOCK_ELEMS;

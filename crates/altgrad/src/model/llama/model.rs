@@ -19,6 +19,7 @@ use crate::model::network::{
 };
 use crate::model::param::check_finite_params;
 use crate::model::policy::AttentionPolicy;
+use crate::profile::{timed, Kind as K, Pass::Backward as B, Pass::Forward as F};
 use crate::{Error, Result};
 
 /// Rows of logits computed at once by the loss (`[LOSS_CHUNK, vocab]` at a time).
@@ -147,15 +148,17 @@ impl<T: Scalar> Model<T> {
             return Err(Error::bad("tokens", "the next-token loss needs at least 2 token ids"));
         }
         let head = self.weights.head_weight();
-        let (loss, dhidden) = lm_cross_entropy(
-            &cache.hidden,
-            self.cfg.hidden_size,
-            &head.data,
-            self.cfg.vocab_size,
-            &cache.ids[1..],
-            LOSS_CHUNK,
-            &mut grads.weights.head_weight_mut().data,
-        );
+        let (loss, dhidden) = timed(F, K::LmHeadLoss, || {
+            lm_cross_entropy(
+                &cache.hidden,
+                self.cfg.hidden_size,
+                &head.data,
+                self.cfg.vocab_size,
+                &cache.ids[1..],
+                LOSS_CHUNK,
+                &mut grads.weights.head_weight_mut().data,
+            )
+        });
         Ok((loss, dhidden))
     }
 }
@@ -209,7 +212,7 @@ impl<T: Scalar> Network<T> for Model<T> {
     /// Token embedding lookup, then [`Network::forward_embeddings_with`]; the cache keeps `ids`.
     fn forward_with(&self, ids: &[u32], policy: &AttentionPolicy) -> Result<ForwardCache<T>> {
         self.check_ids(ids, "tokens")?;
-        let x = embedding_forward(ids, &self.weights.embed.data, self.cfg.hidden_size);
+        let x = timed(F, K::Embedding, || embedding_forward(ids, &self.weights.embed.data, self.cfg.hidden_size));
         let mut cache = self.forward_embeddings_with(x, ids.len(), policy)?;
         cache.ids = ids.to_vec();
         Ok(cache)
@@ -237,30 +240,32 @@ impl<T: Scalar> Network<T> for Model<T> {
         for (l, lw) in self.weights.layers.iter().enumerate() {
             let (shape, opts) = (self.attn_shape(l, n), self.attn_opts(l));
             let rl = rope_for(&rope, &rope_f, shape.head_dim);
-            let (xn1, inv_rms1) = rmsnorm_forward(&x, h, &lw.attn_norm.data, c.rms_norm_eps);
-            let mut q = lw.q_proj.forward(&xn1, n);
-            let mut k = lw.k_proj.forward(&xn1, n);
-            let v = lw.v_proj.forward(&xn1, n);
+            let (xn1, inv_rms1) = timed(F, K::Norm, || rmsnorm_forward(&x, h, &lw.attn_norm.data, c.rms_norm_eps));
+            let (mut q, mut k, v) = timed(F, K::QkvProj, || {
+                (lw.q_proj.forward(&xn1, n), lw.k_proj.forward(&xn1, n), lw.v_proj.forward(&xn1, n))
+            });
             drop(xn1);
-            rl.apply(&mut q, n, c.num_heads, c.rope_layout);
-            rl.apply(&mut k, n, c.num_kv_heads, c.rope_layout);
-            let attn = match c.layer_plan(l) {
-                Some(plan) => AttnCache::forward_built_in(q, k, v, shape, opts, plan)?,
-                None => AttnCache::forward(q, k, v, shape, opts, policy)?,
-            };
-            let mut x_mid = lw.o_proj.forward(attn.o(), n);
-            add_inplace(&mut x_mid, &x);
-            let (xn2, inv_rms2) = rmsnorm_forward(&x_mid, h, &lw.mlp_norm.data, c.rms_norm_eps);
-            let gate = lw.gate_proj.forward(&xn2, n);
-            let up = lw.up_proj.forward(&xn2, n);
+            timed(F, K::Rope, || {
+                rl.apply(&mut q, n, c.num_heads, c.rope_layout);
+                rl.apply(&mut k, n, c.num_kv_heads, c.rope_layout);
+            });
+            let attn = timed(F, K::Attention, || match c.layer_plan(l) {
+                Some(plan) => AttnCache::forward_built_in(q, k, v, shape, opts, plan),
+                None => AttnCache::forward(q, k, v, shape, opts, policy),
+            })?;
+            let mut x_mid = timed(F, K::OProj, || lw.o_proj.forward(attn.o(), n));
+            timed(F, K::Residual, || add_inplace(&mut x_mid, &x));
+            let (xn2, inv_rms2) = timed(F, K::Norm, || rmsnorm_forward(&x_mid, h, &lw.mlp_norm.data, c.rms_norm_eps));
+            let (gate, up) = timed(F, K::GateUp, || (lw.gate_proj.forward(&xn2, n), lw.up_proj.forward(&xn2, n)));
             drop(xn2);
-            let act = swiglu_forward(&gate, &up);
-            let mut x_out = lw.down_proj.forward(&act, n);
-            add_inplace(&mut x_out, &x_mid);
+            let act = timed(F, K::Activation, || swiglu_forward(&gate, &up));
+            let mut x_out = timed(F, K::DownProj, || lw.down_proj.forward(&act, n));
+            timed(F, K::Residual, || add_inplace(&mut x_out, &x_mid));
             layers.push(LayerCache { x_in: x, inv_rms1, attn, x_mid, inv_rms2, gate, up });
             x = x_out;
         }
-        let (hidden, inv_rms_final) = rmsnorm_forward(&x, h, &self.weights.final_norm.data, c.rms_norm_eps);
+        let (hidden, inv_rms_final) =
+            timed(F, K::Norm, || rmsnorm_forward(&x, h, &self.weights.final_norm.data, c.rms_norm_eps));
         Ok(ForwardCache { ids: Vec::new(), n, layers, x_final: x, inv_rms_final, hidden, rope, rope_f })
     }
 
@@ -276,45 +281,59 @@ impl<T: Scalar> Network<T> for Model<T> {
         let c = &self.cfg;
         let (n, h) = (cache.n, c.hidden_size);
         check_rows("dhidden", dhidden, n, h)?;
-        let mut dx = rmsnorm_backward(
-            &cache.x_final,
-            h,
-            &self.weights.final_norm.data,
-            &cache.inv_rms_final,
-            dhidden,
-            &mut grads.weights.final_norm.data,
-        );
+        let mut dx = timed(B, K::Norm, || {
+            rmsnorm_backward(
+                &cache.x_final,
+                h,
+                &self.weights.final_norm.data,
+                &cache.inv_rms_final,
+                dhidden,
+                &mut grads.weights.final_norm.data,
+            )
+        });
         for (l, (lw, lc)) in self.weights.layers.iter().zip(&cache.layers).enumerate().rev() {
             let lg = &mut grads.weights.layers[l];
             // MLP block: x_out = x_mid + down(swiglu(gate(n2), up(n2)))
-            let act = swiglu_forward(&lc.gate, &lc.up);
-            let dact = lw.down_proj.backward(&act, n, &dx, &mut lg.down_proj);
+            let act = timed(B, K::Activation, || swiglu_forward(&lc.gate, &lc.up));
+            let dact = timed(B, K::DownProj, || lw.down_proj.backward(&act, n, &dx, &mut lg.down_proj));
             drop(act);
-            let (dgate, dup) = swiglu_backward(&lc.gate, &lc.up, &dact);
-            let (xn2, _) = rmsnorm_forward(&lc.x_mid, h, &lw.mlp_norm.data, c.rms_norm_eps);
-            let mut dxn2 = lw.gate_proj.backward(&xn2, n, &dgate, &mut lg.gate_proj);
-            add_inplace(&mut dxn2, &lw.up_proj.backward(&xn2, n, &dup, &mut lg.up_proj));
+            let (dgate, dup) = timed(B, K::Activation, || swiglu_backward(&lc.gate, &lc.up, &dact));
+            let (xn2, _) = timed(B, K::Norm, || rmsnorm_forward(&lc.x_mid, h, &lw.mlp_norm.data, c.rms_norm_eps));
+            let dxn2 = timed(B, K::GateUp, || {
+                let mut dxn2 = lw.gate_proj.backward(&xn2, n, &dgate, &mut lg.gate_proj);
+                add_inplace(&mut dxn2, &lw.up_proj.backward(&xn2, n, &dup, &mut lg.up_proj));
+                dxn2
+            });
             drop(xn2);
-            let dmid = rmsnorm_backward(&lc.x_mid, h, &lw.mlp_norm.data, &lc.inv_rms2, &dxn2, &mut lg.mlp_norm.data);
-            add_inplace(&mut dx, &dmid); // residual: dx now = dL/d x_mid
-                                         // Attention block: x_mid = x_in + o_proj(attn(q, k, v))
-            let dattn = lw.o_proj.backward(lc.attn.o(), n, &dx, &mut lg.o_proj);
-            let ag = lc.attn.backward(&dattn)?;
+            let dmid = timed(B, K::Norm, || {
+                rmsnorm_backward(&lc.x_mid, h, &lw.mlp_norm.data, &lc.inv_rms2, &dxn2, &mut lg.mlp_norm.data)
+            });
+            timed(B, K::Residual, || add_inplace(&mut dx, &dmid)); // residual: dx now = dL/d x_mid
+                                                                   // Attention block: x_mid = x_in + o_proj(attn(q, k, v))
+            let dattn = timed(B, K::OProj, || lw.o_proj.backward(lc.attn.o(), n, &dx, &mut lg.o_proj));
+            let ag = timed(B, K::Attention, || lc.attn.backward(&dattn))?;
             let (mut dq, mut dk) = (ag.dq, ag.dk);
             let rl = rope_for(&cache.rope, &cache.rope_f, c.qk_head_dim(l));
-            rl.apply_inverse(&mut dq, n, c.num_heads, c.rope_layout);
-            rl.apply_inverse(&mut dk, n, c.num_kv_heads, c.rope_layout);
-            let (xn1, _) = rmsnorm_forward(&lc.x_in, h, &lw.attn_norm.data, c.rms_norm_eps);
-            let mut dxn1 = lw.q_proj.backward(&xn1, n, &dq, &mut lg.q_proj);
-            add_inplace(&mut dxn1, &lw.k_proj.backward(&xn1, n, &dk, &mut lg.k_proj));
-            add_inplace(&mut dxn1, &lw.v_proj.backward(&xn1, n, &ag.dv, &mut lg.v_proj));
+            timed(B, K::Rope, || {
+                rl.apply_inverse(&mut dq, n, c.num_heads, c.rope_layout);
+                rl.apply_inverse(&mut dk, n, c.num_kv_heads, c.rope_layout);
+            });
+            let (xn1, _) = timed(B, K::Norm, || rmsnorm_forward(&lc.x_in, h, &lw.attn_norm.data, c.rms_norm_eps));
+            let dxn1 = timed(B, K::QkvProj, || {
+                let mut dxn1 = lw.q_proj.backward(&xn1, n, &dq, &mut lg.q_proj);
+                add_inplace(&mut dxn1, &lw.k_proj.backward(&xn1, n, &dk, &mut lg.k_proj));
+                add_inplace(&mut dxn1, &lw.v_proj.backward(&xn1, n, &ag.dv, &mut lg.v_proj));
+                dxn1
+            });
             drop(xn1);
-            let din = rmsnorm_backward(&lc.x_in, h, &lw.attn_norm.data, &lc.inv_rms1, &dxn1, &mut lg.attn_norm.data);
-            add_inplace(&mut dx, &din); // residual: dx now = dL/d x_in
+            let din = timed(B, K::Norm, || {
+                rmsnorm_backward(&lc.x_in, h, &lw.attn_norm.data, &lc.inv_rms1, &dxn1, &mut lg.attn_norm.data)
+            });
+            timed(B, K::Residual, || add_inplace(&mut dx, &din)); // residual: dx now = dL/d x_in
             grads.record_layer_dx(&dx);
         }
         if !cache.ids.is_empty() {
-            embedding_backward(&cache.ids, &dx, h, &mut grads.weights.embed.data);
+            timed(B, K::Embedding, || embedding_backward(&cache.ids, &dx, h, &mut grads.weights.embed.data));
         }
         grads.embeddings = dx;
         Ok(())
