@@ -7,6 +7,7 @@
 //! back-propagates it into `dhidden` and `dhead`.
 
 use super::layers::PAR_MIN_ELEMS;
+use crate::attention::features::simd;
 use crate::linalg::{matmul, par_all, rm, rm_mut, Scalar};
 use rayon::prelude::*;
 
@@ -53,18 +54,21 @@ pub fn lm_cross_entropy<T: Scalar>(
     let head_m = rm(head, vocab, dim);
 
     // One row: logits → dlogits in place; returns −log softmax(logits)[y].
+    // (max, shifted exp and the f64 sum are vectorized passes: AVX-512 or AVX2 at run time)
     let row_loss = |(row, &y): (&mut [T], &u32)| -> f64 {
-        let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let m = T::max_of(row);
         let shift = row[y as usize].as_f64() - m.as_f64();
-        for v in row.iter_mut() {
-            *v -= m;
-        }
-        T::exp_inplace(row);
-        let s: f64 = row.iter().map(|v| v.as_f64()).sum();
+        T::exp_shift_sum(row, m);
+        let s = sum_f64(row);
         let scale = T::from_f64(inv_t / s);
-        for v in row.iter_mut() {
-            *v *= scale;
-        }
+        simd(
+            #[inline(always)]
+            || {
+                for v in row.iter_mut() {
+                    *v *= scale;
+                }
+            },
+        );
         row[y as usize] -= T::from_f64(inv_t);
         s.ln() - shift
     };
@@ -95,6 +99,24 @@ pub fn lm_cross_entropy<T: Scalar>(
         matmul(rm_mut(dhead, vocab, dim), true, rm(lg, rc, vocab).transpose(), rm(h, rc, dim), T::one(), par_all());
     }
     (total * inv_t, dhidden)
+}
+
+/// `Σ xs` in f64, in 8 independent lanes (so it vectorizes), then the lanes in order.
+fn sum_f64<T: Scalar>(xs: &[T]) -> f64 {
+    simd(
+        #[inline(always)]
+        || {
+            let mut acc = [0.0f64; 8];
+            let chunks = xs.chunks_exact(8);
+            let tail: f64 = chunks.remainder().iter().map(|v| v.as_f64()).sum();
+            for c in chunks {
+                for (a, v) in acc.iter_mut().zip(c) {
+                    *a += v.as_f64();
+                }
+            }
+            acc.iter().sum::<f64>() + tail
+        },
+    )
 }
 
 /// Logits of an LM head for every row: `logits = hidden · headᵀ`.
