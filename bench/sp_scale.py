@@ -111,6 +111,34 @@ def _spawned(rank, world, port, seq_len, out, causal):
     run(rank, world, f"tcp://127.0.0.1:{port}", seq_len, "lo", out, causal)
 
 
+def single(seq_len, causal, out):
+    """One ``altgrad.attention`` call over ``seq_len`` tokens on one thread (no process group), best
+    of 2 after a warm-up: what the distributed call at P = 1 is measured against."""
+    torch.set_num_threads(1)
+    altgrad.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (0.3 * torch.randn(1, seq_len, H, D, generator=g) for _ in range(4))
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    opts = dict(method="poly", causal=causal, degree=DEGREE, center=True)
+    altgrad.attention(q[:, :256], k[:, :256], v[:, :256], **opts).sum().backward()
+    best = None
+    for _ in range(2):
+        q.grad = k.grad = v.grad = None
+        t0 = time.perf_counter()
+        o = altgrad.attention(q, k, v, **opts)
+        t1 = time.perf_counter()
+        o.backward(do)
+        t2 = time.perf_counter()
+        if best is None or t2 - t0 < sum(best):
+            best = (t1 - t0, t2 - t1)
+    line = json.dumps(dict(procs=0, single_call=True, causal=causal, seq_len=seq_len, heads=H, head_dim=D,
+                           degree=DEGREE, threads=1, forward_s=best[0], backward_s=best[1]))
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--procs", type=int, default=4)
@@ -120,7 +148,12 @@ def main(argv=None):
     ap.add_argument("--iface", default="lo", help="network interface whose tx_bytes are counted")
     ap.add_argument("--out", help="append the JSON line to this file")
     ap.add_argument("--non-causal", action="store_true", help="every row sees every key (all-reduce of the state)")
+    ap.add_argument("--single", action="store_true",
+                    help="time one altgrad.attention call over --seq-len tokens on one thread instead")
     a = ap.parse_args(argv)
+    if a.single:
+        single(a.seq_len, not a.non_causal, a.out)
+        return 0
     if a.rank is not None:
         run(a.rank, a.procs, f"tcp://{a.master}", a.seq_len, a.iface, a.out, not a.non_causal)
         return 0
