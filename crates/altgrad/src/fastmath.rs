@@ -5,6 +5,8 @@
 //! an AVX-512F or AVX2+FMA build where the CPU has it, so the binary still runs on any x86-64.
 //! The softmax tile's row passes (maximum; shift, exp and sum) come fused in one call each.
 
+use crate::attention::features::simd;
+
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
@@ -88,60 +90,11 @@ fn max_generic(xs: &[f32]) -> f32 {
     m
 }
 
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Level {
-    Avx512,
-    Avx2,
-    Generic,
-}
-
-/// The widest instruction set this CPU has, detected once.
-#[cfg(target_arch = "x86_64")]
-fn level() -> Level {
-    use std::sync::OnceLock;
-    static LEVEL: OnceLock<Level> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        if std::is_x86_feature_detected!("avx512f") {
-            Level::Avx512
-        } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            Level::Avx2
-        } else {
-            Level::Generic
-        }
-    })
-}
-
-/// Runs `f` compiled for AVX-512F, AVX2+FMA or baseline x86-64, whichever this CPU has (chosen
-/// at run time). Only code inlined into `f` benefits.
-#[inline(always)]
-fn dispatch<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        match level() {
-            // SAFETY: level() checked that the CPU has AVX-512F.
-            Level::Avx512 => return unsafe { avx512(f) },
-            // SAFETY: level() checked that the CPU has AVX2 and FMA.
-            Level::Avx2 => return unsafe { avx2(f) },
-            Level::Generic => {}
-        }
-    }
-    f()
-}
-
 /// `xs[i] = exp(xs[i])` for every element; relative error ≤ 2e-7 for arguments in
 /// [−87, 88.7], exactly 0 below −87.33 (and for −∞), +∞ is not produced (clamped). AVX-512 or
-/// AVX2 code, chosen at run time.
+/// AVX2 code, chosen at run time ([`simd`]).
 pub fn exp_f32_inplace(xs: &mut [f32]) {
-    dispatch(
+    simd(
         #[inline(always)]
         || exp_generic(xs),
     )
@@ -150,7 +103,7 @@ pub fn exp_f32_inplace(xs: &mut [f32]) {
 /// `xs[i] = exp(xs[i] − shift)` (the accuracy of [`exp_f32_inplace`]) and `Σ_i xs[i]`, in one
 /// pass: a softmax tile row against its running maximum. AVX-512 or AVX2 code, chosen at run time.
 pub fn exp_shift_sum_f32(xs: &mut [f32], shift: f32) -> f32 {
-    dispatch(
+    simd(
         #[inline(always)]
         || exp_shift_sum_generic(xs, shift),
     )
@@ -159,7 +112,7 @@ pub fn exp_shift_sum_f32(xs: &mut [f32], shift: f32) -> f32 {
 /// The largest element of `xs` (`−∞` when empty); `xs` holds no NaN. AVX-512 or AVX2 code,
 /// chosen at run time.
 pub fn max_f32(xs: &[f32]) -> f32 {
-    dispatch(
+    simd(
         #[inline(always)]
         || max_generic(xs),
     )
