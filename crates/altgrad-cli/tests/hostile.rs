@@ -242,7 +242,7 @@ fn non_finite_results_fail_with_exit_2() {
         &["attention output o", "not finite", "float64", "lower --degree"],
     );
     // Exact attention with |τ q·k| above 3.4e38.
-    attn_input(&inp, 6, 1e19);
+    attn_input(&inp, 6, 1e20);
     user_error(&["attn", "--input", i, "--out", o], &["attention output o", "float64"]);
     assert!(!out.exists(), "nothing written");
     // grad: a model whose scores are large, forced to degree 8.

@@ -5,7 +5,7 @@
 //! an AVX-512F or AVX2+FMA build where the CPU has it, so the binary still runs on any x86-64.
 //! The softmax tile's row passes (maximum; shift, exp and sum) come fused in one call each.
 
-use crate::attention::features::simd;
+use crate::simd::dispatch;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -94,7 +94,7 @@ fn max_generic(xs: &[f32]) -> f32 {
 /// [−87, 88.7], exactly 0 below −87.33 (and for −∞), +∞ is not produced (clamped). AVX-512 or
 /// AVX2 code, chosen at run time ([`simd`]).
 pub fn exp_f32_inplace(xs: &mut [f32]) {
-    simd(
+    dispatch(
         #[inline(always)]
         || exp_generic(xs),
     )
@@ -103,7 +103,7 @@ pub fn exp_f32_inplace(xs: &mut [f32]) {
 /// `xs[i] = exp(xs[i] − shift)` (the accuracy of [`exp_f32_inplace`]) and `Σ_i xs[i]`, in one
 /// pass: a softmax tile row against its running maximum. AVX-512 or AVX2 code, chosen at run time.
 pub fn exp_shift_sum_f32(xs: &mut [f32], shift: f32) -> f32 {
-    simd(
+    dispatch(
         #[inline(always)]
         || exp_shift_sum_generic(xs, shift),
     )
@@ -112,7 +112,7 @@ pub fn exp_shift_sum_f32(xs: &mut [f32], shift: f32) -> f32 {
 /// The largest element of `xs` (`−∞` when empty); `xs` holds no NaN. AVX-512 or AVX2 code,
 /// chosen at run time.
 pub fn max_f32(xs: &[f32]) -> f32 {
-    simd(
+    dispatch(
         #[inline(always)]
         || max_generic(xs),
     )

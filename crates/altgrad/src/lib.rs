@@ -33,6 +33,7 @@ pub mod linalg;
 pub mod model;
 pub mod profile;
 pub mod report;
+pub mod simd;
 pub mod train;
 
 pub use error::{Error, Result};

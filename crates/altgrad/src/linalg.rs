@@ -95,6 +95,12 @@ impl Scalar for f64 {
     }
 }
 
+/// Whether `T` is `f32` (the f32-only SIMD kernels may then treat `T` data as `f32`).
+#[inline(always)]
+pub fn is_f32<T: 'static>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+}
+
 /// Converts an f64 constant to `T`.
 #[inline]
 pub fn c<T: Scalar>(x: f64) -> T {

@@ -155,7 +155,7 @@ fn non_finite_results_are_errors_naming_the_stage() {
         dtype: "F32".into(),
     };
     let inp = attn_input(
-        vec![t("q", vec![1, 3, 1, 4], 1e19), t("k", vec![1, 3, 1, 4], 1e19), t("v", vec![1, 3, 1, 4], 1.0)],
+        vec![t("q", vec![1, 3, 1, 4], 1e20), t("k", vec![1, 3, 1, 4], 1e20), t("v", vec![1, 3, 1, 4], 1.0)],
         "in",
     )
     .unwrap();

@@ -21,7 +21,7 @@ pub fn key_means<T: Scalar>(k: &[T], n: usize, d: usize, causal: bool) -> Vec<T>
     let mut acc = vec![0.0f64; d];
     if causal {
         let mut out = vec![T::zero(); n * d];
-        super::features::simd(
+        crate::simd::dispatch(
             #[inline(always)]
             || {
                 for (i, (row, orow)) in k.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {

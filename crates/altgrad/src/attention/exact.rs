@@ -7,10 +7,12 @@
 //! no n×n buffer. Tiles the [`Mask`] hides entirely are skipped; tiles it hides in part are masked
 //! with `−∞` entry by entry. Row `i` is position `q_offset + i`; keys are positions `0..kv_len`.
 
+use super::exact_simd::{self, Head, View, ViewMut};
 use super::view::{Rows, RowsMut};
 use super::workspace::{fit, Pooled, Workspace};
 use super::{check_backward, query_head_grads, AttnGrads, AttnGradsMut, AttnOptions, AttnOutput, Mask, Qkv};
-use crate::linalg::{matmul, rm, rm_mut, Scalar};
+use crate::linalg::{is_f32, matmul, rm, rm_mut, Scalar};
+use crate::simd::Level;
 use crate::Result;
 use faer::Par;
 use rayon::prelude::*;
@@ -45,7 +47,7 @@ impl<T: Scalar> Tiles<T> {
 
 /// How the mask covers a tile of query positions `p0..=p1` and keys `j0..j1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Tile {
+pub(super) enum Tile {
     /// No pair allowed: skip the tile.
     Empty,
     /// Every pair allowed.
@@ -54,7 +56,7 @@ enum Tile {
     Partial,
 }
 
-fn tile(mask: &Mask, p0: usize, p1: usize, j0: usize, j1: usize) -> Tile {
+pub(super) fn tile(mask: &Mask, p0: usize, p1: usize, j0: usize, j1: usize) -> Tile {
     match *mask {
         Mask::Full => Tile::Full,
         Mask::Causal { .. } if j0 > p1 => Tile::Empty,
@@ -77,7 +79,7 @@ fn tile(mask: &Mask, p0: usize, p1: usize, j0: usize, j1: usize) -> Tile {
 /// mask's sinks get tiles of their own (`[0, sinks)` in tiles of at most `BLOCK_K`), so the
 /// sinks do not pull a whole tile of hidden keys into every row.
 #[inline]
-fn key_block(mask: &Mask, j0: usize, end: usize) -> usize {
+pub(super) fn key_block(mask: &Mask, j0: usize, end: usize) -> usize {
     match *mask {
         Mask::Window { sinks, .. } if j0 < sinks => BLOCK_K.min(sinks - j0).min(end - j0),
         _ => BLOCK_K.min(end - j0),
@@ -87,13 +89,40 @@ fn key_block(mask: &Mask, j0: usize, end: usize) -> usize {
 /// Sets the entries of `s [rows, cols]` the mask hides to −∞ (query rows from position `p0`, key
 /// columns from `j0`).
 #[inline]
-fn apply_mask<T: Scalar>(mask: &Mask, s: &mut [T], rows: usize, cols: usize, p0: usize, j0: usize) {
+pub(super) fn apply_mask<T: Scalar>(mask: &Mask, s: &mut [T], rows: usize, cols: usize, p0: usize, j0: usize) {
+    if let Mask::Causal { .. } = mask {
+        // row r sees keys j0 + c ≤ p0 + r: the hidden ones are a suffix
+        for (r, row) in s[..rows * cols].chunks_exact_mut(cols).enumerate() {
+            let seen = (p0 + r + 1).saturating_sub(j0).min(cols);
+            row[seen..].fill(T::neg_infinity());
+        }
+        return;
+    }
     for (r, row) in s[..rows * cols].chunks_exact_mut(cols).enumerate() {
         for (c, x) in row.iter_mut().enumerate() {
             if !mask.allows(p0 + r, j0 + c) {
                 *x = T::neg_infinity();
             }
         }
+    }
+}
+
+/// The SIMD kernel's description of one f32 head (`T` must be f32: the pointers are cast).
+fn simd_head<T: Scalar>(q: Rows<'_, T>, k: Rows<'_, T>, v: Rows<'_, T>, opts: &AttnOptions) -> Head {
+    let view = |r: Rows<'_, T>| {
+        let (p, s) = r.raw();
+        View { ptr: p as *const f32, stride: s }
+    };
+    Head {
+        q: view(q),
+        k: view(k),
+        v: view(v),
+        n: q.rows(),
+        nk: k.rows(),
+        d: q.cols(),
+        dv: v.cols(),
+        mask: opts.mask,
+        tau: opts.scale as f32,
     }
 }
 
@@ -110,6 +139,20 @@ pub fn forward_head<T: Scalar>(
     ws: &Workspace<T>,
 ) {
     let (n, nk, mask) = (q.rows(), k.rows(), opts.mask);
+    if is_f32::<T>() && exact_simd::available() {
+        let h = simd_head(q, k, v, opts);
+        let (op, os) = o.raw_mut();
+        let mut sc = Pooled::get(Some(&ws.exact_simd), |_| {});
+        // SAFETY: T is f32 (is_f32), so the views and `lse` are f32 data of the sizes in `h`; `o`
+        // is a distinct writable head.
+        let lse = unsafe { std::slice::from_raw_parts_mut(lse.as_mut_ptr() as *mut f32, lse.len()) };
+        let done = unsafe {
+            exact_simd::forward_head(Level::detect(), &h, ViewMut { ptr: op as *mut f32, stride: os }, lse, &mut sc)
+        };
+        if done {
+            return;
+        }
+    }
     let off = mask.q_offset();
     let tau = T::from_f64(opts.scale);
     let mut tiles = Tiles::get(ws, n);
@@ -196,6 +239,27 @@ pub fn backward_head<T: Scalar>(
     ws: &Workspace<T>,
 ) {
     let n = q.rows();
+    if is_f32::<T>() && exact_simd::available() {
+        let h = simd_head(q, k, v, opts);
+        let view = |r: Rows<'_, T>| {
+            let (p, s) = r.raw();
+            View { ptr: p as *const f32, stride: s }
+        };
+        let view_mut = |r: &mut RowsMut<'_, T>| {
+            let (p, s) = r.raw_mut();
+            ViewMut { ptr: p as *mut f32, stride: s }
+        };
+        let (dqv, dkv, dvv) = (view_mut(dq), view_mut(dk), view_mut(dv));
+        let mut sc = Pooled::get(Some(&ws.exact_simd), |_| {});
+        // SAFETY: T is f32 (is_f32), so every view and `lse` hold f32 data of the sizes in `h`;
+        // the gradient views are distinct writable heads.
+        let lse = unsafe { std::slice::from_raw_parts(lse.as_ptr() as *const f32, lse.len()) };
+        let done =
+            unsafe { exact_simd::backward_head(Level::detect(), &h, view(o), lse, view(g), dqv, dkv, dvv, &mut sc) };
+        if done {
+            return;
+        }
+    }
     let tau = T::from_f64(opts.scale);
     let mut tiles = Tiles::get(ws, n);
     let Tiles { a: p, b: dp, delta, .. } = &mut *tiles;

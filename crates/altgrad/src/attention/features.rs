@@ -13,6 +13,7 @@
 //! (a reverse pass over the same build).
 
 use crate::linalg::Scalar;
+use crate::simd::dispatch;
 use crate::{Error, Result};
 use std::ops::Range;
 
@@ -226,7 +227,7 @@ impl<T: Scalar> FeatureMap<T> {
     pub fn apply_cols(&self, xt: &[T], m: usize, out: &mut [T]) {
         assert_eq!(xt.len(), self.d * m, "FeatureMap::apply_cols: xt has the wrong length");
         assert_eq!(out.len(), self.dim() * m, "FeatureMap::apply_cols: out has the wrong length");
-        simd(
+        dispatch(
             #[inline(always)]
             || self.apply_cols_body(xt, m, out),
         )
@@ -268,7 +269,7 @@ impl<T: Scalar> FeatureMap<T> {
             phit.len() == r * m && dphit.len() == r * m,
             "FeatureMap::vjp_cols: phit or dphit has the wrong length"
         );
-        simd(
+        dispatch(
             #[inline(always)]
             || self.vjp_cols_body(xt, phit, dphit, m, dxt),
         )
@@ -303,57 +304,6 @@ impl<T: Scalar> FeatureMap<T> {
             }
         }
     }
-}
-
-/// Vector instruction set of this CPU, detected at run time (the binary targets plain x86-64;
-/// GEMMs dispatch inside faer).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-enum Simd {
-    Avx512,
-    Avx2,
-    Generic,
-}
-
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn simd_level() -> Simd {
-    if std::is_x86_feature_detected!("avx512f") {
-        Simd::Avx512
-    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        Simd::Avx2
-    } else {
-        Simd::Generic
-    }
-}
-
-/// Runs `f` compiled for the widest vector instruction set this CPU has (AVX-512F, else
-/// AVX2+FMA, else baseline x86-64), so elementwise loops vectorize to full width. Only code that
-/// is inlined into `f` benefits: pass an `#[inline(always)]` closure calling `#[inline(always)]`
-/// functions. Rust does not contract `a·b + c` into FMA, so every level gives bit-identical results.
-#[inline(always)]
-pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    match simd_level() {
-        // SAFETY: simd_level() checked that the CPU has these features.
-        Simd::Avx512 => return unsafe { run_avx512(f) },
-        // SAFETY: as above.
-        Simd::Avx2 => return unsafe { run_avx2(f) },
-        Simd::Generic => {}
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod cost;
 pub mod dispatch;
 pub mod estimate;
 pub mod exact;
+mod exact_simd;
 pub mod features;
 pub mod hybrid;
 pub mod method;

@@ -28,11 +28,12 @@
 //! O(C·r + r·d_v) ([`super::cost::poly_state_bytes`]); no `n×r` matrix is ever formed. Inputs are
 //! strided [`Rows`] views of the caller's tensors; outputs are written into [`RowsMut`] views.
 
-use super::features::{simd, taylor, FeatureMap};
+use super::features::{taylor, FeatureMap};
 use super::view::{Rows, RowsMut};
 use super::workspace::{fit, Pooled, Workspace};
 use super::{query_head_grads, sum_groups, AttnGrads, AttnGradsMut, AttnOptions, AttnShape, Mask, Qkv};
 use crate::linalg::{matmul, rm, rm_mut, rm_strided, Scalar};
+use crate::simd::dispatch;
 use crate::{Error, Result};
 use faer::Par;
 use rayon::prelude::*;
@@ -405,7 +406,7 @@ impl<T: Scalar> Head<'_, T> {
     pub(crate) fn transpose_scaled(&self, x: Rows<'_, T>, c: Option<&[T]>, xt: &mut [T]) {
         let rows = x.rows();
         let st = self.sqrt_tau();
-        simd(
+        dispatch(
             #[inline(always)]
             || {
                 for i in 0..rows {
@@ -453,7 +454,7 @@ impl<T: Scalar> Head<'_, T> {
                 *wi = taylor(g - t, -*mi);
             }
         }
-        simd(
+        dispatch(
             #[inline(always)]
             || {
                 for t in 0..=g {
@@ -536,7 +537,7 @@ impl<T: Scalar> Head<'_, T> {
     fn add_transposed(&self, dxt: &[T], dx: &mut RowsMut<'_, T>) {
         let rows = dx.rows();
         let st = self.sqrt_tau();
-        simd(
+        dispatch(
             #[inline(always)]
             || {
                 for i in 0..rows {
@@ -552,7 +553,7 @@ impl<T: Scalar> Head<'_, T> {
     /// `dm_i` (when centering), turns `dΨ` into `dφ = w ∘ dΨ`, and adds `√τ J_φᵀ dφ_i` to `dq_i`.
     fn query_vjp(&self, rows: usize, weighted: bool, b: &mut Bufs<T>, dm: &mut [T], dq: &mut RowsMut<'_, T>) {
         if self.center {
-            simd(
+            dispatch(
                 #[inline(always)]
                 || self.unweigh(rows, weighted, b, dm),
             );
@@ -634,7 +635,7 @@ impl<T: Scalar> Head<'_, T> {
     ) {
         let deg = self.g();
         let (s, tmp, tmp2) = (&mut b.s, &mut b.tmp, &mut b.tmp2);
-        simd(
+        dispatch(
             #[inline(always)]
             || {
                 for il in 0..rows {

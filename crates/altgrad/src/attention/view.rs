@@ -73,6 +73,13 @@ impl<'a, T> Rows<'a, T> {
         (0..self.rows).flat_map(|i| self.row(i).iter().cloned()).collect()
     }
 
+    /// Pointer to element `(0, 0)` and the row stride, for kernels that address rows themselves
+    /// (element `(i, c)` at `ptr + i·stride + c`; valid for `rows × cols` elements).
+    #[inline]
+    pub(crate) fn raw(&self) -> (*const T, usize) {
+        (self.data.as_ptr(), self.stride)
+    }
+
     /// The rows as a faer matrix view (row stride `stride`, column stride 1).
     #[inline]
     pub fn mat(&self) -> MatRef<'a, T> {
@@ -116,6 +123,14 @@ impl<'a, T: Scalar> RowsMut<'a, T> {
     #[inline]
     pub fn mat_mut(&mut self) -> MatMut<'_, T> {
         self.m.rb_mut()
+    }
+
+    /// Pointer to element `(0, 0)` and the row stride (element `(i, c)` at `ptr + i·stride + c`;
+    /// valid for writing `rows × cols` elements while `self` is borrowed).
+    #[inline]
+    pub(crate) fn raw_mut(&mut self) -> (*mut T, usize) {
+        let stride = if self.m.nrows() <= 1 { self.m.ncols() } else { self.m.row_stride() as usize };
+        (self.m.rb_mut().as_ptr_mut(), stride)
     }
 
     /// Sets every entry to zero.

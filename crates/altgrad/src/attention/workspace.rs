@@ -82,6 +82,7 @@ pub(crate) fn fit<T: Scalar>(v: &mut Vec<T>, len: usize) {
 #[derive(Debug, Default)]
 pub struct Workspace<T> {
     pub(crate) exact: Pool<super::exact::Tiles<T>>,
+    pub(crate) exact_simd: Pool<super::exact_simd::Scratch>,
     pub(crate) poly: Pool<super::poly::Bufs<T>>,
     pub(crate) kron: Pool<super::altgrad::KBufs<T>>,
 }
@@ -89,11 +90,11 @@ pub struct Workspace<T> {
 impl<T: Scalar> Workspace<T> {
     /// An empty workspace.
     pub fn new() -> Self {
-        Workspace { exact: Pool::default(), poly: Pool::default(), kron: Pool::default() }
+        Workspace { exact: Pool::default(), exact_simd: Pool::default(), poly: Pool::default(), kron: Pool::default() }
     }
 
     /// Buffer sets held for reuse (for tests and reports).
     pub fn held(&self) -> usize {
-        self.exact.len() + self.poly.len() + self.kron.len()
+        self.exact.len() + self.exact_simd.len() + self.poly.len() + self.kron.len()
     }
 }

@@ -7,8 +7,8 @@
 //! back-propagates it into `dhidden` and `dhead`.
 
 use super::layers::PAR_MIN_ELEMS;
-use crate::attention::features::simd;
 use crate::linalg::{matmul, par_all, rm, rm_mut, Scalar};
+use crate::simd::dispatch;
 use rayon::prelude::*;
 
 /// Mean next-token cross-entropy of an LM head, computed in row chunks so the `[n, vocab]`
@@ -61,7 +61,7 @@ pub fn lm_cross_entropy<T: Scalar>(
         T::exp_shift_sum(row, m);
         let s = sum_f64(row);
         let scale = T::from_f64(inv_t / s);
-        simd(
+        dispatch(
             #[inline(always)]
             || {
                 for v in row.iter_mut() {
@@ -103,7 +103,7 @@ pub fn lm_cross_entropy<T: Scalar>(
 
 /// `Σ xs` in f64, in 8 independent lanes (so it vectorizes), then the lanes in order.
 fn sum_f64<T: Scalar>(xs: &[T]) -> f64 {
-    simd(
+    dispatch(
         #[inline(always)]
         || {
             let mut acc = [0.0f64; 8];

@@ -2,8 +2,8 @@
 //! GELU in its exact erf form (BERT's MLP), elementwise, in parallel above [`PAR_MIN_ELEMS`].
 
 use super::{PAR_BLOCK_ELEMS, PAR_MIN_ELEMS};
-use crate::attention::features::simd;
 use crate::linalg::Scalar;
+use crate::simd::dispatch;
 use rayon::prelude::*;
 
 /// `s[j] = sigmoid(x[j])` for a block: `e = exp(−|x|)` by the vectorized [`Scalar::exp_inplace`],
@@ -13,7 +13,7 @@ fn sigmoid_into<T: Scalar>(x: &[T], s: &mut [T]) {
         *sj = -xj.abs();
     }
     T::exp_inplace(s);
-    simd(
+    dispatch(
         #[inline(always)]
         || {
             for (sj, &xj) in s.iter_mut().zip(x) {
@@ -35,7 +35,7 @@ pub fn swiglu_forward<T: Scalar>(gate: &[T], up: &[T]) -> Vec<T> {
     let block = |(hb, (gb, ub)): (&mut [T], (&[T], &[T]))| {
         // hb holds sigmoid(g) first, then h
         sigmoid_into(gb, hb);
-        simd(
+        dispatch(
             #[inline(always)]
             || {
                 for (hj, (&g, &u)) in hb.iter_mut().zip(gb.iter().zip(ub)) {
@@ -66,7 +66,7 @@ pub fn swiglu_backward<T: Scalar>(gate: &[T], up: &[T], dh: &[T]) -> (Vec<T>, Ve
     let block = |dgb: &mut [T], dub: &mut [T], gb: &[T], ub: &[T], hb: &[T]| {
         // dgb holds sigmoid(g) first
         sigmoid_into(gb, dgb);
-        simd(
+        dispatch(
             #[inline(always)]
             || {
                 for ((dg, du), (&g, (&u, &d))) in

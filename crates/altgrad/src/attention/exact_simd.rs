@@ -1,0 +1,471 @@
+//! The f32 exact kernel with explicit SIMD (AVX-512F or AVX2+FMA, chosen at run time): the
+//! algorithm of [`super::exact`] (MATH §2; FA2 Alg. 1–2, the same tiles, masks and skipping), with
+//! the tile products done by [`crate::simd::gemm`] on cache-resident operands instead of one faer
+//! call each, and the softmax passes on whole registers with the vectorized `exp`.
+//!
+//! The forward works in the transposed layout: per query block the queries are the vector lanes
+//! (`Qᵀτ [d, queries]` packed once per block), `Sᵀ = K_j (Q_i τ)ᵀ` and `Oᵀ += V_jᵀ Pᵀ`, so the
+//! online softmax runs down columns with no horizontal reductions and both products have the
+//! query block as their wide side. The backward keeps the row layout (`S = Q_i (K_j τ)ᵀ`,
+//! `dP = G_i V_jᵀ`, with `(K_j τ)ᵀ` and `V_jᵀ` packed once per key block) and forms `dV`, `dQ`,
+//! `dK` from `P` and `dS` as FA2 does. Score tiles, the output accumulators of a query block and
+//! the `dK`, `dV` accumulators of a key block live in per-head scratch (L1/L2-sized); nothing of
+//! size `n²` exists. Inputs and outputs are the caller's strided head views.
+
+use super::exact::{apply_mask, key_block, tile, Tile, BLOCK_K, BLOCK_Q};
+use super::Mask;
+use crate::simd::{gemm, Level, Strided, Tiles, Vector};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512};
+
+/// A read-only head: element `(i, c)` at `ptr + i·stride + c`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct View {
+    pub ptr: *const f32,
+    pub stride: usize,
+}
+
+/// A writable head: element `(i, c)` at `ptr + i·stride + c`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ViewMut {
+    pub ptr: *mut f32,
+    pub stride: usize,
+}
+
+/// One head's problem: `q [n, d]`, `k [n_k, d]`, `v [n_k, d_v]`, its mask and scale.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Head {
+    pub q: View,
+    pub k: View,
+    pub v: View,
+    pub n: usize,
+    pub nk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub mask: Mask,
+    pub tau: f32,
+}
+
+/// Per-head scratch of the SIMD path (grown on demand, reused through the workspace).
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    s: Vec<f32>,
+    dp: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    acc: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    delta: Vec<f32>,
+}
+
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+impl Scratch {
+    fn fit_forward(&mut self, h: &Head) {
+        grow(&mut self.s, BLOCK_Q * BLOCK_K);
+        grow(&mut self.kt, h.d * BLOCK_Q);
+        grow(&mut self.acc, BLOCK_Q * h.dv);
+        grow(&mut self.m, BLOCK_Q);
+        grow(&mut self.l, BLOCK_Q);
+    }
+    fn fit_backward(&mut self, h: &Head) {
+        grow(&mut self.s, BLOCK_Q * BLOCK_K);
+        grow(&mut self.dp, BLOCK_Q * BLOCK_K);
+        grow(&mut self.kt, h.d * BLOCK_K);
+        grow(&mut self.vt, h.dv * BLOCK_K);
+        grow(&mut self.dk, BLOCK_K * h.d);
+        grow(&mut self.dv, BLOCK_K * h.dv);
+        grow(&mut self.delta, h.n);
+    }
+}
+
+/// Whether this CPU has a SIMD path (AVX-512F or AVX2+FMA, [`Level::detect`]).
+pub(super) fn available() -> bool {
+    Level::detect() != Level::Generic
+}
+
+/// Forward of one head (as [`super::exact::forward_head`]): writes `o [n, d_v]` and `lse [n]`.
+/// Returns `false`, touching nothing, when the CPU has no SIMD path.
+///
+/// # Safety
+/// The views must address valid `f32` heads of the sizes in `h` (`o` writable, not overlapping
+/// the inputs), and `lse.len() ≥ h.n`.
+pub(super) unsafe fn forward_head(level: Level, h: &Head, o: ViewMut, lse: &mut [f32], sc: &mut Scratch) -> bool {
+    sc.fit_forward(h);
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => forward_avx512(h, o, lse, sc),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => forward_avx2(h, o, lse, sc),
+        _ => return false,
+    }
+    true
+}
+
+/// Backward of one head (as [`super::exact::backward_head`]): adds into `dq [n, d]`,
+/// `dk [n_k, d]`, `dv [n_k, d_v]`. Returns `false`, touching nothing, when the CPU has no SIMD path.
+///
+/// # Safety
+/// As [`forward_head`]; `o`, `g` are `[n, d_v]` heads, `lse.len() ≥ h.n`, the gradient views are
+/// writable and overlap nothing else.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn backward_head(
+    level: Level,
+    h: &Head,
+    o: View,
+    lse: &[f32],
+    g: View,
+    dq: ViewMut,
+    dk: ViewMut,
+    dv: ViewMut,
+    sc: &mut Scratch,
+) -> bool {
+    sc.fit_backward(h);
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => backward_avx512(h, o, lse, g, dq, dk, dv, sc),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => backward_avx2(h, o, lse, g, dq, dk, dv, sc),
+        _ => return false,
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn forward_avx512(h: &Head, o: ViewMut, lse: &mut [f32], sc: &mut Scratch) {
+    forward::<Avx512>(h, o, lse, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_avx2(h: &Head, o: ViewMut, lse: &mut [f32], sc: &mut Scratch) {
+    forward::<Avx2>(h, o, lse, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_avx512(
+    h: &Head,
+    o: View,
+    lse: &[f32],
+    g: View,
+    dq: ViewMut,
+    dk: ViewMut,
+    dv: ViewMut,
+    sc: &mut Scratch,
+) {
+    backward::<Avx512>(h, o, lse, g, dq, dk, dv, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_avx2(
+    h: &Head,
+    o: View,
+    lse: &[f32],
+    g: View,
+    dq: ViewMut,
+    dk: ViewMut,
+    dv: ViewMut,
+    sc: &mut Scratch,
+) {
+    backward::<Avx2>(h, o, lse, g, dq, dk, dv, sc)
+}
+
+/// `dst [cols, rows]` (row-major, row stride `rows`) = `alpha · srcᵀ` for the `rows × cols` head `src`.
+#[inline(always)]
+unsafe fn pack_transposed(src: View, rows: usize, cols: usize, alpha: f32, dst: &mut [f32]) {
+    // blocks of 16 rows keep the writes of each source row's columns in a few cache lines
+    const B: usize = 16;
+    let mut i0 = 0;
+    while i0 < rows {
+        let ib = B.min(rows - i0);
+        for c in 0..cols {
+            let out = &mut dst[c * rows + i0..c * rows + i0 + ib];
+            for (r, x) in out.iter_mut().enumerate() {
+                *x = alpha * *src.ptr.add((i0 + r) * src.stride + c);
+            }
+        }
+        i0 += ib;
+    }
+}
+
+/// `row[j] = exp(row[j] − shift)`; returns their sum.
+#[inline(always)]
+unsafe fn exp_shift_sum<S: Vector>(row: &mut [f32], shift: f32) -> f32 {
+    let l = S::LANES;
+    let sh = S::splat(shift);
+    let mut acc = S::splat(0.0);
+    let p = row.as_mut_ptr();
+    let mut j = 0;
+    while j + l <= row.len() {
+        let e = S::exp(S::sub(S::load(p.add(j)), sh));
+        S::store(p.add(j), e);
+        acc = S::add(acc, e);
+        j += l;
+    }
+    if j < row.len() {
+        let m = S::mask(row.len() - j);
+        S::store_m(p.add(j), S::exp(S::sub(S::load_m(p.add(j), m), sh)), m);
+    }
+    let mut sum = S::hsum(acc);
+    for x in &row[j..] {
+        sum += *x;
+    }
+    sum
+}
+
+/// `ds[j] = p[j] · (ds[j] − δ)` over one row.
+#[inline(always)]
+unsafe fn softmax_grad_row<S: Vector>(p: &[f32], ds: &mut [f32], delta: f32) {
+    let l = S::LANES;
+    let dl = S::splat(delta);
+    let (pp, dp) = (p.as_ptr(), ds.as_mut_ptr());
+    let len = ds.len();
+    let mut j = 0;
+    while j + l <= len {
+        S::store(dp.add(j), S::mul(S::load(pp.add(j)), S::sub(S::load(dp.add(j)), dl)));
+        j += l;
+    }
+    if j < len {
+        let m = S::mask(len - j);
+        S::store_m(dp.add(j), S::mul(S::load_m(pp.add(j), m), S::sub(S::load_m(dp.add(j), m), dl)), m);
+    }
+}
+
+/// Σ_c a[c]·b[c] for two rows of `len`.
+#[inline(always)]
+unsafe fn dot<S: Vector>(a: *const f32, b: *const f32, len: usize) -> f32 {
+    let l = S::LANES;
+    let mut acc = S::splat(0.0);
+    let mut j = 0;
+    while j + l <= len {
+        acc = S::fma(S::load(a.add(j)), S::load(b.add(j)), acc);
+        j += l;
+    }
+    if j < len {
+        let m = S::mask(len - j);
+        acc = S::fma(S::load_m(a.add(j), m), S::load_m(b.add(j), m), acc);
+    }
+    S::hsum(acc)
+}
+
+/// Key tiles `j0..j0 + bc` of query block `p0..=p1` in order, skipping what the mask hides
+/// (the loop of [`super::exact::forward_head`]).
+#[inline(always)]
+fn next_key_tile(mask: &Mask, p0: usize, mut j0: usize, kend: usize) -> Option<usize> {
+    if let Mask::Window { window, sinks, .. } = *mask {
+        if j0 >= sinks {
+            j0 = j0.max((p0 + 1).saturating_sub(window));
+        }
+    }
+    (j0 < kend).then_some(j0)
+}
+
+/// A running maximum below every real score but finite: a column that has seen only masked
+/// keys keeps it, so `exp(−∞ − M0) = 0` and `exp(M0 − M0) = 1` need no special case, and the
+/// first real score rescales the (zero) accumulators by `exp(M0 − m) = 0`.
+const M0: f32 = -1e30;
+
+/// Sets the entries of the transposed score tile `st [bc, br]` that the mask hides to −∞ (row
+/// `j` is key `j0 + j`, column `r` query position `p0 + r`).
+#[inline(always)]
+fn apply_mask_t(mask: &Mask, st: &mut [f32], bc: usize, br: usize, p0: usize, j0: usize) {
+    if let Mask::Causal { .. } = mask {
+        // key j0 + j is seen by positions p0 + r ≥ j0 + j: the hidden ones are a prefix
+        for (j, row) in st[..bc * br].chunks_exact_mut(br).enumerate() {
+            let hidden = (j0 + j).saturating_sub(p0).min(br);
+            row[..hidden].fill(f32::NEG_INFINITY);
+        }
+        return;
+    }
+    for (j, row) in st[..bc * br].chunks_exact_mut(br).enumerate() {
+        for (r, x) in row.iter_mut().enumerate() {
+            if !mask.allows(p0 + r, j0 + j) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// Forward in the transposed layout: per query block the queries are the vector lanes, so the
+/// online softmax runs down the columns of `Sᵀ [keys, queries]` with no horizontal reductions,
+/// and both products have the query block as their wide side: `Sᵀ = K_j (Q_i τ)ᵀ`,
+/// `Oᵀ += V_jᵀ Pᵀ` (`Oᵀ [d_v, queries]` in scratch, written out transposed and normalized).
+#[inline(always)]
+unsafe fn forward<S: Tiles>(h: &Head, o: ViewMut, lse: &mut [f32], sc: &mut Scratch) {
+    let Head { q, k, v, n, nk, d, dv, mask, tau } = *h;
+    let off = mask.q_offset();
+    let lanes = S::LANES;
+    let Scratch { s, kt: qt, acc, m, l, .. } = sc;
+    let mut i0 = 0;
+    while i0 < n {
+        let br = BLOCK_Q.min(n - i0);
+        let (p0, p1) = (off + i0, off + i0 + br - 1);
+        pack_transposed(View { ptr: q.ptr.add(i0 * q.stride), stride: q.stride }, br, d, tau, qt);
+        acc[..dv * br].fill(0.0);
+        m[..br].fill(M0);
+        l[..br].fill(0.0);
+        let kend = if mask.is_causal() { nk.min(p1 + 1) } else { nk };
+        let mut j0 = 0;
+        while let Some(j) = next_key_tile(&mask, p0, j0, kend) {
+            j0 = j;
+            let bc = key_block(&mask, j0, kend);
+            let t = tile(&mask, p0, p1, j0, j0 + bc);
+            if t == Tile::Empty {
+                j0 += bc;
+                continue;
+            }
+            let st = &mut s[..bc * br];
+            let ka = Strided { ptr: k.ptr.add(j0 * k.stride), rs: k.stride, cs: 1 };
+            gemm::<S>(bc, br, d, ka, qt.as_ptr(), br, st.as_mut_ptr(), br, 1.0, false);
+            if t == Tile::Partial {
+                apply_mask_t(&mask, st, bc, br, p0, j0);
+            }
+            // per register of query lanes: column max, exp, column sum, rescale of Oᵀ
+            let mut r0 = 0;
+            while r0 < br {
+                let mk = S::mask(br - r0);
+                let sp = st.as_mut_ptr().add(r0);
+                let m_old = S::load_m(m.as_ptr().add(r0), mk);
+                let mut m_new = m_old;
+                for j in 0..bc {
+                    m_new = S::max(m_new, S::load_m(sp.add(j * br), mk));
+                }
+                let mut sum = S::splat(0.0);
+                for j in 0..bc {
+                    let e = S::exp(S::sub(S::load_m(sp.add(j * br), mk), m_new));
+                    S::store_m(sp.add(j * br), e, mk);
+                    sum = S::add(sum, e);
+                }
+                let rescale = S::exp(S::sub(m_old, m_new));
+                let l_new = S::fma(S::load_m(l.as_ptr().add(r0), mk), rescale, sum);
+                S::store_m(l.as_mut_ptr().add(r0), l_new, mk);
+                S::store_m(m.as_mut_ptr().add(r0), m_new, mk);
+                for c in 0..dv {
+                    let ap = acc.as_mut_ptr().add(c * br + r0);
+                    S::store_m(ap, S::mul(S::load_m(ap, mk), rescale), mk);
+                }
+                r0 += lanes;
+            }
+            // Oᵀ += V_jᵀ Pᵀ: A(c, j) = V[j0 + j, c]
+            let va = Strided { ptr: v.ptr.add(j0 * v.stride), rs: 1, cs: v.stride };
+            gemm::<S>(dv, br, bc, va, st.as_ptr(), br, acc.as_mut_ptr(), br, 1.0, true);
+            j0 += bc;
+        }
+        // every row sees its own position (and key 0 when causal), so l > 0
+        for r in 0..br {
+            let inv = 1.0 / l[r];
+            let dst = o.ptr.add((i0 + r) * o.stride);
+            for c in 0..dv {
+                *dst.add(c) = acc[c * br + r] * inv;
+            }
+            lse[i0 + r] = m[r] + l[r].ln();
+        }
+        i0 += br;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward<S: Tiles>(
+    h: &Head,
+    o: View,
+    lse: &[f32],
+    g: View,
+    dq: ViewMut,
+    dk: ViewMut,
+    dv: ViewMut,
+    sc: &mut Scratch,
+) {
+    let Head { q, k, v, n, nk, d, dv: dvw, mask, tau } = *h;
+    let off = mask.q_offset();
+    let Scratch { s: p, dp, kt, vt, dk: dk_acc, dv: dv_acc, delta, .. } = sc;
+    // δ_i = Σ_c G_ic O_ic
+    for (i, dl) in delta[..n].iter_mut().enumerate() {
+        *dl = dot::<S>(g.ptr.add(i * g.stride), o.ptr.add(i * o.stride), dvw);
+    }
+    let mut j0 = 0;
+    while j0 < nk {
+        let bc = key_block(&mask, j0, nk);
+        // this key block's (Kτ)ᵀ [d, bc] and Vᵀ [d_v, bc], contiguous
+        pack_transposed(View { ptr: k.ptr.add(j0 * k.stride), stride: k.stride }, bc, d, tau, kt);
+        pack_transposed(View { ptr: v.ptr.add(j0 * v.stride), stride: v.stride }, bc, dvw, 1.0, vt);
+        dk_acc[..bc * d].fill(0.0);
+        dv_acc[..bc * dvw].fill(0.0);
+        // causal: only positions p ≥ j0 see these keys; start at the query block holding j0
+        let first = if mask.is_causal() { j0.saturating_sub(off) } else { 0 };
+        let mut i0 = (first / BLOCK_Q) * BLOCK_Q;
+        while i0 < n {
+            let br = BLOCK_Q.min(n - i0);
+            let (p0, p1) = (off + i0, off + i0 + br - 1);
+            let t = tile(&mask, p0, p1, j0, j0 + bc);
+            if t == Tile::Empty {
+                if matches!(mask, Mask::Window { window, sinks, .. } if j0 >= sinks && p0 + 1 >= (j0 + bc).saturating_add(window))
+                {
+                    break; // every later row is past the window of these keys
+                }
+                i0 += br;
+                continue;
+            }
+            let qa = Strided { ptr: q.ptr.add(i0 * q.stride), rs: q.stride, cs: 1 };
+            let ga = Strided { ptr: g.ptr.add(i0 * g.stride), rs: g.stride, cs: 1 };
+            let pt = &mut p[..br * bc];
+            let dpt = &mut dp[..br * bc];
+            // P = exp(τ Q Kᵀ − lse)
+            gemm::<S>(br, bc, d, qa, kt.as_ptr(), bc, pt.as_mut_ptr(), bc, 1.0, false);
+            if t == Tile::Partial {
+                apply_mask(&mask, pt, br, bc, p0, j0);
+            }
+            for r in 0..br {
+                exp_shift_sum::<S>(&mut pt[r * bc..(r + 1) * bc], lse[i0 + r]);
+            }
+            // dV_j += Pᵀ G_i
+            let pta = Strided { ptr: pt.as_ptr(), rs: 1, cs: bc };
+            gemm::<S>(bc, dvw, br, pta, g.ptr.add(i0 * g.stride), g.stride, dv_acc.as_mut_ptr(), dvw, 1.0, true);
+            // dP = G_i V_jᵀ, then dS = P ∘ (dP − δ)
+            gemm::<S>(br, bc, dvw, ga, vt.as_ptr(), bc, dpt.as_mut_ptr(), bc, 1.0, false);
+            for r in 0..br {
+                softmax_grad_row::<S>(&pt[r * bc..(r + 1) * bc], &mut dpt[r * bc..(r + 1) * bc], delta[i0 + r]);
+            }
+            // dQ_i += τ dS K_j ;  dK_j += τ dSᵀ Q_i
+            let dsa = Strided { ptr: dpt.as_ptr(), rs: bc, cs: 1 };
+            let dq_i = dq.ptr.add(i0 * dq.stride);
+            gemm::<S>(br, d, bc, dsa, k.ptr.add(j0 * k.stride), k.stride, dq_i, dq.stride, tau, true);
+            let dsta = Strided { ptr: dpt.as_ptr(), rs: 1, cs: bc };
+            gemm::<S>(bc, d, br, dsta, q.ptr.add(i0 * q.stride), q.stride, dk_acc.as_mut_ptr(), d, tau, true);
+            i0 += br;
+        }
+        add_rows::<S>(dk_acc, bc, d, ViewMut { ptr: dk.ptr.add(j0 * dk.stride), stride: dk.stride });
+        add_rows::<S>(dv_acc, bc, dvw, ViewMut { ptr: dv.ptr.add(j0 * dv.stride), stride: dv.stride });
+        j0 += bc;
+    }
+}
+
+/// `dst[r] += src[r]` for `rows` rows of `len` (`src` contiguous, `dst` strided).
+#[inline(always)]
+unsafe fn add_rows<S: Vector>(src: &[f32], rows: usize, len: usize, dst: ViewMut) {
+    let l = S::LANES;
+    for r in 0..rows {
+        let (s, d) = (src.as_ptr().add(r * len), dst.ptr.add(r * dst.stride));
+        let mut j = 0;
+        while j + l <= len {
+            S::store(d.add(j), S::add(S::load(d.add(j)), S::load(s.add(j))));
+            j += l;
+        }
+        if j < len {
+            let m = S::mask(len - j);
+            S::store_m(d.add(j), S::add(S::load_m(d.add(j), m), S::load_m(s.add(j), m)), m);
+        }
+    }
+}
