@@ -6,6 +6,7 @@
 
 use faer::{Accum, MatMut, MatRef, Par};
 use num_traits::Float;
+use rayon::prelude::*;
 use std::fmt::Debug;
 use std::iter::Sum;
 
@@ -101,6 +102,20 @@ pub fn is_f32<T: 'static>() -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
 }
 
+/// `x` as f32 values when `T` is f32 ([`is_f32`]), else `None`.
+#[inline(always)]
+pub fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 (same TypeId), so the slice's memory holds f32 values.
+    is_f32::<T>().then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+}
+
+/// [`as_f32`] for a mutable slice.
+#[inline(always)]
+pub fn as_f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in as_f32.
+    is_f32::<T>().then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
+}
+
 /// Converts an f64 constant to `T`.
 #[inline]
 pub fn c<T: Scalar>(x: f64) -> T {
@@ -152,8 +167,111 @@ pub fn matmul<T: Scalar>(dst: MatMut<'_, T>, acc: bool, a: MatRef<'_, T>, b: Mat
         }
         return;
     }
+    let threads = match par {
+        Par::Seq => 1,
+        Par::Rayon(t) => t.get(),
+    };
+    let (m, n, k) = (dst.nrows(), dst.ncols(), a.ncols());
+    if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN {
+        // A read transposed (a weight gradient dyᵀ·x): the packed GEMM handles the layout at full
+        // speed; otherwise faer's one-thread kernels on a split of C, one part per thread (faer's
+        // own parallel GEMM measured 10–20% slower on these shapes, BENCHMARKS "Whole model")
+        let dst = if a.row_stride() == 1 && a.col_stride() != 1 {
+            match packed_f32(dst, acc, a, b, alpha, par) {
+                None => return,
+                Some(dst) => dst,
+            }
+        } else {
+            dst
+        };
+        split_seq(dst, acc, a, b, alpha, threads);
+        return;
+    }
     let beta = if acc { Accum::Add } else { Accum::Replace };
     faer::linalg::matmul::matmul(dst, beta, a, b, alpha, par);
+}
+
+/// Parallel products at least this large (`m·n·k`) are split over the threads by [`matmul`]
+/// itself; smaller ones go to faer as asked.
+const PARALLEL_MIN: usize = 1 << 20;
+
+/// `dst (+)= alpha·a·b` as `threads` one-thread faer products on parts of `dst`: split along its
+/// longer side, `a`'s rows or `b`'s columns going with each part.
+fn split_seq<T: Scalar>(dst: MatMut<'_, T>, acc: bool, a: MatRef<'_, T>, b: MatRef<'_, T>, alpha: T, threads: usize) {
+    let beta = if acc { Accum::Add } else { Accum::Replace };
+    let (m, n) = (dst.nrows(), dst.ncols());
+    let rows = m >= n;
+    let len = if rows { m } else { n };
+    let part = len.div_ceil(threads).next_multiple_of(16).min(len);
+    let parts = len.div_ceil(part);
+    let mut pieces = Vec::with_capacity(parts);
+    let mut rest = dst;
+    for i in 0..parts {
+        let take = part.min(len - i * part);
+        let (p, r) = if rows { rest.split_at_row_mut(take) } else { rest.split_at_col_mut(take) };
+        pieces.push((i * part, take, p));
+        rest = r;
+    }
+    pieces.into_par_iter().for_each(|(start, take, p)| {
+        if rows {
+            faer::linalg::matmul::matmul(p, beta, a.subrows(start, take), b, alpha, Par::Seq)
+        } else {
+            faer::linalg::matmul::matmul(p, beta, a, b.subcols(start, take), alpha, Par::Seq)
+        }
+    });
+}
+
+/// The f32 product on this CPU's SIMD level ([`crate::simd::packed::gemm`]) when `T` is f32, the
+/// product is large and the strides allow (non-negative; `dst` with a unit stride in one
+/// direction, transposing the product when it is column-major): returns `None` when done, else
+/// hands `dst` back for faer.
+fn packed_f32<'a, T: Scalar>(
+    dst: MatMut<'a, T>,
+    acc: bool,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    alpha: T,
+    par: Par,
+) -> Option<MatMut<'a, T>> {
+    use crate::simd::{packed, Level, Strided};
+    let (m, n, k) = (dst.nrows(), dst.ncols(), a.ncols());
+    if !is_f32::<T>() || m < 8 || n < 8 || k == 0 {
+        return Some(dst);
+    }
+    let level = Level::detect();
+    if level == Level::Generic {
+        return Some(dst);
+    }
+    let st = |rs: isize, cs: isize| (rs >= 0 && cs >= 0).then_some((rs as usize, cs as usize));
+    let (Some(sa), Some(sb)) = (st(a.row_stride(), a.col_stride()), st(b.row_stride(), b.col_stride())) else {
+        return Some(dst);
+    };
+    let (rs_c, cs_c) = (dst.row_stride(), dst.col_stride());
+    let parallel = !matches!(par, Par::Seq);
+    let al = alpha.as_f64() as f32;
+    let (ap, bp) = (a.as_ptr() as *const f32, b.as_ptr() as *const f32);
+    let cp = dst.as_ptr_mut() as *mut f32;
+    // SAFETY: T is f32 (is_f32), so the views' data are f32; faer's views address valid elements
+    // at these strides, and dst (a MatMut) does not alias a or b.
+    let done = unsafe {
+        if cs_c == 1 && rs_c >= 0 {
+            let a = Strided { ptr: ap, rs: sa.0, cs: sa.1 };
+            let b = Strided { ptr: bp, rs: sb.0, cs: sb.1 };
+            packed::gemm(level, m, n, k, a, b, cp, rs_c as usize, al, acc, parallel)
+        } else if rs_c == 1 && cs_c >= 0 {
+            // column-major C: Cᵀ = Bᵀ Aᵀ is row-major
+            let a2 = Strided { ptr: bp, rs: sb.1, cs: sb.0 };
+            let b2 = Strided { ptr: ap, rs: sa.1, cs: sa.0 };
+            packed::gemm(level, n, m, k, a2, b2, cp, cs_c as usize, al, acc, parallel)
+        } else {
+            false
+        }
+    };
+    if done {
+        None
+    } else {
+        Some(dst)
+    }
 }
 
 /// The parallelism to use for large whole-sequence GEMMs: all of rayon's threads.

@@ -80,9 +80,15 @@ pub(super) fn tile(mask: &Mask, p0: usize, p1: usize, j0: usize, j1: usize) -> T
 /// sinks do not pull a whole tile of hidden keys into every row.
 #[inline]
 pub(super) fn key_block(mask: &Mask, j0: usize, end: usize) -> usize {
+    key_block_of(mask, j0, end, BLOCK_K)
+}
+
+/// [`key_block`] with tiles of `block` keys.
+#[inline]
+pub(super) fn key_block_of(mask: &Mask, j0: usize, end: usize, block: usize) -> usize {
     match *mask {
-        Mask::Window { sinks, .. } if j0 < sinks => BLOCK_K.min(sinks - j0).min(end - j0),
-        _ => BLOCK_K.min(end - j0),
+        Mask::Window { sinks, .. } if j0 < sinks => block.min(sinks - j0).min(end - j0),
+        _ => block.min(end - j0),
     }
 }
 

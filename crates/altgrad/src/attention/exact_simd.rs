@@ -12,7 +12,7 @@
 //! the `dK`, `dV` accumulators of a key block live in per-head scratch (L1/L2-sized); nothing of
 //! size `n²` exists. Inputs and outputs are the caller's strided head views.
 
-use super::exact::{apply_mask, key_block, tile, Tile, BLOCK_K, BLOCK_Q};
+use super::exact::{apply_mask, key_block_of, tile, Tile};
 use super::Mask;
 use crate::simd::{gemm, Level, Strided, Tiles, Vector};
 #[cfg(target_arch = "x86_64")]
@@ -67,21 +67,39 @@ fn grow(v: &mut Vec<f32>, len: usize) {
     }
 }
 
+/// Query and key rows per tile for heads of width `d` (values `dv`): (query block, key block).
+fn blocks(d: usize, dv: usize) -> (usize, usize) {
+    use std::sync::OnceLock;
+    static E: OnceLock<(usize, usize, usize)> = OnceLock::new();
+    let e = *E.get_or_init(|| {
+        let g = |k: &str, dflt: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(dflt);
+        (g("QB", 64), g("KB", 128), g("WIDE", 96))
+    });
+    let _ = dv;
+    if d > e.2 {
+        (e.0, e.1 / 2)
+    } else {
+        (e.0, e.1)
+    }
+}
+
 impl Scratch {
     fn fit_forward(&mut self, h: &Head) {
-        grow(&mut self.s, BLOCK_Q * BLOCK_K);
-        grow(&mut self.kt, h.d * BLOCK_Q);
-        grow(&mut self.acc, BLOCK_Q * h.dv);
-        grow(&mut self.m, BLOCK_Q);
-        grow(&mut self.l, BLOCK_Q);
+        let (bq, bk) = blocks(h.d, h.dv);
+        grow(&mut self.s, bq * bk);
+        grow(&mut self.kt, h.d * bq);
+        grow(&mut self.acc, bq * h.dv);
+        grow(&mut self.m, bq);
+        grow(&mut self.l, bq);
     }
     fn fit_backward(&mut self, h: &Head) {
-        grow(&mut self.s, BLOCK_Q * BLOCK_K);
-        grow(&mut self.dp, BLOCK_Q * BLOCK_K);
-        grow(&mut self.kt, h.d * BLOCK_K);
-        grow(&mut self.vt, h.dv * BLOCK_K);
-        grow(&mut self.dk, BLOCK_K * h.d);
-        grow(&mut self.dv, BLOCK_K * h.dv);
+        let (bq, bk) = blocks(h.d, h.dv);
+        grow(&mut self.s, bq * bk);
+        grow(&mut self.dp, bq * bk);
+        grow(&mut self.kt, h.d * bk);
+        grow(&mut self.vt, h.dv * bk);
+        grow(&mut self.dk, bk * h.d);
+        grow(&mut self.dv, bk * h.dv);
         grow(&mut self.delta, h.n);
     }
 }
@@ -308,9 +326,10 @@ unsafe fn forward<S: Tiles>(h: &Head, o: ViewMut, lse: &mut [f32], sc: &mut Scra
     let off = mask.q_offset();
     let lanes = S::LANES;
     let Scratch { s, kt: qt, acc, m, l, .. } = sc;
+    let (bq, bk) = blocks(d, dv);
     let mut i0 = 0;
     while i0 < n {
-        let br = BLOCK_Q.min(n - i0);
+        let br = bq.min(n - i0);
         let (p0, p1) = (off + i0, off + i0 + br - 1);
         pack_transposed(View { ptr: q.ptr.add(i0 * q.stride), stride: q.stride }, br, d, tau, qt);
         acc[..dv * br].fill(0.0);
@@ -320,7 +339,7 @@ unsafe fn forward<S: Tiles>(h: &Head, o: ViewMut, lse: &mut [f32], sc: &mut Scra
         let mut j0 = 0;
         while let Some(j) = next_key_tile(&mask, p0, j0, kend) {
             j0 = j;
-            let bc = key_block(&mask, j0, kend);
+            let bc = key_block_of(&mask, j0, kend, bk);
             let t = tile(&mask, p0, p1, j0, j0 + bc);
             if t == Tile::Empty {
                 j0 += bc;
@@ -395,9 +414,10 @@ unsafe fn backward<S: Tiles>(
     for (i, dl) in delta[..n].iter_mut().enumerate() {
         *dl = dot::<S>(g.ptr.add(i * g.stride), o.ptr.add(i * o.stride), dvw);
     }
+    let (bq, bk) = blocks(d, dvw);
     let mut j0 = 0;
     while j0 < nk {
-        let bc = key_block(&mask, j0, nk);
+        let bc = key_block_of(&mask, j0, nk, bk);
         // this key block's (Kτ)ᵀ [d, bc] and Vᵀ [d_v, bc], contiguous
         pack_transposed(View { ptr: k.ptr.add(j0 * k.stride), stride: k.stride }, bc, d, tau, kt);
         pack_transposed(View { ptr: v.ptr.add(j0 * v.stride), stride: v.stride }, bc, dvw, 1.0, vt);
@@ -405,9 +425,9 @@ unsafe fn backward<S: Tiles>(
         dv_acc[..bc * dvw].fill(0.0);
         // causal: only positions p ≥ j0 see these keys; start at the query block holding j0
         let first = if mask.is_causal() { j0.saturating_sub(off) } else { 0 };
-        let mut i0 = (first / BLOCK_Q) * BLOCK_Q;
+        let mut i0 = (first / bq) * bq;
         while i0 < n {
-            let br = BLOCK_Q.min(n - i0);
+            let br = bq.min(n - i0);
             let (p0, p1) = (off + i0, off + i0 + br - 1);
             let t = tile(&mask, p0, p1, j0, j0 + bc);
             if t == Tile::Empty {

@@ -2,8 +2,8 @@
 //! GELU in its exact erf form (BERT's MLP), elementwise, in parallel above [`PAR_MIN_ELEMS`].
 
 use super::{PAR_BLOCK_ELEMS, PAR_MIN_ELEMS};
-use crate::linalg::Scalar;
-use crate::simd::dispatch;
+use crate::linalg::{as_f32, as_f32_mut, Scalar};
+use crate::simd::{dispatch, elementwise, Level};
 use rayon::prelude::*;
 
 /// `s[j] = sigmoid(x[j])` for a block: `e = exp(−|x|)` by the vectorized [`Scalar::exp_inplace`],
@@ -33,6 +33,12 @@ pub fn swiglu_forward<T: Scalar>(gate: &[T], up: &[T]) -> Vec<T> {
     assert_eq!(gate.len(), up.len(), "swiglu_forward: gate and up must have the same shape");
     let mut h = vec![T::zero(); gate.len()];
     let block = |(hb, (gb, ub)): (&mut [T], (&[T], &[T]))| {
+        // f32: one fused SIMD pass
+        if let (Some(g), Some(u), Some(o)) = (as_f32(gb), as_f32(ub), as_f32_mut(hb)) {
+            if elementwise::swiglu_forward(Level::detect(), g, u, o) {
+                return;
+            }
+        }
         // hb holds sigmoid(g) first, then h
         sigmoid_into(gb, hb);
         dispatch(
@@ -64,6 +70,14 @@ pub fn swiglu_backward<T: Scalar>(gate: &[T], up: &[T], dh: &[T]) -> (Vec<T>, Ve
     let mut dgate = vec![T::zero(); gate.len()];
     let mut dup = vec![T::zero(); gate.len()];
     let block = |dgb: &mut [T], dub: &mut [T], gb: &[T], ub: &[T], hb: &[T]| {
+        // f32: one fused SIMD pass
+        if let (Some(g), Some(u), Some(d)) = (as_f32(gb), as_f32(ub), as_f32(hb)) {
+            if let (Some(dg), Some(du)) = (as_f32_mut(dgb), as_f32_mut(dub)) {
+                if elementwise::swiglu_backward(Level::detect(), g, u, d, dg, du) {
+                    return;
+                }
+            }
+        }
         // dgb holds sigmoid(g) first
         sigmoid_into(gb, dgb);
         dispatch(

@@ -12,6 +12,9 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+pub(crate) mod elementwise;
+pub(crate) mod packed;
+
 /// Vector instruction set of this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -134,11 +137,18 @@ pub(crate) trait Vector: Copy {
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise maximum (no NaN in the kernels' data).
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `a / b`, correctly rounded.
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
+    /// `−|x|` of every lane.
+    unsafe fn neg_abs(x: Self::V) -> Self::V;
+    /// Per lane: `if_neg` where `x < 0`, else `other`.
+    unsafe fn select_neg(x: Self::V, if_neg: Self::V, other: Self::V) -> Self::V;
     /// Sum of the lanes.
     unsafe fn hsum(v: Self::V) -> f32;
-    /// `exp` of every lane: relative error ≤ 3e-7 for arguments in [−87, 88.7], exactly 0 for
-    /// arguments at or below −110 (AVX2: below −87.33) and for −∞ (the masked scores), +∞ above
-    /// 88.73. The kernels' arguments are scores minus their row maximum or `lse`: never above 0.
+    /// `exp` of every lane: relative error ≤ 3e-7 for arguments in [−87, 88.7], exactly 0 below
+    /// −87.33 (never a subnormal: arithmetic on subnormals is slow) and for −∞ (the masked
+    /// scores), +∞ above 88.73. The kernels' arguments are scores minus their row maximum or
+    /// `lse`: never above 0.
     unsafe fn exp(x: Self::V) -> Self::V;
 }
 
@@ -213,13 +223,28 @@ impl Vector for Avx512 {
         _mm512_max_ps(a, b)
     }
     #[inline(always)]
+    unsafe fn div(a: __m512, b: __m512) -> __m512 {
+        _mm512_div_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn neg_abs(x: __m512) -> __m512 {
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN)))
+    }
+    #[inline(always)]
+    unsafe fn select_neg(x: __m512, if_neg: __m512, other: __m512) -> __m512 {
+        _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps()), other, if_neg)
+    }
+    #[inline(always)]
     unsafe fn hsum(v: __m512) -> f32 {
         _mm512_reduce_add_ps(v)
     }
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
-        // −110 and below: 2^n underflows to exactly 0 in scalef (n ≤ −159); also maps −∞ there.
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-110.0));
+        // Below −87.33 the result would be subnormal, and arithmetic on subnormals is slow (a
+        // microcode assist per operation): return exactly 0 there (also for −∞, the masked
+        // scores); the clamp keeps n in range for scalef.
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.33));
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-88.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
             _mm512_set1_ps(LOG2E),
@@ -234,7 +259,7 @@ impl Vector for Avx512 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
         let r2 = _mm512_mul_ps(r, r);
         let y = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
-        _mm512_scalef_ps(y, n)
+        _mm512_maskz_scalef_ps(keep, y, n)
     }
 }
 
@@ -293,6 +318,18 @@ impl Vector for Avx2 {
     #[inline(always)]
     unsafe fn max(a: __m256, b: __m256) -> __m256 {
         _mm256_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn div(a: __m256, b: __m256) -> __m256 {
+        _mm256_div_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn neg_abs(x: __m256) -> __m256 {
+        _mm256_or_ps(x, _mm256_set1_ps(-0.0))
+    }
+    #[inline(always)]
+    unsafe fn select_neg(x: __m256, if_neg: __m256, other: __m256) -> __m256 {
+        _mm256_blendv_ps(other, if_neg, _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps()))
     }
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -398,15 +435,30 @@ unsafe fn gemm_impl<S: Tiles>(
         return;
     }
     let l = S::LANES;
-    let mut j = 0;
-    while j < n {
-        let w = (n - j).min(4 * l);
-        let nv = w.div_ceil(l);
-        let tail = S::mask(w - (nv - 1) * l);
-        let (bj, cj) = (b.add(j), c.add(j));
-        S::strip(nv, m, k, a, bj, rsb, cj, rsc, alpha, acc, tail);
-        j += w;
+    let kc = kc_env();
+    let mut p0 = 0;
+    while p0 < k {
+        let kb = kc.min(k - p0);
+        let ap = Strided { ptr: a.ptr.add(p0 * a.cs), ..a };
+        let bp = b.add(p0 * rsb);
+        let accp = acc || p0 > 0;
+        let mut j = 0;
+        while j < n {
+            let w = (n - j).min(4 * l);
+            let nv = w.div_ceil(l);
+            let tail = S::mask(w - (nv - 1) * l);
+            let (bj, cj) = (bp.add(j), c.add(j));
+            S::strip(nv, m, kb, ap, bj, rsb, cj, rsc, alpha, accp, tail);
+            j += w;
+        }
+        p0 += kb;
     }
+}
+
+fn kc_env() -> usize {
+    use std::sync::OnceLock;
+    static K: OnceLock<usize> = OnceLock::new();
+    *K.get_or_init(|| std::env::var("KC").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30))
 }
 
 /// The register-tiled product of one instruction set: how many rows (`MR`) go with how many
@@ -767,7 +819,7 @@ mod tests {
                 x += 0.0219;
             }
             assert!(worst < 3e-7, "{level:?}: worst relative error {worst}");
-            let edge = f(&std::array::from_fn(|i| [f32::NEG_INFINITY, -200.0, -110.0, 0.0, 89.0][i % 5]));
+            let edge = f(&std::array::from_fn(|i| [f32::NEG_INFINITY, -200.0, -87.5, 0.0, 89.0][i % 5]));
             assert_eq!(&edge[..4], &[0.0, 0.0, 0.0, 1.0], "{level:?}");
             assert_eq!(edge[4], f32::INFINITY, "{level:?}");
         }
