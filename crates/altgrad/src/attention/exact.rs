@@ -148,13 +148,11 @@ pub fn forward_head<T: Scalar>(
     if is_f32::<T>() && exact_simd::available() {
         let h = simd_head(q, k, v, opts);
         let (op, os) = o.raw_mut();
-        let mut sc = Pooled::get(Some(&ws.exact_simd), |_| {});
         // SAFETY: T is f32 (is_f32), so the views and `lse` are f32 data of the sizes in `h`; `o`
         // is a distinct writable head.
         let lse = unsafe { std::slice::from_raw_parts_mut(lse.as_mut_ptr() as *mut f32, lse.len()) };
-        let done = unsafe {
-            exact_simd::forward_head(Level::detect(), &h, ViewMut { ptr: op as *mut f32, stride: os }, lse, &mut sc)
-        };
+        let o = ViewMut { ptr: op as *mut f32, stride: os };
+        let done = unsafe { exact_simd::forward_parts(Level::detect(), &h, o, lse, &ws.exact_simd) };
         if done {
             return;
         }
@@ -256,12 +254,11 @@ pub fn backward_head<T: Scalar>(
             ViewMut { ptr: p as *mut f32, stride: s }
         };
         let (dqv, dkv, dvv) = (view_mut(dq), view_mut(dk), view_mut(dv));
-        let mut sc = Pooled::get(Some(&ws.exact_simd), |_| {});
         // SAFETY: T is f32 (is_f32), so every view and `lse` hold f32 data of the sizes in `h`;
         // the gradient views are distinct writable heads.
         let lse = unsafe { std::slice::from_raw_parts(lse.as_ptr() as *const f32, lse.len()) };
-        let done =
-            unsafe { exact_simd::backward_head(Level::detect(), &h, view(o), lse, view(g), dqv, dkv, dvv, &mut sc) };
+        let (o, g) = (view(o), view(g));
+        let done = unsafe { exact_simd::backward_parts(Level::detect(), &h, o, lse, g, dqv, dkv, dvv, &ws.exact_simd) };
         if done {
             return;
         }

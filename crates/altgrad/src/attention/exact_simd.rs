@@ -13,6 +13,7 @@
 //! size `n²` exists. Inputs and outputs are the caller's strided head views.
 
 use super::exact::{apply_mask, key_block_of, tile, Tile};
+use super::workspace::{Pool, Pooled};
 use super::Mask;
 use crate::simd::{gemm, Level, Strided, Tiles, Vector};
 #[cfg(target_arch = "x86_64")]
@@ -30,6 +31,31 @@ pub(super) struct View {
 pub(super) struct ViewMut {
     pub ptr: *mut f32,
     pub stride: usize,
+}
+
+// SAFETY (Send, Sync of View, ViewMut, Head): they point into the caller's tensors, which outlive
+// every call here; the parallel parts of one head ([`forward_parts`], [`backward_parts`]) read the
+// inputs and write disjoint output rows or their own scratch.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+unsafe impl Send for ViewMut {}
+unsafe impl Sync for ViewMut {}
+unsafe impl Send for Head {}
+unsafe impl Sync for Head {}
+
+impl View {
+    /// The rows from `rows` on.
+    fn skip(self, rows: usize) -> View {
+        // SAFETY (of later reads): callers skip at most the view's row count
+        View { ptr: self.ptr.wrapping_add(rows * self.stride), ..self }
+    }
+}
+
+impl ViewMut {
+    /// The rows from `rows` on.
+    fn skip(self, rows: usize) -> ViewMut {
+        ViewMut { ptr: self.ptr.wrapping_add(rows * self.stride), ..self }
+    }
 }
 
 /// One head's problem: `q [n, d]`, `k [n_k, d]`, `v [n_k, d_v]`, its mask and scale.
@@ -59,6 +85,8 @@ pub(crate) struct Scratch {
     m: Vec<f32>,
     l: Vec<f32>,
     delta: Vec<f32>,
+    /// A split head's second part's key/value gradients ([`backward_parts`]).
+    part: Vec<f32>,
 }
 
 fn grow(v: &mut Vec<f32>, len: usize) {
@@ -101,6 +129,145 @@ impl Scratch {
         grow(&mut self.dk, bk * h.d);
         grow(&mut self.dv, bk * h.dv);
         grow(&mut self.delta, h.n);
+    }
+}
+
+impl Head {
+    /// Query rows `a..b` (`a < b ≤ n`): positions `a` later, and under a causal or window mask
+    /// only the keys those rows can see.
+    fn rows(&self, a: usize, b: usize) -> Head {
+        let mask = self.mask.skip_rows(a);
+        let nk = mask.kv_len(b - a).unwrap_or(self.nk);
+        Head { q: self.q.skip(a), n: b - a, nk, mask, ..*self }
+    }
+
+    /// Where to cut the query rows into two parts of equal work (a multiple of the query block),
+    /// when the head is worth splitting over threads: rows × keys above 2¹⁸ and more than one
+    /// thread. Causal work grows with the position, so the cut is where `(offset + s)²` is the
+    /// mean of `offset²` and `(offset + n)²`.
+    fn split_point(&self) -> Option<usize> {
+        const QB: usize = 64;
+        if rayon::current_num_threads() < 2 || self.n < 4 * QB || self.n * self.nk < 1 << 18 {
+            return None;
+        }
+        let s = match self.mask {
+            Mask::Causal { q_offset } => {
+                let (o, n) = (q_offset as f64, self.n as f64);
+                (((o + n) * (o + n) + o * o) / 2.0).sqrt() - o
+            }
+            _ => self.n as f64 / 2.0,
+        };
+        Some(((s / QB as f64).round() as usize * QB).clamp(QB, self.n - QB))
+    }
+}
+
+/// Splits of a head over threads: `log2(threads)` levels (2 parts on 2 threads), so a layer's
+/// heads spread evenly over the threads whatever their number.
+fn split_depth() -> usize {
+    rayon::current_num_threads().next_power_of_two().trailing_zeros() as usize
+}
+
+/// [`forward_head`] with the head cut into parts of equal work run in parallel ([`Head::rows`]:
+/// rows are independent in the forward), scratch from `pool`. Returns `false`, touching nothing,
+/// without a SIMD level.
+///
+/// # Safety
+/// As [`forward_head`].
+pub(super) unsafe fn forward_parts(level: Level, h: &Head, o: ViewMut, lse: &mut [f32], pool: &Pool<Scratch>) -> bool {
+    if level == Level::Generic {
+        return false;
+    }
+    forward_split(level, h, o, lse, pool, split_depth());
+    true
+}
+
+unsafe fn forward_split(level: Level, h: &Head, o: ViewMut, lse: &mut [f32], pool: &Pool<Scratch>, depth: usize) {
+    match h.split_point().filter(|_| depth > 0) {
+        None => {
+            let mut sc = Pooled::get(Some(pool), |_| {});
+            forward_head(level, h, o, lse, &mut sc);
+        }
+        Some(s) => {
+            let (h1, h2) = (h.rows(0, s), h.rows(s, h.n));
+            let (l1, l2) = lse.split_at_mut(s);
+            rayon::join(
+                || forward_split(level, &h1, o, l1, pool, depth - 1),
+                || forward_split(level, &h2, o.skip(s), l2, pool, depth - 1),
+            );
+        }
+    }
+}
+
+/// [`backward_head`] with the head cut into parts of equal work run in parallel: each part's
+/// rows of `dq` directly, its key/value gradients into its own scratch (added afterwards) for
+/// every part but the first. Returns `false`, touching nothing, without a SIMD level.
+///
+/// # Safety
+/// As [`backward_head`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn backward_parts(
+    level: Level,
+    h: &Head,
+    o: View,
+    lse: &[f32],
+    g: View,
+    dq: ViewMut,
+    dk: ViewMut,
+    dv: ViewMut,
+    pool: &Pool<Scratch>,
+) -> bool {
+    if level == Level::Generic {
+        return false;
+    }
+    backward_split(level, h, o, lse, g, dq, dk, dv, pool, split_depth());
+    true
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_split(
+    level: Level,
+    h: &Head,
+    o: View,
+    lse: &[f32],
+    g: View,
+    dq: ViewMut,
+    dk: ViewMut,
+    dv: ViewMut,
+    pool: &Pool<Scratch>,
+    depth: usize,
+) {
+    match h.split_point().filter(|_| depth > 0) {
+        None => {
+            let mut sc = Pooled::get(Some(pool), |_| {});
+            backward_head(level, h, o, lse, g, dq, dk, dv, &mut sc);
+        }
+        Some(s) => {
+            let (h1, h2) = (h.rows(0, s), h.rows(s, h.n));
+            let (d, dvw) = (h.d, h.dv);
+            // the second part's key/value gradients: zeroed scratch, added below
+            let mut part = Pooled::get(Some(pool), |sc: &mut Scratch| grow(&mut sc.part, h2.nk * (d + dvw)));
+            let buf = &mut part.part[..h2.nk * (d + dvw)];
+            buf.fill(0.0);
+            let (pk, pv) = buf.split_at_mut(h2.nk * d);
+            let dk2 = ViewMut { ptr: pk.as_mut_ptr(), stride: d };
+            let dv2 = ViewMut { ptr: pv.as_mut_ptr(), stride: dvw };
+            rayon::join(
+                || backward_split(level, &h1, o, &lse[..s], g, dq, dk, dv, pool, depth - 1),
+                || backward_split(level, &h2, o.skip(s), &lse[s..], g.skip(s), dq.skip(s), dk2, dv2, pool, depth - 1),
+            );
+            add_to::<f32>(pk, h2.nk, d, dk);
+            add_to::<f32>(pv, h2.nk, dvw, dv);
+        }
+    }
+}
+
+/// `dst[r] += src[r]` over `rows` rows of `width` (`src` contiguous).
+unsafe fn add_to<T>(src: &[f32], rows: usize, width: usize, dst: ViewMut) {
+    for r in 0..rows {
+        let d = dst.ptr.add(r * dst.stride);
+        for (c, x) in src[r * width..(r + 1) * width].iter().enumerate() {
+            *d.add(c) += *x;
+        }
     }
 }
 
@@ -507,6 +674,53 @@ mod tests {
         // visible key: dq = dk = 0 exactly, the kernels' rounding is ~1e-7)
         let den: f64 = want.iter().map(|b| b * b).sum::<f64>().max(1e-2 * want.len() as f64);
         (num / den).sqrt()
+    }
+
+    /// A head cut into parallel parts ([`forward_parts`], [`backward_parts`]; 2 threads, 2 levels
+    /// of cuts) against the naive forms under every mask kind, with `q_offset` so the causal cut
+    /// is not at the middle.
+    #[test]
+    fn split_heads_match_the_naive_forms() {
+        if Level::detect() == Level::Generic {
+            return; // no SIMD path on this CPU (the portable kernel is tested elsewhere)
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let (n, d, dv) = (600, 16, 24);
+        for mask in [Mask::Full, Mask::Causal { q_offset: 90 }, Mask::Window { window: 200, sinks: 4, q_offset: 0 }] {
+            let nk = mask.kv_len(n).unwrap_or(n + 7);
+            let (q, k, v, g) = (randn(n * d, 1), randn(nk * d, 2), randn(nk * dv, 3), randn(n * dv, 4));
+            let s = AttnShape::new(n, 1, 1, d).with_head_dim_v(dv).with_kv_len(nk);
+            let x = Qkv::new(&q, &k, &v, &s).unwrap();
+            let off = mask.q_offset();
+            let allowed: Vec<Vec<bool>> = (0..n).map(|i| (0..nk).map(|j| mask.allows(off + i, j)).collect()).collect();
+            let tau = 0.3;
+            let o_ref = naive::forward_masked(&x, &allowed, tau);
+            let (dq_ref, dk_ref, dv_ref) = naive::backward_masked(&x, &g, &allowed, tau);
+            let f = |x: &[f64]| x.iter().map(|v| *v as f32).collect::<Vec<f32>>();
+            let (qf, kf, vf, gf) = (f(&q), f(&k), f(&v), f(&g));
+            let view = |x: &[f32], w: usize| View { ptr: x.as_ptr(), stride: w };
+            let h = Head { q: view(&qf, d), k: view(&kf, d), v: view(&vf, dv), n, nk, d, dv, mask, tau: tau as f32 };
+            let (mut o, mut lse) = (vec![0.0f32; n * dv], vec![0.0f32; n]);
+            let (mut dq, mut dk, mut dvv) = (vec![0.0f32; n * d], vec![0.0f32; nk * d], vec![0.0f32; nk * dv]);
+            let scratch = Pool::default();
+            pool.install(|| {
+                assert!(h.split_point().is_some(), "{mask:?}: the head must be cut");
+                // SAFETY: every buffer has the size the head describes.
+                unsafe {
+                    let level = Level::detect();
+                    assert!(forward_parts(level, &h, ViewMut { ptr: o.as_mut_ptr(), stride: dv }, &mut lse, &scratch));
+                    let vm = |x: &mut [f32], w: usize| ViewMut { ptr: x.as_mut_ptr(), stride: w };
+                    let (a, b, c) = (vm(&mut dq, d), vm(&mut dk, d), vm(&mut dvv, dv));
+                    assert!(backward_parts(level, &h, view(&o, dv), &lse, view(&gf, dv), a, b, c, &scratch));
+                }
+            });
+            for (name, got, want) in
+                [("o", &o, &o_ref), ("dq", &dq, &dq_ref), ("dk", &dk, &dk_ref), ("dv", &dvv, &dv_ref)]
+            {
+                let e = rel(got, want);
+                assert!(e < 2e-5, "{mask:?}: {name} rel err {e:e}");
+            }
+        }
     }
 
     /// Every SIMD level this CPU has (not only the detected one), one head, against the naive

@@ -293,6 +293,14 @@ impl Mask {
             Mask::Window { window, sinks, .. } => j <= p && (p - j < window || j < sinks),
         }
     }
+    /// The same mask for the query rows from `rows` on (their positions start `rows` later).
+    pub fn skip_rows(self, rows: usize) -> Mask {
+        match self {
+            Mask::Full => Mask::Full,
+            Mask::Causal { q_offset } => Mask::Causal { q_offset: q_offset + rows },
+            Mask::Window { window, sinks, q_offset } => Mask::Window { window, sinks, q_offset: q_offset + rows },
+        }
+    }
     /// The key/value rows a call of `seq_len` query rows has: `q_offset + seq_len` for `Causal`
     /// and `Window`; `None` for `Full` (any number).
     pub fn kv_len(&self, seq_len: usize) -> Option<usize> {

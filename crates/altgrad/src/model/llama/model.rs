@@ -23,7 +23,7 @@ use crate::profile::{timed, Kind as K, Pass::Backward as B, Pass::Forward as F};
 use crate::{Error, Result};
 
 /// Rows of logits computed at once by the loss (`[LOSS_CHUNK, vocab]` at a time).
-pub const LOSS_CHUNK: usize = 256;
+pub const LOSS_CHUNK: usize = 512;
 
 /// A Llama-family decoder: configuration plus named weights.
 #[derive(Clone, Debug)]
