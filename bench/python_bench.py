@@ -13,14 +13,21 @@ Per configuration (n, d, causal), interleaved repetitions of one forward + backw
                        non-causal state φ_Kᵀ[V 1], or causal chunks of 64 rows (chunk states by an
                        exclusive prefix sum, the intra-chunk block directly), vectorized
 
+``--only exact`` times the first two alone (the exact-attention comparison of issue 13: every
+head width in ``--dims``, causal and not, every ``--ns``).
+
 Times are medians (ms). For the altgrad rows the Rust kernels' own time is read from
 ``altgrad._core.kernel_seconds_total()`` and the Python-call overhead is
 ``(wall − kernel) / wall``: argument checks, numpy views, autograd bookkeeping and the copies of
 the saved tensors into the library's structs. Layout [B, T, H, D] with B = 1, H = 2 heads (no
-GQA), float32, scale 1/√d; torch and altgrad use the same number of threads.
+GQA; ``--heads``, default 4), float32, scale 1/√d; torch and altgrad use the same number of
+threads. ``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads (unless the environment sets it):
+torch's idle OpenMP workers then sleep instead of spinning on the cores altgrad's threads need
+(see ``altgrad/__init__.py``); the value in effect is printed.
 
     .venv/bin/python bench/python_bench.py --quick        # n ∈ {256, 1024}, ~1 minute
     .venv/bin/python bench/python_bench.py                 # n up to 16384, several minutes
+    .venv/bin/python bench/python_bench.py --only exact --dims 16,32,64,128 --ns 512,2048,8192,16384
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see the docstring
 
-import altgrad
-from altgrad import _core
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import altgrad  # noqa: E402
+from altgrad import _core  # noqa: E402
 
 
 def cpu_info() -> tuple[str, str]:
@@ -123,7 +132,14 @@ def taylor_features(q, k, v, causal):
 # ---------------------------------------------------------------------------- the benchmark
 
 
-def impls(causal):
+def impls(causal, only):
+    if only == "exact":
+        return {
+            "altgrad exact": lambda q, k, v: altgrad.attention(q, k, v, causal=causal),
+            "torch SDPA": lambda q, k, v: F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            ).transpose(1, 2),
+        }
     return {
         "altgrad exact": lambda q, k, v: altgrad.attention(q, k, v, causal=causal),
         "torch SDPA": lambda q, k, v: F.scaled_dot_product_attention(
@@ -167,18 +183,20 @@ def run(args):
     torch.set_num_threads(threads)
     altgrad.set_num_threads(threads)
     ns = [256, 1024] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    if args.ns:
+        ns = [int(x) for x in args.ns.split(",")]
     ns = [n for n in ns if n <= args.max_n]
-    h, rows = 2, []
-    for d in (16, 64):
+    h, rows = args.heads, []
+    for d in (int(x) for x in args.dims.split(",")):
         for causal in (False, True):
             for n in ns:
                 torch.manual_seed(0)
                 q, k, v = (torch.randn(1, n, h, d, requires_grad=True) for _ in range(3))
                 g = torch.randn(1, n, h, d)
-                fns = impls(causal)
-                if not quadratic_fits(n, h, args.quadratic_budget_gb * 2**30):
+                fns = impls(causal, args.only)
+                if "torch Taylor T×T" in fns and not quadratic_fits(n, h, args.quadratic_budget_gb * 2**30):
                     del fns["torch Taylor T×T"]
-                if n <= 1024:  # the plain-torch Taylor forms compute the same function as poly
+                if n <= 1024 and args.only != "exact":  # the torch Taylor forms compute poly's function
                     want = altgrad.attention(q, k, v, method="poly", causal=causal).detach()
                     for name in ("torch Taylor T×T", "torch Taylor φ"):
                         if name in fns:
@@ -197,11 +215,33 @@ def run(args):
                 med = {name: statistics.median(ts) for name, ts in wall.items()}
                 over = {}
                 for name in ("altgrad exact", "altgrad poly"):
+                    if name not in wall:
+                        continue
                     over[name] = statistics.median((w - kt) / w for w, kt in zip(wall[name], kern[name]))
                 rows.append((n, d, causal, med, over))
                 print(f"  n={n:>5} d={d:>2} causal={causal!s:<5} " + " ".join(f"{k}={1e3 * t:.1f}ms" for k, t in med.items()),
                       file=sys.stderr, flush=True)
     return threads, rows
+
+
+def table_exact(rows):
+    out = [
+        "| n | d | causal | altgrad exact (ms) | torch SDPA (ms) | SDPA / altgrad exact | overhead exact |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, d, causal, med, over in rows:
+        out.append(
+            f"| {n} | {d} | {'yes' if causal else 'no'} | {1e3 * med['altgrad exact']:.1f} | "
+            f"{1e3 * med['torch SDPA']:.1f} | {med['torch SDPA'] / med['altgrad exact']:.2f}× | "
+            f"{100 * over['altgrad exact']:.1f}% |"
+        )
+    worst = min(rows, key=lambda r: r[3]["torch SDPA"] / r[3]["altgrad exact"])
+    best = max(rows, key=lambda r: r[3]["torch SDPA"] / r[3]["altgrad exact"])
+    ratio = lambda r: r[3]["torch SDPA"] / r[3]["altgrad exact"]  # noqa: E731
+    out.append("")
+    out.append(f"SDPA / altgrad exact: from {ratio(worst):.2f}× (n={worst[0]}, d={worst[1]}, causal={worst[2]}) "
+               f"to {ratio(best):.2f}× (n={best[0]}, d={best[1]}, causal={best[2]}) over {len(rows)} points")
+    return "\n".join(out)
 
 
 def table(rows):
@@ -229,6 +269,10 @@ def main():
     p.add_argument("--max-n", type=int, default=16384)
     p.add_argument("--threads", type=int, default=0, help="threads of torch and of altgrad (default: all cores)")
     p.add_argument("--quadratic-budget-gb", type=float, default=4.0, help="memory for the T×T torch Taylor form")
+    p.add_argument("--only", choices=["all", "exact"], default="all", help="exact: altgrad exact and SDPA only")
+    p.add_argument("--dims", default="16,64", help="head widths, comma-separated (default 16,64)")
+    p.add_argument("--ns", default=None, help="sequence lengths, comma-separated (default per --quick)")
+    p.add_argument("--heads", type=int, default=4, help="heads H (default 4)")
     args = p.parse_args()
     model, isa = cpu_info()
     load0 = os.getloadavg()
@@ -238,12 +282,14 @@ def main():
     threads, rows = run(args)
     peak1, load1 = gemm_gflops(), os.getloadavg()
     print(f"CPU: {model} ({isa}); {threads} threads for torch and for altgrad; torch {torch.__version__}, "
-          f"altgrad {altgrad.__version__}; B=1, H=2, float32, forward + backward, medians of "
+          f"altgrad {altgrad.__version__}; B=1, H={args.heads}, float32, forward + backward, medians of "
           f"{args.reps} interleaved repetitions (fewer at n ≥ 8192); {time.time() - t0:.0f} s")
     print(f"Machine state: torch f32 GEMM {peak0:.0f} → {peak1:.0f} GFLOP/s (start → end), "
-          f"load average {load0[0]:.1f} → {load1[0]:.1f} on {os.cpu_count()} cores")
+          f"load average {load0[0]:.1f} → {load1[0]:.1f} on {os.cpu_count()} cores; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"command: {' '.join(sys.argv)}")
     print()
-    print(table(rows))
+    print(table_exact(rows) if args.only == "exact" else table(rows))
 
 
 if __name__ == "__main__":

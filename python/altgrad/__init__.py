@@ -6,11 +6,24 @@
   the same report as ``altgrad grad --json``) and the per-head census (``Model.inspect``).
 - :func:`set_num_threads` / :func:`get_num_threads`: altgrad's own worker threads (separate from
   torch's).
+
+Threads: altgrad's kernels run on their own worker threads, beside torch's OpenMP team. After a
+parallel torch op, OpenMP workers keep spinning for milliseconds by default (GNU OpenMP's
+``OMP_WAIT_POLICY`` unset), taking cores from the next altgrad call: on 2 cores a small attention
+call measured 1.7–2× slower. Imported before torch, altgrad therefore sets
+``OMP_WAIT_POLICY=PASSIVE`` unless the environment already sets it (torch reads it when it
+loads); imported after torch, set it yourself before starting Python for the same effect.
 """
 
-from . import _core
-from .attention import METHODS, AltGradAttention, ExactAttention, PolyAttention, PolyState, attention
-from .model import Model, load
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import _core  # noqa: E402
+from .attention import METHODS, AltGradAttention, ExactAttention, PolyAttention, PolyState, attention  # noqa: E402
+from .model import Model, load  # noqa: E402
 
 __version__ = _core.__version__
 

@@ -255,14 +255,14 @@ unsafe fn backward_split(
                 || backward_split(level, &h1, o, &lse[..s], g, dq, dk, dv, pool, depth - 1),
                 || backward_split(level, &h2, o.skip(s), &lse[s..], g.skip(s), dq.skip(s), dk2, dv2, pool, depth - 1),
             );
-            add_to::<f32>(pk, h2.nk, d, dk);
-            add_to::<f32>(pv, h2.nk, dvw, dv);
+            add_to(pk, h2.nk, d, dk);
+            add_to(pv, h2.nk, dvw, dv);
         }
     }
 }
 
 /// `dst[r] += src[r]` over `rows` rows of `width` (`src` contiguous).
-unsafe fn add_to<T>(src: &[f32], rows: usize, width: usize, dst: ViewMut) {
+unsafe fn add_to(src: &[f32], rows: usize, width: usize, dst: ViewMut) {
     for r in 0..rows {
         let d = dst.ptr.add(r * dst.stride);
         for (c, x) in src[r * width..(r + 1) * width].iter().enumerate() {
