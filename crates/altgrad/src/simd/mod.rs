@@ -825,34 +825,3 @@ mod tests {
         }
     }
 }
-
-/// GFLOP/s of [`gemm`] on one thread for `C [m, n] (+)= A [m, k] · B [k, n]` with operands in
-/// cache (`trans_a`: `A` read transposed), best of `reps` runs of `inner` products (measurement
-/// aid for the bench; 0 without a SIMD level).
-#[doc(hidden)]
-pub fn probe_tile_gemm(m: usize, n: usize, k: usize, trans_a: bool, acc: bool, inner: usize, reps: usize) -> f64 {
-    let a = vec![0.5f32; m * k];
-    let b = vec![0.25f32; k * n];
-    let mut c = vec![0.0f32; m * n];
-    let sa =
-        if trans_a { Strided { ptr: a.as_ptr(), rs: 1, cs: m } } else { Strided { ptr: a.as_ptr(), rs: k, cs: 1 } };
-    let mut best = f64::INFINITY;
-    for _ in 0..reps {
-        let t = std::time::Instant::now();
-        for _ in 0..inner {
-            // SAFETY: the buffers have the sizes the strides address; the level is checked.
-            unsafe {
-                match Level::detect() {
-                    #[cfg(target_arch = "x86_64")]
-                    Level::Avx512 => gemm::<Avx512>(m, n, k, sa, b.as_ptr(), n, c.as_mut_ptr(), n, 1.0, acc),
-                    #[cfg(target_arch = "x86_64")]
-                    Level::Avx2 => gemm::<Avx2>(m, n, k, sa, b.as_ptr(), n, c.as_mut_ptr(), n, 1.0, acc),
-                    _ => return 0.0,
-                }
-            }
-        }
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    std::hint::black_box(&c);
-    2.0 * (m * n * k * inner) as f64 / best / 1e9
-}
