@@ -13,10 +13,13 @@ peak: faer, 2048³, best of the measurements before and after a short run). The 
 is the ceiling of PyTorch/altgrad for a model that is mostly GEMMs: on a CPU where PyTorch's GEMM
 (MKL) is as fast as faer's, no GEMM-bound model can be 1.5× faster than PyTorch's.
 
-Each side runs in its own child process, in the same way: load the model, one warm-up pass,
-then the timed pass (PyTorch: `model(...)` + `loss.backward()`; altgrad: the Python API's
-`Model.loss_and_grads`, timed inside the library as forward + backward), so both are measured
-warm (threads started, code paths and allocator in use). Peak memory is the child's ru_maxrss.
+Timing: one child process loads both models (torch imported first, so its OpenMP settings are
+its defaults), runs one warm-up pass of each, then `--reps` passes of each **alternating**
+(torch, altgrad, torch, …): a shared machine whose speed drifts over minutes then slows both
+sides alike, and the medians compare like with like. PyTorch's pass is `model(...)` +
+`loss.backward()`; altgrad's is the Python API's `Model.loss_and_grads`, timed inside the library
+as forward + backward. Memory: each side once more in its own child process (load, one pass),
+peak RSS = that child's ru_maxrss.
 
 Usage (from the repository root, after `cargo build --release` and scripts/test-python.sh, which
 builds and installs the Python package into .venv):
@@ -58,27 +61,46 @@ def cpu_info():
     return model, isa
 
 
-TORCH_CHILD = r"""
-import json, os, sys, time, statistics, resource
+TORCH_LOAD = r"""
+import json, os, sys, time, resource
 import torch
-threads, n, reps, gguf, ids_path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-torch.set_num_threads(threads)
 from transformers import AutoModelForCausalLM
-ids = [int(x) for x in open(ids_path).read().split()][:n]
-m = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                         torch_dtype=torch.float32, attn_implementation="sdpa")
-m.train(False)
-x = torch.tensor([ids])
-times, loss = [], None
-for r in range(reps + 1):
+
+
+def torch_model(gguf):
+    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                             torch_dtype=torch.float32, attn_implementation="sdpa")
+    m.train(False)
+    return m
+
+
+def torch_pass(m, x):
     m.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     out = m(input_ids=x, labels=x)
     out.loss.backward()
-    dt = time.perf_counter() - t0
-    if r > 0:
-        times.append(dt)
-    loss = float(out.loss)
+    return time.perf_counter() - t0, float(out.loss)
+
+
+def altgrad_pass(m, ids):
+    loss, grads, rep = m.loss_and_grads(ids, attention="exact")
+    del grads
+    return rep["timing_s"]["forward"] + rep["timing_s"]["backward"], loss
+"""
+
+TIMING_CHILD = TORCH_LOAD + r"""
+import altgrad
+threads, n, reps, gguf, ids_path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+torch.set_num_threads(threads)
+altgrad.set_num_threads(threads)
+ids = [int(x) for x in open(ids_path).read().split()][:n]
+tm, am, x = torch_model(gguf), altgrad.load(gguf), torch.tensor([ids])
+torch_pass(tm, x), altgrad_pass(am, ids)  # warm-up
+tt, at = [], []
+for r in range(reps):
+    tt.append(torch_pass(tm, x)[0])
+    at.append(altgrad_pass(am, ids)[0])
+    print(f"  n={n} rep {r}: torch {tt[-1]:.2f} s, altgrad {at[-1]:.2f} s", file=sys.stderr, flush=True)
 a = torch.randn(2048, 2048); b = torch.randn(2048, 2048)
 torch.matmul(a, b)
 best = float("inf")
@@ -86,38 +108,28 @@ for _ in range(5):
     t0 = time.perf_counter()
     torch.matmul(a, b)
     best = min(best, time.perf_counter() - t0)
-gemm = 2 * 2048**3 / best / 1e9
-print(json.dumps({"times": times, "loss": loss, "gemm_gflops": gemm,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "torch": torch.__version__}))
+print(json.dumps({"torch": tt, "altgrad": at, "gemm_gflops": 2 * 2048**3 / best / 1e9, "version": torch.__version__}))
 """
 
-
-def run_torch(args, n, ids_path, reps):
-    out = subprocess.run([args.python, "-c", TORCH_CHILD, str(args.threads), str(n), str(reps), args.model, ids_path],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-ALTGRAD_CHILD = r"""
-import json, os, sys, resource
-import altgrad
-threads, n, gguf, ids_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-altgrad.set_num_threads(threads)
+MEMORY_CHILD = TORCH_LOAD + r"""
+side, threads, n, gguf, ids_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 ids = [int(x) for x in open(ids_path).read().split()][:n]
-m = altgrad.load(gguf)
-for _ in range(2):  # warm-up, then the timed pass
-    loss, grads, rep = m.loss_and_grads(ids, attention="exact")
-    del grads
-print(json.dumps({"time": rep["timing_s"]["forward"] + rep["timing_s"]["backward"], "loss": loss,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+if side == "torch":
+    torch.set_num_threads(threads)
+    _, loss = torch_pass(torch_model(gguf), torch.tensor([ids]))
+else:
+    import altgrad
+    altgrad.set_num_threads(threads)
+    _, loss = altgrad_pass(altgrad.load(gguf), ids)
+print(json.dumps({"loss": loss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
-def run_altgrad(args, n, ids_path):
-    """One altgrad child: load, warm-up pass, timed pass (through the Python API)."""
-    out = subprocess.run([args.python, "-c", ALTGRAD_CHILD, str(args.threads), str(n), args.model, ids_path],
-                         capture_output=True, text=True, check=True)
+def child(args, script, *argv):
+    out = subprocess.run([args.python, "-c", script, *map(str, argv)], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"child failed:\n{out.stderr}")
+    sys.stderr.write(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -163,23 +175,18 @@ def main():
         with open(ids_path, "w") as f:
             f.write(ids)
         for n in args.seq_lens:
-            tt, at = [], []
-            tr = None
-            for r in range(args.reps):
-                tr = run_torch(args, n, ids_path, 1)  # one warm-up + one timed pass per child
-                tt.extend(tr["times"])
-                ar = run_altgrad(args, n, ids_path)
-                at.append(ar["time"])
-                print(f"  n={n} rep {r}: torch {tr['times']} altgrad {ar['time']:.2f}", file=sys.stderr, flush=True)
+            t = child(args, TIMING_CHILD, args.threads, n, args.reps, args.model, ids_path)
+            mt = child(args, MEMORY_CHILD, "torch", args.threads, n, args.model, ids_path)
+            ma = child(args, MEMORY_CHILD, "altgrad", args.threads, n, args.model, ids_path)
             peak = faer_peak(args)
             f = flops(cfg, n)
-            tmed, amed = statistics.median(tt), statistics.median(at)
-            rows.append(dict(n=n, torch_s=tmed, altgrad_s=amed,
-                             ratio=tmed / amed, torch_gflops=f / tmed / 1e9, altgrad_gflops=f / amed / 1e9,
-                             tflop=f / 1e12, torch_loss=tr["loss"], altgrad_loss=ar["loss"],
-                             torch_gemm=tr["gemm_gflops"], faer_gemm=peak, torch_rss=tr["peak_rss"],
-                             altgrad_rss=ar["peak_rss"],
-                             torch_version=tr["torch"]))
+            tmed, amed = statistics.median(t["torch"]), statistics.median(t["altgrad"])
+            rows.append(dict(n=n, torch_s=tmed, altgrad_s=amed, ratio=tmed / amed,
+                             ratios=sorted(a / b for a, b in zip(t["torch"], t["altgrad"])),
+                             torch_gflops=f / tmed / 1e9, altgrad_gflops=f / amed / 1e9, tflop=f / 1e12,
+                             torch_loss=mt["loss"], altgrad_loss=ma["loss"], torch_gemm=t["gemm_gflops"],
+                             faer_gemm=peak, torch_rss=mt["peak_rss"], altgrad_rss=ma["peak_rss"],
+                             torch_version=t["version"]))
     print(f"CPU: {model} ({isa}), {args.threads} threads, torch {rows[0]['torch_version']}, "
           f"python {platform.python_version()}")
     print(f"command: {' '.join(sys.argv)}\n")
@@ -193,9 +200,11 @@ def main():
               f"{r['torch_gflops']:.0f} | {r['altgrad_gflops']:.0f} | {r['torch_gemm']:.0f} | {r['faer_gemm']:.0f} | "
               f"{100 * r['altgrad_gflops'] / r['faer_gemm']:.0f}% | "
               f"{r['torch_loss']:.5f} / {r['altgrad_loss']:.5f} | {rss(r['torch_rss'])} / {rss(r['altgrad_rss'])} |")
-    print("\nBoth sides: the second pass in a fresh process (a warm-up pass first); altgrad s = forward + "
-          "backward as timed inside the library, PyTorch s = model(...) + loss.backward() (model loading "
-          "excluded from both).")
+    print("\nMedians of alternating passes in one process after a warm-up pass of each; altgrad s = forward + "
+          "backward as timed inside the library, PyTorch s = model(...) + loss.backward() (loading excluded).")
+    for r in rows:
+        print(f"n = {r['n']}: PyTorch/altgrad of each alternating pair, sorted: "
+              + ", ".join(f"{x:.2f}" for x in r["ratios"]))
 
 
 if __name__ == "__main__":

@@ -173,16 +173,15 @@ pub fn matmul<T: Scalar>(dst: MatMut<'_, T>, acc: bool, a: MatRef<'_, T>, b: Mat
     };
     let (m, n, k) = (dst.nrows(), dst.ncols(), a.ncols());
     if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN {
-        // A read transposed (a weight gradient dyᵀ·x): the packed GEMM handles the layout at full
-        // speed; otherwise faer's one-thread kernels on a split of C, one part per thread (faer's
-        // own parallel GEMM measured 10–20% slower on these shapes, BENCHMARKS "Whole model")
-        let dst = if a.row_stride() == 1 && a.col_stride() != 1 {
-            match packed_f32(dst, acc, a, b, alpha, par) {
-                None => return,
-                Some(dst) => dst,
-            }
-        } else {
-            dst
+        // f32: the packed GEMM (both operands packed into reused, aligned per-thread panels: as
+        // fast as faer's one-thread kernels on a split of C in a fresh process, and twice as fast
+        // in a process whose heap another library has churned, where faer reading its unpacked
+        // operand in place measured 2× slower, BENCHMARKS "Issue 13"); otherwise faer's one-thread
+        // kernels on a split of C, one part per thread (faer's own parallel GEMM measured 10–20%
+        // slower on the projections)
+        let dst = match packed_f32(dst, acc, a, b, alpha, par) {
+            None => return,
+            Some(dst) => dst,
         };
         split_seq(dst, acc, a, b, alpha, threads);
         return;

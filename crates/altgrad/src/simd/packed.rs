@@ -9,8 +9,8 @@
 //! Threads: the rows are split evenly over the threads (each share in blocks of at most `MC`
 //! rows), with column groups when there are fewer blocks than threads; the tasks of one
 //! `KC × NC` block run in rayon's pool (`parallel`); without it everything runs on the calling
-//! thread. [`crate::linalg::matmul`] sends it the products whose `A` is read transposed (the
-//! weight gradients `dyᵀ·x`), where faer's one-thread kernels measured slowest.
+//! thread. [`crate::linalg::matmul`] sends it every large parallel f32 product (projections,
+//! their weight gradients, the LM head).
 
 #[cfg(target_arch = "x86_64")]
 use super::{Avx2, Avx512};
