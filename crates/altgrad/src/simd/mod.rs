@@ -435,30 +435,14 @@ unsafe fn gemm_impl<S: Tiles>(
         return;
     }
     let l = S::LANES;
-    let kc = kc_env();
-    let mut p0 = 0;
-    while p0 < k {
-        let kb = kc.min(k - p0);
-        let ap = Strided { ptr: a.ptr.add(p0 * a.cs), ..a };
-        let bp = b.add(p0 * rsb);
-        let accp = acc || p0 > 0;
-        let mut j = 0;
-        while j < n {
-            let w = (n - j).min(4 * l);
-            let nv = w.div_ceil(l);
-            let tail = S::mask(w - (nv - 1) * l);
-            let (bj, cj) = (bp.add(j), c.add(j));
-            S::strip(nv, m, kb, ap, bj, rsb, cj, rsc, alpha, accp, tail);
-            j += w;
-        }
-        p0 += kb;
+    let mut j = 0;
+    while j < n {
+        let w = (n - j).min(4 * l);
+        let nv = w.div_ceil(l);
+        let tail = S::mask(w - (nv - 1) * l);
+        S::strip(nv, m, k, a, b.add(j), rsb, c.add(j), rsc, alpha, acc, tail);
+        j += w;
     }
-}
-
-fn kc_env() -> usize {
-    use std::sync::OnceLock;
-    static K: OnceLock<usize> = OnceLock::new();
-    *K.get_or_init(|| std::env::var("KC").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30))
 }
 
 /// The register-tiled product of one instruction set: how many rows (`MR`) go with how many
