@@ -537,6 +537,7 @@ unsafe fn forward<S: Tiles>(h: &Head, o: ViewMut, lse: &mut [f32], sc: &mut Scra
         l[..br].fill(0.0);
         let kend = if mask.is_causal() { nk.min(p1 + 1) } else { nk };
         let mut j0 = 0;
+        let mut first = true;
         while let Some(j) = next_key_tile(&mask, p0, j0, kend) {
             j0 = j;
             let bc = key_block_of(&mask, j0, kend, bk);
@@ -571,15 +572,21 @@ unsafe fn forward<S: Tiles>(h: &Head, o: ViewMut, lse: &mut [f32], sc: &mut Scra
                 let l_new = S::fma(S::load_m(l.as_ptr().add(r0), mk), rescale, sum);
                 S::store_m(l.as_mut_ptr().add(r0), l_new, mk);
                 S::store_m(m.as_mut_ptr().add(r0), m_new, mk);
-                for c in 0..dv {
-                    let ap = acc.as_mut_ptr().add(c * br + r0);
-                    S::store_m(ap, S::mul(S::load_m(ap, mk), rescale), mk);
+                // Oᵀ's columns need rescaling only when their max moved (m_new ≥ m_old, so the sum
+                // of the differences is 0 exactly when none did: the rescale would be exp(0) = 1)
+                // and not before the first tile has added anything
+                if !first && S::hsum(S::sub(m_new, m_old)) != 0.0 {
+                    for c in 0..dv {
+                        let ap = acc.as_mut_ptr().add(c * br + r0);
+                        S::store_m(ap, S::mul(S::load_m(ap, mk), rescale), mk);
+                    }
                 }
                 r0 += lanes;
             }
             // Oᵀ += V_jᵀ Pᵀ: A(c, j) = V[j0 + j, c] (packing V_jᵀ per tile measured 25% slower)
             let va = Strided { ptr: v.ptr.add(j0 * v.stride), rs: 1, cs: v.stride };
             gemm::<S>(dv, br, bc, va, st.as_ptr(), br, acc.as_mut_ptr(), br, 1.0, true);
+            first = false;
             j0 += bc;
         }
         // every row sees its own position (and key 0 when causal), so l > 0
