@@ -920,14 +920,19 @@ pub fn row_shifts<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64, center: boo
     super::bound::row_shift_rows(q, kbar, scale)
 }
 
-/// `lse_i = τ q_i·c + m_i + ln den_i` (sums in f64, the logarithm in `T`: an f32 `ln` is several
-/// times cheaper than f64's and as accurate as the f32 result) into `lse`: the log of the polynomial model's
+/// `lse_i = τ q_i·c + m_i + ln den_i` (sums in f64, the logarithm in `T`: for f32 the vectorized
+/// [`crate::fastmath::ln_f32_inplace`], as accurate as the f32 result) into `lse`: the log of the polynomial model's
 /// normalizer of the unshifted scores `τ q_i·k_j`, since the kernels' shifted score is
 /// `τ q_i·k_j − τ q_i·k̄_i = τ q_i·(k_j − c) − m_i`.
 pub(crate) fn fill_lse<T: Scalar>(q: Rows<'_, T>, c: &[T], m: &[T], den: &[T], scale: f64, lse: &mut [T]) {
+    lse.copy_from_slice(&den[..lse.len()]);
+    match crate::linalg::as_f32_mut(lse) {
+        Some(l) => crate::fastmath::ln_f32_inplace(l),
+        None => lse.iter_mut().for_each(|l| *l = l.ln()),
+    }
     for (i, l) in lse.iter_mut().enumerate() {
         let qc: f64 = q.row(i).iter().zip(c).map(|(a, b)| a.as_f64() * b.as_f64()).sum();
-        *l = T::from_f64(scale * qc + m[i].as_f64() + den[i].ln().as_f64());
+        *l = T::from_f64(scale * qc + m[i].as_f64() + l.as_f64());
     }
 }
 
