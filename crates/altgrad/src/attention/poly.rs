@@ -406,6 +406,29 @@ impl<T: Scalar> Head<'_, T> {
     pub(crate) fn transpose_scaled(&self, x: Rows<'_, T>, c: Option<&[T]>, xt: &mut [T]) {
         let rows = x.rows();
         let st = self.sqrt_tau();
+        if let (Some(dst), Some(st32)) =
+            (crate::linalg::as_f32_mut(xt), crate::linalg::as_f32(std::slice::from_ref(&st)))
+        {
+            // f32: 8×8 register transposes (bit-identical to the loop below)
+            let (ptr, stride) = x.raw();
+            let len = if rows == 0 { 0 } else { (rows - 1) * stride + x.cols() };
+            // SAFETY: T is f32 (as_f32 succeeded), and a Rows view holds (rows − 1)·stride + cols values.
+            let src = unsafe { std::slice::from_raw_parts(ptr as *const f32, len) };
+            let shift = c.and_then(crate::linalg::as_f32);
+            if crate::simd::transpose::transpose_scaled(
+                crate::simd::Level::detect(),
+                src,
+                stride,
+                rows,
+                x.cols(),
+                shift,
+                st32[0],
+                dst,
+                rows,
+            ) {
+                return;
+            }
+        }
         dispatch(
             #[inline(always)]
             || {
@@ -537,6 +560,27 @@ impl<T: Scalar> Head<'_, T> {
     fn add_transposed(&self, dxt: &[T], dx: &mut RowsMut<'_, T>) {
         let rows = dx.rows();
         let st = self.sqrt_tau();
+        if let (Some(src), Some(st32)) = (crate::linalg::as_f32(dxt), crate::linalg::as_f32(std::slice::from_ref(&st)))
+        {
+            // f32: 8×8 register transposes (bit-identical to the loop below)
+            let (ptr, stride) = dx.raw_mut();
+            // SAFETY: T is f32; raw_mut's pointer is valid for rows × d elements `stride` apart
+            // while dx is borrowed, and the scratch dxt does not overlap the caller's output.
+            if unsafe {
+                crate::simd::transpose::add_transposed(
+                    crate::simd::Level::detect(),
+                    src,
+                    rows,
+                    rows,
+                    self.d(),
+                    st32[0],
+                    ptr as *mut f32,
+                    stride,
+                )
+            } {
+                return;
+            }
+        }
         dispatch(
             #[inline(always)]
             || {
@@ -912,9 +956,10 @@ impl<T: Scalar> Head<'_, T> {
 }
 
 /// Row shifts `m_i = τ q_i·kbar_i` of one query head (MATH §3; `kbar` = `k̄ − c` of a [`KvHead`]:
-/// `[d]` for every row or `[n, d]` row by row; dot products in f64); zeros without `center`.
+/// `[d]` for every row or `[n, d]` row by row; dot products in f64); zeros without `center` or
+/// when `kbar` is zero (the non-causal default, where `c` is the key mean), without reading `q`.
 pub fn row_shifts<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64, center: bool) -> Vec<T> {
-    if !center {
+    if !center || kbar.iter().all(|x| *x == T::zero()) {
         return vec![T::zero(); q.rows()];
     }
     super::bound::row_shift_rows(q, kbar, scale)

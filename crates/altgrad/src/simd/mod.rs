@@ -14,6 +14,7 @@ use std::arch::x86_64::*;
 
 pub(crate) mod elementwise;
 pub(crate) mod packed;
+pub(crate) mod transpose;
 
 /// Vector instruction set of this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
