@@ -163,6 +163,15 @@ mod tests {
         assert_eq!(o.limit_s, Some(2.5));
         assert!(!o.claims && !o.roofline && a.no_progress && !o.quick);
         assert_eq!(o.out_dir, PathBuf::from("bench-out"));
+        // the report's command line parses back into the same options (`none` for an empty list)
+        let line = o.command_line();
+        assert!(line.contains(" --altgrad none "), "{line}");
+        let Cmd::Bench(b) = Cli::try_parse_from(line.split_whitespace()).unwrap().cmd;
+        let p = b.options();
+        assert_eq!(
+            (p.ns, p.poly_configs, p.altgrad_configs, p.exact_dims),
+            (o.ns, o.poly_configs, o.altgrad_configs, o.exact_dims)
+        );
         assert!(Cli::try_parse_from(["altgrad", "bench", "--poly", "16-2"]).is_err());
         assert!(Cli::try_parse_from(["altgrad", "bench", "--ns", "1k"]).is_err());
     }

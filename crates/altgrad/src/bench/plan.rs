@@ -77,8 +77,10 @@ impl BenchOptions {
         } else if self.quick {
             s.push_str(" --quick");
         }
-        let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-        let pairs = |v: &[(usize, usize)]| v.iter().map(|(d, g)| format!("{d}:{g}")).collect::<Vec<_>>().join(",");
+        // an empty list is `none` on the command line (an empty value would not parse back)
+        let or_none = |v: Vec<String>| if v.is_empty() { "none".to_string() } else { v.join(",") };
+        let list = |v: &[usize]| or_none(v.iter().map(|x| x.to_string()).collect());
+        let pairs = |v: &[(usize, usize)]| or_none(v.iter().map(|(d, g)| format!("{d}:{g}")).collect());
         if let Some(ns) = &self.ns {
             s.push_str(&format!(" --ns {}", list(ns)));
         }
