@@ -771,16 +771,17 @@ impl<T: Scalar> Head<'_, T> {
             matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
             matmul(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
             self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
-        }
-        if self.center {
-            let tau = self.tau();
-            for (i, dmi) in dm.iter().enumerate() {
-                let s = tau * *dmi;
-                for ((x, qv), (kb, dkb)) in
-                    dq.row_mut(i).iter_mut().zip(q.row(i)).zip(kbar.iter().zip(dkbar.iter_mut()))
-                {
-                    *x += s * *kb;
-                    *dkb += (s * *qv).as_f64();
+            if self.center {
+                // the chunk's dm is complete: its rows of q and dq are still in cache
+                let tau = self.tau();
+                for (i, dmi) in dm.iter().enumerate().skip(i0).take(cn) {
+                    let s = tau * *dmi;
+                    for ((x, qv), (kb, dkb)) in
+                        dq.row_mut(i).iter_mut().zip(q.row(i)).zip(kbar.iter().zip(dkbar.iter_mut()))
+                    {
+                        *x += s * *kb;
+                        *dkb += (s * *qv).as_f64();
+                    }
                 }
             }
         }
@@ -802,6 +803,7 @@ impl<T: Scalar> Head<'_, T> {
         let b = &mut *pooled;
         let ds = rm(dstate, r, e);
         let ds_v = rm_strided(dstate, r, dvw, e);
+        let share: Vec<T> = dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect();
         for (j0, cn) in self.chunks(n) {
             self.key_features(kv, j0, cn, b);
             self.aug_v(kv.v.sub(j0, cn), &mut b.ve);
@@ -811,12 +813,12 @@ impl<T: Scalar> Head<'_, T> {
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
             matmul(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one(), Par::Seq);
             self.feature_vjp(b, &mut dk.sub_mut(j0, cn));
-        }
-        if self.center {
-            let share: Vec<T> = dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect();
-            for i in 0..n {
-                for (x, s) in dk.row_mut(i).iter_mut().zip(&share) {
-                    *x += *s;
+            if self.center {
+                // every key's 1/n share of the row shifts' key-mean gradient, while the rows are in cache
+                for i in j0..j0 + cn {
+                    for (x, s) in dk.row_mut(i).iter_mut().zip(&share) {
+                        *x += *s;
+                    }
                 }
             }
         }
@@ -1003,10 +1005,21 @@ pub(crate) fn forward_one<T: Scalar>(
 ) {
     let m = row_shifts(q, &kv.kbar, head.scale, head.center);
     match state {
-        State::Scan(s) => head.forward_causal(q, kv, &m, s, o, den),
-        State::Keys(h) => head.forward_queries(q, &m, h, o, den),
+        State::Scan(s) => {
+            head.forward_causal(q, kv, &m, s, o, den);
+            fill_lse(q, &kv.c, &m, den, head.scale, lse);
+        }
+        State::Keys(h) => {
+            // blocks of rows, each one's lse while its queries are still in cache
+            let n = q.rows();
+            let block = head.c(n) * 16;
+            for b0 in (0..n).step_by(block.max(1)) {
+                let (bn, r) = (block.min(n - b0), b0..b0 + block.min(n - b0));
+                head.forward_queries(q.sub(b0, bn), &m[r.clone()], h, &mut o.sub_mut(b0, bn), &mut den[r.clone()]);
+                fill_lse(q.sub(b0, bn), &kv.c, &m[r.clone()], &den[r.clone()], head.scale, &mut lse[r]);
+            }
+        }
     }
-    fill_lse(q, &kv.c, &m, den, head.scale, lse);
 }
 
 /// Backward of one query head against its own key/value head (no GQA sharing of the key side):
