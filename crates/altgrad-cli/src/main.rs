@@ -787,7 +787,8 @@ fn grad_typed<T: Scalar>(a: &GradArgs) -> Result<()> {
 
 fn run_bench_cmd(a: &BenchCmd) -> Result<()> {
     set_threads(a.threads)?;
-    let o = a.args.options();
+    let mut o = a.args.options();
+    o.threads = a.threads;
     let show = !a.args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = progress_bar(show, "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}");
     let r = altgrad::bench::run_bench(&o, &|p| {

@@ -101,6 +101,20 @@ fn bad_options_are_user_errors() {
     o.poly_configs = None;
     o.ns = Some(vec![0]);
     assert!(run_bench(&o, &|_| {}).unwrap_err().is_user_error());
+    let mut empty = BenchOptions::new(tmpdir("empty"));
+    (empty.tiny, empty.claims, empty.roofline) = (true, false, false);
+    (empty.poly_configs, empty.altgrad_configs, empty.exact_dims) = (Some(vec![]), Some(vec![]), Some(vec![]));
+    let e = run_bench(&empty, &|_| {}).unwrap_err();
+    assert!(e.is_user_error() && e.to_string().contains("nothing to run"), "{e}");
+    // lengths whose tensors cannot fit are refused before anything is allocated (an allocation
+    // failure would abort the process)
+    if altgrad::bench::available_memory_bytes().is_some() {
+        for n in [99_999_999_999_999, usize::MAX] {
+            o.ns = Some(vec![256, n]);
+            let e = run_bench(&o, &|_| {}).unwrap_err();
+            assert!(e.is_user_error() && e.to_string().contains(&format!("--ns: n = {n} needs")), "{e}");
+        }
+    }
 }
 
 fn env_list<T>(key: &str, parse: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {

@@ -131,13 +131,7 @@ pub fn check_memory(bytes: f64, what: &str) -> PyResult<()> {
     if bytes < f64::powi(2.0, 30) {
         return Ok(());
     }
-    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map(|kb| kb * 1024.0)
-    });
+    let avail = altgrad::bench::available_memory_bytes().map(|b| b as f64);
     match avail {
         Some(a) if bytes > a => Err(PyMemoryError::new_err(format!(
             "{what} needs about {:.1} GiB of working memory, more than the {:.1} GiB available",

@@ -174,6 +174,16 @@ pub fn current_rss_bytes() -> Option<u64> {
     status_kb("VmRSS:")
 }
 
+/// Memory the machine can still give without swapping, in bytes (`MemAvailable` of
+/// `/proc/meminfo`); `None` where that file does not exist or has no such line. For refusing a
+/// request up front: a failed allocation in Rust aborts the process.
+pub fn available_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Resets the process's peak RSS (`VmHWM`) to the current RSS by writing `5` to
 /// `/proc/self/clear_refs` (Linux ≥ 4.0). Returns whether the reset worked.
 pub fn reset_peak_rss() -> bool {

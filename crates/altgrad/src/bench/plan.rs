@@ -46,6 +46,9 @@ pub struct BenchOptions {
     pub roofline: bool,
     /// Seed of every random input.
     pub seed: u64,
+    /// The `--threads` the run was asked for (only written into [`command_line`](Self::command_line);
+    /// the caller sizes the thread pool). `None`: all cores.
+    pub threads: Option<usize>,
 }
 
 impl BenchOptions {
@@ -66,6 +69,7 @@ impl BenchOptions {
             claims: true,
             roofline: true,
             seed: 0,
+            threads: None,
         }
     }
 
@@ -114,8 +118,22 @@ impl BenchOptions {
         if self.seed != 0 {
             s.push_str(&format!(" --seed {}", self.seed));
         }
-        s.push_str(&format!(" --out {}", self.out_dir.display()));
+        if let Some(t) = self.threads {
+            s.push_str(&format!(" --threads {t}"));
+        }
+        s.push_str(&format!(" --out {}", shell_quote(&self.out_dir.display().to_string())));
         s
+    }
+}
+
+/// `s` as one POSIX shell word: unchanged when it holds only characters no shell treats
+/// specially, else in single quotes (a `'` inside written `'\''`).
+fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./:=,+-@%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -305,7 +323,43 @@ impl Plan {
             p.limit_s = l;
             p.b_limit_s = l;
         }
+        if p.sweep_points() == 0 && !p.claims && !p.roofline {
+            return bad(
+                "nothing to run: --exact, --poly and --altgrad are all `none`, with --no-claims and --no-roofline"
+                    .into(),
+            );
+        }
+        p.check_memory(super::available_memory_bytes())?;
         Ok(p)
+    }
+
+    /// Bytes one sweep point of length `n` holds at its widest head: `q, k, v, g`, the output and
+    /// the three gradients of the method and of the exact reference, in f64 at most (16 tensors of
+    /// `n × heads × head_dim`), a lower bound on what the point allocates. f64, so no size overflows.
+    pub(crate) fn point_bytes(&self, n: usize) -> f64 {
+        let pairs = self.poly.iter().chain(&self.altgrad).map(|&(d, _)| d);
+        let d = self.exact_dims.iter().copied().chain(pairs).max().unwrap_or(0);
+        16.0 * 8.0 * n as f64 * self.heads as f64 * d as f64
+    }
+
+    /// Refuses sequence lengths whose tensors alone would not fit in `available` bytes (a failed
+    /// allocation aborts the process instead of reporting an error).
+    ///
+    /// Errors: [`Error::BadInput`] (input `bench options`) naming `--ns` and the length.
+    pub(crate) fn check_memory(&self, available: Option<u64>) -> Result<()> {
+        let Some(avail) = available else { return Ok(()) };
+        let gib = |b: f64| b / f64::powi(2.0, 30);
+        match self.ns.iter().find(|&&n| self.point_bytes(n) > avail as f64) {
+            Some(&n) => Err(Error::bad(
+                "bench options",
+                format!(
+                    "--ns: n = {n} needs at least {:.1} GiB for one point's tensors, more than the {:.1} GiB available",
+                    gib(self.point_bytes(n)),
+                    gib(avail as f64)
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Number of sweep points (both masks), for progress.
@@ -415,4 +469,22 @@ pub(crate) fn grad_errors<T: Scalar>(
     let (eo, eq, ek, ev) = (sq(o, o_ref), sq(&gr.dq, &g_ref.dq), sq(&gr.dk, &g_ref.dk), sq(&gr.dv, &g_ref.dv));
     let all = (eq.0 + ek.0 + ev.0, eq.1 + ek.1 + ev.1);
     (rel(eo), rel(eq), rel(ek), rel(ev), rel(all))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quoted word reads back as the original through a real shell (`sh -c 'printf %s …'`).
+    #[test]
+    fn command_line_paths_survive_the_shell() {
+        for path in ["/tmp/x", "/tmp/b 2", "it's here", "a\"b$c`d\\e", "-", ""] {
+            let q = shell_quote(path);
+            let out = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {q}")).output().unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), path, "quoted as {q}");
+        }
+        let mut o = BenchOptions::new("/tmp/b 2");
+        o.threads = Some(2);
+        assert_eq!(o.command_line(), "altgrad bench --threads 2 --out '/tmp/b 2'");
+    }
 }
