@@ -917,7 +917,10 @@ impl<T: Scalar> Head<'_, T> {
             let ve = rm(&b.ve[..cn * e], cn, e);
             matmul(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one(), Par::Seq);
         }
-        // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ.
+        // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ;
+        // and, rows descending while the chunk is in cache, through the shift: dq_i += τ dm_i (k̄_i − c),
+        // key j (and the initial key sum) gets Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum in acc).
+        let mut acc = vec![0.0f64; d];
         for (i0, cn) in self.chunks(n).rev() {
             self.key_features(kv, i0, cn, b);
             self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
@@ -933,23 +936,22 @@ impl<T: Scalar> Head<'_, T> {
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             let dy = rm(&b.y[..cn * e], cn, e);
             matmul(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
-        }
-        // Through the shift: dq_i += τ dm_i (k̄_i − c); key j (and the initial key sum) gets
-        // Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum).
-        if self.center {
-            let mut acc = vec![0.0f64; d];
-            for i in (0..n).rev() {
-                let s = tau * dm[i];
-                let inv = 1.0 / (kv.offset + i + 1) as f64;
-                let kb = &kv.kbar[i * d..(i + 1) * d];
-                for ((x, kbv), (a, qv)) in dq.row_mut(i).iter_mut().zip(kb).zip(acc.iter_mut().zip(q.row(i))) {
-                    *x += s * *kbv;
-                    *a += (s * *qv).as_f64() * inv;
-                }
-                for (x, a) in dk.row_mut(i).iter_mut().zip(&acc) {
-                    *x += T::from_f64(*a);
+            if self.center {
+                for i in (i0..i0 + cn).rev() {
+                    let s = tau * dm[i];
+                    let inv = 1.0 / (kv.offset + i + 1) as f64;
+                    let kb = &kv.kbar[i * d..(i + 1) * d];
+                    for ((x, kbv), (a, qv)) in dq.row_mut(i).iter_mut().zip(kb).zip(acc.iter_mut().zip(q.row(i))) {
+                        *x += s * *kbv;
+                        *a += (s * *qv).as_f64() * inv;
+                    }
+                    for (x, a) in dk.row_mut(i).iter_mut().zip(&acc) {
+                        *x += T::from_f64(*a);
+                    }
                 }
             }
+        }
+        if self.center {
             for (x, a) in dkey_sum.iter_mut().zip(&acc) {
                 *x += a;
             }
