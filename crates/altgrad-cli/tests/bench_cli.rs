@@ -97,10 +97,22 @@ fn bad_options_are_user_errors() {
     o.tiny = true;
     o.poly_configs = Some(vec![(8, 3)]);
     let e = run_bench(&o, &|_| {}).unwrap_err();
-    assert!(e.is_user_error() && e.to_string().contains("even"), "{e}");
+    assert!(e.is_user_error() && e.to_string().contains("even") && e.to_string().starts_with("--poly: "), "{e}");
     o.poly_configs = None;
     o.ns = Some(vec![0]);
     assert!(run_bench(&o, &|_| {}).unwrap_err().is_user_error());
+    o.ns = Some(vec![]);
+    let e = run_bench(&o, &|_| {}).unwrap_err();
+    assert!(e.is_user_error() && e.to_string().contains("--ns: the list is empty"), "{e}");
+    o.ns = None;
+    // an output "directory" that is a file
+    let file = tmpdir("bad-out-file").with_extension("txt");
+    std::fs::write(&file, b"x").unwrap();
+    let mut f = BenchOptions::new(&file);
+    f.tiny = true;
+    let e = run_bench(&f, &|_| {}).unwrap_err();
+    assert!(e.is_user_error() && e.to_string().contains("not a directory"), "{e}");
+    let _ = std::fs::remove_file(&file);
     let mut empty = BenchOptions::new(tmpdir("empty"));
     (empty.tiny, empty.claims, empty.roofline) = (true, false, false);
     (empty.poly_configs, empty.altgrad_configs, empty.exact_dims) = (Some(vec![]), Some(vec![]), Some(vec![]));

@@ -290,7 +290,10 @@ impl Plan {
             }
         };
         if let Some(ns) = &o.ns {
-            if ns.is_empty() || ns.contains(&0) {
+            if ns.is_empty() {
+                return bad("--ns: the list is empty (give lengths such as 1024,4096)".into());
+            }
+            if ns.contains(&0) {
                 return bad("--ns: lengths must be positive".into());
             }
             p.ns = ns.clone();
@@ -305,7 +308,7 @@ impl Plan {
                     if d == 0 {
                         return bad(format!("{name}: head_dim must be positive"));
                     }
-                    attention::bound::validate_degree(g)?;
+                    attention::bound::validate_degree(g).map_err(|e| e.relabel(name))?;
                 }
                 *dst = c.clone();
             }

@@ -291,13 +291,16 @@ fn cpu_name() -> String {
 /// `on_progress` (the CLI draws a progress bar); nothing is printed to stdout (print [`BenchReport::markdown`] or
 /// `report.claims.markdown`).
 ///
-/// Errors: [`Error::BadInput`] for invalid options, [`Error::Io`] when the directory or a file
-/// cannot be written.
+/// Errors: [`Error::BadInput`] for invalid options or an `out_dir` that is a file, [`Error::Io`]
+/// when the directory or a file cannot be written.
 pub fn run_bench(opts: &BenchOptions, on_progress: &dyn Fn(Progress)) -> Result<BenchReport> {
     let start = Instant::now();
     let plan = Plan::new(opts)?;
     let dir = &opts.out_dir;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::bad("--out", format!("{} exists and is not a directory", dir.display())));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("--out {}", dir.display()), e))?;
     let load_start = loadavg();
     let claim_points = if plan.claims { 2 * plan.b_ns.len() + 2 * plan.c_layers } else { 0 };
     let roof_points = if plan.roofline { 6 } else { 0 };
