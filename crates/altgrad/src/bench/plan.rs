@@ -336,13 +336,14 @@ impl Plan {
         Ok(p)
     }
 
-    /// Bytes one sweep point of length `n` holds at its widest head: `q, k, v, g`, the output and
-    /// the three gradients of the method and of the exact reference, in f64 at most (16 tensors of
-    /// `n × heads × head_dim`), a lower bound on what the point allocates. f64, so no size overflows.
+    /// Bytes one sweep point of length `n` holds at its widest head at the least: the f32 inputs
+    /// `q, k, v, g` and the method's output and three gradients (8 tensors of `n × heads ×
+    /// head_dim`; the exact reference and the kernels' scratch come on top). A lower bound, so a
+    /// length that fits is never refused; in f64, so no size overflows.
     pub(crate) fn point_bytes(&self, n: usize) -> f64 {
         let pairs = self.poly.iter().chain(&self.altgrad).map(|&(d, _)| d);
         let d = self.exact_dims.iter().copied().chain(pairs).max().unwrap_or(0);
-        16.0 * 8.0 * n as f64 * self.heads as f64 * d as f64
+        8.0 * std::mem::size_of::<f32>() as f64 * n as f64 * self.heads as f64 * d as f64
     }
 
     /// Refuses sequence lengths whose tensors alone would not fit in `available` bytes (a failed
@@ -489,5 +490,22 @@ mod tests {
         let mut o = BenchOptions::new("/tmp/b 2");
         o.threads = Some(2);
         assert_eq!(o.command_line(), "altgrad bench --threads 2 --out '/tmp/b 2'");
+    }
+
+    /// A length is refused only when the point's own f32 tensors (q, k, v, g, o, dq, dk, dv:
+    /// 8 · 4 bytes per element of `n × heads × head_dim`) exceed the memory: `n = 2^20`, 4 heads of
+    /// 64 need exactly 8 GiB.
+    #[test]
+    fn memory_check_refuses_only_what_cannot_fit() {
+        let mut o = BenchOptions::new("/tmp/unused");
+        (o.ns, o.poly_configs, o.exact_dims, o.altgrad_configs) =
+            (Some(vec![256]), Some(vec![(64, 2)]), Some(vec![]), Some(vec![]));
+        let mut p = Plan::new(&o).unwrap();
+        p.ns = vec![1 << 20];
+        let need = 8u64 << 30;
+        assert!(p.check_memory(Some(need)).is_ok());
+        assert!(p.check_memory(None).is_ok());
+        let e = p.check_memory(Some(need - 1)).unwrap_err();
+        assert!(e.is_user_error() && e.to_string().contains("n = 1048576 needs at least 8.0 GiB"), "{e}");
     }
 }
