@@ -406,26 +406,13 @@ impl<T: Scalar> Head<'_, T> {
     pub(crate) fn transpose_scaled(&self, x: Rows<'_, T>, c: Option<&[T]>, xt: &mut [T]) {
         let rows = x.rows();
         let st = self.sqrt_tau();
-        if let (Some(dst), Some(st32)) =
-            (crate::linalg::as_f32_mut(xt), crate::linalg::as_f32(std::slice::from_ref(&st)))
-        {
-            // f32: 8×8 register transposes (bit-identical to the loop below)
-            let (ptr, stride) = x.raw();
-            let len = if rows == 0 { 0 } else { (rows - 1) * stride + x.cols() };
-            // SAFETY: T is f32 (as_f32 succeeded), and a Rows view holds (rows − 1)·stride + cols values.
-            let src = unsafe { std::slice::from_raw_parts(ptr as *const f32, len) };
+        let (data, stride) = x.parts();
+        if let (Some(src), Some(dst)) = (crate::linalg::as_f32(data), crate::linalg::as_f32_mut(xt)) {
+            // f32: 8×8 register transposes (bit-identical to the loop below; st is an f32 already)
             let shift = c.and_then(crate::linalg::as_f32);
-            if crate::simd::transpose::transpose_scaled(
-                crate::simd::Level::detect(),
-                src,
-                stride,
-                rows,
-                x.cols(),
-                shift,
-                st32[0],
-                dst,
-                rows,
-            ) {
+            let level = crate::simd::Level::detect();
+            let st = st.as_f64() as f32;
+            if crate::simd::transpose::transpose_scaled(level, src, stride, rows, x.cols(), shift, st, dst, rows) {
                 return;
             }
         }
@@ -560,24 +547,16 @@ impl<T: Scalar> Head<'_, T> {
     fn add_transposed(&self, dxt: &[T], dx: &mut RowsMut<'_, T>) {
         let rows = dx.rows();
         let st = self.sqrt_tau();
-        if let (Some(src), Some(st32)) = (crate::linalg::as_f32(dxt), crate::linalg::as_f32(std::slice::from_ref(&st)))
-        {
-            // f32: 8×8 register transposes (bit-identical to the loop below)
+        if let Some(src) = crate::linalg::as_f32(dxt) {
+            // f32: 8×8 register transposes (bit-identical to the loop below; st is an f32 already)
             let (ptr, stride) = dx.raw_mut();
+            let (level, st) = (crate::simd::Level::detect(), st.as_f64() as f32);
             // SAFETY: T is f32; raw_mut's pointer is valid for rows × d elements `stride` apart
             // while dx is borrowed, and the scratch dxt does not overlap the caller's output.
-            if unsafe {
-                crate::simd::transpose::add_transposed(
-                    crate::simd::Level::detect(),
-                    src,
-                    rows,
-                    rows,
-                    self.d(),
-                    st32[0],
-                    ptr as *mut f32,
-                    stride,
-                )
-            } {
+            let done = unsafe {
+                crate::simd::transpose::add_transposed(level, src, rows, rows, self.d(), st, ptr as *mut f32, stride)
+            };
+            if done {
                 return;
             }
         }
@@ -803,7 +782,8 @@ impl<T: Scalar> Head<'_, T> {
         let b = &mut *pooled;
         let ds = rm(dstate, r, e);
         let ds_v = rm_strided(dstate, r, dvw, e);
-        let share: Vec<T> = dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect();
+        let share: Vec<T> =
+            if self.center { dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect() } else { vec![] };
         for (j0, cn) in self.chunks(n) {
             self.key_features(kv, j0, cn, b);
             self.aug_v(kv.v.sub(j0, cn), &mut b.ve);
@@ -1014,9 +994,9 @@ pub(crate) fn forward_one<T: Scalar>(
         State::Keys(h) => {
             // blocks of rows, each one's lse while its queries are still in cache
             let n = q.rows();
-            let block = head.c(n) * 16;
-            for b0 in (0..n).step_by(block.max(1)) {
-                let (bn, r) = (block.min(n - b0), b0..b0 + block.min(n - b0));
+            let block = head.c(n) * 16; // c(n) ≥ 1
+            for b0 in (0..n).step_by(block) {
+                let (bn, r) = (block.min(n - b0), b0..(b0 + block).min(n));
                 head.forward_queries(q.sub(b0, bn), &m[r.clone()], h, &mut o.sub_mut(b0, bn), &mut den[r.clone()]);
                 fill_lse(q.sub(b0, bn), &kv.c, &m[r.clone()], &den[r.clone()], head.scale, &mut lse[r]);
             }

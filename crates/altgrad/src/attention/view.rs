@@ -73,6 +73,13 @@ impl<'a, T> Rows<'a, T> {
         (0..self.rows).flat_map(|i| self.row(i).iter().cloned()).collect()
     }
 
+    /// The underlying values from element `(0, 0)` (at least `(rows − 1)·stride + cols` of them when
+    /// `rows, cols > 0`) and the row stride: element `(i, c)` is `data[i·stride + c]`.
+    #[inline]
+    pub(crate) fn parts(&self) -> (&'a [T], usize) {
+        (self.data, self.stride)
+    }
+
     /// Pointer to element `(0, 0)` and the row stride, for kernels that address rows themselves
     /// (element `(i, c)` at `ptr + i·stride + c`; valid for `rows × cols` elements).
     #[inline]
