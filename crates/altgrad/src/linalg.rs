@@ -150,7 +150,10 @@ pub fn rm_strided_mut<T>(data: &mut [T], rows: usize, cols: usize, stride: usize
     if rows == 0 || cols == 0 {
         return MatMut::from_row_major_slice_mut(&mut data[..0], rows, cols);
     }
-    MatMut::from_row_major_slice_with_stride_mut(data, rows, cols, stride)
+    // faer 0.24.4's `MatMut::from_row_major_slice_with_stride_mut` builds the view with the
+    // strides swapped (row stride 1, column stride `stride`), so products write outside the rows:
+    // the column-major view of the transpose, transposed, is the row-major view
+    MatMut::from_column_major_slice_with_stride_mut(data, cols, rows, stride).transpose_mut()
 }
 
 /// `dst = alpha · a · b` (`acc == false`) or `dst += alpha · a · b` (`acc == true`).
@@ -188,6 +191,56 @@ pub fn matmul<T: Scalar>(dst: MatMut<'_, T>, acc: bool, a: MatRef<'_, T>, b: Mat
     }
     let beta = if acc { Accum::Add } else { Accum::Replace };
     faer::linalg::matmul::matmul(dst, beta, a, b, alpha, par);
+}
+
+/// `dst = alpha · a · b` (`acc == false`) or `dst += alpha · a · b` (`acc == true`) on one
+/// thread, for small operands that sit in L1/L2 (the polynomial kernels' per-chunk products).
+/// Shapes as [`matmul`]. f32 on an AVX2/AVX-512 CPU runs the register-tiled kernels
+/// ([`crate::simd::tile_gemm`], no packing) in whichever orientation puts the longer unit-stride
+/// side in the vector lanes — `dst` directly when `dst` and `b` are row-major, `dstᵀ = bᵀ aᵀ` when
+/// `dst` and `a` are column-major — and falls back to faer's one-thread product otherwise (other
+/// strides, f64, no SIMD). Panics on mismatched shapes.
+#[inline]
+pub fn matmul_small<T: Scalar>(dst: MatMut<'_, T>, acc: bool, a: MatRef<'_, T>, b: MatRef<'_, T>, alpha: T) {
+    use crate::simd::{tile_gemm, Level, Strided};
+    assert!(dst.nrows() == a.nrows() && dst.ncols() == b.ncols() && a.ncols() == b.nrows(), "matmul_small: shapes");
+    let (m, n, k) = (dst.nrows(), dst.ncols(), a.ncols());
+    let level = Level::detect();
+    if is_f32::<T>() && level != Level::Generic && m > 0 && n > 0 {
+        let st = |rs: isize, cs: isize| (rs >= 0 && cs >= 0).then_some((rs as usize, cs as usize));
+        let (sa, sb, sc) = (
+            st(a.row_stride(), a.col_stride()),
+            st(b.row_stride(), b.col_stride()),
+            st(dst.row_stride(), dst.col_stride()),
+        );
+        if let (Some(sa), Some(sb), Some(sc)) = (sa, sb, sc) {
+            // lanes filled by a side of `len` values: len / (registers · 16), 0 when not unit-stride
+            let fill = |ok: bool, len: usize| if ok { len as f64 / (len.div_ceil(16) * 16) as f64 } else { 0.0 };
+            let direct = fill(sb.1 == 1 && sc.1 == 1, n);
+            let transposed = fill(sa.0 == 1 && sc.0 == 1, m);
+            let (ap, bp) = (a.as_ptr() as *const f32, b.as_ptr() as *const f32);
+            let cp = dst.as_ptr_mut() as *mut f32;
+            let al = alpha.as_f64() as f32;
+            // SAFETY: T is f32 (is_f32); faer's views address valid elements at these strides
+            // (non-negative, checked), dst (a MatMut) does not alias a or b, and the level is
+            // this CPU's (Level::detect).
+            unsafe {
+                if direct > 0.0 && direct >= transposed {
+                    let a = Strided { ptr: ap, rs: sa.0, cs: sa.1 };
+                    if tile_gemm(level, m, n, k, a, bp, sb.0, cp, sc.0, al, acc) {
+                        return;
+                    }
+                } else if transposed > 0.0 {
+                    // dstᵀ [n, m] = bᵀ aᵀ: bᵀ(j, p) = b(p, j), aᵀ row-major with row stride a's column stride
+                    let bt = Strided { ptr: bp, rs: sb.1, cs: sb.0 };
+                    if tile_gemm(level, n, m, k, bt, ap, sa.1, cp, sc.1, al, acc) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    matmul(dst, acc, a, b, alpha, Par::Seq);
 }
 
 /// Parallel products at least this large (`m·n·k`) are split over the threads by [`matmul`]
@@ -346,5 +399,98 @@ pub fn rel_err<T: Scalar, U: Scalar>(x: &[T], y: &[U]) -> f64 {
         }
     } else {
         num / den
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+            })
+            .collect()
+    }
+
+    /// A product into a strided row-major view writes exactly its rows' first `cols` values
+    /// (faer 0.24.4's own constructor for this view swaps the strides and writes past them).
+    #[test]
+    fn strided_row_major_destination_keeps_the_gaps() {
+        let (m, n, k, stride) = (5, 8, 3, 9);
+        let (a, b) = (data(m * k, 1), data(k * n, 2));
+        let mut c = data(m * stride, 3);
+        let before = c.clone();
+        matmul(rm_strided_mut(&mut c, m, n, stride), true, rm(&a, m, k), rm(&b, k, n), 1.0, Par::Seq);
+        for i in 0..m {
+            for j in 0..stride {
+                let want = if j < n {
+                    before[i * stride + j] + (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f64>()
+                } else {
+                    before[i * stride + j]
+                };
+                assert!((c[i * stride + j] - want).abs() < 1e-12, "({i}, {j}): {} vs {want}", c[i * stride + j]);
+            }
+        }
+    }
+
+    /// `matmul_small` in f32 against the f64 triple loop, in every orientation it picks: `dst`
+    /// row-major with `b` row-major (direct), `dst` and `a` column-major (transposed), and strides
+    /// that fit neither (faer); widths around the register sizes, `k = 0`, `acc` both ways.
+    #[test]
+    fn small_products_match_the_triple_loop_in_every_orientation() {
+        for (m, n, k) in [(17, 64, 153), (153, 64, 17), (153, 16, 64), (64, 17, 153), (1, 1, 1), (7, 33, 0), (20, 5, 9)]
+        {
+            for layout in 0..3 {
+                for acc in [false, true] {
+                    let (a64, b64, c64) = (data(m * k, 4), data(k * n, 5), data(m * n, 6));
+                    let f = |x: &[f64]| x.iter().map(|v| *v as f32).collect::<Vec<f32>>();
+                    let (a, b, mut c) = (f(&a64), f(&b64), f(&c64));
+                    let alpha = 0.75f32;
+                    // a, b, c hold row-major data of their shapes; views pick the layout
+                    match layout {
+                        0 => matmul_small(rm_mut(&mut c, m, n), acc, rm(&a, m, k), rm(&b, k, n), alpha),
+                        1 => {
+                            // column-major dst and a: store their transposes row-major
+                            let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+                            let mut ct: Vec<f32> = (0..n * m).map(|x| c[(x % m) * n + x / m]).collect();
+                            matmul_small(
+                                rm_mut(&mut ct, n, m).transpose_mut(),
+                                acc,
+                                rm(&at, k, m).transpose(),
+                                rm(&b, k, n),
+                                alpha,
+                            );
+                            for i in 0..m {
+                                for j in 0..n {
+                                    c[i * n + j] = ct[j * m + i];
+                                }
+                            }
+                        }
+                        _ => {
+                            // b column-major, dst row-major: neither orientation (faer)
+                            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+                            matmul_small(rm_mut(&mut c, m, n), acc, rm(&a, m, k), rm(&bt, n, k).transpose(), alpha);
+                        }
+                    }
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k).map(|p| a64[i * k + p] * b64[p * n + j]).sum();
+                            let want = 0.75 * dot + if acc { c64[i * n + j] } else { 0.0 };
+                            let got = c[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-5 * (1.0 + k as f64),
+                                "{m}x{n}x{k} layout {layout} acc {acc} ({i}, {j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

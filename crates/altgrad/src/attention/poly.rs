@@ -32,10 +32,9 @@ use super::features::{taylor, FeatureMap};
 use super::view::{Rows, RowsMut};
 use super::workspace::{fit, Pooled, Workspace};
 use super::{query_head_grads, sum_groups, AttnGrads, AttnGradsMut, AttnOptions, AttnShape, Mask, Qkv};
-use crate::linalg::{matmul, rm, rm_mut, rm_strided, Scalar};
+use crate::linalg::{matmul_small, rm, rm_mut, rm_strided, rm_strided_mut, Scalar};
 use crate::simd::dispatch;
 use crate::{Error, Result};
-use faer::Par;
 use rayon::prelude::*;
 
 /// Default chunk (rows per streamed block; the causal intra-chunk block size).
@@ -315,7 +314,9 @@ pub struct Head<'a, T> {
 
 /// Per-chunk scratch buffers, sized for each use ([`Head::bufs`]). Features are feature-major: `phit [r, rows]`
 /// (column `i` = `φ` of the chunk's row `i`), inputs `xt`, `xtk [d, rows]` (queries, keys);
-/// value chunks are row-major; `s`, `da` are `C × C` tiles.
+/// value chunks are row-major, `yt [e, rows]` a value-side chunk transposed (`Yᵀ`, `dYᵀ` or
+/// `V'ᵀ`, so that products over the features keep the chunk's rows in the vector lanes); `s`, `da`
+/// are `C × C` tiles.
 #[derive(Debug, Default)]
 pub(crate) struct Bufs<T> {
     pub(crate) xt: Vec<T>,
@@ -328,6 +329,7 @@ pub(crate) struct Bufs<T> {
     pub(crate) acc: Vec<T>,
     pub(crate) ve: Vec<T>,
     pub(crate) y: Vec<T>,
+    pub(crate) yt: Vec<T>,
     pub(crate) s: Vec<T>,
     pub(crate) da: Vec<T>,
     pub(crate) tmp: Vec<T>,
@@ -358,12 +360,12 @@ impl<T: Scalar> Head<'_, T> {
         T::from_f64(self.scale.sqrt())
     }
 
-    /// Values of scratch a head of `n` rows uses ([`bufs`](Self::bufs)): `C·(3d + 3r + g + 2e + 2C + 4)`
+    /// Values of scratch a head of `n` rows uses ([`bufs`](Self::bufs)): `C·(3d + 3r + g + 3e + 2C + 4)`
     /// (`2r` without centering), `C = min(chunk, n)`.
     pub fn scratch_len(&self, n: usize) -> usize {
         let (c, d, r, e, g) = (self.c(n), self.d(), self.r(), self.e(), self.g());
         let psi = if self.center { r } else { 0 };
-        c * (3 * d + 2 * r + psi + (g + 1) + 1 + 2 * e + 2 * c + 2)
+        c * (3 * d + 2 * r + psi + (g + 1) + 1 + 3 * e + 2 * c + 2)
     }
 
     /// Scratch for sequences of `n` rows, from the workspace.
@@ -386,6 +388,7 @@ impl<T: Scalar> Head<'_, T> {
                 (&mut b.acc, c),
                 (&mut b.ve, c * e),
                 (&mut b.y, c * e),
+                (&mut b.yt, c * e),
                 (&mut b.s, c * c),
                 (&mut b.da, c * c),
                 (&mut b.tmp, c),
@@ -404,40 +407,8 @@ impl<T: Scalar> Head<'_, T> {
 
     /// `xt [d, rows] = √τ (x_i − c)ᵀ` for the rows of `x` (no shift when `c` is `None`).
     pub(crate) fn transpose_scaled(&self, x: Rows<'_, T>, c: Option<&[T]>, xt: &mut [T]) {
-        let rows = x.rows();
-        let st = self.sqrt_tau();
-        let (data, stride) = x.parts();
-        if let (Some(src), Some(dst)) = (crate::linalg::as_f32(data), crate::linalg::as_f32_mut(xt)) {
-            // f32: 8×8 register transposes (bit-identical to the loop below; st is an f32 already)
-            let shift = c.and_then(crate::linalg::as_f32);
-            let level = crate::simd::Level::detect();
-            let st = st.as_f64() as f32;
-            if crate::simd::transpose::transpose_scaled(level, src, stride, rows, x.cols(), shift, st, dst, rows) {
-                return;
-            }
-        }
-        dispatch(
-            #[inline(always)]
-            || {
-                for i in 0..rows {
-                    let xr = x.row(i);
-                    match c {
-                        Some(c) => {
-                            for (col, (v, cv)) in xr.iter().zip(c).enumerate() {
-                                xt[col * rows + i] = (*v - *cv) * st;
-                            }
-                        }
-                        None => {
-                            for (col, v) in xr.iter().enumerate() {
-                                xt[col * rows + i] = *v * st;
-                            }
-                        }
-                    }
-                }
-            },
-        );
+        transpose(x, c, self.sqrt_tau(), xt);
     }
-
     /// `xt = √τ (x − c)ᵀ` (`[d, rows]`), `phit = φ(xt)` (`[r, rows]`) for the rows of `x`.
     pub(crate) fn features(&self, x: Rows<'_, T>, c: Option<&[T]>, xt: &mut [T], phit: &mut [T]) {
         let (d, r, rows) = (self.d(), self.r(), x.rows());
@@ -543,6 +514,42 @@ impl<T: Scalar> Head<'_, T> {
         }
     }
 
+    /// `o_i = y_i[..dv] / y_i[dv]`, `den_i = y_i[dv]` for the rows of `o`, from `yt = Yᵀ [e, rows]`
+    /// (`inv`: scratch of `rows` values, gets `1/den_i`).
+    fn finish_t(&self, yt: &[T], rows: usize, inv: &mut [T], o: &mut RowsMut<'_, T>, den: &mut [T]) {
+        let dv = self.dv;
+        for ((dn, iv), y) in den[..rows].iter_mut().zip(inv[..rows].iter_mut()).zip(&yt[dv * rows..(dv + 1) * rows]) {
+            debug_assert!(*y > T::zero(), "polynomial attention denominator {y:?} ≤ 0 (even degree keeps it positive)");
+            *dn = *y;
+            *iv = T::one() / *y;
+        }
+        if let (Some(src), Some(w)) = (crate::linalg::as_f32(&yt[..dv * rows]), crate::linalg::as_f32(&inv[..rows])) {
+            let (ptr, stride) = o.raw_mut();
+            // SAFETY: T is f32; raw_mut's pointer is valid for rows × dv elements `stride` apart
+            // while o is borrowed, and the scratch yt does not overlap the caller's output.
+            let done = unsafe {
+                crate::simd::transpose::store_transposed(
+                    crate::simd::Level::detect(),
+                    src,
+                    rows,
+                    rows,
+                    dv,
+                    w,
+                    ptr as *mut f32,
+                    stride,
+                )
+            };
+            if done {
+                return;
+            }
+        }
+        for (i, iv) in inv[..rows].iter().enumerate() {
+            for (c, x) in o.row_mut(i).iter_mut().enumerate() {
+                *x = yt[c * rows + i] * *iv;
+            }
+        }
+    }
+
     /// Adds `√τ dxt` (`[d, rows]`) to the rows of `dx`.
     fn add_transposed(&self, dxt: &[T], dx: &mut RowsMut<'_, T>) {
         let rows = dx.rows();
@@ -642,7 +649,7 @@ impl<T: Scalar> Head<'_, T> {
     pub(crate) fn intra_scores(&self, qc: Rows<'_, T>, xtk: &[T], s: &mut [T]) {
         let (d, rows) = (self.d(), qc.rows());
         let kt = rm(&xtk[..d * rows], d, rows);
-        matmul(rm_mut(&mut s[..rows * rows], rows, rows), false, qc.mat(), kt, self.sqrt_tau(), Par::Seq);
+        matmul_small(rm_mut(&mut s[..rows * rows], rows, rows), false, qc.mat(), kt, self.sqrt_tau());
     }
 
     /// Masked intra-chunk weights in place: `s_ij ← T_g(s_ij − m_i)` for `j ≤ i`, 0 above
@@ -692,12 +699,15 @@ impl<T: Scalar> Head<'_, T> {
         let (r, e, n) = (self.r(), self.e(), kv.k.rows());
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
+        let dv = self.dv;
         h.fill(T::zero());
         for (j0, cn) in self.chunks(n) {
             self.key_features(kv, j0, cn, b);
-            self.aug_v(kv.v.sub(j0, cn), &mut b.ve);
-            let (phit, ve) = (rm(&b.phit[..r * cn], r, cn), rm(&b.ve[..cn * e], cn, e));
-            matmul(rm_mut(h, r, e), true, phit, ve, T::one(), Par::Seq);
+            // H'[:, :dv] += Φ_Kᵀ V (the values read in place, dv wide: no column of ones in the
+            // product's lanes), H'[:, dv] += Φ_Kᵀ 1 (row sums)
+            let phit = &b.phit[..r * cn];
+            matmul_small(rm_strided_mut(h, r, dv, e), true, rm(phit, r, cn), kv.v.sub(j0, cn).mat(), T::one());
+            add_row_dots(phit, cn, None, &mut h[dv..], e);
         }
     }
 
@@ -708,13 +718,15 @@ impl<T: Scalar> Head<'_, T> {
         let weighted = self.weighted(m);
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
-        let mut y = std::mem::take(&mut b.y);
+        let mut yt = std::mem::take(&mut b.yt);
         for (i0, cn) in self.chunks(n) {
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
-            let psi = rm(self.psi(b, cn, weighted), r, cn).transpose();
-            matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
-            self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
+            // Yᵀ [e, cn] = H'ᵀ Ψᵀ: the chunk's rows in the vector lanes
+            let psi = rm(self.psi(b, cn, weighted), r, cn);
+            matmul_small(rm_mut(&mut yt[..e * cn], e, cn), false, rm(state, r, e).transpose(), psi, T::one());
+            self.finish_t(&yt, cn, &mut b.tmp, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
         }
+        b.yt = yt;
     }
 
     /// Whether the row shifts need the degree weights (some `m_i ≠ 0`).
@@ -742,13 +754,19 @@ impl<T: Scalar> Head<'_, T> {
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
         let mut dm = vec![T::zero(); n];
+        let dvw = self.dv;
         for (i0, cn) in self.chunks(n) {
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
-            let dy = rm(&b.y[..cn * e], cn, e);
-            // dΨᵀ = H' dYᵀ ;  dH' += Ψᵀ dY
-            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
-            matmul(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
+            transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
+            // dΨᵀ = H' dYᵀ (the chunk's rows in the lanes) ;  dH' += Ψᵀ dY: the dv value columns
+            // as a product, the denominator's as dot products
+            let dyt = rm(&b.yt[..e * cn], e, cn);
+            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
+            let psi = self.psi(b, cn, weighted);
+            let dy_v = rm_strided(&b.y[..cn * e], cn, dvw, e);
+            matmul_small(rm_strided_mut(dstate, r, dvw, e), true, rm(psi, r, cn), dy_v, T::one());
+            add_row_dots(psi, cn, Some(&b.yt[dvw * cn..e * cn]), &mut dstate[dvw..], e);
             self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
             if self.center {
                 // the chunk's dm is complete: its rows of q and dq are still in cache
@@ -786,12 +804,14 @@ impl<T: Scalar> Head<'_, T> {
             if self.center { dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect() } else { vec![] };
         for (j0, cn) in self.chunks(n) {
             self.key_features(kv, j0, cn, b);
-            self.aug_v(kv.v.sub(j0, cn), &mut b.ve);
-            // dΦ_Kᵀ = dH' V'ᵀ ;  dV = Φ_K dH'[:, :dv]
-            let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one(), Par::Seq);
+            // V'ᵀ [e, cn]: the values transposed and a row of ones
+            transpose(kv.v.sub(j0, cn), None, T::one(), &mut b.yt[..e * cn]);
+            b.yt[dvw * cn..e * cn].fill(T::one());
+            // dΦ_Kᵀ = dH' V'ᵀ (the chunk's rows in the lanes) ;  dV = Φ_K dH'[:, :dv]
+            let vt = rm(&b.yt[..e * cn], e, cn);
+            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
-            matmul(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one(), Par::Seq);
+            matmul_small(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one());
             self.feature_vjp(b, &mut dk.sub_mut(j0, cn));
             if self.center {
                 // every key's 1/n share of the row shifts' key-mean gradient, while the rows are in cache
@@ -827,18 +847,18 @@ impl<T: Scalar> Head<'_, T> {
             // inter-chunk: Y = Ψ S'
             self.query_features(qc, &m[i0..], weighted, b);
             let psi = rm(self.psi(b, cn, weighted), r, cn).transpose();
-            matmul(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one(), Par::Seq);
+            matmul_small(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one());
             // intra-chunk: Y += A V', a_ij = T_g(τ q_i·(k_j − c) − m_i) for j ≤ i
             self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
             self.intra_scores(qc, &b.xtk, &mut b.s);
             self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, None);
             self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
             let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul(rm_mut(&mut y[..cn * e], cn, e), true, rm(&b.s[..cn * cn], cn, cn), ve, T::one(), Par::Seq);
+            matmul_small(rm_mut(&mut y[..cn * e], cn, e), true, rm(&b.s[..cn * cn], cn, cn), ve, T::one());
             self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
             // S' += Φ_K,cᵀ V'_c
             self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
-            matmul(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one(), Par::Seq);
+            matmul_small(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one());
         }
     }
 
@@ -876,26 +896,26 @@ impl<T: Scalar> Head<'_, T> {
             self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
             // dΨᵀ = S' dYᵀ
             let dy = rm(&b.y[..cn * e], cn, e);
-            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one(), Par::Seq);
+            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one());
             let mut dqc = dq.sub_mut(i0, cn);
             self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dqc);
             // intra: dA = dY V'ᵀ, A = T_g(s̃), dS̃ = dA ∘ T_{g−1}(s̃) (masked)
             self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
             self.intra_scores(qc, &b.xtk, &mut b.s);
             let (dy, ve) = (rm(&b.y[..cn * e], cn, e), rm(&b.ve[..cn * e], cn, e));
-            matmul(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, ve.transpose(), T::one(), Par::Seq);
+            matmul_small(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, ve.transpose(), T::one());
             self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, Some((&mut da, &mut dm[i0..i0 + cn])));
             let (sa, dsa) = (rm(&b.s[..cn * cn], cn, cn), rm(&da[..cn * cn], cn, cn));
             // dq_i += τ Σ_j dS̃_ij (k_j − c) = √τ dS̃ xtkᵀ ;  dk_j += τ Σ_i dS̃_ij q_i
             let kt = rm(&b.xtk[..d * cn], d, cn).transpose();
-            matmul(dqc.mat_mut(), true, dsa, kt, self.sqrt_tau(), Par::Seq);
-            matmul(dk.sub_mut(i0, cn).mat_mut(), true, dsa.transpose(), qc.mat(), tau, Par::Seq);
+            matmul_small(dqc.mat_mut(), true, dsa, kt, self.sqrt_tau());
+            matmul_small(dk.sub_mut(i0, cn).mat_mut(), true, dsa.transpose(), qc.mat(), tau);
             let dy_v = rm_strided(&b.y[..cn * e], cn, dvw, e);
-            matmul(dv.sub_mut(i0, cn).mat_mut(), true, sa.transpose(), dy_v, T::one(), Par::Seq);
+            matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, sa.transpose(), dy_v, T::one());
             // S' += Φ_K,cᵀ V'_c
             self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
             let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one(), Par::Seq);
+            matmul_small(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one());
         }
         // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ;
         // and, rows descending while the chunk is in cache, through the shift: dq_i += τ dm_i (k̄_i − c),
@@ -907,15 +927,15 @@ impl<T: Scalar> Head<'_, T> {
             // dΦ_Kᵀ = dS' V'ᵀ ;  dV += Φ_K dS'[:, :dv]
             let (ds, ds_v) = (rm(dstate, r, e), rm_strided(dstate, r, dvw, e));
             let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one(), Par::Seq);
+            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one());
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
-            matmul(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one(), Par::Seq);
+            matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one());
             self.feature_vjp(b, &mut dk.sub_mut(i0, cn));
             // dS' += Ψᵀ dY
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             let dy = rm(&b.y[..cn * e], cn, e);
-            matmul(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one(), Par::Seq);
+            matmul_small(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one());
             if self.center {
                 for i in (i0..i0 + cn).rev() {
                     let s = tau * dm[i];
@@ -937,6 +957,95 @@ impl<T: Scalar> Head<'_, T> {
             }
         }
     }
+}
+
+/// `xt [cols, rows] = st·(x_i − c)ᵀ` for the rows of `x` (no shift when `c` is `None`); f32 on an
+/// AVX CPU by 8×8 register transposes, bit-identical to the loop.
+pub(crate) fn transpose<T: Scalar>(x: Rows<'_, T>, c: Option<&[T]>, st: T, xt: &mut [T]) {
+    let rows = x.rows();
+    let (data, stride) = x.parts();
+    if let (Some(src), Some(dst)) = (crate::linalg::as_f32(data), crate::linalg::as_f32_mut(xt)) {
+        // f32: 8×8 register transposes (bit-identical to the loop below; st is an f32 already)
+        let shift = c.and_then(crate::linalg::as_f32);
+        let level = crate::simd::Level::detect();
+        let st = st.as_f64() as f32;
+        if crate::simd::transpose::transpose_scaled(level, src, stride, rows, x.cols(), shift, st, dst, rows) {
+            return;
+        }
+    }
+    dispatch(
+        #[inline(always)]
+        || {
+            for i in 0..rows {
+                let xr = x.row(i);
+                match c {
+                    Some(c) => {
+                        for (col, (v, cv)) in xr.iter().zip(c).enumerate() {
+                            xt[col * rows + i] = (*v - *cv) * st;
+                        }
+                    }
+                    None => {
+                        for (col, v) in xr.iter().enumerate() {
+                            xt[col * rows + i] = *v * st;
+                        }
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// `out[k·os] += Σ_i a[k·cols + i]·v[i]` for every row `k` of `a [rows, cols]` (`v = 1` when
+/// `None`: row sums): dot products along the contiguous side in 16 partial sums, so that they
+/// vectorize (the denominator column of `H'` and `dH'`, kept out of the products' lanes).
+fn add_row_dots<T: Scalar>(a: &[T], cols: usize, v: Option<&[T]>, out: &mut [T], os: usize) {
+    if cols == 0 {
+        return;
+    }
+    const L: usize = 16;
+    let split = cols / L * L;
+    dispatch(
+        #[inline(always)]
+        || {
+            for (k, row) in a.chunks_exact(cols).enumerate() {
+                let mut acc = [T::zero(); L];
+                let mut rest = T::zero();
+                let (body, tail) = row.split_at(split);
+                match v {
+                    Some(v) => {
+                        let (vb, vt) = v[..cols].split_at(split);
+                        for (x, y) in body.chunks_exact(L).zip(vb.chunks_exact(L)) {
+                            for l in 0..L {
+                                acc[l] += x[l] * y[l];
+                            }
+                        }
+                        for (x, y) in tail.iter().zip(vt) {
+                            rest += *x * *y;
+                        }
+                    }
+                    None => {
+                        for x in body.chunks_exact(L) {
+                            for l in 0..L {
+                                acc[l] += x[l];
+                            }
+                        }
+                        for x in tail {
+                            rest += *x;
+                        }
+                    }
+                }
+                // pairwise: halves added as vectors (8, 4, 2, 1 lanes)
+                let mut w = L / 2;
+                while w > 0 {
+                    for l in 0..w {
+                        acc[l] += acc[l + w];
+                    }
+                    w /= 2;
+                }
+                out[k * os] += acc[0] + rest;
+            }
+        },
+    );
 }
 
 /// Row shifts `m_i = τ q_i·kbar_i` of one query head (MATH §3; `kbar` = `k̄ − c` of a [`KvHead`]:

@@ -578,6 +578,39 @@ macro_rules! rows {
     }};
 }
 
+/// `C = α·A·B` or `C += α·A·B` on the register-tiled kernels of `level` (layout as
+/// [`Tiles::gemm`]: `A [m, k]` any strides, `B [k, n]` and `C [m, n]` row-major with row strides
+/// `rsb`, `rsc`). Returns `false`, touching nothing, for [`Level::Generic`].
+///
+/// # Safety
+/// `level` must be this CPU's or narrower ([`Level::detect`]); every element addressed must be
+/// valid; `C` must not overlap `A` or `B`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_gemm(
+    level: Level,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: *const f32,
+    rsb: usize,
+    c: *mut f32,
+    rsc: usize,
+    alpha: f32,
+    acc: bool,
+) -> bool {
+    match level {
+        // SAFETY: the caller's contract (the CPU has the level; the operands are valid).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { gemm_avx512(m, n, k, a, b, rsb, c, rsc, alpha, acc) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { gemm_avx2(m, n, k, a, b, rsb, c, rsc, alpha, acc) },
+        _ => return false,
+    }
+    true
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]

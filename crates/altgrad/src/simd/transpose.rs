@@ -188,6 +188,52 @@ pub(crate) unsafe fn add_transposed(
     true
 }
 
+/// `dst[i·ds + c] = src[c·ld + i]·w[i]` for `i < rows`, `c < cols`: writes the transpose of a
+/// `cols × rows` block (leading dimension `ld`), row `i` scaled by `w[i]`, into a strided
+/// `rows × cols` view at `dst` (the polynomial forward's `o_i = y_i / den_i` from `Yᵀ`). Returns
+/// `false`, touching nothing, without a SIMD level. Panics if `src` or `w` is too short.
+///
+/// # Safety
+/// `dst` must be valid for writing `(i, c)` at `dst + i·ds + c` for every `i < rows`, `c < cols`,
+/// and not overlap `src`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn store_transposed(
+    level: Level,
+    src: &[f32],
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    w: &[f32],
+    dst: *mut f32,
+    ds: usize,
+) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    assert!(ld >= rows && src.len() >= (cols - 1) * ld + rows, "store_transposed: src too short");
+    assert!(w.len() >= rows, "store_transposed: w too short");
+    match level {
+        // SAFETY: the level is this CPU's; src and w checked above, dst by the caller's contract.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 | Level::Avx2 => unsafe { store_transposed_avx(src, ld, rows, cols, w, dst, ds) },
+        _ => return false,
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_transposed_avx(src: &[f32], ld: usize, rows: usize, cols: usize, w: &[f32], dst: *mut f32, ds: usize) {
+    let sp = src.as_ptr();
+    blocks(rows, cols, |i0, c0| {
+        for (k, v) in load_t8(sp.add(c0 * ld + i0), ld).iter().enumerate() {
+            _mm256_storeu_ps(dst.add((i0 + k) * ds + c0), _mm256_mul_ps(*v, _mm256_set1_ps(w[i0 + k])));
+        }
+    });
+    remainder(rows, cols, |i, c| *dst.add(i * ds + c) = src[c * ld + i] * w[i]);
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
@@ -232,6 +278,19 @@ mod tests {
                     }
                 }
                 assert_eq!(got, want, "add_transposed {level:?} {rows}x{cols} ss {ss} ld {ld}");
+                // and a row-weighted store of the transpose into a strided view (other values kept)
+                let w = data(rows, 5);
+                let mut got = data((rows - 1) * ss + cols, 13);
+                let mut want = got.clone();
+                // SAFETY: as above.
+                assert!(unsafe { store_transposed(level, &blk, ld, rows, cols, &w, got.as_mut_ptr(), ss) });
+                for i in 0..rows {
+                    for c in 0..cols {
+                        want[i * ss + c] = blk[c * ld + i] * w[i];
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "store_transposed {level:?} {rows}x{cols} ss {ss} ld {ld}");
             }
         }
     }
