@@ -314,7 +314,7 @@ pub struct Head<'a, T> {
 
 /// Per-chunk scratch buffers, sized for each use ([`Head::bufs`]). Features are feature-major: `phit [r, rows]`
 /// (column `i` = `φ` of the chunk's row `i`), inputs `xt`, `xtk [d, rows]` (queries, keys);
-/// value chunks are row-major, `yt [e, rows]` a value-side chunk transposed (`Yᵀ`, `dYᵀ` or
+/// value chunks are row-major, `yt`, `vt [e, rows]` value-side chunks transposed (`Yᵀ`, `dYᵀ`,
 /// `V'ᵀ`, so that products over the features keep the chunk's rows in the vector lanes); `s`, `da`
 /// are `C × C` tiles.
 #[derive(Debug, Default)]
@@ -330,6 +330,7 @@ pub(crate) struct Bufs<T> {
     pub(crate) ve: Vec<T>,
     pub(crate) y: Vec<T>,
     pub(crate) yt: Vec<T>,
+    pub(crate) vt: Vec<T>,
     pub(crate) s: Vec<T>,
     pub(crate) da: Vec<T>,
     pub(crate) tmp: Vec<T>,
@@ -360,12 +361,12 @@ impl<T: Scalar> Head<'_, T> {
         T::from_f64(self.scale.sqrt())
     }
 
-    /// Values of scratch a head of `n` rows uses ([`bufs`](Self::bufs)): `C·(3d + 3r + g + 3e + 2C + 4)`
+    /// Values of scratch a head of `n` rows uses ([`bufs`](Self::bufs)): `C·(3d + 3r + g + 4e + 2C + 4)`
     /// (`2r` without centering), `C = min(chunk, n)`.
     pub fn scratch_len(&self, n: usize) -> usize {
         let (c, d, r, e, g) = (self.c(n), self.d(), self.r(), self.e(), self.g());
         let psi = if self.center { r } else { 0 };
-        c * (3 * d + 2 * r + psi + (g + 1) + 1 + 3 * e + 2 * c + 2)
+        c * (3 * d + 2 * r + psi + (g + 1) + 1 + 4 * e + 2 * c + 2)
     }
 
     /// Scratch for sequences of `n` rows, from the workspace.
@@ -389,6 +390,7 @@ impl<T: Scalar> Head<'_, T> {
                 (&mut b.ve, c * e),
                 (&mut b.y, c * e),
                 (&mut b.yt, c * e),
+                (&mut b.vt, c * e),
                 (&mut b.s, c * c),
                 (&mut b.da, c * c),
                 (&mut b.tmp, c),
@@ -548,6 +550,20 @@ impl<T: Scalar> Head<'_, T> {
                 *x = yt[c * rows + i] * *iv;
             }
         }
+    }
+
+    /// `dS' += Ψᵀ dY` for a chunk's `psi [r, rows]` and `dy [rows, e]`: the dv value columns as a
+    /// product (dv in the lanes), the denominator's as dot products with that column, gathered
+    /// into `col` (scratch of `rows` values).
+    fn add_dstate(&self, psi: &[T], dy: &[T], col: &mut [T], dstate: &mut [T]) {
+        let (r, e, dv) = (self.r(), self.e(), self.dv);
+        let rows = dy.len() / e;
+        let dy_v = rm_strided(dy, rows, dv, e);
+        matmul_small(rm_strided_mut(dstate, r, dv, e), true, rm(psi, r, rows), dy_v, T::one());
+        for (c, y) in col[..rows].iter_mut().zip(dy.chunks_exact(e)) {
+            *c = y[dv];
+        }
+        add_row_dots(psi, rows, Some(&col[..rows]), &mut dstate[dv..], e);
     }
 
     /// Adds `√τ dxt` (`[d, rows]`) to the rows of `dx`.
@@ -754,7 +770,6 @@ impl<T: Scalar> Head<'_, T> {
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
         let mut dm = vec![T::zero(); n];
-        let dvw = self.dv;
         for (i0, cn) in self.chunks(n) {
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
@@ -763,10 +778,9 @@ impl<T: Scalar> Head<'_, T> {
             // as a product, the denominator's as dot products
             let dyt = rm(&b.yt[..e * cn], e, cn);
             matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
-            let psi = self.psi(b, cn, weighted);
-            let dy_v = rm_strided(&b.y[..cn * e], cn, dvw, e);
-            matmul_small(rm_strided_mut(dstate, r, dvw, e), true, rm(psi, r, cn), dy_v, T::one());
-            add_row_dots(psi, cn, Some(&b.yt[dvw * cn..e * cn]), &mut dstate[dvw..], e);
+            let mut col = std::mem::take(&mut b.tmp2);
+            self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &mut col, dstate);
+            b.tmp2 = col;
             self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
             if self.center {
                 // the chunk's dm is complete: its rows of q and dq are still in cache
@@ -858,8 +872,17 @@ impl<T: Scalar> Head<'_, T> {
             self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
             // S' += Φ_K,cᵀ V'_c
             self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
-            matmul_small(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one());
+            self.add_state(&b.phit[..r * cn], kv.v.sub(i0, cn), state);
         }
+    }
+
+    /// `S' += Φᵀ [V 1]` for a chunk's features `phit [r, rows]` and values `v [rows, dv]`: the dv
+    /// value columns as a product (the values read in place, dv in the lanes), the ones column as
+    /// row sums.
+    fn add_state(&self, phit: &[T], v: Rows<'_, T>, state: &mut [T]) {
+        let (r, e, dv, rows) = (self.r(), self.e(), self.dv, v.rows());
+        matmul_small(rm_strided_mut(state, r, dv, e), true, rm(phit, r, rows), v.mat(), T::one());
+        add_row_dots(phit, rows, None, &mut state[dv..], e);
     }
 
     /// Causal backward of one query head `x` (MATH §4) against `kv`; `state` = the initial `S'` of
@@ -894,16 +917,19 @@ impl<T: Scalar> Head<'_, T> {
             self.query_features(qc, &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
+            // dYᵀ and V'ᵀ, so that dΨᵀ and dA have the chunk's rows in the lanes
+            transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
+            transpose(Rows::contiguous(&b.ve[..cn * e], cn, e), None, T::one(), &mut b.vt[..e * cn]);
             // dΨᵀ = S' dYᵀ
-            let dy = rm(&b.y[..cn * e], cn, e);
-            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dy.transpose(), T::one());
+            let dyt = rm(&b.yt[..e * cn], e, cn);
+            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
             let mut dqc = dq.sub_mut(i0, cn);
             self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dqc);
             // intra: dA = dY V'ᵀ, A = T_g(s̃), dS̃ = dA ∘ T_{g−1}(s̃) (masked)
             self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
             self.intra_scores(qc, &b.xtk, &mut b.s);
-            let (dy, ve) = (rm(&b.y[..cn * e], cn, e), rm(&b.ve[..cn * e], cn, e));
-            matmul_small(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, ve.transpose(), T::one());
+            let (dy, vt) = (rm(&b.y[..cn * e], cn, e), rm(&b.vt[..e * cn], e, cn));
+            matmul_small(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, vt, T::one());
             self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, Some((&mut da, &mut dm[i0..i0 + cn])));
             let (sa, dsa) = (rm(&b.s[..cn * cn], cn, cn), rm(&da[..cn * cn], cn, cn));
             // dq_i += τ Σ_j dS̃_ij (k_j − c) = √τ dS̃ xtkᵀ ;  dk_j += τ Σ_i dS̃_ij q_i
@@ -914,8 +940,7 @@ impl<T: Scalar> Head<'_, T> {
             matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, sa.transpose(), dy_v, T::one());
             // S' += Φ_K,cᵀ V'_c
             self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
-            let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul_small(rm_mut(state, r, e), true, rm(&b.phit[..r * cn], r, cn), ve, T::one());
+            self.add_state(&b.phit[..r * cn], kv.v.sub(i0, cn), state);
         }
         // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ;
         // and, rows descending while the chunk is in cache, through the shift: dq_i += τ dm_i (k̄_i − c),
@@ -923,19 +948,22 @@ impl<T: Scalar> Head<'_, T> {
         let mut acc = vec![0.0f64; d];
         for (i0, cn) in self.chunks(n).rev() {
             self.key_features(kv, i0, cn, b);
-            self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
-            // dΦ_Kᵀ = dS' V'ᵀ ;  dV += Φ_K dS'[:, :dv]
+            // V'ᵀ [e, cn]: the values transposed and a row of ones
+            transpose(kv.v.sub(i0, cn), None, T::one(), &mut b.vt[..e * cn]);
+            b.vt[dvw * cn..e * cn].fill(T::one());
+            // dΦ_Kᵀ = dS' V'ᵀ (the chunk's rows in the lanes) ;  dV += Φ_K dS'[:, :dv]
             let (ds, ds_v) = (rm(dstate, r, e), rm_strided(dstate, r, dvw, e));
-            let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, ve.transpose(), T::one());
+            let vt = rm(&b.vt[..e * cn], e, cn);
+            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
             matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one());
             self.feature_vjp(b, &mut dk.sub_mut(i0, cn));
             // dS' += Ψᵀ dY
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
-            let dy = rm(&b.y[..cn * e], cn, e);
-            matmul_small(rm_mut(dstate, r, e), true, rm(self.psi(b, cn, weighted), r, cn), dy, T::one());
+            let mut col = std::mem::take(&mut b.tmp2);
+            self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &mut col, dstate);
+            b.tmp2 = col;
             if self.center {
                 for i in (i0..i0 + cn).rev() {
                     let s = tau * dm[i];
