@@ -440,13 +440,14 @@ mod tests {
     }
 
     /// `matmul_small` in f32 against the f64 triple loop, in every orientation it picks: `dst`
-    /// row-major with `b` row-major (direct), `dst` and `a` column-major (transposed), and strides
-    /// that fit neither (faer); widths around the register sizes, `k = 0`, `acc` both ways.
+    /// row-major with `b` row-major (direct; also with row strides wider than the rows), `dst` and
+    /// `a` column-major (transposed), and strides that fit neither (faer); widths around the
+    /// register sizes, `k = 0`, `acc` both ways. (On a CPU without AVX2 every case is faer's.)
     #[test]
     fn small_products_match_the_triple_loop_in_every_orientation() {
         for (m, n, k) in [(17, 64, 153), (153, 64, 17), (153, 16, 64), (64, 17, 153), (1, 1, 1), (7, 33, 0), (20, 5, 9)]
         {
-            for layout in 0..3 {
+            for layout in 0..4 {
                 for acc in [false, true] {
                     let (a64, b64, c64) = (data(m * k, 4), data(k * n, 5), data(m * n, 6));
                     let f = |x: &[f64]| x.iter().map(|v| *v as f32).collect::<Vec<f32>>();
@@ -470,6 +471,33 @@ mod tests {
                                 for j in 0..n {
                                     c[i * n + j] = ct[j * m + i];
                                 }
+                            }
+                        }
+                        3 => {
+                            // dst and b row-major with row strides wider than their rows (the
+                            // state products' layout): direct, the gaps kept
+                            let (sc, sb) = (n + 3, n + 5);
+                            let mut cs = vec![f32::NAN; m * sc];
+                            let mut bs = vec![f32::NAN; k * sb];
+                            for i in 0..m {
+                                cs[i * sc..i * sc + n].copy_from_slice(&c[i * n..(i + 1) * n]);
+                            }
+                            for p in 0..k {
+                                bs[p * sb..p * sb + n].copy_from_slice(&b[p * n..(p + 1) * n]);
+                            }
+                            matmul_small(
+                                rm_strided_mut(&mut cs, m, n, sc),
+                                acc,
+                                rm(&a, m, k),
+                                rm_strided(&bs, k, n, sb),
+                                alpha,
+                            );
+                            for i in 0..m {
+                                assert!(
+                                    cs[i * sc + n..(i + 1) * sc].iter().all(|x| x.is_nan()),
+                                    "gap of row {i} written"
+                                );
+                                c[i * n..(i + 1) * n].copy_from_slice(&cs[i * sc..i * sc + n]);
                             }
                         }
                         _ => {

@@ -518,8 +518,10 @@ impl<T: Scalar> Head<'_, T> {
 
     /// `o_i = y_i[..dv] / y_i[dv]`, `den_i = y_i[dv]` for the rows of `o`, from `yt = Yᵀ [e, rows]`
     /// (`inv`: scratch of `rows` values, gets `1/den_i`).
+    /// Panics if `o` is not `rows × dv`.
     fn finish_t(&self, yt: &[T], rows: usize, inv: &mut [T], o: &mut RowsMut<'_, T>, den: &mut [T]) {
         let dv = self.dv;
+        assert!(o.rows() == rows && o.cols() == dv, "polynomial forward: output chunk is not rows × head_dim_v");
         for ((dn, iv), y) in den[..rows].iter_mut().zip(inv[..rows].iter_mut()).zip(&yt[dv * rows..(dv + 1) * rows]) {
             debug_assert!(*y > T::zero(), "polynomial attention denominator {y:?} ≤ 0 (even degree keeps it positive)");
             *dn = *y;
@@ -567,8 +569,10 @@ impl<T: Scalar> Head<'_, T> {
     }
 
     /// Adds `√τ dxt` (`[d, rows]`) to the rows of `dx`.
+    /// Panics if `dx` is not `d` wide.
     fn add_transposed(&self, dxt: &[T], dx: &mut RowsMut<'_, T>) {
         let rows = dx.rows();
+        assert_eq!(dx.cols(), self.d(), "polynomial backward: gradient rows are not head_dim wide");
         let st = self.sqrt_tau();
         if let Some(src) = crate::linalg::as_f32(dxt) {
             // f32: 8×8 register transposes (bit-identical to the loop below; st is an f32 already)
@@ -874,6 +878,7 @@ impl<T: Scalar> Head<'_, T> {
             self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
             self.add_state(&b.phit[..r * cn], kv.v.sub(i0, cn), state);
         }
+        b.y = y;
     }
 
     /// `S' += Φᵀ [V 1]` for a chunk's features `phit [r, rows]` and values `v [rows, dv]`: the dv
@@ -942,6 +947,7 @@ impl<T: Scalar> Head<'_, T> {
             self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
             self.add_state(&b.phit[..r * cn], kv.v.sub(i0, cn), state);
         }
+        b.da = da;
         // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ;
         // and, rows descending while the chunk is in cache, through the shift: dq_i += τ dm_i (k̄_i − c),
         // key j (and the initial key sum) gets Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum in acc).

@@ -114,6 +114,12 @@ impl<'a, T: Scalar> RowsMut<'a, T> {
         self.m.nrows()
     }
 
+    /// Row width.
+    #[inline]
+    pub fn cols(&self) -> usize {
+        self.m.ncols()
+    }
+
     /// Row `i`, as a slice.
     #[inline]
     pub fn row_mut(&mut self, i: usize) -> &mut [T] {

@@ -519,8 +519,9 @@ unsafe fn micro<S: Vector, const MR: usize, const NV: usize>(
                 *x = S::fma(ai, *bx, *x);
             }
         }
-        ap = ap.add(a.cs);
-        bp = bp.add(rsb);
+        // wrapping: after the last step the pointers may point past the operands (never read)
+        ap = ap.wrapping_add(a.cs);
+        bp = bp.wrapping_add(rsb);
     }
     let al = S::splat(alpha);
     for (i, row) in ab.iter().enumerate() {
