@@ -484,6 +484,13 @@ impl<T: Scalar> Head<'_, T> {
         }
     }
 
+    /// `vt = V'ᵀ [e, rows]` for the rows of `v`: the values transposed and a row of ones.
+    pub(crate) fn values_t(&self, v: Rows<'_, T>, vt: &mut [T]) {
+        let (e, rows) = (self.e(), v.rows());
+        transpose(v, None, T::one(), &mut vt[..e * rows]);
+        vt[self.dv * rows..e * rows].fill(T::one());
+    }
+
     /// `dy_i = [G_i/den_i, −(G_i·O_i)/den_i]` for the rows of `g`.
     fn dy(&self, g: Rows<'_, T>, o: Rows<'_, T>, den: &[T], dy: &mut [T]) {
         let (dv, e) = (self.dv, self.e());
@@ -554,18 +561,15 @@ impl<T: Scalar> Head<'_, T> {
         }
     }
 
-    /// `dS' += Ψᵀ dY` for a chunk's `psi [r, rows]` and `dy [rows, e]`: the dv value columns as a
-    /// product (dv in the lanes), the denominator's as dot products with that column, gathered
-    /// into `col` (scratch of `rows` values).
-    fn add_dstate(&self, psi: &[T], dy: &[T], col: &mut [T], dstate: &mut [T]) {
+    /// `dS' += Ψᵀ dY` for a chunk's `psi [r, rows]`, `dy [rows, e]` and `dyt = dYᵀ [e, rows]`:
+    /// the dv value columns as a product (dv in the lanes), the denominator's as dot products with
+    /// `dyt`'s last row.
+    fn add_dstate(&self, psi: &[T], dy: &[T], dyt: &[T], dstate: &mut [T]) {
         let (r, e, dv) = (self.r(), self.e(), self.dv);
         let rows = dy.len() / e;
         let dy_v = rm_strided(dy, rows, dv, e);
         matmul_small(rm_strided_mut(dstate, r, dv, e), true, rm(psi, r, rows), dy_v, T::one());
-        for (c, y) in col[..rows].iter_mut().zip(dy.chunks_exact(e)) {
-            *c = y[dv];
-        }
-        add_row_dots(psi, rows, Some(&col[..rows]), &mut dstate[dv..], e);
+        add_row_dots(psi, rows, Some(&dyt[dv * rows..e * rows]), &mut dstate[dv..], e);
     }
 
     /// Adds `√τ dxt` (`[d, rows]`) to the rows of `dx`.
@@ -782,9 +786,7 @@ impl<T: Scalar> Head<'_, T> {
             // as a product, the denominator's as dot products
             let dyt = rm(&b.yt[..e * cn], e, cn);
             matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
-            let mut col = std::mem::take(&mut b.tmp2);
-            self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &mut col, dstate);
-            b.tmp2 = col;
+            self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate);
             self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
             if self.center {
                 // the chunk's dm is complete: its rows of q and dq are still in cache
@@ -822,9 +824,7 @@ impl<T: Scalar> Head<'_, T> {
             if self.center { dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect() } else { vec![] };
         for (j0, cn) in self.chunks(n) {
             self.key_features(kv, j0, cn, b);
-            // V'ᵀ [e, cn]: the values transposed and a row of ones
-            transpose(kv.v.sub(j0, cn), None, T::one(), &mut b.yt[..e * cn]);
-            b.yt[dvw * cn..e * cn].fill(T::one());
+            self.values_t(kv.v.sub(j0, cn), &mut b.yt);
             // dΦ_Kᵀ = dH' V'ᵀ (the chunk's rows in the lanes) ;  dV = Φ_K dH'[:, :dv]
             let vt = rm(&b.yt[..e * cn], e, cn);
             matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
@@ -921,10 +921,9 @@ impl<T: Scalar> Head<'_, T> {
             let qc = q.sub(i0, cn);
             self.query_features(qc, &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
-            self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
             // dYᵀ and V'ᵀ, so that dΨᵀ and dA have the chunk's rows in the lanes
             transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
-            transpose(Rows::contiguous(&b.ve[..cn * e], cn, e), None, T::one(), &mut b.vt[..e * cn]);
+            self.values_t(kv.v.sub(i0, cn), &mut b.vt);
             // dΨᵀ = S' dYᵀ
             let dyt = rm(&b.yt[..e * cn], e, cn);
             matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
@@ -954,9 +953,7 @@ impl<T: Scalar> Head<'_, T> {
         let mut acc = vec![0.0f64; d];
         for (i0, cn) in self.chunks(n).rev() {
             self.key_features(kv, i0, cn, b);
-            // V'ᵀ [e, cn]: the values transposed and a row of ones
-            transpose(kv.v.sub(i0, cn), None, T::one(), &mut b.vt[..e * cn]);
-            b.vt[dvw * cn..e * cn].fill(T::one());
+            self.values_t(kv.v.sub(i0, cn), &mut b.vt);
             // dΦ_Kᵀ = dS' V'ᵀ (the chunk's rows in the lanes) ;  dV += Φ_K dS'[:, :dv]
             let (ds, ds_v) = (rm(dstate, r, e), rm_strided(dstate, r, dvw, e));
             let vt = rm(&b.vt[..e * cn], e, cn);
@@ -967,9 +964,8 @@ impl<T: Scalar> Head<'_, T> {
             // dS' += Ψᵀ dY
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
-            let mut col = std::mem::take(&mut b.tmp2);
-            self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &mut col, dstate);
-            b.tmp2 = col;
+            transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
+            self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate);
             if self.center {
                 for i in (i0..i0 + cn).rev() {
                     let s = tau * dm[i];
