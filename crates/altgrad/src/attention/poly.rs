@@ -233,11 +233,17 @@ pub fn kv_head<'a, T: Scalar>(
     }
     let mean = |rows: usize| -> Vec<f64> {
         let mut acc = vec![0.0f64; d];
-        for i in 0..rows {
-            for (a, x) in acc.iter_mut().zip(k.row(i)) {
-                *a += x.as_f64();
-            }
-        }
+        // row by row, each column's sum in order (vectorized across the columns)
+        dispatch(
+            #[inline(always)]
+            || {
+                for i in 0..rows {
+                    for (a, x) in acc.iter_mut().zip(k.row(i)) {
+                        *a += x.as_f64();
+                    }
+                }
+            },
+        );
         acc.iter().map(|a| a / rows.max(1) as f64).collect()
     };
     let default: Vec<T> =
@@ -251,13 +257,19 @@ pub fn kv_head<'a, T: Scalar>(
             None => vec![0.0; d],
         };
         let mut out = vec![T::zero(); n * d];
-        for i in 0..n {
-            let inv = 1.0 / (offset + i + 1) as f64;
-            for ((a, (x, cv)), o) in acc.iter_mut().zip(k.row(i).iter().zip(&cf)).zip(&mut out[i * d..(i + 1) * d]) {
-                *a += x.as_f64() - cv;
-                *o = T::from_f64(*a * inv);
-            }
-        }
+        dispatch(
+            #[inline(always)]
+            || {
+                for i in 0..n {
+                    let inv = 1.0 / (offset + i + 1) as f64;
+                    let row = k.row(i).iter().zip(&cf);
+                    for ((a, (x, cv)), o) in acc.iter_mut().zip(row).zip(&mut out[i * d..(i + 1) * d]) {
+                        *a += x.as_f64() - cv;
+                        *o = T::from_f64(*a * inv);
+                    }
+                }
+            },
+        );
         out
     } else if c != default {
         mean(n).iter().zip(&cf).map(|(a, b)| T::from_f64(a - b)).collect()

@@ -490,6 +490,24 @@ pub(crate) trait Tiles: Vector {
     );
 }
 
+/// `p`, hidden from the optimizer (offset by a zero it cannot see): it cannot tell that the group
+/// pointers of [`micro`] are a fixed distance apart, so it keeps one induction variable per group
+/// instead of rebuilding all of them from one pointer by a chain of adds in every k step.
+#[inline(always)]
+fn opaque(p: *const f32) -> *const f32 {
+    #[allow(unused_mut)]
+    let mut zero = 0usize;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: an empty asm block that reads and writes one integer register: no memory, no flags.
+    unsafe {
+        std::arch::asm!("/* {0} */", inout(reg) zero, options(pure, nomem, nostack, preserves_flags));
+    }
+    p.wrapping_add(zero)
+}
+
+/// The most groups of four rows of `A` a micro-kernel reads (`MR ≤ 16`).
+const MAX_GROUPS: usize = 4;
+
 /// `MR` rows × `NV` registers of `C`, accumulated in registers over `k`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -506,7 +524,15 @@ unsafe fn micro<S: Vector, const MR: usize, const NV: usize>(
 ) {
     let l = S::LANES;
     let mut ab = [[S::splat(0.0); NV]; MR];
-    let mut ap = a.ptr;
+    // A's rows in groups of four, one base pointer per group: row 4g + j is read at
+    // `base[g] + j·rs` (an addressing mode), so each k step advances MR/4 independent pointers.
+    // (One pointer stepped by `rs` from row to row made a chain of MR dependent adds per k step,
+    // longer than the step's MR·NV/2 cycles of FMAs when NV ≤ 2.)
+    debug_assert!(MR <= 4 * MAX_GROUPS);
+    let mut base = [a.ptr; MAX_GROUPS];
+    for (g, p) in base.iter_mut().enumerate().take(MR.div_ceil(4)) {
+        *p = opaque(a.ptr.wrapping_add(4 * g * a.rs));
+    }
     let mut bp = b;
     for _ in 0..k {
         let mut bv = [S::splat(0.0); NV];
@@ -514,13 +540,15 @@ unsafe fn micro<S: Vector, const MR: usize, const NV: usize>(
             *x = if v + 1 < NV { S::load(bp.add(v * l)) } else { S::load_m(bp.add(v * l), tail) };
         }
         for (i, row) in ab.iter_mut().enumerate() {
-            let ai = S::splat(*ap.add(i * a.rs));
+            let ai = S::splat(*base[i / 4].add(i % 4 * a.rs));
             for (x, bx) in row.iter_mut().zip(&bv) {
                 *x = S::fma(ai, *bx, *x);
             }
         }
         // wrapping: after the last step the pointers may point past the operands (never read)
-        ap = ap.wrapping_add(a.cs);
+        for p in base.iter_mut().take(MR.div_ceil(4)) {
+            *p = p.wrapping_add(a.cs);
+        }
         bp = bp.wrapping_add(rsb);
     }
     let al = S::splat(alpha);
