@@ -866,31 +866,43 @@ impl<T: Scalar> Head<'_, T> {
         o: &mut RowsMut<'_, T>,
         den: &mut [T],
     ) {
-        let (n, d, r, e) = (q.rows(), self.d(), self.r(), self.e());
+        let (n, d, r, e, dv) = (q.rows(), self.d(), self.r(), self.e(), self.dv);
         let weighted = self.weighted(m);
         let coef = taylor_coefs::<T>(self.g());
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
         let mut y = std::mem::take(&mut b.y);
+        // the denominator column's scratch (`ve` is free here: the values are read in place)
+        let mut col = std::mem::take(&mut b.ve);
         for (i0, cn) in self.chunks(n) {
             let qc = q.sub(i0, cn);
-            // inter-chunk: Y = Ψ S'
+            // inter-chunk: Y = Ψ S'. The dv value columns as a product with dv in the lanes; the
+            // denominator column (Ψ S'[:, dv]) as a one-row product with the chunk's rows in the
+            // lanes (a 17th column would fill a second register to one lane in 16).
             self.query_features(qc, &m[i0..], weighted, b);
-            let psi = rm(self.psi(b, cn, weighted), r, cn).transpose();
-            matmul_small(rm_mut(&mut y[..cn * e], cn, e), false, psi, rm(state, r, e), T::one());
-            // intra-chunk: Y += A V', a_ij = T_g(τ q_i·(k_j − c) − m_i) for j ≤ i
+            let psit = rm(self.psi(b, cn, weighted), r, cn);
+            let yv = rm_strided_mut(&mut y[..cn * e], cn, dv, e);
+            matmul_small(yv, false, psit.transpose(), rm_strided(state, r, dv, e), T::one());
+            let s_den = rm_strided(&state[dv..], r, 1, e).transpose();
+            matmul_small(rm_mut(&mut col[..cn], 1, cn), false, s_den, psit, T::one());
+            for (i, t) in col[..cn].iter().enumerate() {
+                y[i * e + dv] = *t;
+            }
+            // intra-chunk: Y += A [V 1], a_ij = T_g(τ q_i·(k_j − c) − m_i) for j ≤ i: A V with the
+            // values read in place, A 1 as row sums
             self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
             self.intra_scores(qc, &b.xtk, &mut b.s);
             self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, None);
-            self.aug_v(kv.v.sub(i0, cn), &mut b.ve);
-            let ve = rm(&b.ve[..cn * e], cn, e);
-            matmul_small(rm_mut(&mut y[..cn * e], cn, e), true, rm(&b.s[..cn * cn], cn, cn), ve, T::one());
+            let (a, vc) = (&b.s[..cn * cn], kv.v.sub(i0, cn));
+            matmul_small(rm_strided_mut(&mut y[..cn * e], cn, dv, e), true, rm(a, cn, cn), vc.mat(), T::one());
+            add_row_dots(a, cn, None, &mut y[dv..], e);
             self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
             // S' += Φ_K,cᵀ V'_c
             self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
             self.add_state(&b.phit[..r * cn], kv.v.sub(i0, cn), state);
         }
         b.y = y;
+        b.ve = col;
     }
 
     /// `S' += Φᵀ [V 1]` for a chunk's features `phit [r, rows]` and values `v [rows, dv]`: the dv
