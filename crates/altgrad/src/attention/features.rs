@@ -138,6 +138,26 @@ impl<T: Scalar> FeatureMap<T> {
         self.offsets[t]..self.offsets[t + 1]
     }
 
+    /// Degree 2 only (`None` otherwise): every feature's coefficient `a_f` in `φ_f = a_f·Π x`
+    /// (`1`; `s_p` for `x_p`; `s_p·s_f` for `x_p x_c`), and the degree-2 block's group starts
+    /// (feature `starts[c] + p` of the block is `x_p x_c`, `p ≤ c`), for the fused backward
+    /// (`crate::simd::fused`).
+    pub(crate) fn quadratic(&self) -> Option<(Vec<T>, &[usize])> {
+        if self.g != 2 {
+            return None;
+        }
+        let (o1, o2) = (self.offsets[1], self.offsets[2]);
+        let st = &self.groups[2];
+        let mut a = self.scale.clone();
+        for c in 0..self.d {
+            for p in 0..st[c + 1] - st[c] {
+                let f = o2 + st[c] + p;
+                a[f] = self.scale[o1 + p] * self.scale[f];
+            }
+        }
+        Some((a, st))
+    }
+
     /// `out = φ(x)`: `x [d]`, `out [r]`. O(r). Panics on wrong lengths.
     pub fn apply(&self, x: &[T], out: &mut [T]) {
         assert_eq!(x.len(), self.d, "FeatureMap::apply: x has the wrong length");

@@ -306,6 +306,15 @@ pub struct QueryBack<'a, T> {
     pub g: Rows<'a, T>,
 }
 
+/// What [`Head::fused_setup`] prepares for the fused degree-2 backward pass: `Ms = diag(a) M`
+/// (`[r, e]`), the degree-2 group starts, and scratch for the kernel (`2·d·16` values).
+#[derive(Debug)]
+pub(crate) struct Fused<'a> {
+    ms: Vec<f32>,
+    starts: &'a [usize],
+    scratch: Vec<f32>,
+}
+
 /// One head of a polynomial-attention call: the feature map and sizes (the sequence length comes
 /// from the views).
 #[derive(Clone, Copy, Debug)]
@@ -666,6 +675,48 @@ impl<T: Scalar> Head<'_, T> {
         }
     }
 
+    /// The fused degree-2 feature gradient ([`crate::simd::fused`]) for the state `m [r, e]`, when it
+    /// applies (f32, AVX-512, degree 2, `e = 17`): `m` with the feature coefficients folded into
+    /// its rows, the degree-2 group starts, and the kernel's scratch.
+    fn fused_setup(&self, m: &[T]) -> Option<Fused<'_>> {
+        use crate::simd::{fused, Level};
+        if self.e() != fused::E || Level::detect() != Level::Avx512 {
+            return None;
+        }
+        let m = crate::linalg::as_f32(m)?;
+        let (a, starts) = self.fm.quadratic()?;
+        let a: Vec<f32> = a.iter().map(|x| x.as_f64() as f32).collect();
+        let mut ms = vec![0.0f32; m.len()];
+        fused::scale_rows(m, &a, &mut ms);
+        Some(Fused { ms, starts, scratch: vec![0.0; 2 * self.d() * 16] })
+    }
+
+    /// `dx += √τ J_φᵀ (M y)` for the chunk's `rows` rows (`b.xt` holds their scaled inputs, `b.yt`
+    /// holds `y [e, rows]`), and `dm −= Σ_{t<g} ⟨φ_t, dψ_t⟩` when given: the fused form of the
+    /// product into `b.dphit` followed by [`unweigh`](Self::unweigh) (all weights 1) and
+    /// [`feature_vjp`](Self::feature_vjp).
+    fn fused_vjp(
+        &self,
+        fz: &mut Fused<'_>,
+        rows: usize,
+        b: &mut Bufs<T>,
+        dm: Option<&mut [T]>,
+        dx: &mut RowsMut<'_, T>,
+    ) {
+        use crate::linalg::{as_f32, as_f32_mut};
+        use crate::simd::{fused, Level};
+        let (d, e) = (self.d(), self.e());
+        let (xt, y) = (as_f32(&b.xt[..d * rows]), as_f32(&b.yt[..e * rows]));
+        let (Some(xt), Some(y), Some(dxt)) = (xt, y, as_f32_mut(&mut b.dxt[..d * rows])) else {
+            unreachable!("fused_setup returns None unless T is f32")
+        };
+        let v = fused::Vjp { ms: &fz.ms, y, xt, starts: fz.starts, rows };
+        let dm = dm.map(|m| as_f32_mut(m).expect("T is f32"));
+        let done = fused::feature_vjp(Level::detect(), &v, dxt, dm, &mut fz.scratch);
+        debug_assert!(done, "fused_setup checked the level");
+        self.add_transposed(&b.dxt[..d * rows], dx);
+    }
+
     /// Feature chain rule: adds `√τ J_φ(x'_i)ᵀ dφ_i` to `dx_i` for the rows of `dx` (`b.xt`,
     /// `b.phit` hold the inputs' features, `b.dphit` their gradients).
     fn feature_vjp(&self, b: &mut Bufs<T>, dx: &mut RowsMut<'_, T>) {
@@ -790,16 +841,24 @@ impl<T: Scalar> Head<'_, T> {
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
         let mut dm = vec![T::zero(); n];
+        // unweighted (all row shifts 0), the degree weights are 1 and the fused pass applies
+        let mut fused = if weighted { None } else { self.fused_setup(state) };
         for (i0, cn) in self.chunks(n) {
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
             // dΨᵀ = H' dYᵀ (the chunk's rows in the lanes) ;  dH' += Ψᵀ dY: the dv value columns
             // as a product, the denominator's as dot products
-            let dyt = rm(&b.yt[..e * cn], e, cn);
-            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
             self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate);
-            self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
+            if let Some(fz) = &mut fused {
+                // dΨ and its chain rule in one pass, dΨ never stored
+                let dmc = if self.center { Some(&mut dm[i0..i0 + cn]) } else { None };
+                self.fused_vjp(fz, cn, b, dmc, &mut dq.sub_mut(i0, cn));
+            } else {
+                let dyt = rm(&b.yt[..e * cn], e, cn);
+                matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
+                self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dq.sub_mut(i0, cn));
+            }
             if self.center {
                 // the chunk's dm is complete: its rows of q and dq are still in cache
                 let tau = self.tau();
@@ -834,15 +893,21 @@ impl<T: Scalar> Head<'_, T> {
         let ds_v = rm_strided(dstate, r, dvw, e);
         let share: Vec<T> =
             if self.center { dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect() } else { vec![] };
+        let mut fused = self.fused_setup(dstate);
         for (j0, cn) in self.chunks(n) {
             self.key_features(kv, j0, cn, b);
             self.values_t(kv.v.sub(j0, cn), &mut b.yt);
-            // dΦ_Kᵀ = dH' V'ᵀ (the chunk's rows in the lanes) ;  dV = Φ_K dH'[:, :dv]
-            let vt = rm(&b.yt[..e * cn], e, cn);
-            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
+            // dV = Φ_K dH'[:, :dv] ;  dΦ_Kᵀ = dH' V'ᵀ (the chunk's rows in the lanes) and its chain
+            // rule (fused when it applies)
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
             matmul_small(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one());
-            self.feature_vjp(b, &mut dk.sub_mut(j0, cn));
+            if let Some(fz) = &mut fused {
+                self.fused_vjp(fz, cn, b, None, &mut dk.sub_mut(j0, cn));
+            } else {
+                let vt = rm(&b.yt[..e * cn], e, cn);
+                matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
+                self.feature_vjp(b, &mut dk.sub_mut(j0, cn));
+            }
             if self.center {
                 // every key's 1/n share of the row shifts' key-mean gradient, while the rows are in cache
                 for i in j0..j0 + cn {

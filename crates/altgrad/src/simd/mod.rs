@@ -13,6 +13,7 @@
 use std::arch::x86_64::*;
 
 pub(crate) mod elementwise;
+pub(crate) mod fused;
 pub(crate) mod packed;
 pub(crate) mod transpose;
 

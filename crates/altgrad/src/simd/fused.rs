@@ -1,0 +1,153 @@
+//! The polynomial backward's feature gradient and its chain rule in one pass (MATH §4, degree 2):
+//! `dψ = M y` per chunk row (`M = H'` or `dH'`, `[r, e]`; `y` = that row of `dYᵀ` or `V'ᵀ`,
+//! `[e, rows]`) and `dx = J_φ(x)ᵀ dψ`, sixteen rows at a time in the lanes of AVX-512 registers,
+//! without writing `dΨ [r, rows]` out and reading it back. For the degree-2 map
+//! `φ = [1, s_p x_p, a_pc x_p x_c]` ([`crate::attention::features::FeatureMap`]), with the
+//! coefficients folded into the rows of `M` (`Ms = diag(a) M`, [`scale_rows`]):
+//!
+//! - degree 1: `dx_p += (Ms y)_{1+p}`;
+//! - degree 2, feature `f = (p, c)`, `p ≤ c`: `t = (Ms y)_f`, `dx_p += t x_c`, `dx_c += t x_p`;
+//! - optionally `dm −= (Ms y)_0 + Σ_p x_p (Ms y)_{1+p}` (the row shift's share through the degree-0
+//!   and degree-1 blocks, `Σ_{t<g} ⟨φ_t, dψ_t⟩`, when the degree weights are all 1).
+
+#[cfg(target_arch = "x86_64")]
+use super::{Avx512, Level, Vector};
+
+/// `E`, the value width plus the denominator column, that the fused pass is compiled for (`y` in
+/// 17 registers: `head_dim_v = 16`).
+pub(crate) const E: usize = 17;
+
+/// `ms[f, :] = a_f · m[f, :]` for `m [r, E]` row-major and per-feature coefficients `a [r]`.
+pub(crate) fn scale_rows(m: &[f32], a: &[f32], ms: &mut [f32]) {
+    for ((dst, src), s) in ms.chunks_exact_mut(E).zip(m.chunks_exact(E)).zip(a) {
+        for (x, y) in dst.iter_mut().zip(src) {
+            *x = *y * *s;
+        }
+    }
+}
+
+/// Operands of [`feature_vjp`]; every matrix row-major.
+pub(crate) struct Vjp<'a> {
+    /// `Ms [r, E]`, the state with the feature coefficients folded in ([`scale_rows`]).
+    pub ms: &'a [f32],
+    /// `y [E, rows]` with row stride `rows`.
+    pub y: &'a [f32],
+    /// The scaled inputs `xt [d, rows]`.
+    pub xt: &'a [f32],
+    /// `starts[c]..starts[c + 1]`: the degree-2 features of coordinate `c` (relative to the block),
+    /// whose other coordinates are `p = 0, 1, …` (`starts.len() = d + 1`).
+    pub starts: &'a [usize],
+    /// Chunk rows.
+    pub rows: usize,
+}
+
+/// `dxt [d, rows] = J_φᵀ (Ms y)` (overwritten) and, when given, `dm [rows] −= (Ms y)_0 +
+/// Σ_p x_p (Ms y)_{1+p}`, on AVX-512; returns `false`, touching nothing, on any other level.
+/// `scratch` holds at least `2·d·16` values.
+///
+/// Panics if the operands' lengths do not match `rows`, `d = starts.len() − 1` and
+/// `r = 1 + d + starts[d]`.
+pub(crate) fn feature_vjp(
+    level: Level,
+    v: &Vjp<'_>,
+    dxt: &mut [f32],
+    dm: Option<&mut [f32]>,
+    scratch: &mut [f32],
+) -> bool {
+    let d = v.starts.len() - 1;
+    let r = 1 + d + v.starts[d];
+    let rows = v.rows;
+    assert!(
+        v.ms.len() >= r * E && v.y.len() >= E * rows && v.xt.len() >= d * rows && dxt.len() >= d * rows,
+        "fused feature VJP: operand too short"
+    );
+    assert!(scratch.len() >= 2 * d * 16, "fused feature VJP: scratch too short");
+    assert!(dm.as_ref().is_none_or(|m| m.len() >= rows), "fused feature VJP: dm too short");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is this CPU's (the caller's Level::detect), the lengths are checked above.
+        Level::Avx512 => unsafe { vjp_avx512(v, d, dxt, dm, scratch) },
+        _ => return false,
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn vjp_avx512(v: &Vjp<'_>, d: usize, dxt: &mut [f32], dm: Option<&mut [f32]>, scratch: &mut [f32]) {
+    vjp_impl::<Avx512>(v, d, dxt, dm, scratch)
+}
+
+/// `(Ms y)_f` for the lanes in `y`: two partial sums, so the chain is half as long.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot<S: Vector>(row: *const f32, y: &[S::V; E]) -> S::V {
+    let mut a = S::mul(S::splat(*row), y[0]);
+    let mut b = S::mul(S::splat(*row.add(1)), y[1]);
+    let mut e = 2;
+    while e + 1 < E {
+        a = S::fma(S::splat(*row.add(e)), y[e], a);
+        b = S::fma(S::splat(*row.add(e + 1)), y[e + 1], b);
+        e += 2;
+    }
+    if e < E {
+        a = S::fma(S::splat(*row.add(e)), y[e], a);
+    }
+    S::add(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn vjp_impl<S: Vector>(v: &Vjp<'_>, d: usize, dxt: &mut [f32], mut dm: Option<&mut [f32]>, scratch: &mut [f32]) {
+    let l = S::LANES;
+    let rows = v.rows;
+    let (xs, dxs) = scratch.split_at_mut(d * l);
+    let (xs, dxs) = (xs.as_mut_ptr(), dxs.as_mut_ptr());
+    let ms = v.ms.as_ptr();
+    let mut i0 = 0;
+    while i0 < rows {
+        let lanes = l.min(rows - i0);
+        let mask = S::mask(lanes);
+        // this block's inputs, zero-padded, and zeroed gradients
+        for p in 0..d {
+            S::store(xs.add(p * l), S::load_m(v.xt.as_ptr().add(p * rows + i0), mask));
+            S::store(dxs.add(p * l), S::splat(0.0));
+        }
+        let mut y = [S::splat(0.0); E];
+        for (e, ye) in y.iter_mut().enumerate() {
+            *ye = S::load_m(v.y.as_ptr().add(e * rows + i0), mask);
+        }
+        // degree 0 and 1
+        let mut dmv = S::splat(0.0);
+        dmv = S::sub(dmv, dot::<S>(ms, &y));
+        for p in 0..d {
+            let t = dot::<S>(ms.add((1 + p) * E), &y);
+            let dp = dxs.add(p * l);
+            S::store(dp, S::add(S::load(dp), t));
+            dmv = S::sub(dmv, S::mul(t, S::load(xs.add(p * l))));
+        }
+        // degree 2: f = (p, c), p ≤ c, in the map's order (c-major)
+        let mut f = 1 + d;
+        for c in 0..d {
+            let xc = S::load(xs.add(c * l));
+            let mut acc = S::splat(0.0);
+            for p in 0..v.starts[c + 1] - v.starts[c] {
+                let t = dot::<S>(ms.add(f * E), &y);
+                acc = S::fma(t, S::load(xs.add(p * l)), acc);
+                let dp = dxs.add(p * l);
+                S::store(dp, S::fma(t, xc, S::load(dp)));
+                f += 1;
+            }
+            let dc = dxs.add(c * l);
+            S::store(dc, S::add(S::load(dc), acc));
+        }
+        for p in 0..d {
+            S::store_m(dxt.as_mut_ptr().add(p * rows + i0), S::load(dxs.add(p * l)), mask);
+        }
+        if let Some(m) = dm.as_deref_mut() {
+            let mp = m.as_mut_ptr().add(i0);
+            S::store_m(mp, S::add(S::load_m(mp, mask), dmv), mask);
+        }
+        i0 += l;
+    }
+}
