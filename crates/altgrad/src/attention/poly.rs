@@ -306,10 +306,12 @@ pub struct QueryBack<'a, T> {
     pub g: Rows<'a, T>,
 }
 
-/// What [`Head::fused_setup`] prepares for the fused degree-2 backward pass: `Ms = diag(a) M`
-/// (`[r, e]`), the degree-2 group starts, and scratch for the kernel (`2·d·16` values).
+/// What [`Head::fused_setup`] prepares for the fused degree-2 backward pass: the feature
+/// coefficients `a [r]`, `Ms = diag(a) M` (`[r, e]`, [`Head::fused_load`]), the degree-2 group
+/// starts, and scratch for the kernel (`3·d·16` values).
 #[derive(Debug)]
 pub(crate) struct Fused<'a> {
+    a: Vec<f32>,
     ms: Vec<f32>,
     starts: &'a [usize],
     scratch: Vec<f32>,
@@ -675,46 +677,60 @@ impl<T: Scalar> Head<'_, T> {
         }
     }
 
-    /// The fused degree-2 feature gradient ([`crate::simd::fused`]) for the state `m [r, e]`, when it
-    /// applies (f32, AVX-512, degree 2, `e = 17`): `m` with the feature coefficients folded into
-    /// its rows, the degree-2 group starts, and the kernel's scratch.
-    fn fused_setup(&self, m: &[T]) -> Option<Fused<'_>> {
+    /// The fused degree-2 feature gradient ([`crate::simd::fused`]), when it applies (f32,
+    /// AVX-512, degree 2, `e = 17`): the feature coefficients, the degree-2 group starts and the
+    /// kernel's buffers; [`fused_load`](Self::fused_load) gives it a state.
+    fn fused_setup(&self) -> Option<Fused<'_>> {
         use crate::simd::{fused, Level};
-        if self.e() != fused::E || Level::detect() != Level::Avx512 {
+        if self.e() != fused::E || Level::detect() != Level::Avx512 || !crate::linalg::is_f32::<T>() {
             return None;
         }
-        let m = crate::linalg::as_f32(m)?;
         let (a, starts) = self.fm.quadratic()?;
         let a: Vec<f32> = a.iter().map(|x| x.as_f64() as f32).collect();
-        let mut ms = vec![0.0f32; m.len()];
-        fused::scale_rows(m, &a, &mut ms);
-        Some(Fused { ms, starts, scratch: vec![0.0; 2 * self.d() * 16] })
+        let ms = vec![0.0f32; a.len() * fused::E];
+        Some(Fused { a, ms, starts, scratch: vec![0.0; 3 * self.d() * 16] })
     }
 
-    /// `dx += √τ J_φᵀ (M y)` for the chunk's `rows` rows (`b.xt` holds their scaled inputs, `b.yt`
-    /// holds `y [e, rows]`), and `dm −= Σ_{t<g} ⟨φ_t, dψ_t⟩` when given: the fused form of the
-    /// product into `b.dphit` followed by [`unweigh`](Self::unweigh) (all weights 1) and
-    /// [`feature_vjp`](Self::feature_vjp).
+    /// Loads the state `m [r, e]` into `fz`, with the feature coefficients folded into its rows.
+    fn fused_load(&self, fz: &mut Fused<'_>, m: &[T]) {
+        let m = crate::linalg::as_f32(m).expect("fused_setup checked that T is f32");
+        crate::simd::fused::scale_rows(m, &fz.a, &mut fz.ms);
+    }
+
+    /// `dx += √τ J_φᵀ (w ∘ M y)` for a chunk of `rows` rows with scaled inputs `xt [d, rows]`,
+    /// `y [e, rows]` and degree weights `w` (`None`: all 1), and `dm −= Σ_{t<g} w_{t+1} ⟨φ_t, dψ_t⟩`
+    /// when given (`dxt`: scratch): the fused form of the product into `b.dphit` followed by
+    /// [`unweigh`](Self::unweigh) and [`feature_vjp`](Self::feature_vjp).
+    #[allow(clippy::too_many_arguments)]
     fn fused_vjp(
         &self,
         fz: &mut Fused<'_>,
-        rows: usize,
-        b: &mut Bufs<T>,
+        xt: &[T],
+        y: &[T],
+        w: Option<&[T]>,
+        dxt: &mut [T],
         dm: Option<&mut [T]>,
         dx: &mut RowsMut<'_, T>,
     ) {
-        use crate::linalg::{as_f32, as_f32_mut};
+        use crate::linalg::as_f32_mut;
         use crate::simd::{fused, Level};
-        let (d, e) = (self.d(), self.e());
-        let (xt, y) = (as_f32(&b.xt[..d * rows]), as_f32(&b.yt[..e * rows]));
-        let (Some(xt), Some(y), Some(dxt)) = (xt, y, as_f32_mut(&mut b.dxt[..d * rows])) else {
-            unreachable!("fused_setup returns None unless T is f32")
+        let (d, e, rows) = (self.d(), self.e(), dx.rows());
+        fn f32s<T: Scalar>(x: &[T]) -> &[f32] {
+            crate::linalg::as_f32(x).expect("fused_setup checked that T is f32")
+        }
+        let v = fused::Vjp {
+            ms: &fz.ms,
+            y: f32s(&y[..e * rows]),
+            xt: f32s(&xt[..d * rows]),
+            starts: fz.starts,
+            w: w.map(|w| f32s(&w[..(self.g() + 1) * rows])),
+            rows,
         };
-        let v = fused::Vjp { ms: &fz.ms, y, xt, starts: fz.starts, rows };
+        let dxt32 = as_f32_mut(&mut dxt[..d * rows]).expect("T is f32");
         let dm = dm.map(|m| as_f32_mut(m).expect("T is f32"));
-        let done = fused::feature_vjp(Level::detect(), &v, dxt, dm, &mut fz.scratch);
+        let done = fused::feature_vjp(Level::detect(), &v, dxt32, dm, &mut fz.scratch);
         debug_assert!(done, "fused_setup checked the level");
-        self.add_transposed(&b.dxt[..d * rows], dx);
+        self.add_transposed(&dxt[..d * rows], dx);
     }
 
     /// Feature chain rule: adds `√τ J_φ(x'_i)ᵀ dφ_i` to `dx_i` for the rows of `dx` (`b.xt`,
@@ -842,7 +858,10 @@ impl<T: Scalar> Head<'_, T> {
         let b = &mut *pooled;
         let mut dm = vec![T::zero(); n];
         // unweighted (all row shifts 0), the degree weights are 1 and the fused pass applies
-        let mut fused = if weighted { None } else { self.fused_setup(state) };
+        let mut fused = self.fused_setup();
+        if let Some(fz) = &mut fused {
+            self.fused_load(fz, state);
+        }
         for (i0, cn) in self.chunks(n) {
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
@@ -853,7 +872,8 @@ impl<T: Scalar> Head<'_, T> {
             if let Some(fz) = &mut fused {
                 // dΨ and its chain rule in one pass, dΨ never stored
                 let dmc = if self.center { Some(&mut dm[i0..i0 + cn]) } else { None };
-                self.fused_vjp(fz, cn, b, dmc, &mut dq.sub_mut(i0, cn));
+                let w = weighted.then_some(&b.w[..]);
+                self.fused_vjp(fz, &b.xt, &b.yt, w, &mut b.dxt, dmc, &mut dq.sub_mut(i0, cn));
             } else {
                 let dyt = rm(&b.yt[..e * cn], e, cn);
                 matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
@@ -893,7 +913,10 @@ impl<T: Scalar> Head<'_, T> {
         let ds_v = rm_strided(dstate, r, dvw, e);
         let share: Vec<T> =
             if self.center { dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect() } else { vec![] };
-        let mut fused = self.fused_setup(dstate);
+        let mut fused = self.fused_setup();
+        if let Some(fz) = &mut fused {
+            self.fused_load(fz, dstate);
+        }
         for (j0, cn) in self.chunks(n) {
             self.key_features(kv, j0, cn, b);
             self.values_t(kv.v.sub(j0, cn), &mut b.yt);
@@ -902,7 +925,7 @@ impl<T: Scalar> Head<'_, T> {
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
             matmul_small(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one());
             if let Some(fz) = &mut fused {
-                self.fused_vjp(fz, cn, b, None, &mut dk.sub_mut(j0, cn));
+                self.fused_vjp(fz, &b.xt, &b.yt, None, &mut b.dxt, None, &mut dk.sub_mut(j0, cn));
             } else {
                 let vt = rm(&b.yt[..e * cn], e, cn);
                 matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
@@ -1005,6 +1028,7 @@ impl<T: Scalar> Head<'_, T> {
         let b = &mut *pooled;
         let mut da = std::mem::take(&mut b.da);
         let mut dm = vec![T::zero(); n];
+        let mut fused = self.fused_setup();
         // Forward scan: dQ through the prefix state, and every intra-chunk term.
         for (i0, cn) in self.chunks(n) {
             let qc = q.sub(i0, cn);
@@ -1013,11 +1037,18 @@ impl<T: Scalar> Head<'_, T> {
             // dYᵀ and V'ᵀ, so that dΨᵀ and dA have the chunk's rows in the lanes
             transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
             self.values_t(kv.v.sub(i0, cn), &mut b.vt);
-            // dΨᵀ = S' dYᵀ
-            let dyt = rm(&b.yt[..e * cn], e, cn);
-            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
+            // dΨᵀ = S' dYᵀ and its chain rule (fused when it applies)
             let mut dqc = dq.sub_mut(i0, cn);
-            self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dqc);
+            if let Some(fz) = &mut fused {
+                self.fused_load(fz, state);
+                let dmc = if self.center { Some(&mut dm[i0..i0 + cn]) } else { None };
+                let w = weighted.then_some(&b.w[..]);
+                self.fused_vjp(fz, &b.xt, &b.yt, w, &mut b.dxt, dmc, &mut dqc);
+            } else {
+                let dyt = rm(&b.yt[..e * cn], e, cn);
+                matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
+                self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dqc);
+            }
             // intra: dA = dY V'ᵀ, A = T_g(s̃), dS̃ = dA ∘ T_{g−1}(s̃) (masked)
             self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
             self.intra_scores(qc, &b.xtk, &mut b.s);
@@ -1043,13 +1074,19 @@ impl<T: Scalar> Head<'_, T> {
         for (i0, cn) in self.chunks(n).rev() {
             self.key_features(kv, i0, cn, b);
             self.values_t(kv.v.sub(i0, cn), &mut b.vt);
-            // dΦ_Kᵀ = dS' V'ᵀ (the chunk's rows in the lanes) ;  dV += Φ_K dS'[:, :dv]
+            // dV += Φ_K dS'[:, :dv] ;  dΦ_Kᵀ = dS' V'ᵀ (the chunk's rows in the lanes) and its chain
+            // rule (fused when it applies)
             let (ds, ds_v) = (rm(dstate, r, e), rm_strided(dstate, r, dvw, e));
-            let vt = rm(&b.vt[..e * cn], e, cn);
-            matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
             let phi = rm(&b.phit[..r * cn], r, cn).transpose();
             matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one());
-            self.feature_vjp(b, &mut dk.sub_mut(i0, cn));
+            if let Some(fz) = &mut fused {
+                self.fused_load(fz, dstate);
+                self.fused_vjp(fz, &b.xt, &b.vt, None, &mut b.dxt, None, &mut dk.sub_mut(i0, cn));
+            } else {
+                let vt = rm(&b.vt[..e * cn], e, cn);
+                matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
+                self.feature_vjp(b, &mut dk.sub_mut(i0, cn));
+            }
             // dS' += Ψᵀ dY
             self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);

@@ -37,13 +37,16 @@ pub(crate) struct Vjp<'a> {
     /// `starts[c]..starts[c + 1]`: the degree-2 features of coordinate `c` (relative to the block),
     /// whose other coordinates are `p = 0, 1, …` (`starts.len() = d + 1`).
     pub starts: &'a [usize],
+    /// The degree weights `w [g + 1, rows]` (row `t` multiplies the degree-`t` block of the
+    /// features, MATH §3 "Row shift"), `None` when they are all 1.
+    pub w: Option<&'a [f32]>,
     /// Chunk rows.
     pub rows: usize,
 }
 
-/// `dxt [d, rows] = J_φᵀ (Ms y)` (overwritten) and, when given, `dm [rows] −= (Ms y)_0 +
-/// Σ_p x_p (Ms y)_{1+p}`, on AVX-512; returns `false`, touching nothing, on any other level.
-/// `scratch` holds at least `2·d·16` values.
+/// `dxt [d, rows] = J_φᵀ (w ∘ Ms y)` (overwritten) and, when given, `dm [rows] −= w_1 (Ms y)_0 +
+/// w_2 Σ_p x_p (Ms y)_{1+p}` (`Σ_{t<g} w_{t+1} ⟨φ_t, dψ_t⟩`), on AVX-512; returns `false`, touching
+/// nothing, on any other level. `scratch` holds at least `3·d·16` values.
 ///
 /// Panics if the operands' lengths do not match `rows`, `d = starts.len() − 1` and
 /// `r = 1 + d + starts[d]`.
@@ -61,7 +64,8 @@ pub(crate) fn feature_vjp(
         v.ms.len() >= r * E && v.y.len() >= E * rows && v.xt.len() >= d * rows && dxt.len() >= d * rows,
         "fused feature VJP: operand too short"
     );
-    assert!(scratch.len() >= 2 * d * 16, "fused feature VJP: scratch too short");
+    assert!(scratch.len() >= 3 * d * 16, "fused feature VJP: scratch too short");
+    assert!(v.w.is_none_or(|w| w.len() >= 3 * rows), "fused feature VJP: w too short");
     assert!(dm.as_ref().is_none_or(|m| m.len() >= rows), "fused feature VJP: dm too short");
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -101,39 +105,47 @@ unsafe fn dot<S: Vector>(row: *const f32, y: &[S::V; E]) -> S::V {
 unsafe fn vjp_impl<S: Vector>(v: &Vjp<'_>, d: usize, dxt: &mut [f32], mut dm: Option<&mut [f32]>, scratch: &mut [f32]) {
     let l = S::LANES;
     let rows = v.rows;
-    let (xs, dxs) = scratch.split_at_mut(d * l);
-    let (xs, dxs) = (xs.as_mut_ptr(), dxs.as_mut_ptr());
+    let (xs, rest) = scratch.split_at_mut(d * l);
+    let (xs2, dxs) = rest.split_at_mut(d * l);
+    let (xs, xs2, dxs) = (xs.as_mut_ptr(), xs2.as_mut_ptr(), dxs.as_mut_ptr());
     let ms = v.ms.as_ptr();
     let mut i0 = 0;
     while i0 < rows {
         let lanes = l.min(rows - i0);
         let mask = S::mask(lanes);
-        // this block's inputs, zero-padded, and zeroed gradients
+        let (w1, w2) = match v.w {
+            Some(w) => (S::load_m(w.as_ptr().add(rows + i0), mask), S::load_m(w.as_ptr().add(2 * rows + i0), mask)),
+            None => (S::splat(1.0), S::splat(1.0)),
+        };
+        // this block's inputs (zero-padded), the inputs times w_2, and zeroed gradients
         for p in 0..d {
-            S::store(xs.add(p * l), S::load_m(v.xt.as_ptr().add(p * rows + i0), mask));
+            let x = S::load_m(v.xt.as_ptr().add(p * rows + i0), mask);
+            S::store(xs.add(p * l), x);
+            S::store(xs2.add(p * l), S::mul(x, w2));
             S::store(dxs.add(p * l), S::splat(0.0));
         }
         let mut y = [S::splat(0.0); E];
         for (e, ye) in y.iter_mut().enumerate() {
             *ye = S::load_m(v.y.as_ptr().add(e * rows + i0), mask);
         }
-        // degree 0 and 1
-        let mut dmv = S::splat(0.0);
-        dmv = S::sub(dmv, dot::<S>(ms, &y));
+        // degree 0 and 1: dx_p += w_1 t_p ; dm −= w_1 t_0 + w_2 Σ_p x_p t_p
+        let t0 = dot::<S>(ms, &y);
+        let mut s1 = S::splat(0.0);
         for p in 0..d {
             let t = dot::<S>(ms.add((1 + p) * E), &y);
             let dp = dxs.add(p * l);
-            S::store(dp, S::add(S::load(dp), t));
-            dmv = S::sub(dmv, S::mul(t, S::load(xs.add(p * l))));
+            S::store(dp, S::fma(w1, t, S::load(dp)));
+            s1 = S::fma(t, S::load(xs.add(p * l)), s1);
         }
-        // degree 2: f = (p, c), p ≤ c, in the map's order (c-major)
+        let dmv = S::sub(S::splat(0.0), S::fma(w1, t0, S::mul(w2, s1)));
+        // degree 2: f = (p, c), p ≤ c, in the map's order (c-major): dx_p += t w_2 x_c, dx_c += t w_2 x_p
         let mut f = 1 + d;
         for c in 0..d {
-            let xc = S::load(xs.add(c * l));
+            let xc = S::load(xs2.add(c * l));
             let mut acc = S::splat(0.0);
             for p in 0..v.starts[c + 1] - v.starts[c] {
                 let t = dot::<S>(ms.add(f * E), &y);
-                acc = S::fma(t, S::load(xs.add(p * l)), acc);
+                acc = S::fma(t, S::load(xs2.add(p * l)), acc);
                 let dp = dxs.add(p * l);
                 S::store(dp, S::fma(t, xc, S::load(dp)));
                 f += 1;
