@@ -7,7 +7,8 @@ mod common;
 use altgrad::attention::bound::{output_bound, score_bound};
 use altgrad::attention::features::{feature_dim, FeatureMap};
 use altgrad::attention::{
-    backward_poly, forward_poly, head_bounds, naive, AttnOptions, AttnShape, Mask, PolyOptions, PolyOutput,
+    backward_poly, forward_poly, forward_poly_state, head_bounds, naive, AttnOptions, AttnShape, Mask, PolyOptions,
+    PolyOutput,
 };
 use common::{qkv, randn, rel, to_f32};
 use proptest::prelude::*;
@@ -190,6 +191,48 @@ fn poly_matches_naive_degree_2_over_shapes() {
         }
     }
     eprintln!("degree 2: worst rel err f64 {:.2e}, f32 {:.2e}", worst.0, worst.1);
+}
+
+/// With centering the shifted score is `τ q_i·(k_j − c) − τ q_i·(k̄_i − c) = τ q_i·(k_j − k̄_i)`:
+/// the model does not depend on the reference point `c`. An explicit `c` far from the key mean
+/// (so the row shifts `m_i` and the degree weights are not trivial, also without the mask) must
+/// give the naive reference's output and gradients, in f64 and in f32 (where the kernels for
+/// `head_dim_v = 16` fuse the features into the products).
+#[test]
+fn poly_does_not_depend_on_an_explicit_reference_point() {
+    for &causal in &[false, true] {
+        for &(d, n, h, hkv) in &[(8usize, 37usize, 2usize, 1usize), (16, 100, 2, 2), (16, 257, 3, 1)] {
+            let s = AttnShape::new(n, h, hkv, d);
+            let opts = AttnOptions::standard(d, causal);
+            let popts = PolyOptions { degree: 2, center: true, chunk: 64 };
+            let seed = 4000 + n as u64 + d as u64;
+            let (q, k, v) =
+                (randn(n * h * d, seed, 1.0), randn(n * hkv * d, seed + 1, 1.0), randn(n * hkv * d, seed + 2, 1.0));
+            let g = randn(n * h * d, seed + 3, 1.0);
+            let c = randn(hkv * d, seed + 4, 0.3);
+            let p = naive::Poly::new(causal, opts.scale, 2, true);
+            let o_ref = naive::poly_forward(&q, &k, &v, &s, &p);
+            let (dq_ref, dk_ref, dv_ref) = naive::poly_backward(&qkv(&q, &k, &v, &s), &g, &p);
+            let tag = format!("causal={causal} d={d} n={n} h={h} hkv={hkv}");
+            let f = forward_poly_state(&qkv(&q, &k, &v, &s), &opts, &popts, None, Some(&c)).unwrap();
+            let gr = backward_poly(&qkv(&q, &k, &v, &s), &f, &g).unwrap();
+            for (name, got, want) in
+                [("o", &f.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)]
+            {
+                let e = rel(got, want);
+                assert!(e < 1e-9, "f64 {name} {tag}: rel err {e:e}");
+            }
+            let (qf, kf, vf, gf, cf) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&g), to_f32(&c));
+            let f = forward_poly_state(&qkv(&qf, &kf, &vf, &s), &opts, &popts, None, Some(&cf)).unwrap();
+            let gr = backward_poly(&qkv(&qf, &kf, &vf, &s), &f, &gf).unwrap();
+            for (name, got, want) in
+                [("o", &f.o, &o_ref), ("dq", &gr.dq, &dq_ref), ("dk", &gr.dk, &dk_ref), ("dv", &gr.dv, &dv_ref)]
+            {
+                let e = rel(&got.iter().map(|x| *x as f64).collect::<Vec<_>>(), want);
+                assert!(e < 2e-5, "f32 {name} {tag}: rel err {e:e}");
+            }
+        }
+    }
 }
 
 #[test]

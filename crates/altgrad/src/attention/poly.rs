@@ -455,11 +455,7 @@ impl<T: Scalar> Head<'_, T> {
             return;
         }
         let g = self.g();
-        for t in 0..=g {
-            for (wi, mi) in b.w[t * rows..(t + 1) * rows].iter_mut().zip(&m[..rows]) {
-                *wi = taylor(g - t, -*mi);
-            }
-        }
+        self.degree_weights(&m[..rows], &mut b.w);
         dispatch(
             #[inline(always)]
             || {
@@ -476,6 +472,16 @@ impl<T: Scalar> Head<'_, T> {
                 }
             },
         );
+    }
+
+    /// `w[t, i] = T_{g−t}(−m_i)` for the rows of `m` (`w [g + 1, rows]`).
+    fn degree_weights(&self, m: &[T], w: &mut [T]) {
+        let (g, rows) = (self.g(), m.len());
+        for t in 0..=g {
+            for (wi, mi) in w[t * rows..(t + 1) * rows].iter_mut().zip(m) {
+                *wi = taylor(g - t, -*mi);
+            }
+        }
     }
 
     /// `Ψᵀ` of the chunk (`[r, rows]`): `psit` when weighted, else `phit`.
@@ -733,6 +739,21 @@ impl<T: Scalar> Head<'_, T> {
         self.add_transposed(&dxt[..d * rows], dx);
     }
 
+    /// `yt [e, rows] = H'ᵀ (w ∘ φ(xt))` for a chunk's scaled inputs `xt [d, rows]` and degree weights
+    /// `w` (`None`: all 1), with `H'` loaded in `fz`: the fused form of the query features and the
+    /// product `Yᵀ = H'ᵀ Ψᵀ`.
+    fn fused_product(&self, fz: &mut Fused<'_>, xt: &[T], w: Option<&[T]>, rows: usize, yt: &mut [T]) {
+        use crate::linalg::{as_f32, as_f32_mut};
+        use crate::simd::{fused, Level};
+        let (d, e) = (self.d(), self.e());
+        let xt = as_f32(&xt[..d * rows]).expect("fused_setup checked that T is f32");
+        let w = w.map(|w| as_f32(&w[..(self.g() + 1) * rows]).expect("T is f32"));
+        let v = fused::Product { ms: &fz.ms, xt, starts: fz.starts, w, rows };
+        let yt = as_f32_mut(&mut yt[..e * rows]).expect("T is f32");
+        let done = fused::features_product(Level::detect(), &v, yt, &mut fz.scratch);
+        debug_assert!(done, "fused_setup checked the level");
+    }
+
     /// Feature chain rule: adds `√τ J_φ(x'_i)ᵀ dφ_i` to `dx_i` for the rows of `dx` (`b.xt`,
     /// `b.phit` hold the inputs' features, `b.dphit` their gradients).
     fn feature_vjp(&self, b: &mut Bufs<T>, dx: &mut RowsMut<'_, T>) {
@@ -822,11 +843,24 @@ impl<T: Scalar> Head<'_, T> {
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
         let mut yt = std::mem::take(&mut b.yt);
+        let mut fused = self.fused_setup();
+        if let Some(fz) = &mut fused {
+            self.fused_load(fz, state);
+        }
         for (i0, cn) in self.chunks(n) {
-            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
-            // Yᵀ [e, cn] = H'ᵀ Ψᵀ: the chunk's rows in the vector lanes
-            let psi = rm(self.psi(b, cn, weighted), r, cn);
-            matmul_small(rm_mut(&mut yt[..e * cn], e, cn), false, rm(state, r, e).transpose(), psi, T::one());
+            if let Some(fz) = &mut fused {
+                // Yᵀ = H'ᵀ Ψᵀ with the query features made in registers (never stored)
+                self.transpose_scaled(q.sub(i0, cn), None, &mut b.xt);
+                if weighted {
+                    self.degree_weights(&m[i0..i0 + cn], &mut b.w);
+                }
+                self.fused_product(fz, &b.xt, weighted.then_some(&b.w[..]), cn, &mut yt);
+            } else {
+                self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
+                // Yᵀ [e, cn] = H'ᵀ Ψᵀ: the chunk's rows in the vector lanes
+                let psi = rm(self.psi(b, cn, weighted), r, cn);
+                matmul_small(rm_mut(&mut yt[..e * cn], e, cn), false, rm(state, r, e).transpose(), psi, T::one());
+            }
             self.finish_t(&yt, cn, &mut b.tmp, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
         }
         b.yt = yt;

@@ -163,3 +163,105 @@ unsafe fn vjp_impl<S: Vector>(v: &Vjp<'_>, d: usize, dxt: &mut [f32], mut dm: Op
         i0 += l;
     }
 }
+
+/// Operands of [`features_product`]; every matrix row-major.
+pub(crate) struct Product<'a> {
+    /// `Ms [r, E]`, the state with the feature coefficients folded in ([`scale_rows`]).
+    pub ms: &'a [f32],
+    /// The scaled inputs `xt [d, rows]`.
+    pub xt: &'a [f32],
+    /// As [`Vjp::starts`].
+    pub starts: &'a [usize],
+    /// The degree weights `w [g + 1, rows]`, `None` when they are all 1.
+    pub w: Option<&'a [f32]>,
+    /// Chunk rows.
+    pub rows: usize,
+}
+
+/// `yt [E, rows] = Msᵀ (w ∘ φ')` (overwritten), with `φ'` the degree-2 monomials of `xt` without
+/// their coefficients (`1, x_p, x_p x_c`; the coefficients are in `Ms`): the forward's
+/// `Yᵀ = H'ᵀ Ψᵀ` with the query features made in registers, sixteen rows at a time, never stored.
+/// AVX-512 only; returns `false`, touching nothing, on any other level. `scratch` holds at least
+/// `2·d·16` values.
+///
+/// Panics if the operands' lengths do not match `rows`, `d = starts.len() − 1` and
+/// `r = 1 + d + starts[d]`.
+pub(crate) fn features_product(level: Level, v: &Product<'_>, yt: &mut [f32], scratch: &mut [f32]) -> bool {
+    let d = v.starts.len() - 1;
+    let r = 1 + d + v.starts[d];
+    let rows = v.rows;
+    assert!(
+        v.ms.len() >= r * E && v.xt.len() >= d * rows && yt.len() >= E * rows,
+        "fused features product: operand too short"
+    );
+    assert!(scratch.len() >= 2 * d * 16, "fused features product: scratch too short");
+    assert!(v.w.is_none_or(|w| w.len() >= 3 * rows), "fused features product: w too short");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is this CPU's (the caller's Level::detect), the lengths are checked above.
+        Level::Avx512 => unsafe { product_avx512(v, d, yt, scratch) },
+        _ => return false,
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn product_avx512(v: &Product<'_>, d: usize, yt: &mut [f32], scratch: &mut [f32]) {
+    product_impl::<Avx512>(v, d, yt, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn product_impl<S: Vector>(v: &Product<'_>, d: usize, yt: &mut [f32], scratch: &mut [f32]) {
+    let l = S::LANES;
+    let rows = v.rows;
+    let (xs, xs2) = scratch.split_at_mut(d * l);
+    let (xs, xs2) = (xs.as_mut_ptr(), xs2.as_mut_ptr());
+    let ms = v.ms.as_ptr();
+    let mut i0 = 0;
+    while i0 < rows {
+        let lanes = l.min(rows - i0);
+        let mask = S::mask(lanes);
+        let (w0, w1, w2) = match v.w {
+            Some(w) => (
+                S::load_m(w.as_ptr().add(i0), mask),
+                S::load_m(w.as_ptr().add(rows + i0), mask),
+                S::load_m(w.as_ptr().add(2 * rows + i0), mask),
+            ),
+            None => (S::splat(1.0), S::splat(1.0), S::splat(1.0)),
+        };
+        for p in 0..d {
+            let x = S::load_m(v.xt.as_ptr().add(p * rows + i0), mask);
+            S::store(xs.add(p * l), x);
+            S::store(xs2.add(p * l), S::mul(x, w2));
+        }
+        let mut acc = [S::splat(0.0); E];
+        for (e, a) in acc.iter_mut().enumerate() {
+            *a = S::mul(S::splat(*ms.add(e)), w0);
+        }
+        for p in 0..d {
+            let phi = S::mul(S::load(xs.add(p * l)), w1);
+            let row = ms.add((1 + p) * E);
+            for (e, a) in acc.iter_mut().enumerate() {
+                *a = S::fma(S::splat(*row.add(e)), phi, *a);
+            }
+        }
+        let mut f = 1 + d;
+        for c in 0..d {
+            let xc = S::load(xs2.add(c * l));
+            for p in 0..v.starts[c + 1] - v.starts[c] {
+                let phi = S::mul(S::load(xs.add(p * l)), xc);
+                let row = ms.add(f * E);
+                for (e, a) in acc.iter_mut().enumerate() {
+                    *a = S::fma(S::splat(*row.add(e)), phi, *a);
+                }
+                f += 1;
+            }
+        }
+        for (e, a) in acc.iter().enumerate() {
+            S::store_m(yt.as_mut_ptr().add(e * rows + i0), *a, mask);
+        }
+        i0 += l;
+    }
+}
