@@ -417,43 +417,105 @@ pub(crate) fn bounded_inputs<T: Scalar>(
     Ok(Inputs { q, k, v, g, shape, opts, bound })
 }
 
-/// One forward + backward of `method` on `inp`: `(fwd seconds, bwd seconds, o, grads)`.
+/// Caller-owned outputs and scratch of one sweep point, reused by every repetition (as a training
+/// loop reuses its buffers): the timings then measure the kernels, not the first touch of freshly
+/// allocated outputs (page faults), which the allocating entry points add on top.
+pub(crate) struct Buffers<T> {
+    o: Vec<T>,
+    lse: Vec<T>,
+    den: Vec<T>,
+    far_o: Vec<T>,
+    far_lse: Vec<T>,
+    grads: AttnGrads<T>,
+    ws: attention::Workspace<T>,
+}
+
+impl<T: Scalar> Buffers<T> {
+    /// Buffers for `inp`'s shape, every page written once (so that no repetition pays for it).
+    pub(crate) fn new(inp: &Inputs<T>) -> Self {
+        let s = inp.shape;
+        let (rows, dv) = (s.heads() * s.seq_len, s.head_dim_v);
+        // non-zero fills: the allocator's zeroed pages would be touched only later, in the kernels
+        let touched = |len: usize| vec![T::one(); len];
+        let mut grads = AttnGrads::zeros(&s);
+        for x in [&mut grads.dq, &mut grads.dk, &mut grads.dv] {
+            x.fill(T::one());
+        }
+        Buffers {
+            o: touched(rows * dv),
+            lse: touched(rows),
+            den: touched(rows),
+            far_o: touched(rows * dv),
+            far_lse: touched(rows),
+            grads,
+            ws: attention::Workspace::new(),
+        }
+    }
+
+    /// The last forward's output and the last backward's gradients.
+    pub(crate) fn outputs(self) -> (Vec<T>, AttnGrads<T>) {
+        (self.o, self.grads)
+    }
+}
+
+/// One forward + backward of `method` on `inp` into `b` (overwritten): `(fwd seconds, bwd
+/// seconds)`, the `_into` entry points timed.
+pub(crate) fn run_method_into<T: Scalar>(
+    method: Method,
+    inp: &Inputs<T>,
+    popts: &PolyOptions,
+    b: &mut Buffers<T>,
+) -> Result<(f64, f64)> {
+    let (x, g, o) = (attention::Qkv::new(&inp.q, &inp.k, &inp.v, &inp.shape)?, &inp.g, &inp.opts);
+    if method == Method::AltGrad {
+        attention::altgrad::check_kron_state(&inp.shape, popts)?;
+    }
+    let t0 = Instant::now();
+    let grads = attention::AttnGradsMut { dq: &mut b.grads.dq, dk: &mut b.grads.dk, dv: &mut b.grads.dv };
+    let t1 = match method {
+        Method::Exact => {
+            attention::forward_exact_into(&x, o, &mut b.o, &mut b.lse, &b.ws)?;
+            let t1 = t0.elapsed().as_secs_f64();
+            attention::backward_exact_into(&x, o, &b.o, &b.lse, g, grads, &b.ws)?;
+            t1
+        }
+        Method::Poly | Method::AltGrad => {
+            let out = attention::PolyBuffers { o: &mut b.o, lse: &mut b.lse, den: &mut b.den };
+            let saved = attention::forward_poly_into(&x, o, popts, None, None, out, &b.ws)?;
+            let t1 = t0.elapsed().as_secs_f64();
+            if method == Method::Poly {
+                attention::backward_poly_into(&x, &saved, &b.o, &b.den, g, None, grads, &b.ws)?;
+            } else {
+                attention::backward_altgrad_into(&x, &saved, &b.o, &b.den, g, grads, &b.ws)?;
+            }
+            t1
+        }
+        Method::Hybrid => {
+            // no window, no sinks: the sweep's hybrid is poly through the hybrid kernel
+            let h = attention::HybridOptions { window: 0, sinks: 0, poly: *popts };
+            let out =
+                attention::HybridBuffers { o: &mut b.o, lse: &mut b.lse, far_o: &mut b.far_o, far_lse: &mut b.far_lse };
+            attention::forward_hybrid_into(&x, o, &h, out, &b.ws)?;
+            let t1 = t0.elapsed().as_secs_f64();
+            let saved = attention::HybridSaved { o: &b.o, lse: &b.lse, far_o: &b.far_o, far_lse: &b.far_lse };
+            attention::backward_hybrid_into(&x, o, &h, saved, g, grads, &b.ws)?;
+            t1
+        }
+    };
+    Ok((t1, t0.elapsed().as_secs_f64() - t1))
+}
+
+/// One forward + backward of `method` on `inp` in fresh buffers: `(fwd seconds, bwd seconds, o,
+/// grads)` ([`run_method_into`]).
 pub(crate) fn run_method<T: Scalar>(
     method: Method,
     inp: &Inputs<T>,
     popts: &PolyOptions,
 ) -> Result<(f64, f64, Vec<T>, AttnGrads<T>)> {
-    let (x, g, o) = (attention::Qkv::new(&inp.q, &inp.k, &inp.v, &inp.shape)?, &inp.g, &inp.opts);
-    let t0 = Instant::now();
-    Ok(match method {
-        Method::Exact => {
-            let f = attention::forward_exact(&x, o)?;
-            let t1 = t0.elapsed().as_secs_f64();
-            let gr = attention::backward_exact(&x, &f, g)?;
-            (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
-        }
-        Method::Poly | Method::AltGrad => {
-            if method == Method::AltGrad {
-                attention::altgrad::check_kron_state(&inp.shape, popts)?;
-            }
-            let f = attention::forward_poly(&x, o, popts)?;
-            let t1 = t0.elapsed().as_secs_f64();
-            let gr = if method == Method::Poly {
-                attention::backward_poly(&x, &f, g)?
-            } else {
-                attention::backward_altgrad(&x, &f, g)?
-            };
-            (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
-        }
-        Method::Hybrid => {
-            // no window, no sinks: the sweep's hybrid is poly through the hybrid kernel
-            let h = attention::HybridOptions { window: 0, sinks: 0, poly: *popts };
-            let f = attention::forward_hybrid(&x, o, &h)?;
-            let t1 = t0.elapsed().as_secs_f64();
-            let gr = attention::backward_hybrid(&x, &f, g)?;
-            (t1, t0.elapsed().as_secs_f64() - t1, f.o, gr)
-        }
-    })
+    let mut b = Buffers::new(inp);
+    let (f, bw) = run_method_into(method, inp, popts, &mut b)?;
+    let (o, g) = b.outputs();
+    Ok((f, bw, o, g))
 }
 
 /// Relative errors `(o, dq, dk, dv, [dq dk dv])` of an approximation against a reference.

@@ -425,7 +425,12 @@ impl BenchReport {
             self.memory_method,
             self.elapsed_s
         );
-        let _ = writeln!(s, "## Sweep ({} heads, f32, fwd+bwd, median)\n", self.heads);
+        let _ = writeln!(
+            s,
+            "## Sweep ({} heads, f32, fwd+bwd, median; `_into` entry points, outputs and workspace reused across \
+             repetitions)\n",
+            self.heads
+        );
         let _ = writeln!(
             s,
             "| method | causal | d | g | r | n | median s | GFLOP | GFLOP/s | % peak | speed-up | err o | err grad | peak RSS MiB |"

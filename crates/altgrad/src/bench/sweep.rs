@@ -1,7 +1,7 @@
 //! [`run_bench`]: the sweep, the claims, the roofline, and the files.
 
 use super::claims::{claims_markdown, crossovers, error_claim, exponent_claims, multilayer_claim};
-use super::plan::{bounded_inputs, grad_errors, run_method, BenchOptions, Inputs, Plan};
+use super::plan::{bounded_inputs, grad_errors, run_method_into, BenchOptions, Buffers, Inputs, Plan};
 use super::profile::{profile_exact_stages, profile_poly_stages, StageProfile};
 use super::report::{BenchReport, BenchRun, Claims, Fit, Skipped};
 use super::{current_rss_bytes, gemm_peak_gflops, median, peak_rss_bytes, reset_peak_rss, trim_heap};
@@ -31,22 +31,23 @@ fn measure(method: Method, inp: &Inputs<f32>, popts: &PolyOptions, plan: &Plan, 
     let reset = reset_peak_rss();
     let sampler = RssSampler::start();
     let warmup = predicted < plan.warmup_limit_s;
+    // one set of outputs and scratch for every repetition (Buffers: the kernels are timed, not the
+    // first touch of fresh allocations)
+    let mut bufs = Buffers::new(inp);
     let mut first = None;
     if warmup {
-        let (f, b, _, _) = run_method(method, inp, popts)?;
+        let (f, b) = run_method_into(method, inp, popts, &mut bufs)?;
         first = Some(f + b);
     }
     let reps = first.map_or(1, |t| ((plan.target_s / t.max(1e-9)).floor() as usize).clamp(1, plan.max_reps));
     let (mut fw, mut bw, mut tot) = (Vec::new(), Vec::new(), Vec::new());
-    let mut out = None;
     for _ in 0..reps {
-        drop(out.take()); // free the previous repetition's outputs before the next one
-        let (f, b, o, g) = run_method(method, inp, popts)?;
+        let (f, b) = run_method_into(method, inp, popts, &mut bufs)?;
         fw.push(f);
         bw.push(b);
         tot.push(f + b);
-        out = Some((o, g));
     }
+    let out = bufs.outputs();
     let sampled = sampler.stop();
     let peak = peak_rss_bytes().unwrap_or(0).max(sampled);
     Ok(Measured {
@@ -56,7 +57,7 @@ fn measure(method: Method, inp: &Inputs<f32>, popts: &PolyOptions, plan: &Plan, 
         reps,
         warmup,
         peak_rss: if reset { peak.saturating_sub(base) } else { peak },
-        out: out.expect("at least one repetition"),
+        out,
     })
 }
 
