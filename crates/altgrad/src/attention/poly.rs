@@ -306,7 +306,7 @@ pub struct QueryBack<'a, T> {
     pub g: Rows<'a, T>,
 }
 
-/// What [`Head::fused_setup`] prepares for the fused degree-2 backward pass: the feature
+/// What [`Head::fused_setup`] prepares for the fused degree-2 passes (backward and forward): the feature
 /// coefficients `a [r]`, `Ms = diag(a) M` (`[r, e]`, [`Head::fused_load`]), the degree-2 group
 /// starts, and scratch for the kernel (`3·d·16` values).
 #[derive(Debug)]
@@ -735,7 +735,7 @@ impl<T: Scalar> Head<'_, T> {
         let dxt32 = as_f32_mut(&mut dxt[..d * rows]).expect("T is f32");
         let dm = dm.map(|m| as_f32_mut(m).expect("T is f32"));
         let done = fused::feature_vjp(Level::detect(), &v, dxt32, dm, &mut fz.scratch);
-        debug_assert!(done, "fused_setup checked the level");
+        assert!(done, "fused_setup checked the level");
         self.add_transposed(&dxt[..d * rows], dx);
     }
 
@@ -751,7 +751,7 @@ impl<T: Scalar> Head<'_, T> {
         let v = fused::Product { ms: &fz.ms, xt, starts: fz.starts, w, rows };
         let yt = as_f32_mut(&mut yt[..e * rows]).expect("T is f32");
         let done = fused::features_product(Level::detect(), &v, yt, &mut fz.scratch);
-        debug_assert!(done, "fused_setup checked the level");
+        assert!(done, "fused_setup checked the level");
     }
 
     /// Feature chain rule: adds `√τ J_φ(x'_i)ᵀ dφ_i` to `dx_i` for the rows of `dx` (`b.xt`,
@@ -891,7 +891,7 @@ impl<T: Scalar> Head<'_, T> {
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
         let mut dm = vec![T::zero(); n];
-        // unweighted (all row shifts 0), the degree weights are 1 and the fused pass applies
+        // the fused degree-2 pass, when it applies (with the degree weights when weighted)
         let mut fused = self.fused_setup();
         if let Some(fz) = &mut fused {
             self.fused_load(fz, state);

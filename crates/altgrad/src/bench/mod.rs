@@ -10,10 +10,11 @@
 //!   gradient error against depth, crossover lengths), the stage breakdown of the largest poly and
 //!   exact cases ([`StageProfile`]), and writes `bench.json`, `bench.csv`, `bench.md` and the
 //!   plots (PNG + SVG) to the output directory.
-//! - Timing: each point runs the `_into` entry points on one set of caller-owned outputs and one
-//!   workspace, written once before the first repetition and reused by all (as a training loop
-//!   reuses its buffers), so the times measure the kernels; the allocating entry points add the
-//!   first touch of fresh outputs (page faults) on top, which grows with n.
+//! - Timing: each point runs the `_into` entry points on one set of caller-owned outputs (written
+//!   once before the first repetition) and one workspace (filled by the first call: the warm-up,
+//!   where there is one), reused by every repetition as a training loop reuses its buffers, so the
+//!   times measure the kernels; the allocating entry points add the first touch of fresh outputs
+//!   (page faults) on top, which grows with n.
 //! - Memory: each point's `peak_rss_bytes` is measured, not computed: the heap is trimmed, the
 //!   process's peak RSS (`VmHWM`) is reset before the point by writing `5` to
 //!   `/proc/self/clear_refs` (Linux), a helper thread samples the RSS every 2 ms during the point

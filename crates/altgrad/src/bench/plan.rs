@@ -431,12 +431,20 @@ pub(crate) struct Buffers<T> {
 }
 
 impl<T: Scalar> Buffers<T> {
-    /// Buffers for `inp`'s shape, every page written once (so that no repetition pays for it).
-    pub(crate) fn new(inp: &Inputs<T>) -> Self {
+    /// Buffers for `method` on `inp`'s shape (those it does not use empty, so that the point's
+    /// peak memory counts only its own), every page written once (so that no repetition pays for
+    /// it).
+    pub(crate) fn new(method: Method, inp: &Inputs<T>) -> Self {
         let s = inp.shape;
         let (rows, dv) = (s.heads() * s.seq_len, s.head_dim_v);
+        let (den, far) = match method {
+            Method::Exact => (false, false),
+            Method::Poly | Method::AltGrad => (true, false),
+            Method::Hybrid => (false, true),
+        };
         // non-zero fills: the allocator's zeroed pages would be touched only later, in the kernels
         let touched = |len: usize| vec![T::one(); len];
+        let used = |on: bool, len: usize| if on { touched(len) } else { Vec::new() };
         let mut grads = AttnGrads::zeros(&s);
         for x in [&mut grads.dq, &mut grads.dk, &mut grads.dv] {
             x.fill(T::one());
@@ -444,9 +452,9 @@ impl<T: Scalar> Buffers<T> {
         Buffers {
             o: touched(rows * dv),
             lse: touched(rows),
-            den: touched(rows),
-            far_o: touched(rows * dv),
-            far_lse: touched(rows),
+            den: used(den, rows),
+            far_o: used(far, rows * dv),
+            far_lse: used(far, rows),
             grads,
             ws: attention::Workspace::new(),
         }
@@ -512,7 +520,7 @@ pub(crate) fn run_method<T: Scalar>(
     inp: &Inputs<T>,
     popts: &PolyOptions,
 ) -> Result<(f64, f64, Vec<T>, AttnGrads<T>)> {
-    let mut b = Buffers::new(inp);
+    let mut b = Buffers::new(method, inp);
     let (f, bw) = run_method_into(method, inp, popts, &mut b)?;
     let (o, g) = b.outputs();
     Ok((f, bw, o, g))

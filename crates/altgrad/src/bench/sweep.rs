@@ -33,7 +33,7 @@ fn measure(method: Method, inp: &Inputs<f32>, popts: &PolyOptions, plan: &Plan, 
     let warmup = predicted < plan.warmup_limit_s;
     // one set of outputs and scratch for every repetition (Buffers: the kernels are timed, not the
     // first touch of fresh allocations)
-    let mut bufs = Buffers::new(inp);
+    let mut bufs = Buffers::new(method, inp);
     let mut first = None;
     if warmup {
         let (f, b) = run_method_into(method, inp, popts, &mut bufs)?;

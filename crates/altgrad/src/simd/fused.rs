@@ -7,8 +7,12 @@
 //!
 //! - degree 1: `dx_p += (Ms y)_{1+p}`;
 //! - degree 2, feature `f = (p, c)`, `p ≤ c`: `t = (Ms y)_f`, `dx_p += t x_c`, `dx_c += t x_p`;
-//! - optionally `dm −= (Ms y)_0 + Σ_p x_p (Ms y)_{1+p}` (the row shift's share through the degree-0
-//!   and degree-1 blocks, `Σ_{t<g} ⟨φ_t, dψ_t⟩`, when the degree weights are all 1).
+//! - optionally `dm −= w_1 (Ms y)_0 + w_2 Σ_p x_p (Ms y)_{1+p}` (the row shift's share through the
+//!   degree-0 and degree-1 blocks, `Σ_{t<g} w_{t+1} ⟨φ_t, dψ_t⟩`);
+//!
+//! with the row shift's degree weights `w_t` per row (`dφ_t = w_t dψ_t`; all 1 without a shift).
+//! [`features_product`] is the forward's counterpart: `Yᵀ = Mᵀ (w ∘ φ)` with the features made in
+//! registers.
 
 #[cfg(target_arch = "x86_64")]
 use super::{Avx512, Level, Vector};
@@ -44,7 +48,8 @@ pub(crate) struct Vjp<'a> {
     pub rows: usize,
 }
 
-/// `dxt [d, rows] = J_φᵀ (w ∘ Ms y)` (overwritten) and, when given, `dm [rows] −= w_1 (Ms y)_0 +
+/// `dxt [d, rows] = J_φᵀ (w ∘ M y)` (overwritten; `Ms` holds `M` with the coefficients) and, when
+/// given, `dm [rows] −= w_1 (Ms y)_0 +
 /// w_2 Σ_p x_p (Ms y)_{1+p}` (`Σ_{t<g} w_{t+1} ⟨φ_t, dψ_t⟩`), on AVX-512; returns `false`, touching
 /// nothing, on any other level. `scratch` holds at least `3·d·16` values.
 ///

@@ -500,8 +500,10 @@ fn opaque(p: *const f32) -> *const f32 {
     let mut zero = 0usize;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: an empty asm block that reads and writes one integer register: no memory, no flags.
+    // Not `pure`: the calls must not be merged into one zero (then the group pointers would be a
+    // visible fixed distance apart again).
     unsafe {
-        std::arch::asm!("/* {0} */", inout(reg) zero, options(pure, nomem, nostack, preserves_flags));
+        std::arch::asm!("/* {0} */", inout(reg) zero, options(nomem, nostack, preserves_flags));
     }
     p.wrapping_add(zero)
 }
@@ -528,7 +530,7 @@ unsafe fn micro<S: Vector, const MR: usize, const NV: usize>(
     // A's rows in groups of four, one base pointer per group: row 4g + j is read at
     // `base[g] + j·rs` (an addressing mode), so each k step advances MR/4 independent pointers.
     // (One pointer stepped by `rs` from row to row made a chain of MR dependent adds per k step,
-    // longer than the step's MR·NV/2 cycles of FMAs when NV ≤ 2.)
+    // longer than the step's MR·NV/2 cycles of FMAs at NV = 1 and as long at NV = 2.)
     debug_assert!(MR <= 4 * MAX_GROUPS);
     let mut base = [a.ptr; MAX_GROUPS];
     for (g, p) in base.iter_mut().enumerate().take(MR.div_ceil(4)) {
