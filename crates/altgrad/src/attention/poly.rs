@@ -317,6 +317,16 @@ pub(crate) struct Fused<'a> {
     scratch: Vec<f32>,
 }
 
+/// `x` as f32 values, for the fused paths (which [`Head::fused_setup`] enables only when `T` is f32).
+fn f32s<T: Scalar>(x: &[T]) -> &[f32] {
+    crate::linalg::as_f32(x).expect("fused_setup checked that T is f32")
+}
+
+/// `x` as mutable f32 values (see [`f32s`]).
+fn f32s_mut<T: Scalar>(x: &mut [T]) -> &mut [f32] {
+    crate::linalg::as_f32_mut(x).expect("fused_setup checked that T is f32")
+}
+
 /// One head of a polynomial-attention call: the feature map and sizes (the sequence length comes
 /// from the views).
 #[derive(Clone, Copy, Debug)]
@@ -699,8 +709,7 @@ impl<T: Scalar> Head<'_, T> {
 
     /// Loads the state `m [r, e]` into `fz`, with the feature coefficients folded into its rows.
     fn fused_load(&self, fz: &mut Fused<'_>, m: &[T]) {
-        let m = crate::linalg::as_f32(m).expect("fused_setup checked that T is f32");
-        crate::simd::fused::scale_rows(m, &fz.a, &mut fz.ms);
+        crate::simd::fused::scale_rows(f32s(m), &fz.a, &mut fz.ms);
     }
 
     /// `dx += √τ J_φᵀ (w ∘ M y)` for a chunk of `rows` rows with scaled inputs `xt [d, rows]`,
@@ -718,12 +727,8 @@ impl<T: Scalar> Head<'_, T> {
         dm: Option<&mut [T]>,
         dx: &mut RowsMut<'_, T>,
     ) {
-        use crate::linalg::as_f32_mut;
         use crate::simd::{fused, Level};
         let (d, e, rows) = (self.d(), self.e(), dx.rows());
-        fn f32s<T: Scalar>(x: &[T]) -> &[f32] {
-            crate::linalg::as_f32(x).expect("fused_setup checked that T is f32")
-        }
         let v = fused::Vjp {
             ms: &fz.ms,
             y: f32s(&y[..e * rows]),
@@ -732,8 +737,8 @@ impl<T: Scalar> Head<'_, T> {
             w: w.map(|w| f32s(&w[..(self.g() + 1) * rows])),
             rows,
         };
-        let dxt32 = as_f32_mut(&mut dxt[..d * rows]).expect("T is f32");
-        let dm = dm.map(|m| as_f32_mut(m).expect("T is f32"));
+        let dxt32 = f32s_mut(&mut dxt[..d * rows]);
+        let dm = dm.map(f32s_mut);
         let done = fused::feature_vjp(Level::detect(), &v, dxt32, dm, &mut fz.scratch);
         assert!(done, "fused_setup checked the level");
         self.add_transposed(&dxt[..d * rows], dx);
@@ -743,13 +748,12 @@ impl<T: Scalar> Head<'_, T> {
     /// `w` (`None`: all 1), with `H'` loaded in `fz`: the fused form of the query features and the
     /// product `Yᵀ = H'ᵀ Ψᵀ`.
     fn fused_product(&self, fz: &mut Fused<'_>, xt: &[T], w: Option<&[T]>, rows: usize, yt: &mut [T]) {
-        use crate::linalg::{as_f32, as_f32_mut};
         use crate::simd::{fused, Level};
         let (d, e) = (self.d(), self.e());
-        let xt = as_f32(&xt[..d * rows]).expect("fused_setup checked that T is f32");
-        let w = w.map(|w| as_f32(&w[..(self.g() + 1) * rows]).expect("T is f32"));
+        let xt = f32s(&xt[..d * rows]);
+        let w = w.map(|w| f32s(&w[..(self.g() + 1) * rows]));
         let v = fused::Product { ms: &fz.ms, xt, starts: fz.starts, w, rows };
-        let yt = as_f32_mut(&mut yt[..e * rows]).expect("T is f32");
+        let yt = f32s_mut(&mut yt[..e * rows]);
         let done = fused::features_product(Level::detect(), &v, yt, &mut fz.scratch);
         assert!(done, "fused_setup checked the level");
     }

@@ -105,6 +105,35 @@ unsafe fn dot<S: Vector>(row: *const f32, y: &[S::V; E]) -> S::V {
     S::add(a, b)
 }
 
+/// Block `i0..i0 + LANES` of `rows` (lanes beyond `rows` off in `mask`): the degree weights
+/// `[w_0, w_1, w_2]` (all 1 when `w` is `None`), with the block's inputs staged zero-padded into
+/// `xs` and times `w_2` into `xs2` (`[d, LANES]` each).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn stage<S: Vector>(
+    xt: &[f32],
+    w: Option<&[f32]>,
+    rows: usize,
+    i0: usize,
+    d: usize,
+    mask: S::Mask,
+    xs: *mut f32,
+    xs2: *mut f32,
+) -> [S::V; 3] {
+    let l = S::LANES;
+    let w = match w {
+        Some(w) => [0, 1, 2].map(|t| S::load_m(w.as_ptr().add(t * rows + i0), mask)),
+        None => [S::splat(1.0); 3],
+    };
+    for p in 0..d {
+        let x = S::load_m(xt.as_ptr().add(p * rows + i0), mask);
+        S::store(xs.add(p * l), x);
+        S::store(xs2.add(p * l), S::mul(x, w[2]));
+    }
+    w
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn vjp_impl<S: Vector>(v: &Vjp<'_>, d: usize, dxt: &mut [f32], mut dm: Option<&mut [f32]>, scratch: &mut [f32]) {
@@ -118,15 +147,9 @@ unsafe fn vjp_impl<S: Vector>(v: &Vjp<'_>, d: usize, dxt: &mut [f32], mut dm: Op
     while i0 < rows {
         let lanes = l.min(rows - i0);
         let mask = S::mask(lanes);
-        let (w1, w2) = match v.w {
-            Some(w) => (S::load_m(w.as_ptr().add(rows + i0), mask), S::load_m(w.as_ptr().add(2 * rows + i0), mask)),
-            None => (S::splat(1.0), S::splat(1.0)),
-        };
         // this block's inputs (zero-padded), the inputs times w_2, and zeroed gradients
+        let [_, w1, w2] = stage::<S>(v.xt, v.w, rows, i0, d, mask, xs, xs2);
         for p in 0..d {
-            let x = S::load_m(v.xt.as_ptr().add(p * rows + i0), mask);
-            S::store(xs.add(p * l), x);
-            S::store(xs2.add(p * l), S::mul(x, w2));
             S::store(dxs.add(p * l), S::splat(0.0));
         }
         let mut y = [S::splat(0.0); E];
@@ -228,19 +251,7 @@ unsafe fn product_impl<S: Vector>(v: &Product<'_>, d: usize, yt: &mut [f32], scr
     while i0 < rows {
         let lanes = l.min(rows - i0);
         let mask = S::mask(lanes);
-        let (w0, w1, w2) = match v.w {
-            Some(w) => (
-                S::load_m(w.as_ptr().add(i0), mask),
-                S::load_m(w.as_ptr().add(rows + i0), mask),
-                S::load_m(w.as_ptr().add(2 * rows + i0), mask),
-            ),
-            None => (S::splat(1.0), S::splat(1.0), S::splat(1.0)),
-        };
-        for p in 0..d {
-            let x = S::load_m(v.xt.as_ptr().add(p * rows + i0), mask);
-            S::store(xs.add(p * l), x);
-            S::store(xs2.add(p * l), S::mul(x, w2));
-        }
+        let [w0, w1, _] = stage::<S>(v.xt, v.w, rows, i0, d, mask, xs, xs2);
         let mut acc = [S::splat(0.0); E];
         for (e, a) in acc.iter_mut().enumerate() {
             *a = S::mul(S::splat(*ms.add(e)), w0);
