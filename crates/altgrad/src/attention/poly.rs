@@ -315,6 +315,8 @@ pub(crate) struct Fused<'a> {
     ms: Vec<f32>,
     starts: &'a [usize],
     scratch: Vec<f32>,
+    /// Whether the state products apply too ([`crate::simd::fused::features_state`]: `d = 16`).
+    state: bool,
 }
 
 /// `x` as f32 values, for the fused paths (which [`Head::fused_setup`] enables only when `T` is f32).
@@ -704,7 +706,44 @@ impl<T: Scalar> Head<'_, T> {
         let (a, starts) = self.fm.quadratic()?;
         let a: Vec<f32> = a.iter().map(|x| x.as_f64() as f32).collect();
         let ms = vec![0.0f32; a.len() * fused::E];
-        Some(Fused { a, ms, starts, scratch: vec![0.0; 3 * self.d() * 16] })
+        let state = self.d() == fused::D && fused::state_applies(starts);
+        let len = if state { 3 * fused::D * self.chunk.max(16) } else { 3 * self.d() * 16 };
+        Some(Fused { a, ms, starts, scratch: vec![0.0; len], state })
+    }
+
+    /// `st [r, e] += (w ∘ φ(√τ (x − shift)))ᵀ Y` for a chunk of `rows = x.rows()` input rows, with
+    /// `Y`'s rows `ys` apart in `y` (`[V 1]` when not `last`: `y` then holds the `dv` value columns
+    /// only), degree weights `w` (`None`: all 1): the fused form of the features and the state
+    /// products `H' += Φ_Kᵀ [V 1]`, `dH' += Ψᵀ dY` (`fz.state` must be set).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_state(
+        &self,
+        fz: &mut Fused<'_>,
+        x: Rows<'_, T>,
+        shift: Option<&[T]>,
+        y: &[T],
+        ys: usize,
+        last: bool,
+        w: Option<&[T]>,
+        st: &mut [T],
+    ) {
+        use crate::simd::{fused, Level};
+        let rows = x.rows();
+        let (xd, xs) = x.parts();
+        let v = fused::StateAdd {
+            x: f32s(xd),
+            xs,
+            shift: shift.map(f32s),
+            scale: self.sqrt_tau().as_f64() as f32,
+            y: f32s(y),
+            ys,
+            last,
+            w: w.map(|w| f32s(&w[..(self.g() + 1) * rows])),
+            a: &fz.a,
+            rows,
+        };
+        let done = fused::features_state(Level::detect(), &v, f32s_mut(st), &mut fz.scratch);
+        assert!(done, "fused_setup checked the level");
     }
 
     /// Loads the state `m [r, e]` into `fz`, with the feature coefficients folded into its rows.
@@ -829,6 +868,14 @@ impl<T: Scalar> Head<'_, T> {
         let b = &mut *pooled;
         let dv = self.dv;
         h.fill(T::zero());
+        if let Some(fz) = &mut self.fused_setup().filter(|f| f.state) {
+            // the key features made in registers, never stored
+            for (j0, cn) in self.chunks(n) {
+                let (vc, vs) = kv.v.sub(j0, cn).parts();
+                self.fused_state(fz, kv.k.sub(j0, cn), kv.shift(), vc, vs, false, None, h);
+            }
+            return;
+        }
         for (j0, cn) in self.chunks(n) {
             self.key_features(kv, j0, cn, b);
             // H'[:, :dv] += Φ_Kᵀ V (the values read in place, dv wide: no column of ones in the
@@ -900,13 +947,28 @@ impl<T: Scalar> Head<'_, T> {
         if let Some(fz) = &mut fused {
             self.fused_load(fz, state);
         }
+        let fstate = fused.as_ref().is_some_and(|f| f.state);
         for (i0, cn) in self.chunks(n) {
-            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
+            if fstate {
+                // the features are made in registers by the fused passes: only the scaled inputs
+                self.transpose_scaled(q.sub(i0, cn), None, &mut b.xt);
+                if weighted {
+                    self.degree_weights(&m[i0..i0 + cn], &mut b.w);
+                }
+            } else {
+                self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
+            }
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
             // dΨᵀ = H' dYᵀ (the chunk's rows in the lanes) ;  dH' += Ψᵀ dY: the dv value columns
-            // as a product, the denominator's as dot products
-            self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate);
+            // as a product, the denominator's as dot products (or both fused)
+            match &mut fused {
+                Some(fz) if fstate => {
+                    let w = weighted.then_some(&b.w[..]);
+                    self.fused_state(fz, q.sub(i0, cn), None, &b.y[..cn * e], e, true, w, dstate);
+                }
+                _ => self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate),
+            }
             if let Some(fz) = &mut fused {
                 // dΨ and its chain rule in one pass, dΨ never stored
                 let dmc = if self.center { Some(&mut dm[i0..i0 + cn]) } else { None };
@@ -955,13 +1017,25 @@ impl<T: Scalar> Head<'_, T> {
         if let Some(fz) = &mut fused {
             self.fused_load(fz, dstate);
         }
+        let state = fused.as_ref().is_some_and(|f| f.state);
         for (j0, cn) in self.chunks(n) {
-            self.key_features(kv, j0, cn, b);
             self.values_t(kv.v.sub(j0, cn), &mut b.yt);
             // dV = Φ_K dH'[:, :dv] ;  dΦ_Kᵀ = dH' V'ᵀ (the chunk's rows in the lanes) and its chain
             // rule (fused when it applies)
-            let phi = rm(&b.phit[..r * cn], r, cn).transpose();
-            matmul_small(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one());
+            match &mut fused {
+                Some(fz) if state => {
+                    // dVᵀ = dH'ᵀ Φ_Kᵀ with the features made in registers (and dH'ᵀ's last
+                    // row, unused), added to dV's rows
+                    self.transpose_scaled(kv.k.sub(j0, cn), kv.shift(), &mut b.xt);
+                    self.fused_product(fz, &b.xt, None, cn, &mut b.vt);
+                    add_rows_t(&b.vt[..dvw * cn], cn, &mut dv.sub_mut(j0, cn));
+                }
+                _ => {
+                    self.key_features(kv, j0, cn, b);
+                    let phi = rm(&b.phit[..r * cn], r, cn).transpose();
+                    matmul_small(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one());
+                }
+            }
             if let Some(fz) = &mut fused {
                 self.fused_vjp(fz, &b.xt, &b.yt, None, &mut b.dxt, None, &mut dk.sub_mut(j0, cn));
             } else {
@@ -992,7 +1066,7 @@ impl<T: Scalar> Head<'_, T> {
         o: &mut RowsMut<'_, T>,
         den: &mut [T],
     ) {
-        let (n, d, r, e, dv) = (q.rows(), self.d(), self.r(), self.e(), self.dv);
+        let (n, r, e, dv) = (q.rows(), self.r(), self.e(), self.dv);
         let weighted = self.weighted(m);
         let coef = taylor_coefs::<T>(self.g());
         let mut pooled = self.bufs(n);
@@ -1000,6 +1074,7 @@ impl<T: Scalar> Head<'_, T> {
         let mut y = std::mem::take(&mut b.y);
         // the denominator column's scratch (`ve` is free here: the values are read in place)
         let mut col = std::mem::take(&mut b.ve);
+        let mut fused = self.fused_setup().filter(|f| f.state);
         for (i0, cn) in self.chunks(n) {
             let qc = q.sub(i0, cn);
             // inter-chunk: Y = Ψ S'. The dv value columns as a product with dv in the lanes; the
@@ -1024,11 +1099,36 @@ impl<T: Scalar> Head<'_, T> {
             add_row_dots(a, cn, None, &mut y[dv..], e);
             self.finish(&y, &mut o.sub_mut(i0, cn), &mut den[i0..i0 + cn]);
             // S' += Φ_K,cᵀ V'_c
-            self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
-            self.add_state(&b.phit[..r * cn], kv.v.sub(i0, cn), state);
+            self.update_state(fused.as_mut(), kv, i0, cn, b, state);
         }
         b.y = y;
         b.ve = col;
+    }
+
+    /// `S' += Φ_K,cᵀ [V_c 1]` for `kv`'s chunk `i0..i0 + rows`, with `b.xtk` holding its scaled keys
+    /// `xtk [d, rows]`: fused (the features made in registers) when `fz` is given, else through
+    /// `b.phit`.
+    fn update_state(
+        &self,
+        fz: Option<&mut Fused<'_>>,
+        kv: &KvHead<'_, T>,
+        i0: usize,
+        rows: usize,
+        b: &mut Bufs<T>,
+        state: &mut [T],
+    ) {
+        let vc = kv.v.sub(i0, rows);
+        match fz {
+            Some(fz) => {
+                let (vd, vs) = vc.parts();
+                self.fused_state(fz, kv.k.sub(i0, rows), kv.shift(), vd, vs, false, None, state);
+            }
+            None => {
+                let (d, r) = (self.d(), self.r());
+                self.fm.apply_cols(&b.xtk[..rows * d], rows, &mut b.phit[..rows * r]);
+                self.add_state(&b.phit[..r * rows], vc, state);
+            }
+        }
     }
 
     /// `S' += Φᵀ [V 1]` for a chunk's features `phit [r, rows]` and values `v [rows, dv]`: the dv
@@ -1067,10 +1167,19 @@ impl<T: Scalar> Head<'_, T> {
         let mut da = std::mem::take(&mut b.da);
         let mut dm = vec![T::zero(); n];
         let mut fused = self.fused_setup();
+        let fstate = fused.as_ref().is_some_and(|f| f.state);
         // Forward scan: dQ through the prefix state, and every intra-chunk term.
         for (i0, cn) in self.chunks(n) {
             let qc = q.sub(i0, cn);
-            self.query_features(qc, &m[i0..], weighted, b);
+            if fused.is_some() {
+                // the fused pass makes the features in registers: only the scaled inputs and weights
+                self.transpose_scaled(qc, None, &mut b.xt);
+                if weighted {
+                    self.degree_weights(&m[i0..i0 + cn], &mut b.w);
+                }
+            } else {
+                self.query_features(qc, &m[i0..], weighted, b);
+            }
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             // dYᵀ and V'ᵀ, so that dΨᵀ and dA have the chunk's rows in the lanes
             transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
@@ -1101,8 +1210,7 @@ impl<T: Scalar> Head<'_, T> {
             let dy_v = rm_strided(&b.y[..cn * e], cn, dvw, e);
             matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, sa.transpose(), dy_v, T::one());
             // S' += Φ_K,cᵀ V'_c
-            self.fm.apply_cols(&b.xtk[..cn * d], cn, &mut b.phit[..cn * r]);
-            self.add_state(&b.phit[..r * cn], kv.v.sub(i0, cn), state);
+            self.update_state(fused.as_mut().filter(|f| f.state), kv, i0, cn, b, state);
         }
         b.da = da;
         // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ;
@@ -1110,15 +1218,28 @@ impl<T: Scalar> Head<'_, T> {
         // key j (and the initial key sum) gets Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum in acc).
         let mut acc = vec![0.0f64; d];
         for (i0, cn) in self.chunks(n).rev() {
-            self.key_features(kv, i0, cn, b);
             self.values_t(kv.v.sub(i0, cn), &mut b.vt);
             // dV += Φ_K dS'[:, :dv] ;  dΦ_Kᵀ = dS' V'ᵀ (the chunk's rows in the lanes) and its chain
             // rule (fused when it applies)
             let (ds, ds_v) = (rm(dstate, r, e), rm_strided(dstate, r, dvw, e));
-            let phi = rm(&b.phit[..r * cn], r, cn).transpose();
-            matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one());
+            match &mut fused {
+                Some(fz) if fstate => {
+                    // dVᵀ = dS'ᵀ Φ_Kᵀ with the features made in registers (dS'ᵀ's last row unused)
+                    self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xt);
+                    self.fused_load(fz, dstate);
+                    self.fused_product(fz, &b.xt, None, cn, &mut b.yt);
+                    add_rows_t(&b.yt[..dvw * cn], cn, &mut dv.sub_mut(i0, cn));
+                }
+                _ => {
+                    self.key_features(kv, i0, cn, b);
+                    let phi = rm(&b.phit[..r * cn], r, cn).transpose();
+                    matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one());
+                }
+            }
             if let Some(fz) = &mut fused {
-                self.fused_load(fz, dstate);
+                if !fstate {
+                    self.fused_load(fz, dstate);
+                }
                 self.fused_vjp(fz, &b.xt, &b.vt, None, &mut b.dxt, None, &mut dk.sub_mut(i0, cn));
             } else {
                 let vt = rm(&b.vt[..e * cn], e, cn);
@@ -1126,10 +1247,21 @@ impl<T: Scalar> Head<'_, T> {
                 self.feature_vjp(b, &mut dk.sub_mut(i0, cn));
             }
             // dS' += Ψᵀ dY
-            self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
-            transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
-            self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate);
+            match &mut fused {
+                Some(fz) if fstate => {
+                    if weighted {
+                        self.degree_weights(&m[i0..i0 + cn], &mut b.w);
+                    }
+                    let w = weighted.then_some(&b.w[..]);
+                    self.fused_state(fz, q.sub(i0, cn), None, &b.y[..cn * e], e, true, w, dstate);
+                }
+                _ => {
+                    self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
+                    transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
+                    self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate);
+                }
+            }
             if self.center {
                 for i in (i0..i0 + cn).rev() {
                     let s = tau * dm[i];
@@ -1187,6 +1319,28 @@ pub(crate) fn transpose<T: Scalar>(x: Rows<'_, T>, c: Option<&[T]>, st: T, xt: &
             }
         },
     );
+}
+
+/// `dst[i, c] += src[c·rows + i]` for the rows of `dst` (`src [cols, rows]`, `rows = dst.rows()`):
+/// an f32 chunk's transposed product added to its rows.
+fn add_rows_t<T: Scalar>(src: &[T], rows: usize, dst: &mut RowsMut<'_, T>) {
+    let cols = dst.cols();
+    let (ptr, stride) = dst.raw_mut();
+    // SAFETY: raw_mut's pointer is valid for rows × cols elements `stride` apart while dst is
+    // borrowed; src is scratch that does not overlap it. T is f32 (fused paths only).
+    let done = unsafe {
+        crate::simd::transpose::add_transposed(
+            crate::simd::Level::detect(),
+            f32s(src),
+            rows,
+            rows,
+            cols,
+            1.0,
+            ptr as *mut f32,
+            stride,
+        )
+    };
+    assert!(done, "fused_setup checked the level");
 }
 
 /// `out[k·os] += Σ_i a[k·cols + i]·v[i]` for every row `k` of `a [rows, cols]` (`v = 1` when

@@ -12,7 +12,9 @@
 //!
 //! with the row shift's degree weights `w_t` per row (`dφ_t = w_t dψ_t`; all 1 without a shift).
 //! [`features_product`] is the forward's counterpart: `Yᵀ = Mᵀ (w ∘ φ)` with the features made in
-//! registers.
+//! registers, and [`features_state`] the state products `H' += Φᵀ [V 1]`, `dH' += Ψᵀ dY` with
+//! the features made in registers too (`d = 16`), so that at `d = d_v = 16` no pass of the
+//! polynomial kernels writes features out.
 
 #[cfg(target_arch = "x86_64")]
 use super::{Avx512, Level, Vector};
@@ -280,4 +282,186 @@ unsafe fn product_impl<S: Vector>(v: &Product<'_>, d: usize, yt: &mut [f32], scr
         }
         i0 += l;
     }
+}
+
+/// The input width [`features_state`] is compiled for (`x` rows in one register: `head_dim = 16`).
+pub(crate) const D: usize = 16;
+
+/// Whether [`features_state`] applies to a degree-2 map with group starts `starts`: `d = 16`
+/// inputs and the symmetric monomials `(p, c)`, `p ≤ c`, in the map's c-major order (group `c`
+/// holds `c + 1` features).
+pub(crate) fn state_applies(starts: &[usize]) -> bool {
+    starts.len() == D + 1 && (0..D).all(|c| starts[c] == c * (c + 1) / 2 && starts[c + 1] - starts[c] == c + 1)
+}
+
+/// Operands of [`features_state`].
+pub(crate) struct StateAdd<'a> {
+    /// Input rows, `D` values each, row `i` at `x[i·xs..]`.
+    pub x: &'a [f32],
+    /// Row stride of `x`.
+    pub xs: usize,
+    /// Subtracted from every input row before scaling (`[D]`; `None`: no shift).
+    pub shift: Option<&'a [f32]>,
+    /// Multiplies the shifted inputs (`√τ`).
+    pub scale: f32,
+    /// Rows of `Y`, row `i` at `y[i·ys..]`: `E − 1` value columns, then (with `last`) the last
+    /// column; without `last` the last column is 1 (`[V 1]`).
+    pub y: &'a [f32],
+    /// Row stride of `y`.
+    pub ys: usize,
+    /// Whether `y`'s rows hold the last column.
+    pub last: bool,
+    /// The degree weights `w [g + 1, rows]`, `None` when they are all 1.
+    pub w: Option<&'a [f32]>,
+    /// The feature coefficients `a [r]`.
+    pub a: &'a [f32],
+    /// Chunk rows.
+    pub rows: usize,
+}
+
+/// `st [r, E] += (w ∘ φ(x'))ᵀ Y` for a chunk's inputs `x' = scale·(x − shift)` (the state
+/// products `H' += Φ_Kᵀ [V 1]` and `dH' += Ψᵀ dY` of MATH §4) with the features made in
+/// registers, never stored: the value columns in the lanes (`E − 1 = 16`), a row's features as
+/// broadcasts of its inputs, `a_f` applied once per feature and call; the last column through the
+/// Gram matrix `Σ_i s_i w_2 x'_i x'_iᵀ` (`s_i` that column of `Y`). `d = 16` only
+/// ([`state_applies`]). AVX-512 only; returns `false`, touching nothing, on any other level.
+/// `scratch` holds at least `3·D·rows` values.
+///
+/// Panics if the operands are shorter than `rows` rows or `r = 1 + D + D(D+1)/2`.
+pub(crate) fn features_state(level: Level, v: &StateAdd<'_>, st: &mut [f32], scratch: &mut [f32]) -> bool {
+    let (rows, r) = (v.rows, 1 + D + D * (D + 1) / 2);
+    if rows == 0 {
+        return matches!(level, Level::Avx512);
+    }
+    assert!(
+        v.a.len() >= r
+            && st.len() >= r * E
+            && v.x.len() >= (rows - 1) * v.xs + D
+            && v.y.len() >= (rows - 1) * v.ys + if v.last { E } else { E - 1 },
+        "fused features state: operand too short"
+    );
+    assert!(v.shift.is_none_or(|c| c.len() >= D), "fused features state: shift too short");
+    assert!(v.w.is_none_or(|w| w.len() >= 3 * rows), "fused features state: w too short");
+    assert!(scratch.len() >= 3 * D * rows, "fused features state: scratch too short");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is this CPU's (the caller's Level::detect), the lengths are checked above.
+        Level::Avx512 => unsafe { state_avx512(v, st, scratch) },
+        _ => return false,
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn state_avx512(v: &StateAdd<'_>, st: &mut [f32], scratch: &mut [f32]) {
+    state_impl::<Avx512>(v, st, scratch)
+}
+
+/// Accumulators of one register block of degree-2 features.
+const BLOCK: usize = 25;
+
+/// The degree-2 features of groups `C0..C1` (`Σ (c + 1) ≤ BLOCK`): `acc_(p,c) = Σ_i x_ip (w_2 x_ic
+/// y_i)`, then `st[f] += a_f acc_f` for the value columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn state_block<S: Vector, const C0: usize, const C1: usize>(
+    v: &StateAdd<'_>,
+    xs: *const f32,
+    x2s: *const f32,
+    st: *mut f32,
+) {
+    let mut acc = [S::splat(0.0); BLOCK];
+    for i in 0..v.rows {
+        let y = S::load(v.y.as_ptr().add(i * v.ys));
+        let (xi, x2i) = (xs.add(i * D), x2s.add(i * D));
+        let mut k = 0;
+        for c in C0..C1 {
+            let u = S::mul(S::splat(*x2i.add(c)), y);
+            for p in 0..c + 1 {
+                acc[k] = S::fma(S::splat(*xi.add(p)), u, acc[k]);
+                k += 1;
+            }
+        }
+    }
+    let mut k = 0;
+    for c in C0..C1 {
+        for p in 0..c + 1 {
+            let f = 1 + D + c * (c + 1) / 2 + p;
+            let dst = st.add(f * E);
+            S::store(dst, S::fma(S::splat(v.a[f]), acc[k], S::load(dst)));
+            k += 1;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn state_impl<S: Vector>(v: &StateAdd<'_>, st: &mut [f32], scratch: &mut [f32]) {
+    let rows = v.rows;
+    let (xs, rest) = scratch.split_at_mut(rows * D);
+    let (x1s, x2s) = rest.split_at_mut(rows * D);
+    let (xs, x1s, x2s) = (xs.as_mut_ptr(), x1s.as_mut_ptr(), x2s.as_mut_ptr());
+    let weight = |t: usize, i: usize| v.w.map_or(1.0, |w| w[t * rows + i]);
+    let last = |i: usize| if v.last { *v.y.as_ptr().add(i * v.ys + E - 1) } else { 1.0 };
+    // the scaled inputs, times w_1 and times w_2, and the last column's degree-0 and -1 sums
+    let shift = v.shift.map_or(S::splat(0.0), |c| S::load(c.as_ptr()));
+    let scale = S::splat(v.scale);
+    let (mut g0, mut g1) = (0.0f32, S::splat(0.0));
+    for i in 0..rows {
+        let x = S::mul(S::sub(S::load(v.x.as_ptr().add(i * v.xs)), shift), scale);
+        let s = last(i);
+        S::store(xs.add(i * D), x);
+        S::store(x1s.add(i * D), S::mul(x, S::splat(weight(1, i))));
+        S::store(x2s.add(i * D), S::mul(x, S::splat(weight(2, i))));
+        g1 = S::fma(x, S::splat(s * weight(1, i)), g1);
+        g0 += s * weight(0, i);
+    }
+    // the last column's degree-2 sums: the Gram matrix G[p, :] = Σ_i x_ip s_i w_2 x_i
+    let mut gram = [S::splat(0.0); D];
+    for i in 0..rows {
+        let z = S::mul(S::load(x2s.add(i * D)), S::splat(last(i)));
+        for (p, g) in gram.iter_mut().enumerate() {
+            *g = S::fma(S::splat(*xs.add(i * D + p)), z, *g);
+        }
+    }
+    let mut gv = [0.0f32; D * D];
+    for (p, g) in gram.iter().enumerate() {
+        S::store(gv.as_mut_ptr().add(p * D), *g);
+    }
+    let mut g1v = [0.0f32; D];
+    S::store(g1v.as_mut_ptr(), g1);
+    let stp = st.as_mut_ptr();
+    *stp.add(E - 1) += v.a[0] * g0;
+    for (p, g) in g1v.iter().enumerate() {
+        *stp.add((1 + p) * E + E - 1) += v.a[1 + p] * *g;
+    }
+    for c in 0..D {
+        for p in 0..=c {
+            let f = 1 + D + c * (c + 1) / 2 + p;
+            *stp.add(f * E + E - 1) += v.a[f] * gv[p * D + c];
+        }
+    }
+    // the value columns, degrees 0 and 1: acc_0 = Σ_i w_0 y_i, acc_{1+p} = Σ_i w_1 x_ip y_i
+    let mut acc = [S::splat(0.0); 1 + D];
+    for i in 0..rows {
+        let y = S::load(v.y.as_ptr().add(i * v.ys));
+        acc[0] = S::fma(S::splat(weight(0, i)), y, acc[0]);
+        for p in 0..D {
+            acc[1 + p] = S::fma(S::splat(*x1s.add(i * D + p)), y, acc[1 + p]);
+        }
+    }
+    for (f, a) in acc.iter().enumerate() {
+        let dst = stp.add(f * E);
+        S::store(dst, S::fma(S::splat(v.a[f]), *a, S::load(dst)));
+    }
+    // degree 2 in register blocks of whole groups (21, 24, 21, 25, 14, 15, 16 features: with y and
+    // u, at most 27 of the 32 registers, so that the accumulators are not spilled)
+    state_block::<S, 0, 6>(v, xs, x2s, stp);
+    state_block::<S, 6, 9>(v, xs, x2s, stp);
+    state_block::<S, 9, 11>(v, xs, x2s, stp);
+    state_block::<S, 11, 13>(v, xs, x2s, stp);
+    state_block::<S, 13, 14>(v, xs, x2s, stp);
+    state_block::<S, 14, 15>(v, xs, x2s, stp);
+    state_block::<S, 15, 16>(v, xs, x2s, stp);
 }
