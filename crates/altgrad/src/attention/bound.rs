@@ -58,12 +58,45 @@ pub(crate) fn row_shift_rows<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64) 
     let (n, d) = (q.rows(), q.cols());
     assert!(kbar.len() == d || kbar.len() == n * d, "row_shift: kbar has the wrong length");
     let per_row = kbar.len() == n * d && n > 1;
-    (0..n)
-        .map(|i| {
-            let kb = if per_row { &kbar[i * d..(i + 1) * d] } else { &kbar[..d] };
-            T::from_f64(scale * q.row(i).iter().zip(kb).map(|(a, b)| a.as_f64() * b.as_f64()).sum::<f64>())
-        })
-        .collect()
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            (0..n)
+                .map(|i| {
+                    let kb = if per_row { &kbar[i * d..(i + 1) * d] } else { &kbar[..d] };
+                    T::from_f64(scale * dot_f64(q.row(i), kb))
+                })
+                .collect()
+        },
+    )
+}
+
+/// `Σ_c a_c b_c` in f64, in eight interleaved partial sums (added pairwise at the end), so that the
+/// products vectorize and the additions are not one chain: for the row shifts and log-normalizers
+/// of every row, where an in-order sum was a chain of `d` dependent additions per row.
+#[inline(always)]
+pub(crate) fn dot_f64<T: Scalar>(a: &[T], b: &[T]) -> f64 {
+    const L: usize = 8;
+    let n = a.len().min(b.len());
+    let split = n / L * L;
+    let mut acc = [0.0f64; L];
+    for (x, y) in a[..split].chunks_exact(L).zip(b[..split].chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += x[l].as_f64() * y[l].as_f64();
+        }
+    }
+    let mut rest = 0.0;
+    for (x, y) in a[split..n].iter().zip(&b[split..n]) {
+        rest += x.as_f64() * y.as_f64();
+    }
+    let mut w = L / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0] + rest
 }
 
 /// The two score bounds of one head (MATH §3 "Bound and degree"), from [`score_bounds`].

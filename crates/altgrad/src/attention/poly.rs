@@ -535,16 +535,22 @@ impl<T: Scalar> Head<'_, T> {
     /// `dy_i = [G_i/den_i, −(G_i·O_i)/den_i]` for the rows of `g`.
     fn dy(&self, g: Rows<'_, T>, o: Rows<'_, T>, den: &[T], dy: &mut [T]) {
         let (dv, e) = (self.dv, self.e());
-        for i in 0..g.rows() {
-            let (gi, oi) = (g.row(i), o.row(i));
-            let inv = T::one() / den[i];
-            let delta: T = gi.iter().zip(oi).map(|(a, b)| *a * *b).sum();
-            let row = &mut dy[i * e..(i + 1) * e];
-            for (x, gv) in row[..dv].iter_mut().zip(gi) {
-                *x = *gv * inv;
-            }
-            row[dv] = -delta * inv;
-        }
+        // G_i·O_i in f64 partial sums (an in-order T sum was a chain of dv additions per row)
+        dispatch(
+            #[inline(always)]
+            || {
+                for i in 0..g.rows() {
+                    let (gi, oi) = (g.row(i), o.row(i));
+                    let inv = T::one() / den[i];
+                    let delta = T::from_f64(super::bound::dot_f64(gi, oi));
+                    let row = &mut dy[i * e..(i + 1) * e];
+                    for (x, gv) in row[..dv].iter_mut().zip(gi) {
+                        *x = *gv * inv;
+                    }
+                    row[dv] = -delta * inv;
+                }
+            },
+        );
     }
 
     /// `o_i = y_i[..dv] / y_i[dv]`, `den_i = y_i[dv]` for the rows of `o`.
@@ -1080,14 +1086,25 @@ impl<T: Scalar> Head<'_, T> {
             // inter-chunk: Y = Ψ S'. The dv value columns as a product with dv in the lanes; the
             // denominator column (Ψ S'[:, dv]) as a one-row product with the chunk's rows in the
             // lanes (a 17th column would fill a second register to one lane in 16).
-            self.query_features(qc, &m[i0..], weighted, b);
-            let psit = rm(self.psi(b, cn, weighted), r, cn);
-            let yv = rm_strided_mut(&mut y[..cn * e], cn, dv, e);
-            matmul_small(yv, false, psit.transpose(), rm_strided(state, r, dv, e), T::one());
-            let s_den = rm_strided(&state[dv..], r, 1, e).transpose();
-            matmul_small(rm_mut(&mut col[..cn], 1, cn), false, s_den, psit, T::one());
-            for (i, t) in col[..cn].iter().enumerate() {
-                y[i * e + dv] = *t;
+            if let Some(fz) = &mut fused {
+                // Yᵀ = S'ᵀ Ψᵀ with the query features made in registers, then transposed
+                self.transpose_scaled(qc, None, &mut b.xt);
+                if weighted {
+                    self.degree_weights(&m[i0..i0 + cn], &mut b.w);
+                }
+                self.fused_load(fz, state);
+                self.fused_product(fz, &b.xt, weighted.then_some(&b.w[..]), cn, &mut b.yt);
+                transpose(Rows::contiguous(&b.yt[..e * cn], e, cn), None, T::one(), &mut y[..cn * e]);
+            } else {
+                self.query_features(qc, &m[i0..], weighted, b);
+                let psit = rm(self.psi(b, cn, weighted), r, cn);
+                let yv = rm_strided_mut(&mut y[..cn * e], cn, dv, e);
+                matmul_small(yv, false, psit.transpose(), rm_strided(state, r, dv, e), T::one());
+                let s_den = rm_strided(&state[dv..], r, 1, e).transpose();
+                matmul_small(rm_mut(&mut col[..cn], 1, cn), false, s_den, psit, T::one());
+                for (i, t) in col[..cn].iter().enumerate() {
+                    y[i * e + dv] = *t;
+                }
             }
             // intra-chunk: Y += A [V 1], a_ij = T_g(τ q_i·(k_j − c) − m_i) for j ≤ i: A V with the
             // values read in place, A 1 as row sums
@@ -1263,18 +1280,24 @@ impl<T: Scalar> Head<'_, T> {
                 }
             }
             if self.center {
-                for i in (i0..i0 + cn).rev() {
-                    let s = tau * dm[i];
-                    let inv = 1.0 / (kv.offset + i + 1) as f64;
-                    let kb = &kv.kbar[i * d..(i + 1) * d];
-                    for ((x, kbv), (a, qv)) in dq.row_mut(i).iter_mut().zip(kb).zip(acc.iter_mut().zip(q.row(i))) {
-                        *x += s * *kbv;
-                        *a += (s * *qv).as_f64() * inv;
-                    }
-                    for (x, a) in dk.row_mut(i).iter_mut().zip(&acc) {
-                        *x += T::from_f64(*a);
-                    }
-                }
+                dispatch(
+                    #[inline(always)]
+                    || {
+                        for i in (i0..i0 + cn).rev() {
+                            let s = tau * dm[i];
+                            let inv = 1.0 / (kv.offset + i + 1) as f64;
+                            let kb = &kv.kbar[i * d..(i + 1) * d];
+                            let rows = dq.row_mut(i).iter_mut().zip(kb).zip(acc.iter_mut().zip(q.row(i)));
+                            for ((x, kbv), (a, qv)) in rows {
+                                *x += s * *kbv;
+                                *a += (s * *qv).as_f64() * inv;
+                            }
+                            for (x, a) in dk.row_mut(i).iter_mut().zip(&acc) {
+                                *x += T::from_f64(*a);
+                            }
+                        }
+                    },
+                );
             }
         }
         if self.center {
@@ -1416,10 +1439,15 @@ pub(crate) fn fill_lse<T: Scalar>(q: Rows<'_, T>, c: &[T], m: &[T], den: &[T], s
         Some(l) => crate::fastmath::ln_f32_inplace(l),
         None => lse.iter_mut().for_each(|l| *l = l.ln()),
     }
-    for (i, l) in lse.iter_mut().enumerate() {
-        let qc: f64 = q.row(i).iter().zip(c).map(|(a, b)| a.as_f64() * b.as_f64()).sum();
-        *l = T::from_f64(scale * qc + m[i].as_f64() + l.as_f64());
-    }
+    dispatch(
+        #[inline(always)]
+        || {
+            for (i, l) in lse.iter_mut().enumerate() {
+                let qc = super::bound::dot_f64(q.row(i), c);
+                *l = T::from_f64(scale * qc + m[i].as_f64() + l.as_f64());
+            }
+        },
+    );
 }
 
 /// The key/value state a query head's kernel reads (MATH §4).
