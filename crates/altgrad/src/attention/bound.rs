@@ -58,17 +58,18 @@ pub(crate) fn row_shift_rows<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64) 
     let (n, d) = (q.rows(), q.cols());
     assert!(kbar.len() == d || kbar.len() == n * d, "row_shift: kbar has the wrong length");
     let per_row = kbar.len() == n * d && n > 1;
+    let mut m = vec![T::zero(); n];
+    // a plain loop: a closure passed to an iterator adapter would not inherit dispatch's ISA
     crate::simd::dispatch(
         #[inline(always)]
         || {
-            (0..n)
-                .map(|i| {
-                    let kb = if per_row { &kbar[i * d..(i + 1) * d] } else { &kbar[..d] };
-                    T::from_f64(scale * dot_f64(q.row(i), kb))
-                })
-                .collect()
+            for (i, mi) in m.iter_mut().enumerate() {
+                let kb = if per_row { &kbar[i * d..(i + 1) * d] } else { &kbar[..d] };
+                *mi = T::from_f64(scale * dot_f64(q.row(i), kb));
+            }
         },
-    )
+    );
+    m
 }
 
 /// `Σ_c a_c b_c` in f64, in eight interleaved partial sums (added pairwise at the end), so that the
