@@ -308,7 +308,8 @@ pub struct QueryBack<'a, T> {
 
 /// What [`Head::fused_setup`] prepares for the fused degree-2 passes (backward and forward): the feature
 /// coefficients `a [r]`, `Ms = diag(a) M` (`[r, e]`, [`Head::fused_load`]), the degree-2 group
-/// starts, and scratch for the kernel (`3·d·16` values).
+/// starts, and scratch for the kernels (`3·d·16` values, grown to `3·16·rows` by the state
+/// products).
 #[derive(Debug)]
 pub(crate) struct Fused<'a> {
     a: Vec<f32>,
@@ -703,7 +704,8 @@ impl<T: Scalar> Head<'_, T> {
 
     /// The fused degree-2 feature gradient ([`crate::simd::fused`]), when it applies (f32,
     /// AVX-512, degree 2, `e = 17`): the feature coefficients, the degree-2 group starts and the
-    /// kernel's buffers; [`fused_load`](Self::fused_load) gives it a state.
+    /// kernel's buffers; [`fused_load`](Self::fused_load) gives it a state. `state` is set when the
+    /// state products fuse too (`d = 16`, [`fused_state`](Self::fused_state)).
     fn fused_setup(&self) -> Option<Fused<'_>> {
         use crate::simd::{fused, Level};
         if self.e() != fused::E || Level::detect() != Level::Avx512 || !crate::linalg::is_f32::<T>() {
@@ -713,8 +715,7 @@ impl<T: Scalar> Head<'_, T> {
         let a: Vec<f32> = a.iter().map(|x| x.as_f64() as f32).collect();
         let ms = vec![0.0f32; a.len() * fused::E];
         let state = self.d() == fused::D && fused::state_applies(starts);
-        let len = if state { 3 * fused::D * self.chunk.max(16) } else { 3 * self.d() * 16 };
-        Some(Fused { a, ms, starts, scratch: vec![0.0; len], state })
+        Some(Fused { a, ms, starts, scratch: vec![0.0; 3 * self.d() * 16], state })
     }
 
     /// `st [r, e] += (w ∘ φ(√τ (x − shift)))ᵀ Y` for a chunk of `rows = x.rows()` input rows, with
@@ -734,7 +735,11 @@ impl<T: Scalar> Head<'_, T> {
         st: &mut [T],
     ) {
         use crate::simd::{fused, Level};
+        debug_assert!(fz.state && x.cols() == fused::D && self.dv == fused::E - 1, "fused_state: d, d_v ≠ 16");
         let rows = x.rows();
+        if fz.scratch.len() < 3 * fused::D * rows {
+            fz.scratch.resize(3 * fused::D * rows, 0.0); // once per call: the first chunk is the largest
+        }
         let (xd, xs) = x.parts();
         let v = fused::StateAdd {
             x: f32s(xd),
@@ -1083,9 +1088,10 @@ impl<T: Scalar> Head<'_, T> {
         let mut fused = self.fused_setup().filter(|f| f.state);
         for (i0, cn) in self.chunks(n) {
             let qc = q.sub(i0, cn);
-            // inter-chunk: Y = Ψ S'. The dv value columns as a product with dv in the lanes; the
-            // denominator column (Ψ S'[:, dv]) as a one-row product with the chunk's rows in the
-            // lanes (a 17th column would fill a second register to one lane in 16).
+            // inter-chunk: Y = Ψ S'. Fused (d = d_v = 16): Yᵀ = S'ᵀ Ψᵀ, transposed. Otherwise the dv
+            // value columns as a product with dv in the lanes, and the denominator column
+            // (Ψ S'[:, dv]) as a one-row product with the chunk's rows in the lanes (a 17th column
+            // would fill a second register to one lane in 16).
             if let Some(fz) = &mut fused {
                 // Yᵀ = S'ᵀ Ψᵀ with the query features made in registers, then transposed
                 self.transpose_scaled(qc, None, &mut b.xt);
@@ -1122,9 +1128,9 @@ impl<T: Scalar> Head<'_, T> {
         b.ve = col;
     }
 
-    /// `S' += Φ_K,cᵀ [V_c 1]` for `kv`'s chunk `i0..i0 + rows`, with `b.xtk` holding its scaled keys
-    /// `xtk [d, rows]`: fused (the features made in registers) when `fz` is given, else through
-    /// `b.phit`.
+    /// `S' += Φ_K,cᵀ [V_c 1]` for `kv`'s chunk `i0..i0 + rows`: fused (the features made in
+    /// registers from the key rows) when `fz` is given, else through `b.phit` from `b.xtk`, which
+    /// must then hold the chunk's scaled keys `xtk [d, rows]`.
     fn update_state(
         &self,
         fz: Option<&mut Fused<'_>>,
@@ -1347,6 +1353,7 @@ pub(crate) fn transpose<T: Scalar>(x: Rows<'_, T>, c: Option<&[T]>, st: T, xt: &
 /// `dst[i, c] += src[c·rows + i]` for the rows of `dst` (`src [cols, rows]`, `rows = dst.rows()`):
 /// an f32 chunk's transposed product added to its rows.
 fn add_rows_t<T: Scalar>(src: &[T], rows: usize, dst: &mut RowsMut<'_, T>) {
+    assert_eq!(rows, dst.rows(), "add_rows_t: rows ≠ the destination's rows");
     let cols = dst.cols();
     let (ptr, stride) = dst.raw_mut();
     // SAFETY: raw_mut's pointer is valid for rows × cols elements `stride` apart while dst is
