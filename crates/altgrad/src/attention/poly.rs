@@ -808,6 +808,36 @@ impl<T: Scalar> Head<'_, T> {
         assert!(done, "fused_setup checked the level");
     }
 
+    /// `dv += Φ_K dM[:, :dv]` for `kv`'s chunk `i0..i0 + rows` (`dM = dH'` or `dS'`, `[r, e]`), and
+    /// `b.xt` = the chunk's scaled keys: fused when `fz` is given (its state loaded with `dM`;
+    /// `dVᵀ = dMᵀ Φ_Kᵀ` with the features made in registers, `dMᵀ`'s last row unused), else
+    /// through `b.phit`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_dv(
+        &self,
+        fz: Option<&mut Fused<'_>>,
+        kv: &KvHead<'_, T>,
+        i0: usize,
+        rows: usize,
+        dm: &[T],
+        b: &mut Bufs<T>,
+        dv: &mut RowsMut<'_, T>,
+    ) {
+        match fz {
+            Some(fz) => {
+                self.transpose_scaled(kv.k.sub(i0, rows), kv.shift(), &mut b.xt);
+                self.fused_product(fz, &b.xt, None, rows, &mut b.ve);
+                add_rows_t(&b.ve[..self.dv * rows], rows, dv);
+            }
+            None => {
+                let r = self.r();
+                self.key_features(kv, i0, rows, b);
+                let phi = rm(&b.phit[..r * rows], r, rows).transpose();
+                matmul_small(dv.mat_mut(), true, phi, rm_strided(dm, r, self.dv, self.e()), T::one());
+            }
+        }
+    }
+
     /// Feature chain rule: adds `√τ J_φ(x'_i)ᵀ dφ_i` to `dx_i` for the rows of `dx` (`b.xt`,
     /// `b.phit` hold the inputs' features, `b.dphit` their gradients).
     fn feature_vjp(&self, b: &mut Bufs<T>, dx: &mut RowsMut<'_, T>) {
@@ -1017,36 +1047,21 @@ impl<T: Scalar> Head<'_, T> {
         dk: &mut RowsMut<'_, T>,
         dv: &mut RowsMut<'_, T>,
     ) {
-        let (n, r, e, dvw) = (kv.k.rows(), self.r(), self.e(), self.dv);
+        let (n, r, e) = (kv.k.rows(), self.r(), self.e());
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
         let ds = rm(dstate, r, e);
-        let ds_v = rm_strided(dstate, r, dvw, e);
         let share: Vec<T> =
             if self.center { dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect() } else { vec![] };
         let mut fused = self.fused_setup();
         if let Some(fz) = &mut fused {
             self.fused_load(fz, dstate);
         }
-        let state = fused.as_ref().is_some_and(|f| f.state);
         for (j0, cn) in self.chunks(n) {
             self.values_t(kv.v.sub(j0, cn), &mut b.yt);
             // dV = Φ_K dH'[:, :dv] ;  dΦ_Kᵀ = dH' V'ᵀ (the chunk's rows in the lanes) and its chain
             // rule (fused when it applies)
-            match &mut fused {
-                Some(fz) if state => {
-                    // dVᵀ = dH'ᵀ Φ_Kᵀ with the features made in registers (and dH'ᵀ's last
-                    // row, unused), added to dV's rows
-                    self.transpose_scaled(kv.k.sub(j0, cn), kv.shift(), &mut b.xt);
-                    self.fused_product(fz, &b.xt, None, cn, &mut b.vt);
-                    add_rows_t(&b.vt[..dvw * cn], cn, &mut dv.sub_mut(j0, cn));
-                }
-                _ => {
-                    self.key_features(kv, j0, cn, b);
-                    let phi = rm(&b.phit[..r * cn], r, cn).transpose();
-                    matmul_small(dv.sub_mut(j0, cn).mat_mut(), true, phi, ds_v, T::one());
-                }
-            }
+            self.add_dv(fused.as_mut().filter(|f| f.state), kv, j0, cn, dstate, b, &mut dv.sub_mut(j0, cn));
             if let Some(fz) = &mut fused {
                 self.fused_vjp(fz, &b.xt, &b.yt, None, &mut b.dxt, None, &mut dk.sub_mut(j0, cn));
             } else {
@@ -1244,25 +1259,12 @@ impl<T: Scalar> Head<'_, T> {
             self.values_t(kv.v.sub(i0, cn), &mut b.vt);
             // dV += Φ_K dS'[:, :dv] ;  dΦ_Kᵀ = dS' V'ᵀ (the chunk's rows in the lanes) and its chain
             // rule (fused when it applies)
-            let (ds, ds_v) = (rm(dstate, r, e), rm_strided(dstate, r, dvw, e));
-            match &mut fused {
-                Some(fz) if fstate => {
-                    // dVᵀ = dS'ᵀ Φ_Kᵀ with the features made in registers (dS'ᵀ's last row unused)
-                    self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xt);
-                    self.fused_load(fz, dstate);
-                    self.fused_product(fz, &b.xt, None, cn, &mut b.yt);
-                    add_rows_t(&b.yt[..dvw * cn], cn, &mut dv.sub_mut(i0, cn));
-                }
-                _ => {
-                    self.key_features(kv, i0, cn, b);
-                    let phi = rm(&b.phit[..r * cn], r, cn).transpose();
-                    matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, phi, ds_v, T::one());
-                }
-            }
+            let ds = rm(dstate, r, e);
             if let Some(fz) = &mut fused {
-                if !fstate {
-                    self.fused_load(fz, dstate);
-                }
+                self.fused_load(fz, dstate);
+            }
+            self.add_dv(fused.as_mut().filter(|f| f.state), kv, i0, cn, dstate, b, &mut dv.sub_mut(i0, cn));
+            if let Some(fz) = &mut fused {
                 self.fused_vjp(fz, &b.xt, &b.vt, None, &mut b.dxt, None, &mut dk.sub_mut(i0, cn));
             } else {
                 let vt = rm(&b.vt[..e * cn], e, cn);
