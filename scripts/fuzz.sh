@@ -10,7 +10,9 @@
 # different targets may go at once (each has its own log, corpus and artifacts). The working
 # corpus grows in fuzz/corpus/TARGET (git-ignored), starting from the committed seeds in
 # fuzz/seeds/TARGET; crashes land in fuzz/artifacts/TARGET/ (copy each into
-# fuzz/regressions/TARGET/ once fixed: `cargo test` replays them). The log of each run is
+# fuzz/regressions/TARGET/ once fixed: `cargo test` replays them; the corpus may hold inputs cut
+# from the fetched models, so rebuild a crash from synthetic content before committing it, as
+# the tokenizer_json regressions were: nothing from models/ goes into git). The log of each run is
 # fuzz/logs/TARGET.log and ends with libFuzzer's final statistics (executions, coverage).
 # Not part of the default test command.
 set -euo pipefail
