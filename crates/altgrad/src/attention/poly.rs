@@ -808,12 +808,13 @@ impl<T: Scalar> Head<'_, T> {
         assert!(done, "fused_setup checked the level");
     }
 
-    /// `dv += Φ_K dM[:, :dv]` for `kv`'s chunk `i0..i0 + rows` (`dM = dH'` or `dS'`, `[r, e]`), and
-    /// `b.xt` = the chunk's scaled keys: fused when `fz` is given (its state loaded with `dM`;
-    /// `dVᵀ = dMᵀ Φ_Kᵀ` with the features made in registers, `dMᵀ`'s last row unused), else
-    /// through `b.phit`.
+    /// The key side of a state's gradient `dM` (`dH'` or `dS'`, `[r, e]`) for `kv`'s chunk
+    /// `i0..i0 + rows`: `dv += Φ_K dM[:, :dv]` and, with `dΦ_Kᵀ = dM V'ᵀ` (the chunk's rows in the
+    /// lanes), `dk += √τ J_φᵀ dΦ_K`. Fused when `fz` is given (its state loaded with `dM`); at
+    /// d = 16 `dVᵀ = dMᵀ Φ_Kᵀ` is fused too (the features made in registers, `dMᵀ`'s last row
+    /// unused), else it goes through `b.phit`. `b.vt` receives `V'ᵀ`, `b.xt` the scaled keys.
     #[allow(clippy::too_many_arguments)]
-    fn add_dv(
+    fn add_key_grads(
         &self,
         fz: Option<&mut Fused<'_>>,
         kv: &KvHead<'_, T>,
@@ -821,19 +822,30 @@ impl<T: Scalar> Head<'_, T> {
         rows: usize,
         dm: &[T],
         b: &mut Bufs<T>,
+        dk: &mut RowsMut<'_, T>,
         dv: &mut RowsMut<'_, T>,
     ) {
+        let (r, e) = (self.r(), self.e());
+        self.values_t(kv.v.sub(i0, rows), &mut b.vt);
         match fz {
-            Some(fz) => {
+            Some(fz) if fz.state => {
                 self.transpose_scaled(kv.k.sub(i0, rows), kv.shift(), &mut b.xt);
                 self.fused_product(fz, &b.xt, None, rows, &mut b.ve);
                 add_rows_t(&b.ve[..self.dv * rows], rows, dv);
+                self.fused_vjp(fz, &b.xt, &b.vt, None, &mut b.dxt, None, dk);
             }
-            None => {
-                let r = self.r();
+            fz => {
                 self.key_features(kv, i0, rows, b);
                 let phi = rm(&b.phit[..r * rows], r, rows).transpose();
-                matmul_small(dv.mat_mut(), true, phi, rm_strided(dm, r, self.dv, self.e()), T::one());
+                matmul_small(dv.mat_mut(), true, phi, rm_strided(dm, r, self.dv, e), T::one());
+                match fz {
+                    Some(fz) => self.fused_vjp(fz, &b.xt, &b.vt, None, &mut b.dxt, None, dk),
+                    None => {
+                        let vt = rm(&b.vt[..e * rows], e, rows);
+                        matmul_small(rm_mut(&mut b.dphit[..r * rows], r, rows), false, rm(dm, r, e), vt, T::one());
+                        self.feature_vjp(b, dk);
+                    }
+                }
             }
         }
     }
@@ -1047,10 +1059,9 @@ impl<T: Scalar> Head<'_, T> {
         dk: &mut RowsMut<'_, T>,
         dv: &mut RowsMut<'_, T>,
     ) {
-        let (n, r, e) = (kv.k.rows(), self.r(), self.e());
+        let n = kv.k.rows();
         let mut pooled = self.bufs(n);
         let b = &mut *pooled;
-        let ds = rm(dstate, r, e);
         let share: Vec<T> =
             if self.center { dkbar.iter().map(|x| T::from_f64(x / n as f64)).collect() } else { vec![] };
         let mut fused = self.fused_setup();
@@ -1058,17 +1069,7 @@ impl<T: Scalar> Head<'_, T> {
             self.fused_load(fz, dstate);
         }
         for (j0, cn) in self.chunks(n) {
-            self.values_t(kv.v.sub(j0, cn), &mut b.yt);
-            // dV = Φ_K dH'[:, :dv] ;  dΦ_Kᵀ = dH' V'ᵀ (the chunk's rows in the lanes) and its chain
-            // rule (fused when it applies)
-            self.add_dv(fused.as_mut().filter(|f| f.state), kv, j0, cn, dstate, b, &mut dv.sub_mut(j0, cn));
-            if let Some(fz) = &mut fused {
-                self.fused_vjp(fz, &b.xt, &b.yt, None, &mut b.dxt, None, &mut dk.sub_mut(j0, cn));
-            } else {
-                let vt = rm(&b.yt[..e * cn], e, cn);
-                matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
-                self.feature_vjp(b, &mut dk.sub_mut(j0, cn));
-            }
+            self.add_key_grads(fused.as_mut(), kv, j0, cn, dstate, b, &mut dk.sub_mut(j0, cn), &mut dv.sub_mut(j0, cn));
             if self.center {
                 // every key's 1/n share of the row shifts' key-mean gradient, while the rows are in cache
                 for i in j0..j0 + cn {
@@ -1256,21 +1257,11 @@ impl<T: Scalar> Head<'_, T> {
         // key j (and the initial key sum) gets Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum in acc).
         let mut acc = vec![0.0f64; d];
         for (i0, cn) in self.chunks(n).rev() {
-            self.values_t(kv.v.sub(i0, cn), &mut b.vt);
-            // dV += Φ_K dS'[:, :dv] ;  dΦ_Kᵀ = dS' V'ᵀ (the chunk's rows in the lanes) and its chain
-            // rule (fused when it applies)
-            let ds = rm(dstate, r, e);
+            // dK, dV through the suffix state dS' (which changes from chunk to chunk)
             if let Some(fz) = &mut fused {
                 self.fused_load(fz, dstate);
             }
-            self.add_dv(fused.as_mut().filter(|f| f.state), kv, i0, cn, dstate, b, &mut dv.sub_mut(i0, cn));
-            if let Some(fz) = &mut fused {
-                self.fused_vjp(fz, &b.xt, &b.vt, None, &mut b.dxt, None, &mut dk.sub_mut(i0, cn));
-            } else {
-                let vt = rm(&b.vt[..e * cn], e, cn);
-                matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, ds, vt, T::one());
-                self.feature_vjp(b, &mut dk.sub_mut(i0, cn));
-            }
+            self.add_key_grads(fused.as_mut(), kv, i0, cn, dstate, b, &mut dk.sub_mut(i0, cn), &mut dv.sub_mut(i0, cn));
             // dS' += Ψᵀ dY
             self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
             match &mut fused {
