@@ -308,7 +308,7 @@ pub struct QueryBack<'a, T> {
 
 /// What [`Head::fused_setup`] prepares for the fused degree-2 passes (backward and forward): the feature
 /// coefficients `a [r]`, `Ms = diag(a) M` (`[r, e]`, [`Head::fused_load`]), the degree-2 group
-/// starts, and scratch for the kernels (`3·d·16` values, grown to `3·16·rows` by the state
+/// starts, and scratch for the kernels (`3·d·16` values, grown to `2·16·rows` by the state
 /// products).
 #[derive(Debug)]
 pub(crate) struct Fused<'a> {
@@ -737,8 +737,8 @@ impl<T: Scalar> Head<'_, T> {
         use crate::simd::{fused, Level};
         debug_assert!(fz.state && x.cols() == fused::D && self.dv == fused::E - 1, "fused_state: d, d_v ≠ 16");
         let rows = x.rows();
-        if fz.scratch.len() < 3 * fused::D * rows {
-            fz.scratch.resize(3 * fused::D * rows, 0.0); // once per call: the first chunk is the largest
+        if fz.scratch.len() < 2 * fused::D * rows {
+            fz.scratch.resize(2 * fused::D * rows, 0.0); // once per call: the first chunk is the largest
         }
         let (xd, xs) = x.parts();
         let v = fused::StateAdd {

@@ -323,9 +323,10 @@ pub(crate) struct StateAdd<'a> {
 /// products `H' += Φ_Kᵀ [V 1]` and `dH' += Ψᵀ dY` of MATH §4) with the features made in
 /// registers, never stored: the value columns in the lanes (`E − 1 = 16`), a row's features as
 /// broadcasts of its inputs, `a_f` applied once per feature and call; the last column through the
-/// Gram matrix `Σ_i s_i w_2 x'_i x'_iᵀ` (`s_i` that column of `Y`). `d = 16` only
+/// Gram matrix `Σ_i s_i x'_i x'_iᵀ` (`s_i` that column of `Y`). The degree-2 block carries no
+/// weight: `w_2 = T_0 = 1` (MATH §3), so `w`'s rows 0 and 1 are read. `d = 16` only
 /// ([`state_applies`]). AVX-512 only; returns `false`, touching nothing, on any other level.
-/// `scratch` holds at least `3·D·rows` values.
+/// `scratch` holds at least `2·D·rows` values.
 ///
 /// Panics if the operands are shorter than `rows` rows or `r = 1 + D + D(D+1)/2`.
 pub(crate) fn features_state(level: Level, v: &StateAdd<'_>, st: &mut [f32], scratch: &mut [f32]) -> bool {
@@ -342,7 +343,7 @@ pub(crate) fn features_state(level: Level, v: &StateAdd<'_>, st: &mut [f32], scr
     );
     assert!(v.shift.is_none_or(|c| c.len() >= D), "fused features state: shift too short");
     assert!(v.w.is_none_or(|w| w.len() >= 3 * rows), "fused features state: w too short");
-    assert!(scratch.len() >= 3 * D * rows, "fused features state: scratch too short");
+    assert!(scratch.len() >= 2 * D * rows, "fused features state: scratch too short");
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is this CPU's (the caller's Level::detect), the lengths are checked above.
@@ -361,23 +362,18 @@ unsafe fn state_avx512(v: &StateAdd<'_>, st: &mut [f32], scratch: &mut [f32]) {
 /// Accumulators of one register block of degree-2 features.
 const BLOCK: usize = 25;
 
-/// The degree-2 features of groups `C0..C1` (`Σ (c + 1) ≤ BLOCK`): `acc_(p,c) = Σ_i x_ip (w_2 x_ic
+/// The degree-2 features of groups `C0..C1` (`Σ (c + 1) ≤ BLOCK`): `acc_(p,c) = Σ_i x_ip (x_ic
 /// y_i)`, then `st[f] += a_f acc_f` for the value columns.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn state_block<S: Vector, const C0: usize, const C1: usize>(
-    v: &StateAdd<'_>,
-    xs: *const f32,
-    x2s: *const f32,
-    st: *mut f32,
-) {
+unsafe fn state_block<S: Vector, const C0: usize, const C1: usize>(v: &StateAdd<'_>, xs: *const f32, st: *mut f32) {
     let mut acc = [S::splat(0.0); BLOCK];
     for i in 0..v.rows {
         let y = S::load(v.y.as_ptr().add(i * v.ys));
-        let (xi, x2i) = (xs.add(i * D), x2s.add(i * D));
+        let xi = xs.add(i * D);
         let mut k = 0;
         for c in C0..C1 {
-            let u = S::mul(S::splat(*x2i.add(c)), y);
+            let u = S::mul(S::splat(*xi.add(c)), y);
             for p in 0..c + 1 {
                 acc[k] = S::fma(S::splat(*xi.add(p)), u, acc[k]);
                 k += 1;
@@ -400,11 +396,11 @@ unsafe fn state_block<S: Vector, const C0: usize, const C1: usize>(
 unsafe fn state_impl<S: Vector>(v: &StateAdd<'_>, st: &mut [f32], scratch: &mut [f32]) {
     let rows = v.rows;
     let (xs, rest) = scratch.split_at_mut(rows * D);
-    let (x1s, x2s) = rest.split_at_mut(rows * D);
-    let (xs, x1s, x2s) = (xs.as_mut_ptr(), x1s.as_mut_ptr(), x2s.as_mut_ptr());
+    let x1s = &mut rest[..rows * D];
+    let (xs, x1s) = (xs.as_mut_ptr(), x1s.as_mut_ptr());
     let weight = |t: usize, i: usize| v.w.map_or(1.0, |w| w[t * rows + i]);
     let last = |i: usize| if v.last { *v.y.as_ptr().add(i * v.ys + E - 1) } else { 1.0 };
-    // the scaled inputs, times w_1 and times w_2, and the last column's degree-0 and -1 sums
+    // the scaled inputs and the inputs times w_1, and the last column's degree-0 and -1 sums
     let shift = v.shift.map_or(S::splat(0.0), |c| S::load(c.as_ptr()));
     let scale = S::splat(v.scale);
     let (mut g0, mut g1) = (0.0f32, S::splat(0.0));
@@ -413,14 +409,13 @@ unsafe fn state_impl<S: Vector>(v: &StateAdd<'_>, st: &mut [f32], scratch: &mut 
         let s = last(i);
         S::store(xs.add(i * D), x);
         S::store(x1s.add(i * D), S::mul(x, S::splat(weight(1, i))));
-        S::store(x2s.add(i * D), S::mul(x, S::splat(weight(2, i))));
         g1 = S::fma(x, S::splat(s * weight(1, i)), g1);
         g0 += s * weight(0, i);
     }
-    // the last column's degree-2 sums: the Gram matrix G[p, :] = Σ_i x_ip s_i w_2 x_i
+    // the last column's degree-2 sums: the Gram matrix G[p, :] = Σ_i x_ip s_i x_i
     let mut gram = [S::splat(0.0); D];
     for i in 0..rows {
-        let z = S::mul(S::load(x2s.add(i * D)), S::splat(last(i)));
+        let z = S::mul(S::load(xs.add(i * D)), S::splat(last(i)));
         for (p, g) in gram.iter_mut().enumerate() {
             *g = S::fma(S::splat(*xs.add(i * D + p)), z, *g);
         }
@@ -457,11 +452,11 @@ unsafe fn state_impl<S: Vector>(v: &StateAdd<'_>, st: &mut [f32], scratch: &mut 
     }
     // degree 2 in register blocks of whole groups (21, 24, 21, 25, 14, 15, 16 features: with y and
     // u, at most 27 of the 32 registers, so that the accumulators are not spilled)
-    state_block::<S, 0, 6>(v, xs, x2s, stp);
-    state_block::<S, 6, 9>(v, xs, x2s, stp);
-    state_block::<S, 9, 11>(v, xs, x2s, stp);
-    state_block::<S, 11, 13>(v, xs, x2s, stp);
-    state_block::<S, 13, 14>(v, xs, x2s, stp);
-    state_block::<S, 14, 15>(v, xs, x2s, stp);
-    state_block::<S, 15, 16>(v, xs, x2s, stp);
+    state_block::<S, 0, 6>(v, xs, stp);
+    state_block::<S, 6, 9>(v, xs, stp);
+    state_block::<S, 9, 11>(v, xs, stp);
+    state_block::<S, 11, 13>(v, xs, stp);
+    state_block::<S, 13, 14>(v, xs, stp);
+    state_block::<S, 14, 15>(v, xs, stp);
+    state_block::<S, 15, 16>(v, xs, stp);
 }
