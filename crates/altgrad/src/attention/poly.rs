@@ -246,8 +246,9 @@ pub fn kv_head<'a, T: Scalar>(
         );
         acc.iter().map(|a| a / rows.max(1) as f64).collect()
     };
-    let default: Vec<T> =
-        mean(if causal { chunk.clamp(1, n.max(1)).min(n) } else { n }).into_iter().map(T::from_f64).collect();
+    // the mean of the first chunk (causal) or of every key (non-causal, reused below)
+    let first = mean(if causal { chunk.clamp(1, n.max(1)).min(n) } else { n });
+    let default: Vec<T> = first.iter().map(|a| T::from_f64(*a)).collect();
     let c: Vec<T> = reference.map_or_else(|| default.clone(), <[T]>::to_vec);
     let cf: Vec<f64> = c.iter().map(|x| x.as_f64()).collect();
     let kbar = if causal {
@@ -272,7 +273,8 @@ pub fn kv_head<'a, T: Scalar>(
         );
         out
     } else if c != default {
-        mean(n).iter().zip(&cf).map(|(a, b)| T::from_f64(a - b)).collect()
+        // non-causal: `first` is the mean of all n keys (one pass over them, not two)
+        first.iter().zip(&cf).map(|(a, b)| T::from_f64(a - b)).collect()
     } else {
         zeros // c is the key mean: k̄ − c = 0 by definition (no rounding residue)
     };
