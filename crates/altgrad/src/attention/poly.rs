@@ -1472,16 +1472,32 @@ pub(crate) fn forward_one<T: Scalar>(
     lse: &mut [T],
     den: &mut [T],
 ) {
-    let m = row_shifts(q, &kv.kbar, head.scale, head.center);
+    // blocks of rows, each one's shifts, outputs and lse while its queries are still in cache
+    let n = q.rows();
+    let block = head.c(n) * 16; // c(n) ≥ 1
     match state {
         State::Scan(s) => {
-            head.forward_causal(q, kv, &m, s, o, den);
-            fill_lse(q, &kv.c, &m, den, head.scale, lse);
+            // a whole number of chunks per block (c(n) = chunk when n ≥ chunk, else one block), so
+            // the chunks are the unblocked scan's and the state carries from block to block
+            let d = q.cols();
+            for b0 in (0..n).step_by(block) {
+                let (bn, r) = (block.min(n - b0), b0..(b0 + block).min(n));
+                let (qb, kbar) = (q.sub(b0, bn), &kv.kbar[b0 * d..(b0 + bn) * d]);
+                let m = row_shifts(qb, kbar, head.scale, head.center);
+                // the block's keys and values (the causal forward reads neither `kbar` nor `offset`)
+                let kvb = KvHead {
+                    k: kv.k.sub(b0, bn),
+                    v: kv.v.sub(b0, bn),
+                    c: kv.c.clone(),
+                    kbar: Vec::new(),
+                    offset: kv.offset + b0,
+                };
+                head.forward_causal(qb, &kvb, &m, s, &mut o.sub_mut(b0, bn), &mut den[r.clone()]);
+                fill_lse(qb, &kv.c, &m, &den[r.clone()], head.scale, &mut lse[r]);
+            }
         }
         State::Keys(h) => {
-            // blocks of rows, each one's lse while its queries are still in cache
-            let n = q.rows();
-            let block = head.c(n) * 16; // c(n) ≥ 1
+            let m = row_shifts(q, &kv.kbar, head.scale, head.center);
             for b0 in (0..n).step_by(block) {
                 let (bn, r) = (block.min(n - b0), b0..(b0 + block).min(n));
                 head.forward_queries(q.sub(b0, bn), &m[r.clone()], h, &mut o.sub_mut(b0, bn), &mut den[r.clone()]);
