@@ -71,6 +71,22 @@ def test_non_finite_grad_output():
         o.backward(g)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_overflow_is_an_error_not_a_silent_nan(causal):
+    # Finite float32 inputs whose scores reach ~1e20: T_2(s) ~ s²/2 overflows float32 (3.4e38), so
+    # the polynomial output would be NaN; float64 holds it, and exact attention's softmax never
+    # forms exp of a large score.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 1, 16, generator=g) for _ in range(3))
+    q, k = q * 1e10, k * 1e10
+    for method in ["poly", "altgrad"]:
+        with pytest.raises(ValueError, match=r"^attention output o \(" + method + r" attention, F32\): \d+ of 128 values"):
+            altgrad.attention(q, k, v, method=method, causal=causal)
+        o = altgrad.attention(q.double(), k.double(), v.double(), method=method, causal=causal)
+        assert torch.isfinite(o).all()
+    assert torch.isfinite(altgrad.attention(q, k, v, method="exact", causal=causal)).all()
+
+
 @pytest.mark.parametrize(
     "kw,exc,match",
     [

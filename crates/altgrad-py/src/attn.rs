@@ -254,6 +254,28 @@ pub(crate) fn check_finite<T: Scalar>(name: &str, x: &[T]) -> altgrad::Result<()
     }
 }
 
+/// Finite inputs whose intermediates overflowed (RELIABILITY "No silent non-finite results"):
+/// `BadInput` naming the result (`attention output o (poly attention, F32)`, …) with the count,
+/// the first value and what to change ([`altgrad::error::check_finite_result`]), after the same
+/// vectorized scan as [`check_finite`] for each of `results`.
+pub(crate) fn check_results<T: Scalar>(c: &Call, results: &[(&str, &[T])]) -> altgrad::Result<()> {
+    for (name, x) in results {
+        if check_finite(name, x).is_err() {
+            let wider = if T::DTYPE == "F64" { "" } else { "float64 inputs, or " };
+            let advice = match c.method {
+                Method::Exact => format!("use {wider}a smaller scale (|τ q·k| overflows {})", T::DTYPE),
+                _ => format!(
+                    "use {wider}smaller scores (a smaller scale or inputs; T_{} grows as |s|^{0})",
+                    c.popts.degree
+                ),
+            };
+            let stage = format!("{name} ({} attention, {})", c.method, T::DTYPE);
+            altgrad::error::check_finite_result(&stage, x, &advice)?;
+        }
+    }
+    Ok(())
+}
+
 /// The shape of a numpy array, else `TypeError` naming it.
 pub(crate) fn shape_of(name: &str, x: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
     x.cast::<numpy::PyUntypedArray>()
@@ -408,6 +430,7 @@ fn forward_all<T: Scalar>(
         }
     };
     record_kernel(t0.elapsed().as_secs_f64());
+    check_results(c, &[("attention output o", &f.o), ("lse", &f.lse)])?;
     Ok(f)
 }
 
@@ -570,6 +593,7 @@ fn backward_all<T: Scalar>(
         }
     };
     record_kernel(t0.elapsed().as_secs_f64());
+    check_results(c, &[("gradient dq", &grads.dq), ("gradient dk", &grads.dk), ("gradient dv", &grads.dv)])?;
     Ok((grads, dinit))
 }
 
