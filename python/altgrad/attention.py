@@ -101,8 +101,9 @@ class _Options:
 
 
 def _np(x: torch.Tensor):
-    """A numpy view of a contiguous CPU tensor (no copy)."""
-    return x.detach().numpy()
+    """A numpy view of a contiguous CPU tensor (no copy; a lazily negated view, such as
+    ``torch._neg_view``'s, is materialized first: numpy cannot read its negative bit)."""
+    return x.detach().resolve_neg().numpy()
 
 
 def _state_np(s0, key_sum0, reference0, count0):

@@ -121,8 +121,9 @@ class _AllReduce(torch.autograd.Function):
 
 
 def _np(x: torch.Tensor):
-    """A numpy view of ``x`` made contiguous (no copy when it already is)."""
-    return x.detach().contiguous().numpy()
+    """A numpy view of ``x`` made contiguous, its negative bit resolved (no copy when it already
+    is and has none)."""
+    return x.detach().resolve_neg().contiguous().numpy()
 
 
 def _split_kwargs(opts: dict) -> dict:

@@ -174,6 +174,16 @@ def test_non_contiguous_inputs_are_made_contiguous():
     assert qh.grad is not None and qh.grad.shape == qh.shape
 
 
+def test_lazily_negated_inputs_are_read_as_their_values():
+    # torch._neg_view(x) is -x held as x with a negative bit, which numpy cannot read directly
+    q, k, v = small_inputs(1, 9, 2, 1, 4, 4)
+    nq = torch._neg_view(q)
+    assert nq.is_neg()
+    o = altgrad.attention(nq, k, v, method="poly", causal=True)
+    want = ref.poly_attention(-q, k, v, causal=True)
+    torch.testing.assert_close(o, want, rtol=1e-10, atol=1e-12)
+
+
 def test_gradient_only_where_required():
     q = torch.randn(1, 5, 2, 4, dtype=torch.float64, requires_grad=True)
     k, v = torch.randn(1, 5, 2, 4, dtype=torch.float64), torch.randn(1, 5, 2, 4, dtype=torch.float64)
