@@ -1,8 +1,12 @@
 """Threads, the released GIL, zero-copy inputs and the kernel timer."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
+import pytest
 import torch
 
 import altgrad
@@ -63,3 +67,13 @@ def test_kernel_seconds_are_recorded():
     bwd = _core.last_kernel_seconds()
     assert fwd > 0 and bwd > 0
     assert abs(_core.kernel_seconds_total() - t0 - fwd - bwd) < 1e-9
+
+
+@pytest.mark.parametrize("value,warned", [("bogus", True), ("AVX2", True), ("avx2", False), ("generic", False)])
+def test_an_unknown_simd_level_is_named_on_stderr(value, warned):
+    # ALTGRAD_SIMD caps the instruction set; a value it does not know is ignored, but not silently
+    code = "import torch, altgrad; q = torch.randn(1, 3, 1, 4); altgrad.attention(q, q, q)"
+    env = dict(os.environ, ALTGRAD_SIMD=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (f'ALTGRAD_SIMD="{value}" is not avx512, avx2 or generic: ignored' in out.stderr) == warned, out.stderr

@@ -30,7 +30,8 @@ pub enum Level {
 
 impl Level {
     /// The widest level this CPU has (detected once). `ALTGRAD_SIMD=avx2|generic` caps it (for
-    /// measuring and testing the narrower paths on a wider CPU); it cannot raise it.
+    /// measuring and testing the narrower paths on a wider CPU); it cannot raise it. Any other
+    /// non-empty value but `avx512` is ignored with a warning on stderr (once), naming it.
     pub fn detect() -> Level {
         use std::sync::OnceLock;
         static LEVEL: OnceLock<Level> = OnceLock::new();
@@ -39,7 +40,14 @@ impl Level {
             match std::env::var("ALTGRAD_SIMD").ok().as_deref() {
                 Some("generic") => Level::Generic,
                 Some("avx2") if hw != Level::Generic => Level::Avx2,
-                _ => hw,
+                None | Some("" | "avx512" | "avx2") => hw,
+                Some(other) => {
+                    eprintln!(
+                        "altgrad: ALTGRAD_SIMD={other:?} is not avx512, avx2 or generic: ignored (this CPU's {})",
+                        hw.name()
+                    );
+                    hw
+                }
             }
         })
     }
