@@ -1085,7 +1085,9 @@ impl<T: Scalar> Head<'_, T> {
 
     /// Causal forward of one query head (MATH §4, chunked): `q [n, d]`, row shifts `m [n]`,
     /// `state` = `S'` of the keys before these (`[r, dv+1]`, zeros for none; `kv.offset` of them),
-    /// which holds `S'` after them on return. Writes `o [n, dv]` and `den [n]`.
+    /// which holds `S'` after them on return. Writes `o [n, dv]` and `den [n]`. Reads `kv.k`,
+    /// `kv.v` and `kv.c` only (not `kbar` or `offset`: `forward_one` calls it block by block with
+    /// block views that carry neither).
     pub fn forward_causal(
         &self,
         q: Rows<'_, T>,
