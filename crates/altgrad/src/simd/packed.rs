@@ -24,9 +24,16 @@ pub(crate) trait Packed: Vector {
     const MR: usize;
     /// Registers of columns of the register tile (`NR = NV · LANES`).
     const NV: usize;
-    /// Depth of a packed block (rows of `B`, columns of `A`): `KC × NR` floats of `B` stay in L1
-    /// (AVX-512: 128 × 64 floats = 32 KB of the 48 KB; 256 measured 15–20% slower).
+    /// Depth of a packed block (rows of `B`, columns of `A`) on Intel CPUs: `KC × NR` floats of `B`
+    /// stay in L1 (AVX-512: 128 × 64 floats = 32 KB of the Xeon's 48 KB; 256 measured 15–20%
+    /// slower there).
     const KC: usize;
+    /// Depth of a packed block on AMD CPUs ([`depth`]): Zen 4's L1 holds 32 KB, so no useful `B`
+    /// panel stays in it, and its AVX-512 (two 256-bit halves per instruction) does half the
+    /// Xeon's FMAs per cycle, so the panel streams from L2 fast enough; a deeper block loads and
+    /// stores each `C` tile fewer times (AVX-512: 384 measured 4–14% faster than 128 on Zen 4,
+    /// docs/BENCHMARKS.md).
+    const KC_AMD: usize;
     /// Rows of `A` packed per task: `MC × KC` floats stay in L2.
     const MC: usize;
     /// Columns of `B` packed per block: `KC × NC` floats in L2/L3, shared by the threads.
@@ -151,6 +158,7 @@ impl Packed for Avx512 {
     const MR: usize = 6;
     const NV: usize = 4;
     const KC: usize = 128;
+    const KC_AMD: usize = 384;
     const MC: usize = 240;
     const NC: usize = 2048;
     #[inline(always)]
@@ -175,6 +183,7 @@ impl Packed for Avx2 {
     const MR: usize = 6;
     const NV: usize = 2;
     const KC: usize = 256;
+    const KC_AMD: usize = 256;
     const MC: usize = 240;
     const NC: usize = 2048;
     #[inline(always)]
@@ -190,6 +199,32 @@ impl Packed for Avx2 {
         acc: bool,
     ) {
         micro_avx2(kc, a, b, c, rsc, rows, cols, alpha, acc)
+    }
+}
+
+/// Whether this CPU's vendor is AMD (CPUID leaf 0: "AuthenticAMD"; detected once).
+fn is_amd() -> bool {
+    use std::sync::OnceLock;
+    static AMD: OnceLock<bool> = OnceLock::new();
+    *AMD.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // CPUID leaf 0 exists on every x86-64 CPU (a safe intrinsic since Rust 1.87)
+            let r = std::arch::x86_64::__cpuid(0);
+            // the vendor string is EBX, EDX, ECX: "Auth" "enti" "cAMD"
+            (r.ebx, r.edx, r.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Depth of the packed blocks for `S` on this CPU: `S::KC_AMD` on AMD, else `S::KC`.
+fn depth<S: Packed>() -> usize {
+    if is_amd() {
+        S::KC_AMD
+    } else {
+        S::KC
     }
 }
 
@@ -305,7 +340,8 @@ unsafe impl Sync for SendStrided {}
 
 /// `C = α·A·B` (`acc == false`) or `C += α·A·B` for `A [m, k]`, `B [k, n]` with any
 /// non-negative strides and `C [m, n]` row-major (row stride `rsc`), packed and cache-blocked;
-/// `parallel` spreads each block over rayon's pool.
+/// `parallel` spreads each block over rayon's pool; `kc` is the depth of the packed blocks
+/// (`None`: [`depth`]).
 ///
 /// # Safety
 /// The CPU must have `S`'s instruction set (the caller is compiled for it or calls through
@@ -324,6 +360,7 @@ unsafe fn gemm_impl<S: Packed>(
     alpha: f32,
     acc: bool,
     parallel: bool,
+    kc: Option<usize>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -338,7 +375,7 @@ unsafe fn gemm_impl<S: Packed>(
     }
     let (mr, nr) = (S::MR, S::NV * S::LANES);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let (kc_max, mc_max, nc_max) = (S::KC, S::MC, S::NC);
+    let (kc_max, mc_max, nc_max) = (kc.unwrap_or_else(depth::<S>).max(1), S::MC, S::NC);
     // row blocks: the rows split evenly over the threads, each share in blocks of ≤ MC rows
     let per_thread = m.div_ceil(threads);
     let mc = per_thread.div_ceil(per_thread.div_ceil(mc_max)).div_ceil(mr) * mr;
@@ -420,8 +457,9 @@ unsafe fn gemm_avx512(
     alpha: f32,
     acc: bool,
     par: bool,
+    kc: Option<usize>,
 ) {
-    gemm_impl::<Avx512>(m, n, k, a, b, c, rsc, alpha, acc, par)
+    gemm_impl::<Avx512>(m, n, k, a, b, c, rsc, alpha, acc, par, kc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -438,8 +476,9 @@ unsafe fn gemm_avx2(
     alpha: f32,
     acc: bool,
     par: bool,
+    kc: Option<usize>,
 ) {
-    gemm_impl::<Avx2>(m, n, k, a, b, c, rsc, alpha, acc, par)
+    gemm_impl::<Avx2>(m, n, k, a, b, c, rsc, alpha, acc, par, kc)
 }
 
 /// `C = α·A·B` (`acc == false`) or `C += α·A·B` on this CPU's widest level: `A [m, k]` and
@@ -463,11 +502,33 @@ pub(crate) unsafe fn gemm(
     acc: bool,
     parallel: bool,
 ) -> bool {
+    gemm_at(level, None, m, n, k, a, b, c, rsc, alpha, acc, parallel)
+}
+
+/// [`gemm`] with packed blocks of depth `kc` (`None`: this CPU's, [`depth`]; tests cover both).
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_at(
+    level: Level,
+    kc: Option<usize>,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: Strided,
+    c: *mut f32,
+    rsc: usize,
+    alpha: f32,
+    acc: bool,
+    parallel: bool,
+) -> bool {
     match level {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => gemm_avx512(m, n, k, a, b, c, rsc, alpha, acc, parallel),
+        Level::Avx512 => gemm_avx512(m, n, k, a, b, c, rsc, alpha, acc, parallel, kc),
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => gemm_avx2(m, n, k, a, b, c, rsc, alpha, acc, parallel),
+        Level::Avx2 => gemm_avx2(m, n, k, a, b, c, rsc, alpha, acc, parallel, kc),
         _ => return false,
     }
     true
@@ -477,13 +538,26 @@ pub(crate) unsafe fn gemm(
 mod tests {
     use super::*;
 
-    /// Every level this CPU has, against an f64 triple loop: shapes that leave partial register
-    /// tiles and partial cache blocks in every dimension, transposed operands, accumulation,
-    /// one and several threads; C's padding must stay untouched.
+    /// The CPUID vendor check agrees with the kernel's `/proc/cpuinfo` (where there is one).
+    #[test]
+    fn vendor_matches_proc_cpuinfo() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else { return };
+        let Some(vendor) = info.lines().find_map(|l| l.strip_prefix("vendor_id")) else { return };
+        let vendor = vendor.trim_start_matches([' ', '\t', ':']).trim();
+        assert_eq!(is_amd(), vendor == "AuthenticAMD", "vendor_id {vendor:?}");
+        assert_eq!(depth::<Avx512>(), if vendor == "AuthenticAMD" { 384 } else { 128 });
+    }
+
+    /// Every level this CPU has and both block depths (Intel's and AMD's, whichever this CPU is),
+    /// against an f64 triple loop: shapes that leave partial register tiles and partial cache
+    /// blocks in every dimension, transposed operands, accumulation, one and several threads; C's
+    /// padding must stay untouched.
     #[test]
     fn packed_gemm_matches_the_triple_loop() {
         let val = |i: usize| (((i * 2654435761) % 1000) as f32 / 500.0) - 1.0;
-        for level in Level::available().into_iter().filter(|l| *l != Level::Generic) {
+        let levels = Level::available().into_iter().filter(|l| *l != Level::Generic);
+        let depths = [None, Some(<Avx512 as Packed>::KC), Some(<Avx512 as Packed>::KC_AMD), Some(<Avx2 as Packed>::KC)];
+        for (level, kc) in levels.flat_map(|l| depths.map(|kc| (l, kc))) {
             for &(m, n, k) in &[(1, 1, 1), (7, 70, 300), (130, 65, 257), (61, 2100, 33), (300, 9, 520)] {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     for (acc, par) in [(false, true), (true, false)] {
@@ -504,7 +578,7 @@ mod tests {
                         let mut c: Vec<f32> = (0..m * rsc).map(|i| val(i + 9)).collect();
                         let c0 = c.clone();
                         // SAFETY: the buffers hold every element the strides address.
-                        assert!(unsafe { gemm(level, m, n, k, sa, sb, c.as_mut_ptr(), rsc, 0.5, acc, par) });
+                        assert!(unsafe { gemm_at(level, kc, m, n, k, sa, sb, c.as_mut_ptr(), rsc, 0.5, acc, par) });
                         for i in 0..m {
                             for j in 0..rsc {
                                 if j >= n {
@@ -522,7 +596,7 @@ mod tests {
                                 let got = c[i * rsc + j] as f64;
                                 assert!(
                                     (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
-                                    "{level:?} {m}x{n}x{k} ta={ta} tb={tb}: {got} vs {want}"
+                                    "{level:?} kc {kc:?} {m}x{n}x{k} ta={ta} tb={tb}: {got} vs {want}"
                                 );
                             }
                         }
