@@ -37,7 +37,9 @@ impl Level {
         static LEVEL: OnceLock<Level> = OnceLock::new();
         *LEVEL.get_or_init(|| {
             let hw = Level::hardware();
-            match std::env::var("ALTGRAD_SIMD").ok().as_deref() {
+            // a value that is not UTF-8 is read lossily, so it reaches the warning below too
+            let var = std::env::var_os("ALTGRAD_SIMD").map(|v| v.to_string_lossy().into_owned());
+            match var.as_deref() {
                 Some("generic") => Level::Generic,
                 Some("avx2") if hw != Level::Generic => Level::Avx2,
                 None | Some("" | "avx512" | "avx2") => hw,
