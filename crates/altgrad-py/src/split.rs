@@ -3,7 +3,7 @@
 //! non-causal calls: each process computes its keys' state, the states are all-reduced, each
 //! process runs its queries against the sum. Same layouts and checks as [`crate::attn`].
 
-use crate::attn::{borrow, call_of, check_finite, data, owned, state_dims, typed, Call};
+use crate::attn::{borrow, call_of, check_finite, check_results, data, owned, state_dims, typed, Call};
 use crate::runtime::{check_memory, record_kernel, run};
 use altgrad::attention::{self as at, Qkv};
 use altgrad::linalg::Scalar;
@@ -57,6 +57,9 @@ fn split_t<'py, T: Scalar + Element>(
             let st = run(py, || {
                 check_finite("k", ks)?;
                 check_finite("v", vs)?;
+                // not checked here: it is all-reduced next, and every rank's "queries" checks the
+                // sum (its `state`), so all ranks raise together instead of one leaving the others
+                // waiting in the collective
                 at::poly_key_state(&Qkv::new(qs, ks, vs, &s)?, &opts, &popts, reference.as_deref())
             })?;
             PyTuple::new(py, [PyArray1::from_vec(py, st).reshape(sd)?.into_any()])?
@@ -65,7 +68,9 @@ fn split_t<'py, T: Scalar + Element>(
             let ds = owned::<T>("grad", need(x.grad, "grad", part)?, &sd, &dtype)?;
             let (dk, dvv) = run(py, || {
                 let x = Qkv::new(qs, ks, vs, &s)?;
-                at::poly_key_state_backward(&x, &opts, &popts, reference.as_deref(), &ds)
+                let (dk, dv) = at::poly_key_state_backward(&x, &opts, &popts, reference.as_deref(), &ds)?;
+                check_results(c, &[("gradient dk", &dk), ("gradient dv", &dv)])?;
+                Ok((dk, dv))
             })?;
             PyTuple::new(
                 py,
@@ -80,7 +85,9 @@ fn split_t<'py, T: Scalar + Element>(
             let kb = owned::<T>("kbar", need(x.kbar, "kbar", part)?, &kd, &dtype)?;
             let (o, den) = run(py, || {
                 check_finite("q", qs)?;
-                at::poly_queries(&Qkv::new(qs, ks, vs, &s)?, &opts, &popts, &st, &kb)
+                let (o, den) = at::poly_queries(&Qkv::new(qs, ks, vs, &s)?, &opts, &popts, &st, &kb)?;
+                check_results(c, &[("attention output o", &o), ("denominator den", &den)])?;
+                Ok((o, den))
             })?;
             PyTuple::new(
                 py,
@@ -97,6 +104,8 @@ fn split_t<'py, T: Scalar + Element>(
             let den = owned::<T>("den", need(x.den, "den", part)?, &[b, h, t], &dtype)?;
             let g = owned::<T>("grad", need(x.grad, "grad", part)?, &[b, t, h, dv], &dtype)?;
             let r = run(py, || {
+                // not checked here, as "key_state": ds is all-reduced next and every rank's
+                // "key_state_backward" checks the sum (its `grad`); dq is not checked
                 at::poly_queries_backward(&Qkv::new(qs, ks, vs, &s)?, &opts, &popts, &st, &kb, &o, &den, &g)
             })?;
             PyTuple::new(
