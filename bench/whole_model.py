@@ -9,9 +9,11 @@ config (MATH §7): forward + backward of every matmul = 6 · (matmul parameters)
 exact causal attention 2·n²·(4d + 3d_v)/2 per head and layer; GFLOP/s = FLOPs / median seconds.
 Both GEMM rates are measured in the same run, after each length's timings: PyTorch's
 (torch.matmul, 2048³, f32, best of 5) and the one altgrad's ratios use (`altgrad bench`'s GEMM
-peak: faer, 2048³, best of the measurements before and after a short run). The ratio of the two
-is the ceiling of PyTorch/altgrad for a model that is mostly GEMMs: on a CPU where PyTorch's GEMM
-(MKL) is as fast as faer's, no GEMM-bound model can be 1.5× faster than PyTorch's.
+peak, 2048³, best of the measurements before and after a short run: the faster of altgrad's own
+product — the packed GEMM its projections run on — and faer's; until 2026-12-08 the column said
+"faer" but held altgrad's product alone). The ratio of the two is the ceiling of PyTorch/altgrad
+for a model that is mostly GEMMs: on a CPU where PyTorch's GEMM (MKL) is as fast as the best of
+altgrad's and faer's, no GEMM-bound model can be 1.5× faster than PyTorch's.
 
 Timing: one child process loads both models (torch imported first, so its OpenMP settings are
 its defaults), runs one warm-up pass of each, then `--reps` passes of each **alternating**
@@ -134,7 +136,8 @@ def child(args, script, *argv):
 
 
 def faer_peak(args):
-    """altgrad's GEMM peak (GFLOP/s): a short `altgrad bench` run's `gemm_peak_gflops`."""
+    """altgrad's GEMM peak (GFLOP/s): a short `altgrad bench` run's `gemm_peak_gflops` (the faster
+    of altgrad's product and faer's, 2048³, best of the runs before and after)."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([args.altgrad, "bench", "--ns", "256", "--exact", "16", "--poly", "none", "--altgrad", "none",
                         "--no-claims", "--no-roofline", "--no-progress", "--threads", str(args.threads), "--out", tmp],
@@ -191,7 +194,7 @@ def main():
           f"python {platform.python_version()}")
     print(f"command: {' '.join(sys.argv)}\n")
     print("| n | TFLOP | PyTorch s | altgrad s | PyTorch/altgrad | PyTorch GFLOP/s | altgrad GFLOP/s | "
-          "torch GEMM GFLOP/s | faer GEMM GFLOP/s | altgrad % of faer peak | loss torch / altgrad | "
+          "torch GEMM GFLOP/s | altgrad/faer GEMM peak GFLOP/s | altgrad % of that peak | loss torch / altgrad | "
           "peak RSS torch / altgrad (GB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -412,7 +412,7 @@ impl BenchReport {
         let _ = writeln!(
             s,
             "Machine: {} — {} rayon threads; load average at start {:?}, at end {:?} (above ~0.3: shared, timings noisy). \
-             f32 GEMM peak {:.1} GFLOP/s (before/after the sweep {:.1}/{:.1}; inner dim 64: {:.1}; one thread: {:.1}). Memory: {}. Elapsed {:.0} s.\n",
+             f32 GEMM peak {:.1} GFLOP/s (the faster of altgrad's product and faer's; before/after the sweep {:.1}/{:.1}; inner dim 64: {:.1}; one thread: {:.1}). Memory: {}. Elapsed {:.0} s.\n",
             self.cpu,
             self.threads,
             self.loadavg_start,
