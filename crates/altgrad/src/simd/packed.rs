@@ -24,15 +24,16 @@ pub(crate) trait Packed: Vector {
     const MR: usize;
     /// Registers of columns of the register tile (`NR = NV · LANES`).
     const NV: usize;
-    /// Depth of a packed block (rows of `B`, columns of `A`) on Intel CPUs: `KC × NR` floats of `B`
-    /// stay in L1 (AVX-512: 128 × 64 floats = 32 KB of the Xeon's 48 KB; 256 measured 15–20%
-    /// slower there).
+    /// Depth of a packed block (rows of `B`, columns of `A`) on every CPU but AMD family 19h:
+    /// `KC × NR` floats of `B` stay in L1 (AVX-512: 128 × 64 floats = 32 KB of the Xeon's 48 KB;
+    /// 256 measured 15–20% slower there).
     const KC: usize;
-    /// Depth of a packed block on AMD CPUs ([`depth`]): Zen 4's L1 holds 32 KB, so no useful `B`
-    /// panel stays in it, and its AVX-512 (two 256-bit halves per instruction) does half the
-    /// Xeon's FMAs per cycle, so the panel streams from L2 fast enough; a deeper block loads and
-    /// stores each `C` tile fewer times (AVX-512: 384 measured 4–14% faster than 128 on Zen 4,
-    /// docs/BENCHMARKS.md).
+    /// Depth of a packed block on AMD family 19h (Zen 3 and Zen 4; [`depth`]): Zen 4's L1 holds
+    /// 32 KB, so no useful `B` panel stays in it, and its AVX-512 (two 256-bit halves per
+    /// instruction) does half the Xeon's FMAs per cycle, so the panel streams from L2 fast enough;
+    /// a deeper block loads and stores each `C` tile fewer times (AVX-512: 384 measured 1–14%
+    /// faster than 128 on Zen 4, docs/BENCHMARKS.md). Zen 5 (family 1Ah: 48 KB L1, full-width
+    /// AVX-512) is not measured and keeps `KC`.
     const KC_AMD: usize;
     /// Rows of `A` packed per task: `MC × KC` floats stay in L2.
     const MC: usize;
@@ -202,26 +203,34 @@ impl Packed for Avx2 {
     }
 }
 
-/// Whether this CPU's vendor is AMD (CPUID leaf 0: "AuthenticAMD"; detected once).
-fn is_amd() -> bool {
+/// This CPU's vendor and family: `(true, family)` on AMD, `(false, family)` otherwise (CPUID
+/// leaf 0's vendor string "AuthenticAMD"; leaf 1's family, base plus extended when the base is
+/// 0xF, as `/proc/cpuinfo`'s "cpu family"); detected once.
+fn vendor_family() -> (bool, u32) {
     use std::sync::OnceLock;
-    static AMD: OnceLock<bool> = OnceLock::new();
-    *AMD.get_or_init(|| {
+    static VF: OnceLock<(bool, u32)> = OnceLock::new();
+    *VF.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            // CPUID leaf 0 exists on every x86-64 CPU (a safe intrinsic since Rust 1.87)
-            let r = std::arch::x86_64::__cpuid(0);
+            // SAFETY: CPUID leaves 0 and 1 exist on every x86-64 CPU (the intrinsic became a safe
+            // fn in later Rust releases, hence the allow)
+            #[allow(unused_unsafe)]
+            let (r0, r1) = unsafe { (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1)) };
             // the vendor string is EBX, EDX, ECX: "Auth" "enti" "cAMD"
-            (r.ebx, r.edx, r.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
+            let amd = (r0.ebx, r0.edx, r0.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+            let base = (r1.eax >> 8) & 0xF;
+            let family = if base == 0xF { base + ((r1.eax >> 20) & 0xFF) } else { base };
+            (amd, family)
         }
         #[cfg(not(target_arch = "x86_64"))]
-        false
+        (false, 0)
     })
 }
 
-/// Depth of the packed blocks for `S` on this CPU: `S::KC_AMD` on AMD, else `S::KC`.
+/// Depth of the packed blocks for `S` on this CPU: `S::KC_AMD` on AMD family 19h (Zen 3, Zen 4),
+/// else `S::KC`.
 fn depth<S: Packed>() -> usize {
-    if is_amd() {
+    if vendor_family() == (true, 0x19) {
         S::KC_AMD
     } else {
         S::KC
@@ -340,7 +349,7 @@ unsafe impl Sync for SendStrided {}
 
 /// `C = α·A·B` (`acc == false`) or `C += α·A·B` for `A [m, k]`, `B [k, n]` with any
 /// non-negative strides and `C [m, n]` row-major (row stride `rsc`), packed and cache-blocked;
-/// `parallel` spreads each block over rayon's pool; `kc` is the depth of the packed blocks
+/// `parallel` spreads each block over rayon's pool; `depth_of` is the depth of the packed blocks
 /// (`None`: [`depth`]).
 ///
 /// # Safety
@@ -360,7 +369,7 @@ unsafe fn gemm_impl<S: Packed>(
     alpha: f32,
     acc: bool,
     parallel: bool,
-    kc: Option<usize>,
+    depth_of: Option<usize>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -375,7 +384,7 @@ unsafe fn gemm_impl<S: Packed>(
     }
     let (mr, nr) = (S::MR, S::NV * S::LANES);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let (kc_max, mc_max, nc_max) = (kc.unwrap_or_else(depth::<S>).max(1), S::MC, S::NC);
+    let (kc_max, mc_max, nc_max) = (depth_of.unwrap_or_else(depth::<S>).max(1), S::MC, S::NC);
     // row blocks: the rows split evenly over the threads, each share in blocks of ≤ MC rows
     let per_thread = m.div_ceil(threads);
     let mc = per_thread.div_ceil(per_thread.div_ceil(mc_max)).div_ceil(mr) * mr;
@@ -538,14 +547,19 @@ unsafe fn gemm_at(
 mod tests {
     use super::*;
 
-    /// The CPUID vendor check agrees with the kernel's `/proc/cpuinfo` (where there is one).
+    /// The CPUID vendor and family agree with the kernel's `/proc/cpuinfo` (where there is one).
     #[test]
     fn vendor_matches_proc_cpuinfo() {
         let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else { return };
-        let Some(vendor) = info.lines().find_map(|l| l.strip_prefix("vendor_id")) else { return };
-        let vendor = vendor.trim_start_matches([' ', '\t', ':']).trim();
-        assert_eq!(is_amd(), vendor == "AuthenticAMD", "vendor_id {vendor:?}");
-        assert_eq!(depth::<Avx512>(), if vendor == "AuthenticAMD" { 384 } else { 128 });
+        let field = |name: &str| {
+            let line = info.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))?;
+            Some(line.split_once(':')?.1.trim().to_string())
+        };
+        let (Some(vendor), Some(family)) = (field("vendor_id"), field("cpu family")) else { return };
+        let family: u32 = family.parse().expect("cpu family is a number");
+        assert_eq!(vendor_family(), (vendor == "AuthenticAMD", family), "vendor_id {vendor:?}, family {family}");
+        let zen34 = vendor == "AuthenticAMD" && family == 25;
+        assert_eq!(depth::<Avx512>(), if zen34 { 384 } else { 128 });
     }
 
     /// Every level this CPU has and both block depths (Intel's and AMD's, whichever this CPU is),
