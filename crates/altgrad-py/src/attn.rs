@@ -290,15 +290,26 @@ pub(crate) fn owned<T: Scalar + Element>(
     want: &[usize],
     dtype: &str,
 ) -> PyResult<Vec<T>> {
+    let s = owned_unchecked::<T>(name, x, want, dtype)?;
+    check_finite(name, &s).map_err(crate::runtime::to_py_err)?;
+    Ok(s)
+}
+
+/// A copy of array `x` (`name`), which must have shape `want`; its values are not checked (the
+/// caller checks them as a result: [`check_results`]).
+pub(crate) fn owned_unchecked<T: Scalar + Element>(
+    name: &str,
+    x: &Bound<'_, PyAny>,
+    want: &[usize],
+    dtype: &str,
+) -> PyResult<Vec<T>> {
     let got = shape_of(name, x)?;
     if got != want {
         return Err(PyValueError::new_err(format!("{name}: shape {got:?}, expected {want:?}")));
     }
     let a = typed::<T>(name, x, dtype)?;
     let r = borrow(name, &a)?;
-    let s = data(name, &r, want.iter().product())?;
-    check_finite(name, s).map_err(crate::runtime::to_py_err)?;
-    Ok(s.to_vec())
+    Ok(data(name, &r, want.iter().product())?.to_vec())
 }
 
 /// The dims of a state's `s` and of its `key_sum` / `reference`.

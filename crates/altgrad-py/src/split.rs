@@ -1,10 +1,14 @@
 //! `poly_split`: non-causal polynomial attention cut into its key side and its query side
 //! (MATH §4 "Split across pieces"; [`altgrad::attention::poly_split`]), for `altgrad.distributed`'s
 //! non-causal calls: each process computes its keys' state, the states are all-reduced, each
-//! process runs its queries against the sum. Same layouts and checks as [`crate::attn`].
+//! process runs its queries against the sum. Same layouts and input checks as [`crate::attn`];
+//! outputs are checked where no collective follows (`o`, `den`, `dk`, `dv`) and the summed key
+//! state where every rank reads it (docs/RELIABILITY.md).
 
-use crate::attn::{borrow, call_of, check_finite, check_results, data, owned, state_dims, typed, Call};
-use crate::runtime::{check_memory, record_kernel, run};
+use crate::attn::{
+    borrow, call_of, check_finite, check_results, data, owned, owned_unchecked, state_dims, typed, Call,
+};
+use crate::runtime::{check_memory, record_kernel, run, to_py_err};
 use altgrad::attention::{self as at, Qkv};
 use altgrad::linalg::Scalar;
 use numpy::{Element, PyArray1, PyArrayDyn, PyArrayMethods};
@@ -81,7 +85,11 @@ fn split_t<'py, T: Scalar + Element>(
             )?
         }
         "queries" => {
-            let st = owned::<T>("state", need(x.state, "state", part)?, &sd, &dtype)?;
+            // the state is the sum of every rank's key state: a non-finite value there is an
+            // overflow of the keys' features (reported with the advice of any overflow), which
+            // every rank sees alike, so all raise together
+            let st = owned_unchecked::<T>("state", need(x.state, "state", part)?, &sd, &dtype)?;
+            check_results(c, &[("key state H' (the sum over the ranks)", &st)]).map_err(to_py_err)?;
             let kb = owned::<T>("kbar", need(x.kbar, "kbar", part)?, &kd, &dtype)?;
             let (o, den) = run(py, || {
                 check_finite("q", qs)?;
@@ -104,8 +112,9 @@ fn split_t<'py, T: Scalar + Element>(
             let den = owned::<T>("den", need(x.den, "den", part)?, &[b, h, t], &dtype)?;
             let g = owned::<T>("grad", need(x.grad, "grad", part)?, &[b, t, h, dv], &dtype)?;
             let r = run(py, || {
-                // not checked here, as "key_state": ds is all-reduced next and every rank's
-                // "key_state_backward" checks the sum (its `grad`); dq is not checked
+                // not checked here, unlike "queries": ds is all-reduced next (every rank's
+                // "key_state_backward" checks the sum, its `grad`), and one rank raising here would
+                // leave the others waiting in that collective; so dq and dkbar are not checked
                 at::poly_queries_backward(&Qkv::new(qs, ks, vs, &s)?, &opts, &popts, &st, &kb, &o, &den, &g)
             })?;
             PyTuple::new(
