@@ -135,7 +135,7 @@ def child(args, script, *argv):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def faer_peak(args):
+def gemm_peak(args):
     """altgrad's GEMM peak (GFLOP/s): a short `altgrad bench` run's `gemm_peak_gflops` (the faster
     of altgrad's product and faer's, 2048³, best of the runs before and after)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,14 +181,14 @@ def main():
             t = child(args, TIMING_CHILD, args.threads, n, args.reps, args.model, ids_path)
             mt = child(args, MEMORY_CHILD, "torch", args.threads, n, args.model, ids_path)
             ma = child(args, MEMORY_CHILD, "altgrad", args.threads, n, args.model, ids_path)
-            peak = faer_peak(args)
+            peak = gemm_peak(args)
             f = flops(cfg, n)
             tmed, amed = statistics.median(t["torch"]), statistics.median(t["altgrad"])
             rows.append(dict(n=n, torch_s=tmed, altgrad_s=amed, ratio=tmed / amed,
                              ratios=sorted(a / b for a, b in zip(t["torch"], t["altgrad"])),
                              torch_gflops=f / tmed / 1e9, altgrad_gflops=f / amed / 1e9, tflop=f / 1e12,
                              torch_loss=mt["loss"], altgrad_loss=ma["loss"], torch_gemm=t["gemm_gflops"],
-                             faer_gemm=peak, torch_rss=mt["peak_rss"], altgrad_rss=ma["peak_rss"],
+                             gemm_peak=peak, torch_rss=mt["peak_rss"], altgrad_rss=ma["peak_rss"],
                              torch_version=t["version"]))
     print(f"CPU: {model} ({isa}), {args.threads} threads, torch {rows[0]['torch_version']}, "
           f"python {platform.python_version()}")
@@ -200,8 +200,8 @@ def main():
     for r in rows:
         rss = lambda x: f"{x / 1e9:.2f}" if x else "?"  # noqa: E731
         print(f"| {r['n']} | {r['tflop']:.2f} | {r['torch_s']:.2f} | {r['altgrad_s']:.2f} | {r['ratio']:.2f} | "
-              f"{r['torch_gflops']:.0f} | {r['altgrad_gflops']:.0f} | {r['torch_gemm']:.0f} | {r['faer_gemm']:.0f} | "
-              f"{100 * r['altgrad_gflops'] / r['faer_gemm']:.0f}% | "
+              f"{r['torch_gflops']:.0f} | {r['altgrad_gflops']:.0f} | {r['torch_gemm']:.0f} | {r['gemm_peak']:.0f} | "
+              f"{100 * r['altgrad_gflops'] / r['gemm_peak']:.0f}% | "
               f"{r['torch_loss']:.5f} / {r['altgrad_loss']:.5f} | {rss(r['torch_rss'])} / {rss(r['altgrad_rss'])} |")
     print("\nMedians of alternating passes in one process after a warm-up pass of each; altgrad s = forward + "
           "backward as timed inside the library, PyTorch s = model(...) + loss.backward() (loading excluded).")

@@ -90,7 +90,8 @@ fn gemm_rate(m: usize, k: usize, n: usize, reps: usize, par: Par, best: bool) ->
         return rate;
     }
     // the peak is the faster of altgrad's product (the packed GEMM for large parallel f32
-    // products) and faer's own: on AMD Zen 4 faer's measured up to 20% faster at 2048³
+    // products) and faer's own: on AMD Zen 4 faer's measured 8–10% faster at 2048³ (BENCHMARKS
+    // "Issue 13 on AMD EPYC Zen 4")
     let faer = || {
         faer::linalg::matmul::matmul(rm_mut(&mut c, m, n), faer::Accum::Replace, rm(&a, m, k), rm(&b, k, n), 1.0, par)
     };

@@ -135,7 +135,9 @@ pub struct BenchReport {
     /// Query heads of every sweep point.
     pub heads: usize,
     /// f32 GEMM 2048³ on all threads, GFLOP/s: the peak every ratio uses, the larger of
-    /// `gemm_peak_start_gflops` and `gemm_peak_end_gflops` (each the fastest of 5 runs).
+    /// `gemm_peak_start_gflops` and `gemm_peak_end_gflops` (each the fastest of 5 runs of altgrad's
+    /// product and of faer's, whichever is faster: [`super::gemm_peak_gflops`]; before 2026-12-08
+    /// altgrad's alone).
     pub gemm_peak_gflops: f64,
     /// The peak measured before the sweep.
     pub gemm_peak_start_gflops: f64,
