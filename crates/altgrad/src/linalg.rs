@@ -179,8 +179,9 @@ pub fn matmul<T: Scalar>(dst: MatMut<'_, T>, acc: bool, a: MatRef<'_, T>, b: Mat
         // f32: the packed GEMM (both operands packed into reused, aligned per-thread panels: as
         // fast as faer's one-thread kernels on a split of C in a fresh process, and twice as fast
         // in a process whose heap another library has churned, where faer reading its unpacked
-        // operand in place measured 2× slower, BENCHMARKS "Issue 13"; on the Xeon: on AMD Zen 4
-        // faer's own product measured up to 9% faster on 5 of 6 shapes, "Issue 13 on AMD EPYC Zen 4");
+        // operand in place measured 2× slower: on the Xeon, BENCHMARKS "Issue 13"; on AMD Zen 4
+        // faer's own product measured up to 9% faster on 5 of 6 shapes, "Issue 13 on AMD EPYC
+        // Zen 4");
         // otherwise faer's one-thread kernels on a split of C, one part per thread (faer's own
         // parallel GEMM measured 10–20% slower on the projections, on the Xeon)
         let dst = match packed_f32(dst, acc, a, b, alpha, par) {
