@@ -179,6 +179,11 @@ def _non_causal(q, k, v, opts: dict, group) -> torch.Tensor:
     count = torch.tensor([float(k.shape[1])], dtype=torch.float64)
     dist.all_reduce(count, group=group)
     kmean = _AllReduce.apply(k.sum(dim=1), group) / count.to(k.dtype)
+    if not bool(torch.isfinite(kmean).all()):
+        # every rank holds the same all-reduced sum, so every rank raises here, together
+        raise ValueError(f"altgrad.distributed.attention: the key mean (the sum of every rank's keys) overflowed "
+                         f"{str(k.dtype).replace('torch.', '')} although the keys are finite; use float64 inputs, "
+                         "or smaller keys")
     if opts["center"]:
         c = kmean.detach().contiguous()
         kbar = kmean - c  # zero, but the gradient of the key mean flows through it
@@ -273,7 +278,11 @@ def attention(
             attention across ranks would need ring attention, which altgrad does not provide),
             an empty slice, inconsistent shapes or dtypes, a bad
             ``scale``, ``degree`` or ``chunk``, or when ranks disagree on batch, heads, widths,
-            dtype, options or ``causal``; and everything :func:`altgrad.attention` raises.
+            dtype, options or ``causal``; without ``causal``, on every rank, when the keys' sum
+            over the ranks or their summed key state overflows the dtype (finite float32 inputs
+            can; use float64); and everything :func:`altgrad.attention` raises (an overflow in
+            this rank's own output raises on this rank only: its peers then fail in the
+            backward's collective when this process exits).
         RuntimeError: ``torch.distributed`` not initialized.
     """
     ch = 64 if chunk is None else chunk

@@ -135,7 +135,10 @@ def _bad_worker(rank, world, port, case, out_dir):
                             timeout=datetime.timedelta(seconds=60))
     try:
         x = torch.randn(1, 4, 2, 3, dtype=torch.float64)
-        kw = {}
+        k, kw = None, {}
+        if case == "keysum":  # finite float32 keys whose sum over the ranks overflows
+            x, kw["causal"] = x.float(), False
+            k = torch.full_like(x, 3e38) if rank == 1 else x
         if rank == 1:
             if case == "method":
                 kw["method"] = "exact"
@@ -148,7 +151,7 @@ def _bad_worker(rank, world, port, case, out_dir):
             elif case == "causal":
                 kw["causal"] = False
         try:
-            altgrad.distributed.attention(x, x, x, **kw)
+            altgrad.distributed.attention(x, x if k is None else k, x, **kw)
             msg = "no error"
         except ValueError as e:
             msg = str(e)
@@ -163,7 +166,7 @@ def _bad_worker(rank, world, port, case, out_dir):
     os._exit(0)
 
 
-@pytest.mark.parametrize("case", ["method", "empty", "scale", "dtype", "causal"])
+@pytest.mark.parametrize("case", ["method", "empty", "scale", "dtype", "causal", "keysum"])
 def test_one_bad_rank_makes_every_rank_raise_instead_of_hanging(tmp_path, case):
     mp.spawn(_bad_worker, args=(2, _free_port(), case, str(tmp_path)), nprocs=2, join=True)
     own = (tmp_path / f"{case}1.txt").read_text()
@@ -171,5 +174,8 @@ def test_one_bad_rank_makes_every_rank_raise_instead_of_hanging(tmp_path, case):
     assert own.startswith("altgrad.distributed.attention:") and "no error" not in own, own
     if case == "causal":  # a valid call on each rank, but the ranks disagree
         assert "differs from rank" in other and "causal" in other, other
+    elif case == "keysum":  # valid inputs on each rank; their keys' sum overflows on every rank alike
+        for msg in (own, other):
+            assert "key mean (the sum of every rank's keys) overflowed float32" in msg and "float64" in msg, msg
     else:
         assert "rank(s) [1] were refused" in other, other
