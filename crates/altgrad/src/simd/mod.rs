@@ -37,15 +37,20 @@ impl Level {
         static LEVEL: OnceLock<Level> = OnceLock::new();
         *LEVEL.get_or_init(|| {
             let hw = Level::hardware();
-            // a value that is not UTF-8 is read lossily, so it reaches the warning below too
-            let var = std::env::var_os("ALTGRAD_SIMD").map(|v| v.to_string_lossy().into_owned());
-            match var.as_deref() {
-                Some("generic") => Level::Generic,
-                Some("avx2") if hw != Level::Generic => Level::Avx2,
-                None | Some("" | "avx512" | "avx2") => hw,
+            // read as an OsString: a value that is not UTF-8 reaches the warning too, its bytes
+            // shown escaped ("avx\xFF")
+            let var = std::env::var_os("ALTGRAD_SIMD");
+            match var.as_deref().map(|v| v.to_str().ok_or(v)) {
+                Some(Ok("generic")) => Level::Generic,
+                Some(Ok("avx2")) if hw != Level::Generic => Level::Avx2,
+                None | Some(Ok("" | "avx512" | "avx2")) => hw,
                 Some(other) => {
+                    let shown = match other {
+                        Ok(s) => format!("{s:?}"),
+                        Err(os) => format!("{os:?}"),
+                    };
                     eprintln!(
-                        "altgrad: ALTGRAD_SIMD={other:?} is not avx512, avx2 or generic: ignored (this CPU's {})",
+                        "altgrad: ALTGRAD_SIMD={shown} is not avx512, avx2 or generic: ignored (this CPU has {})",
                         hw.name()
                     );
                     hw
