@@ -348,11 +348,15 @@ pub(crate) fn claims_markdown(
             e.method, e.exponent_min, e.exponent_max, e.series, e.n_max
         );
     }
-    let _ = writeln!(
-        s,
-        "| (a) time n^(1+o(1)) for bounded entries (LSSSZ Thm 4.2, AS23 Thm 1.4) | {} fitted slope of log time vs log n over the largest sizes; exact is the n² baseline | {cmd} |",
-        a.trim_end_matches("; ").to_string() + "."
-    );
+    let measured = if a.is_empty() {
+        // one size per series (or none run): no slope to fit
+        "not measured: a fitted exponent needs at least two sizes per method (`--ns`)".to_string()
+    } else {
+        a.trim_end_matches("; ").to_string()
+            + ". fitted slope of log time vs log n over the largest sizes; exact is the n² baseline"
+    };
+    let _ =
+        writeln!(s, "| (a) time n^(1+o(1)) for bounded entries (LSSSZ Thm 4.2, AS23 Thm 1.4) | {measured} | {cmd} |");
     // (b)
     match b {
         Some(b) => {
@@ -532,4 +536,18 @@ pub(crate) fn claims_markdown(
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Claim (a) with no fitted series (one size per method) says why, instead of an empty cell.
+    #[test]
+    fn claim_a_without_a_fit_says_why() {
+        let md = claims_markdown("altgrad bench --ns 2048", &[], None, None, &[]);
+        let row = md.lines().find(|l| l.starts_with("| (a) time")).expect("row (a)");
+        assert!(row.contains("| not measured: a fitted exponent needs at least two sizes per method"), "{row}");
+        assert!(!row.contains("|  ") && !row.contains("| ."), "{row}");
+    }
 }
