@@ -185,8 +185,10 @@ impl Plan {
     /// Errors: [`Error::BadInput`] (input `bench options`) for non-positive sizes or limits.
     pub(crate) fn new(o: &BenchOptions) -> Result<Plan> {
         let bad = |m: String| Err(Error::bad("bench options", m));
-        if o.heads == 0 || o.chunk == 0 || o.stream_chunk == 0 {
-            return bad("heads, chunk and stream chunk must be positive".into());
+        for (name, v) in [("--heads", o.heads), ("--chunk", o.chunk), ("--stream-chunk", o.stream_chunk)] {
+            if v == 0 {
+                return bad(format!("{name}: must be positive, got 0"));
+            }
         }
         let pow2 = |a: u32, b: u32| (a..=b).map(|p| 1usize << p).collect::<Vec<_>>();
         let mut p = if o.tiny {
@@ -293,8 +295,8 @@ impl Plan {
             if ns.is_empty() {
                 return bad("--ns: the list is empty (give lengths such as 1024,4096)".into());
             }
-            if ns.contains(&0) {
-                return bad("--ns: lengths must be positive".into());
+            if let Some(i) = ns.iter().position(|&n| n == 0) {
+                return bad(format!("--ns: lengths must be positive, got 0 (item {} of the list)", i + 1));
             }
             p.ns = ns.clone();
             p.ns.sort_unstable();
@@ -577,5 +579,20 @@ mod tests {
         assert!(p.check_memory(None).is_ok());
         let e = p.check_memory(Some(need - 1)).unwrap_err();
         assert!(e.is_user_error() && e.to_string().contains("n = 1048576 needs at least 8.0 GiB"), "{e}");
+    }
+
+    /// A zero size names the option (and, for `--ns`, which item of the list).
+    #[test]
+    fn zero_sizes_name_the_option() {
+        let msg = |f: &dyn Fn(&mut BenchOptions)| {
+            let mut o = BenchOptions::new("/tmp/unused");
+            f(&mut o);
+            Plan::new(&o).map(|_| ()).unwrap_err().to_string()
+        };
+        assert!(msg(&|o| o.heads = 0).contains("--heads: must be positive, got 0"));
+        assert!(msg(&|o| o.chunk = 0).contains("--chunk: must be positive, got 0"));
+        assert!(msg(&|o| o.stream_chunk = 0).contains("--stream-chunk: must be positive, got 0"));
+        let e = msg(&|o| o.ns = Some(vec![1024, 0]));
+        assert!(e.contains("--ns: lengths must be positive, got 0 (item 2 of the list)"), "{e}");
     }
 }
