@@ -36,6 +36,9 @@ fn tiny_bench_writes_json_csv_and_plots() {
         assert!(v.get(k).is_some(), "bench.json lacks {k}");
     }
     assert!(v["gemm_peak_gflops"].as_f64().unwrap() > 0.0);
+    // the report names the SIMD level the kernels ran at (a capped run's "% of peak" falls)
+    let cpu = v["cpu"].as_str().unwrap();
+    assert!(["(SIMD avx512", "(SIMD avx2", "(SIMD generic"].iter().any(|l| cpu.contains(l)), "cpu {cpu:?}");
     let runs = v["runs"].as_array().unwrap();
     for m in ["exact", "poly", "altgrad"] {
         assert!(runs.iter().any(|r| r["method"] == m), "no {m} run");

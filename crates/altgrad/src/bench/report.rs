@@ -124,7 +124,8 @@ pub struct BenchReport {
     pub quick: bool,
     /// rayon threads (= the threads of every GEMM peak and kernel).
     pub threads: usize,
-    /// CPU model from `/proc/cpuinfo`.
+    /// CPU model from `/proc/cpuinfo` and, in parentheses, the SIMD level the kernels ran at
+    /// (`SIMD avx512`, or the level `ALTGRAD_SIMD` capped it to).
     pub cpu: String,
     /// `/proc/loadavg` (1, 5, 15 min) at the start: above ~0.3 the machine was shared.
     pub loadavg_start: Vec<f64>,

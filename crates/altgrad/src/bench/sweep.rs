@@ -263,7 +263,24 @@ fn loadavg() -> Vec<f64> {
         .unwrap_or_default()
 }
 
+/// The CPU model and the SIMD level the kernels run at (for the report's `cpu`).
 fn cpu_name() -> String {
+    use crate::simd::Level;
+    let (used, hw) = (Level::detect(), Level::hardware());
+    let simd = if used == hw {
+        format!("SIMD {}", used.name())
+    } else {
+        format!(
+            "SIMD {} of the CPU's {}, capped by ALTGRAD_SIMD; faer's GEMM in the peak is not capped",
+            used.name(),
+            hw.name()
+        )
+    };
+    format!("{} ({simd})", cpu_model())
+}
+
+/// The CPU model name from `/proc/cpuinfo` (`unknown` without one).
+fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
