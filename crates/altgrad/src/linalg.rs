@@ -311,12 +311,12 @@ fn packed_f32<'a, T: Scalar>(
         if cs_c == 1 && rs_c >= 0 {
             let a = Strided { ptr: ap, rs: sa.0, cs: sa.1 };
             let b = Strided { ptr: bp, rs: sb.0, cs: sb.1 };
-            packed::gemm(level, m, n, k, a, b, cp, rs_c as usize, al, acc, parallel)
+            packed::gemm(level, m, n, k, a, b, cp, rs_c as usize, al, acc, parallel, None)
         } else if rs_c == 1 && cs_c >= 0 {
             // column-major C: Cᵀ = Bᵀ Aᵀ is row-major
             let a2 = Strided { ptr: bp, rs: sb.1, cs: sb.0 };
             let b2 = Strided { ptr: ap, rs: sa.1, cs: sa.0 };
-            packed::gemm(level, n, m, k, a2, b2, cp, cs_c as usize, al, acc, parallel)
+            packed::gemm(level, n, m, k, a2, b2, cp, cs_c as usize, al, acc, parallel, None)
         } else {
             false
         }

@@ -38,19 +38,16 @@ impl Level {
         *LEVEL.get_or_init(|| {
             let hw = Level::hardware();
             // read as an OsString: a value that is not UTF-8 reaches the warning too, its bytes
-            // shown escaped ("avx\xFF")
+            // shown escaped by OsStr's Debug ("avx\xFF"; a UTF-8 value prints as a str would)
             let var = std::env::var_os("ALTGRAD_SIMD");
-            match var.as_deref().map(|v| v.to_str().ok_or(v)) {
-                Some(Ok("generic")) => Level::Generic,
-                Some(Ok("avx2")) if hw != Level::Generic => Level::Avx2,
-                None | Some(Ok("" | "avx512" | "avx2")) => hw,
-                Some(other) => {
-                    let shown = match other {
-                        Ok(s) => format!("{s:?}"),
-                        Err(os) => format!("{os:?}"),
-                    };
+            match var.as_deref().map(|v| v.to_str()) {
+                Some(Some("generic")) => Level::Generic,
+                Some(Some("avx2")) if hw != Level::Generic => Level::Avx2,
+                None | Some(Some("" | "avx512" | "avx2")) => hw,
+                Some(_) => {
                     eprintln!(
-                        "altgrad: ALTGRAD_SIMD={shown} is not avx512, avx2 or generic: ignored (this CPU has {})",
+                        "altgrad: ALTGRAD_SIMD={:?} is not avx512, avx2 or generic: ignored (this CPU has {})",
+                        var.unwrap_or_default(),
                         hw.name()
                     );
                     hw

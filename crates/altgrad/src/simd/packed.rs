@@ -492,8 +492,9 @@ unsafe fn gemm_avx2(
 
 /// `C = α·A·B` (`acc == false`) or `C += α·A·B` on this CPU's widest level: `A [m, k]` and
 /// `B [k, n]` with any non-negative strides (element `(i, p)` of `A` at `a.ptr + i·a.rs + p·a.cs`),
-/// `C [m, n]` row-major with row stride `rsc`; `parallel` uses rayon's pool. Returns `false`,
-/// touching nothing, when the CPU has no SIMD level (the caller then uses its fallback).
+/// `C [m, n]` row-major with row stride `rsc`; `parallel` uses rayon's pool; `kc` is the depth of
+/// the packed blocks (`None`: this CPU's, [`depth`]; tests pass each). Returns `false`, touching
+/// nothing, when the CPU has no SIMD level (the caller then uses its fallback).
 ///
 /// # Safety
 /// Every addressed element of `A`, `B`, `C` must be valid, and `C` must not overlap `A` or `B`.
@@ -510,28 +511,7 @@ pub(crate) unsafe fn gemm(
     alpha: f32,
     acc: bool,
     parallel: bool,
-) -> bool {
-    gemm_at(level, None, m, n, k, a, b, c, rsc, alpha, acc, parallel)
-}
-
-/// [`gemm`] with packed blocks of depth `kc` (`None`: this CPU's, [`depth`]; tests cover both).
-///
-/// # Safety
-/// As [`gemm`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_at(
-    level: Level,
     kc: Option<usize>,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Strided,
-    b: Strided,
-    c: *mut f32,
-    rsc: usize,
-    alpha: f32,
-    acc: bool,
-    parallel: bool,
 ) -> bool {
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -592,7 +572,7 @@ mod tests {
                         let mut c: Vec<f32> = (0..m * rsc).map(|i| val(i + 9)).collect();
                         let c0 = c.clone();
                         // SAFETY: the buffers hold every element the strides address.
-                        assert!(unsafe { gemm_at(level, kc, m, n, k, sa, sb, c.as_mut_ptr(), rsc, 0.5, acc, par) });
+                        assert!(unsafe { gemm(level, m, n, k, sa, sb, c.as_mut_ptr(), rsc, 0.5, acc, par, kc) });
                         for i in 0..m {
                             for j in 0..rsc {
                                 if j >= n {
