@@ -151,6 +151,33 @@ fn poly_and_altgrad_batch_equal_one_call_per_sequence() {
     }
 }
 
+/// One workspace through causal polynomial calls of different lengths and centering: its
+/// recycled whole-sequence buffers (the prefix means, grown for the longest call and holding an
+/// earlier call's values) give the numbers of calls with fresh buffers, bit for bit.
+#[test]
+fn kept_workspace_across_lengths_and_centering() {
+    let ws = Workspace::new();
+    let opts = AttnOptions::causal(4);
+    for (n, center) in [(45, true), (13, true), (45, false), (60, true), (7, false), (45, true)] {
+        let s = AttnShape::new(n, 4, 2, 4).with_head_dim_v(3);
+        let x = data(&s, 90 + n as u64);
+        let xb = qkv(&x.q, &x.k, &x.v, &s);
+        let popts = PolyOptions { degree: 2, center, chunk: 8 };
+        let fwd = forward_poly(&xb, &opts, &popts).unwrap();
+        let (gp, _) = backward_poly_state(&xb, &fwd, &x.g, None).unwrap();
+        let (mut o, mut lse, mut den) = (vec![0.0; fwd.o.len()], vec![0.0; fwd.lse.len()], vec![0.0; fwd.den.len()]);
+        let out = PolyBuffers { o: &mut o, lse: &mut lse, den: &mut den };
+        let saved = forward_poly_into(&xb, &opts, &popts, None, None, out, &ws).unwrap();
+        let tag = format!("n = {n}, center = {center}");
+        assert_eq!((&o, &lse, &den), (&fwd.o, &fwd.lse, &fwd.den), "forward, {tag}");
+        assert_eq!(saved.final_state, fwd.final_state, "final state, {tag}");
+        let mut g2 = AttnGrads::zeros(&s);
+        backward_poly_into(&xb, &saved, &o, &den, &x.g, None, g2.as_mut(), &ws).unwrap();
+        assert_eq!((&g2.dq, &g2.dk, &g2.dv), (&gp.dq, &gp.dk, &gp.dv), "gradients, {tag}");
+    }
+    assert!(ws.held() > 0, "the workspace keeps its buffers");
+}
+
 #[test]
 fn batched_state_continues_every_sequence() {
     let one = AttnShape::new(30, 2, 1, 4);

@@ -473,7 +473,7 @@ pub fn backward_altgrad_into<T: Scalar>(
             "ALTGrad's backward does not continue a state: run the sequence in one call (or use backward_poly_state)",
         ));
     }
-    let kvs = poly::kv_heads(x, opts.is_causal(), &popts, Some(&fwd.reference), None);
+    let kvs = poly::kv_heads(x, opts.is_causal(), &popts, Some(&fwd.reference), None, None);
     let view = |h: usize| (s.query(x.q(), h), s.out(o, h), s.out(dout, h), &den[h * n..(h + 1) * n]);
     if opts.is_causal() {
         query_head_grads(&s, &mut grads, |h, dq, dk, dvh| {

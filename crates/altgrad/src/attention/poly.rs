@@ -29,7 +29,7 @@
 //! strided [`Rows`] views of the caller's tensors; outputs are written into [`RowsMut`] views.
 
 use super::features::{taylor, FeatureMap};
-use super::view::{Rows, RowsMut};
+use super::view::{Rows, RowsMut, PREFETCH_AHEAD, PREFETCH_STEP};
 use super::workspace::{fit, Pooled, Workspace};
 use super::{query_head_grads, sum_groups, AttnGrads, AttnGradsMut, AttnOptions, AttnShape, Mask, Qkv};
 use crate::linalg::{matmul_small, rm, rm_mut, rm_strided, rm_strided_mut, Scalar};
@@ -225,10 +225,34 @@ pub fn kv_head<'a, T: Scalar>(
     key_sum: Option<&[T]>,
     offset: usize,
 ) -> KvHead<'a, T> {
+    kv_head_in(k, v, causal, center, chunk, reference, key_sum, offset, Vec::new())
+}
+
+/// [`kv_head`] with the causal prefix means written into `buf` (grown as needed, contents
+/// ignored): a buffer recycled from an earlier call ([`kv_heads`]' workspace), so that the
+/// `[n, d]` means do not take fresh pages, and their page faults, on every call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn kv_head_in<'a, T: Scalar>(
+    k: Rows<'a, T>,
+    v: Rows<'a, T>,
+    causal: bool,
+    center: bool,
+    chunk: usize,
+    reference: Option<&[T]>,
+    key_sum: Option<&[T]>,
+    offset: usize,
+    mut buf: Vec<T>,
+) -> KvHead<'a, T> {
     let (n, d) = (k.rows(), k.cols());
     let zeros = vec![T::zero(); d];
     if !center {
-        let kbar = if causal { vec![T::zero(); n * d] } else { zeros.clone() };
+        let kbar = if causal {
+            buf.clear();
+            buf.resize(n * d, T::zero());
+            buf
+        } else {
+            zeros.clone()
+        };
         return KvHead { k, v, c: zeros, kbar, offset };
     }
     let mean = |rows: usize| -> Vec<f64> {
@@ -257,11 +281,17 @@ pub fn kv_head<'a, T: Scalar>(
             Some(ks) => ks.iter().zip(&cf).map(|(s, cv)| s.as_f64() - offset as f64 * cv).collect(),
             None => vec![0.0; d],
         };
-        let mut out = vec![T::zero(); n * d];
+        // every value is written below: grow without clearing
+        let mut out = buf;
+        fit(&mut out, n * d);
+        out.truncate(n * d);
         dispatch(
             #[inline(always)]
             || {
                 for i in 0..n {
+                    if i % PREFETCH_STEP == 0 {
+                        k.prefetch(i + PREFETCH_AHEAD, PREFETCH_STEP);
+                    }
                     let inv = 1.0 / (offset + i + 1) as f64;
                     let row = k.row(i).iter().zip(&cf);
                     for ((a, (x, cv)), o) in acc.iter_mut().zip(row).zip(&mut out[i * d..(i + 1) * d]) {
@@ -1107,6 +1137,10 @@ impl<T: Scalar> Head<'_, T> {
         let mut col = std::mem::take(&mut b.ve);
         let mut fused = self.fused_setup().filter(|f| f.state);
         for (i0, cn) in self.chunks(n) {
+            // the next chunk's rows, fetched while this one computes
+            q.prefetch(i0 + cn, cn);
+            kv.k.prefetch(i0 + cn, cn);
+            kv.v.prefetch(i0 + cn, cn);
             let qc = q.sub(i0, cn);
             // inter-chunk: Y = Ψ S'. Fused (d = d_v = 16): Yᵀ = S'ᵀ Ψᵀ, transposed. Otherwise the dv
             // value columns as a product with dv in the lanes, and the denominator column
@@ -1211,8 +1245,15 @@ impl<T: Scalar> Head<'_, T> {
         let mut dm = vec![T::zero(); n];
         let mut fused = self.fused_setup();
         let fstate = fused.as_ref().is_some_and(|f| f.state);
+        // the rows of every input of chunk i0..i0 + cn, fetched while the one before computes
+        let prefetch = |i0: usize, cn: usize| {
+            for x in [q, g, o, kv.k, kv.v] {
+                x.prefetch(i0, cn);
+            }
+        };
         // Forward scan: dQ through the prefix state, and every intra-chunk term.
         for (i0, cn) in self.chunks(n) {
+            prefetch(i0 + cn, cn);
             let qc = q.sub(i0, cn);
             if fused.is_some() {
                 // the fused pass makes the features in registers: only the scaled inputs and weights
@@ -1260,7 +1301,11 @@ impl<T: Scalar> Head<'_, T> {
         // and, rows descending while the chunk is in cache, through the shift: dq_i += τ dm_i (k̄_i − c),
         // key j (and the initial key sum) gets Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum in acc).
         let mut acc = vec![0.0f64; d];
+        let c = self.c(n);
         for (i0, cn) in self.chunks(n).rev() {
+            if i0 >= c {
+                prefetch(i0 - c, c);
+            }
             // dK, dV through the suffix state dS' (which changes from chunk to chunk)
             if let Some(fz) = &mut fused {
                 self.fused_load(fz, dstate);
@@ -1635,6 +1680,7 @@ pub(crate) fn kv_heads<'a, T: Scalar>(
     popts: &PolyOptions,
     reference: Option<&[T]>,
     initial: Option<&PolyState<T>>,
+    ws: Option<&Workspace<T>>,
 ) -> Vec<KvHead<'a, T>> {
     let d = x.shape().head_dim;
     let block = |v: &'_ [T], h: usize| -> Vec<T> { v[h * d..(h + 1) * d].to_vec() };
@@ -1645,9 +1691,19 @@ pub(crate) fn kv_heads<'a, T: Scalar>(
             let c = reference.map(|r| block(r, h));
             let ks = initial.map(|st| block(&st.key_sum, h));
             let offset = initial.map_or(0, |st| st.count);
-            kv_head(kh, vh, causal, popts.center, popts.chunk, c.as_deref(), ks.as_deref(), offset)
+            let buf = if causal { ws.and_then(|w| w.vecs.take()).unwrap_or_default() } else { Vec::new() };
+            kv_head_in(kh, vh, causal, popts.center, popts.chunk, c.as_deref(), ks.as_deref(), offset, buf)
         })
         .collect()
+}
+
+/// Returns the causal prefix-mean buffers of `kvs` to `ws` for the next [`kv_heads`].
+pub(crate) fn recycle<T: Scalar>(kvs: Vec<KvHead<'_, T>>, ws: &Workspace<T>) {
+    for kv in kvs {
+        if kv.kbar.capacity() > kv.c.len() {
+            ws.vecs.put(kv.kbar);
+        }
+    }
 }
 
 /// Non-causal `H'` of every key/value head, `[kv_heads, r, dv+1]` (empty under the causal mask).
@@ -1740,7 +1796,7 @@ pub fn forward_poly_into<T: Scalar>(
         check_state("initial", st, &s, head.r())?;
     }
     let reference = resolve_reference(&s, popts.center, reference, initial)?;
-    let kvs = kv_heads(x, causal, popts, reference, initial);
+    let kvs = kv_heads(x, causal, popts, reference, initial, Some(ws));
     let kv_state = kv_states(&head, &kvs, causal);
     let scans: Vec<Vec<T>> = s
         .query_views(out.o, dv)
@@ -1767,19 +1823,27 @@ pub fn forward_poly_into<T: Scalar>(
         .collect();
     let reference: Vec<T> = kvs.iter().flat_map(|kv| kv.c.iter().copied()).collect();
     let final_state = causal.then(|| {
-        let mut key_sum = Vec::with_capacity(s.kv_heads() * d);
-        for (h, kv) in kvs.iter().enumerate() {
-            let mut acc: Vec<f64> = match initial {
-                Some(st) => st.key_sum[h * d..(h + 1) * d].iter().map(|x| x.as_f64()).collect(),
-                None => vec![0.0; d],
-            };
-            for i in 0..n {
-                for (a, x) in acc.iter_mut().zip(kv.k.row(i)) {
-                    *a += x.as_f64();
+        // Σ_j k_j per key/value head, the heads in parallel
+        let sums: Vec<Vec<T>> = kvs
+            .par_iter()
+            .enumerate()
+            .map(|(h, kv)| {
+                let mut acc: Vec<f64> = match initial {
+                    Some(st) => st.key_sum[h * d..(h + 1) * d].iter().map(|x| x.as_f64()).collect(),
+                    None => vec![0.0; d],
+                };
+                for i in 0..n {
+                    if i % PREFETCH_STEP == 0 {
+                        kv.k.prefetch(i + PREFETCH_AHEAD, PREFETCH_STEP);
+                    }
+                    for (a, x) in acc.iter_mut().zip(kv.k.row(i)) {
+                        *a += x.as_f64();
+                    }
                 }
-            }
-            key_sum.extend(acc.into_iter().map(T::from_f64));
-        }
+                acc.into_iter().map(T::from_f64).collect()
+            })
+            .collect();
+        let key_sum = sums.concat();
         PolyState {
             s: scans.concat(),
             key_sum,
@@ -1787,6 +1851,7 @@ pub fn forward_poly_into<T: Scalar>(
             count: initial.map_or(0, |st| st.count) + n,
         }
     });
+    recycle(kvs, ws);
     Ok(PolySaved { kv_state, reference, initial: initial.cloned(), final_state, shape: s, opts: *opts, popts: *popts })
 }
 
@@ -1894,7 +1959,7 @@ pub fn backward_poly_into<T: Scalar>(
             return Err(Error::bad("dfinal", format!("expected ds of {} and dkey_sum of {} values", want.0, want.1)));
         }
     }
-    let kvs = kv_heads(x, causal, &popts, Some(&fwd.reference), fwd.initial.as_ref());
+    let kvs = kv_heads(x, causal, &popts, Some(&fwd.reference), fwd.initial.as_ref(), Some(ws));
     let view = |h: usize| (s.query(x.q(), h), s.out(o, h), s.out(dout, h), &den[h * n..(h + 1) * n]);
     if causal {
         let per_head = query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
@@ -1935,6 +2000,7 @@ pub fn backward_poly_into<T: Scalar>(
             })
             .collect();
         let ds = sums.into_iter().flat_map(|(ds, _)| ds).collect();
+        recycle(kvs, ws);
         return Ok(Some(PolyStateGrad { ds, dkey_sum }));
     }
     // Non-causal: per query head dQ, dH' and dk̄; the group's sums feed one key pass per key/value head.

@@ -90,7 +90,7 @@ fn split_kvs<'a, T: Scalar>(
         (_, Some(r)) => check_len("reference", r, s.kv_heads() * s.head_dim, "[batch, num_kv_heads, head_dim]")?,
         _ => {}
     }
-    Ok(kv_heads(x, false, popts, reference, None))
+    Ok(kv_heads(x, false, popts, reference, None, None))
 }
 
 /// Key side, forward: `H'_p = Σ_j φ(√τ (k_j − c)) [v_j, 1]ᵀ` over the keys of `x` (its queries are

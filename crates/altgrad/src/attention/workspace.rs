@@ -19,10 +19,10 @@ impl<B> Default for Pool<B> {
 }
 
 impl<B> Pool<B> {
-    fn take(&self) -> Option<B> {
+    pub(crate) fn take(&self) -> Option<B> {
         self.0.lock().ok()?.pop()
     }
-    fn put(&self, b: B) {
+    pub(crate) fn put(&self, b: B) {
         if let Ok(mut v) = self.0.lock() {
             v.push(b);
         }
@@ -85,16 +85,24 @@ pub struct Workspace<T> {
     pub(crate) exact_simd: Pool<super::exact_simd::Scratch>,
     pub(crate) poly: Pool<super::poly::Bufs<T>>,
     pub(crate) kron: Pool<super::altgrad::KBufs<T>>,
+    /// Whole-sequence vectors (the causal prefix means `[n, d]` of [`super::poly::kv_heads`]).
+    pub(crate) vecs: Pool<Vec<T>>,
 }
 
 impl<T: Scalar> Workspace<T> {
     /// An empty workspace.
     pub fn new() -> Self {
-        Workspace { exact: Pool::default(), exact_simd: Pool::default(), poly: Pool::default(), kron: Pool::default() }
+        Workspace {
+            exact: Pool::default(),
+            exact_simd: Pool::default(),
+            poly: Pool::default(),
+            kron: Pool::default(),
+            vecs: Pool::default(),
+        }
     }
 
     /// Buffer sets held for reuse (for tests and reports).
     pub fn held(&self) -> usize {
-        self.exact.len() + self.exact_simd.len() + self.poly.len() + self.kron.len()
+        self.exact.len() + self.exact_simd.len() + self.poly.len() + self.kron.len() + self.vecs.len()
     }
 }
