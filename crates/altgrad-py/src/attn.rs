@@ -592,6 +592,7 @@ fn backward_all<T: Scalar>(
                 opts: c.opts_at(initial.as_ref().map_or(0, |st| st.count)),
                 initial,
                 final_state: None,
+                block_states: Vec::new(),
                 shape: c.shape,
                 popts: c.popts,
             };

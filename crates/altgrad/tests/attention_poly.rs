@@ -274,6 +274,49 @@ fn poly_matches_naive_degree_4_and_value_width() {
     eprintln!("degree 4 / dv ≠ d: worst rel err f64 {:.2e}, f32 {:.2e}", worst.0, worst.1);
 }
 
+/// The causal backward over several scan blocks (16 chunks each: chunk 4 gives blocks of 64 rows)
+/// from the forward's block states: the naive reference's gradients (f64 ≤ 1e-10, f32 ≤ 1e-5,
+/// through [`check`], including the fused d = 16 kernels), and the same gradients as the scans
+/// over the whole sequence (block states dropped), for GQA heads; a block-state buffer of the
+/// wrong length is refused, naming `fwd`.
+#[test]
+fn blocked_causal_backward_matches_naive_and_whole_sequence_scans() {
+    for (n, chunk, d, center) in
+        [(150usize, 4usize, 8usize, true), (129, 4, 16, true), (200, 4, 16, false), (300, 8, 8, true)]
+    {
+        let c =
+            Case { n, h: 4, hkv: 2, d, dv: d, causal: true, center, degree: 2, chunk, seed: n as u64, qk_scale: 1.0 };
+        check(&c, 1e-10);
+        let s = AttnShape::new(n, 4, 2, d);
+        let (q, k, v, g) =
+            (randn(n * 4 * d, 1, 1.0), randn(n * 2 * d, 2, 1.0), randn(n * 2 * d, 3, 1.0), randn(n * 4 * d, 4, 1.0));
+        let opts = AttnOptions::causal(d);
+        let popts = PolyOptions { degree: 2, center, chunk };
+        let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
+        let r = feature_dim(d, 2).unwrap();
+        let blocks = n.div_ceil(16 * chunk);
+        assert_eq!(
+            fwd.block_states.len(),
+            2 * (blocks - 1) * r * (d + 1),
+            "n = {n}: one state per later block and key/value head"
+        );
+        let blocked = backward_poly(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
+        let mut whole = fwd.clone();
+        whole.block_states.clear();
+        let whole = backward_poly(&qkv(&q, &k, &v, &s), &whole, &g).unwrap();
+        for (name, a, b) in
+            [("dq", &blocked.dq, &whole.dq), ("dk", &blocked.dk, &whole.dk), ("dv", &blocked.dv, &whole.dv)]
+        {
+            let e = rel(a, b);
+            assert!(e <= 1e-14, "n = {n} {name}: blocked vs whole-sequence scans rel err {e:e}");
+        }
+        let mut bad = fwd.clone();
+        bad.block_states.pop();
+        let err = backward_poly(&qkv(&q, &k, &v, &s), &bad, &g).unwrap_err();
+        assert!(err.to_string().starts_with("fwd:") && err.to_string().contains("block states"), "{err}");
+    }
+}
+
 /// Central differences in f64 of `L = Σ o ∘ G` through `forward_poly` itself.
 #[test]
 fn poly_backward_matches_finite_differences() {

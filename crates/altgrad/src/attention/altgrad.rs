@@ -598,7 +598,7 @@ pub fn one_layer_w_form<T: Scalar>(
         head.kv_state(&kv, &mut state);
     }
     let st = if causal { poly::State::Scan(&mut state) } else { poly::State::Keys(&state) };
-    poly::forward_one(&head, qr, &kv, st, &mut RowsMut::contiguous(&mut o, n, dv), &mut lse, &mut den);
+    poly::forward_one(&head, qr, &kv, st, &mut RowsMut::contiguous(&mut o, n, dv), &mut lse, &mut den, None);
     let (mut px, mut ptx, mut dvv) = (vec![zero; n * hdim], vec![zero; n * hdim], vec![zero; n * dv]);
     let (or, gr) = (Rows::contiguous(&o, n, dv), Rows::contiguous(g, n, dv));
     let mut pxm = RowsMut::contiguous(&mut px, n, hdim);

@@ -198,7 +198,16 @@ impl<T: Scalar> Ctx<'_, T> {
         let mut scan = vec![T::zero(); head.r() * head.e()];
         let mut den = vec![T::zero(); nf];
         let qf = q.sub(i0, nf);
-        poly::forward_one(head, qf, &kv, State::Scan(&mut scan), &mut fo.sub_mut(i0, nf), &mut fl[i0..], &mut den);
+        poly::forward_one(
+            head,
+            qf,
+            &kv,
+            State::Scan(&mut scan),
+            &mut fo.sub_mut(i0, nf),
+            &mut fl[i0..],
+            &mut den,
+            None,
+        );
         for i in i0..n {
             if near.is_none() {
                 lse[i] = fl[i];
@@ -250,7 +259,7 @@ impl<T: Scalar> Ctx<'_, T> {
         let (mut scan, mut dscan, mut dks) = (vec![T::zero(); len], vec![T::zero(); len], vec![0.0f64; d]);
         let x = QueryBack { q: qf, m: &m, o: of, den: &den, g: gf };
         let (mut dqf, mut dkf, mut dvf) = (dq.sub_mut(i0, nf), dk.sub_mut(s, nf), dv.sub_mut(s, nf));
-        head.backward_causal(&x, &kv, &mut scan, &mut dscan, &mut dqf, &mut dkf, &mut dvf, &mut dks);
+        head.backward_causal(&x, &kv, &mut scan, None, &mut dscan, &mut dqf, &mut dkf, &mut dvf, &mut dks);
         if near.is_none() || !head.center {
             return; // no near keys: the factor cancels; no centering: there is none
         }

@@ -364,11 +364,11 @@ impl HeadPlan {
         let (head, kv) = ctx.poly(p);
         let mut state = vec![T::zero(); head.r() * head.e()];
         if ctx.causal {
-            poly::forward_one(&head, qh, &kv, State::Scan(&mut state), oh, lh, dh);
+            poly::forward_one(&head, qh, &kv, State::Scan(&mut state), oh, lh, dh, None);
             return Vec::new();
         }
         head.kv_state(&kv, &mut state);
-        poly::forward_one(&head, qh, &kv, State::Keys(&state), oh, lh, dh);
+        poly::forward_one(&head, qh, &kv, State::Keys(&state), oh, lh, dh, None);
         state
     }
 
@@ -405,7 +405,7 @@ impl HeadPlan {
         } else {
             return false;
         };
-        poly::backward_one(&head, qh, &kv, state, oh, dh, gh, &mut dscan, dq, dk, dvh, &mut dks);
+        poly::backward_one(&head, qh, &kv, state, oh, dh, gh, None, &mut dscan, dq, dk, dvh, &mut dks);
         true
     }
 }

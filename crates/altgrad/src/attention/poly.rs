@@ -40,6 +40,13 @@ use rayon::prelude::*;
 /// Default chunk (rows per streamed block; the causal intra-chunk block size).
 pub const DEFAULT_CHUNK: usize = 64;
 
+/// Chunks per block of the causal scans ([`Head::scan_block`]): the forward computes each block's
+/// row shifts and log-normalizers while its queries are in cache and keeps the state `S'` at
+/// every block start ([`PolySaved::block_states`]), from which the backward runs its two scans
+/// block by block, last block first, so that a block's rows stay in cache between them (16 chunks
+/// of 64 rows of `q, k, v, do, o` and the three gradients at d = 16 are ≈ 0.6 MB, in a 1 MB L2).
+pub const SCAN_BLOCK_CHUNKS: usize = 16;
+
 /// Options of polynomial attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolyOptions {
@@ -95,6 +102,12 @@ pub struct PolySaved<T> {
     /// Causal: the state after this piece, to continue the sequence ([`forward_poly_state`]);
     /// `None` without a mask.
     pub final_state: Option<PolyState<T>>,
+    /// Causal: `S'` at the start of every scan block after the first (blocks of
+    /// [`SCAN_BLOCK_CHUNKS`] chunks), `[batch, num_kv_heads, blocks − 1, r, head_dim_v + 1]`,
+    /// from which the backward scans block by block (fla's per-chunk states `h`, one per block).
+    /// Empty without a mask, for one block, or when not kept: the backward then scans the whole
+    /// sequence twice, which gives the same gradients more slowly at long `seq_len`.
+    pub block_states: Vec<T>,
     /// The shape of the inputs.
     pub shape: AttnShape,
     /// The options of the call.
@@ -467,6 +480,11 @@ impl<T: Scalar> Head<'_, T> {
                 fit(v, len);
             }
         }
+    }
+
+    /// Rows per block of the causal scans of a sequence of `n`: [`SCAN_BLOCK_CHUNKS`] chunks.
+    pub(crate) fn scan_block(&self, n: usize) -> usize {
+        self.c(n) * SCAN_BLOCK_CHUNKS
     }
 
     /// Chunk starts and lengths `(0, C), (C, C), …` covering `0..n`.
@@ -1218,7 +1236,10 @@ impl<T: Scalar> Head<'_, T> {
     }
 
     /// Causal backward of one query head `x` (MATH §4) against `kv`; `state` = the initial `S'` of
-    /// [`forward_causal`](Self::forward_causal), used as scratch. `dstate` holds `dL/dS'` of the final
+    /// [`forward_causal`](Self::forward_causal), used as scratch; `starts` = `S'` at the start of
+    /// every later scan block (`[blocks − 1, r, e]`, [`PolySaved::block_states`]): with them
+    /// the two scans run block by block, last block first, each block's rows in cache between
+    /// its scans; without (`None`, or one block) over the whole sequence. `dstate` holds `dL/dS'` of the final
     /// state on entry (zeros for none) and `dL/dS'` of the initial state on return. Adds into
     /// `dq [n, d]`, `dk [n, d]`, `dv [n, dv]` and `dkey_sum [d]` (the gradient of the initial key
     /// sum through the prefix means, `Σ_i τ dm_i q_i/(offset + i + 1)`, f64).
@@ -1228,6 +1249,7 @@ impl<T: Scalar> Head<'_, T> {
         x: &QueryBack<'_, T>,
         kv: &KvHead<'_, T>,
         state: &mut [T],
+        starts: Option<&[T]>,
         dstate: &mut [T],
         dq: &mut RowsMut<'_, T>,
         dk: &mut RowsMut<'_, T>,
@@ -1251,103 +1273,133 @@ impl<T: Scalar> Head<'_, T> {
                 x.prefetch(i0, cn);
             }
         };
-        // Forward scan: dQ through the prefix state, and every intra-chunk term.
-        for (i0, cn) in self.chunks(n) {
-            prefetch(i0 + cn, cn);
-            let qc = q.sub(i0, cn);
-            if fused.is_some() {
-                // the fused pass makes the features in registers: only the scaled inputs and weights
-                self.transpose_scaled(qc, None, &mut b.xt);
-                if weighted {
-                    self.degree_weights(&m[i0..i0 + cn], &mut b.w);
-                }
-            } else {
-                self.query_features(qc, &m[i0..], weighted, b);
-            }
-            self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
-            // dYᵀ and V'ᵀ, so that dΨᵀ and dA have the chunk's rows in the lanes
-            transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
-            self.values_t(kv.v.sub(i0, cn), &mut b.vt);
-            // dΨᵀ = S' dYᵀ and its chain rule (fused when it applies)
-            let mut dqc = dq.sub_mut(i0, cn);
-            if let Some(fz) = &mut fused {
-                self.fused_load(fz, state);
-                let dmc = if self.center { Some(&mut dm[i0..i0 + cn]) } else { None };
-                let w = weighted.then_some(&b.w[..]);
-                self.fused_vjp(fz, &b.xt, &b.yt, w, &mut b.dxt, dmc, &mut dqc);
-            } else {
-                let dyt = rm(&b.yt[..e * cn], e, cn);
-                matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
-                self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dqc);
-            }
-            // intra: dA = dY V'ᵀ, A = T_g(s̃), dS̃ = dA ∘ T_{g−1}(s̃) (masked)
-            self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
-            self.intra_scores(qc, &b.xtk, &mut b.s);
-            let (dy, vt) = (rm(&b.y[..cn * e], cn, e), rm(&b.vt[..e * cn], e, cn));
-            matmul_small(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, vt, T::one());
-            self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, Some((&mut da, &mut dm[i0..i0 + cn])));
-            let (sa, dsa) = (rm(&b.s[..cn * cn], cn, cn), rm(&da[..cn * cn], cn, cn));
-            // dq_i += τ Σ_j dS̃_ij (k_j − c) = √τ dS̃ xtkᵀ ;  dk_j += τ Σ_i dS̃_ij q_i
-            let kt = rm(&b.xtk[..d * cn], d, cn).transpose();
-            matmul_small(dqc.mat_mut(), true, dsa, kt, self.sqrt_tau());
-            matmul_small(dk.sub_mut(i0, cn).mat_mut(), true, dsa.transpose(), qc.mat(), tau);
-            let dy_v = rm_strided(&b.y[..cn * e], cn, dvw, e);
-            matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, sa.transpose(), dy_v, T::one());
-            // S' += Φ_K,cᵀ V'_c
-            self.update_state(fused.as_mut().filter(|f| f.state), kv, i0, cn, b, state);
-        }
-        b.da = da;
-        // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ;
-        // and, rows descending while the chunk is in cache, through the shift: dq_i += τ dm_i (k̄_i − c),
-        // key j (and the initial key sum) gets Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum in acc).
+        // Blocks of whole chunks, last first, each block's forward then reverse scan (one block, the
+        // whole sequence, without the forward's block states).
+        let (c, len) = (self.c(n), state.len());
+        let block = self.scan_block(n);
+        let starts = starts.filter(|st| n > block && st.len() == (n - 1) / block * len);
+        let block = if starts.is_some() { block } else { n.max(1) };
+        let initial = starts.map(|_| state.to_vec());
         let mut acc = vec![0.0f64; d];
-        let c = self.c(n);
-        for (i0, cn) in self.chunks(n).rev() {
-            if i0 >= c {
-                prefetch(i0 - c, c);
+        for (bi, b0) in (0..n).step_by(block).enumerate().rev() {
+            let b1 = (b0 + block).min(n);
+            if let (Some(st), Some(init)) = (starts, &initial) {
+                state.copy_from_slice(if bi == 0 { init } else { &st[(bi - 1) * len..bi * len] });
             }
-            // dK, dV through the suffix state dS' (which changes from chunk to chunk)
-            if let Some(fz) = &mut fused {
-                self.fused_load(fz, dstate);
-            }
-            self.add_key_grads(fused.as_mut(), kv, i0, cn, dstate, b, &mut dk.sub_mut(i0, cn), &mut dv.sub_mut(i0, cn));
-            // dS' += Ψᵀ dY
-            self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
-            match &mut fused {
-                Some(fz) if fstate => {
+            // Forward scan: dQ through the prefix state, and every intra-chunk term.
+            for i0 in (b0..b1).step_by(c) {
+                let cn = c.min(b1 - i0);
+                if i0 + cn < b1 {
+                    prefetch(i0 + cn, cn);
+                }
+                let qc = q.sub(i0, cn);
+                if fused.is_some() {
+                    // the fused pass makes the features in registers: only the scaled inputs and weights
+                    self.transpose_scaled(qc, None, &mut b.xt);
                     if weighted {
                         self.degree_weights(&m[i0..i0 + cn], &mut b.w);
                     }
-                    let w = weighted.then_some(&b.w[..]);
-                    self.fused_state(fz, q.sub(i0, cn), None, &b.y[..cn * e], e, true, w, dstate);
+                } else {
+                    self.query_features(qc, &m[i0..], weighted, b);
                 }
-                _ => {
-                    self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
-                    transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
-                    self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate);
+                self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
+                // dYᵀ and V'ᵀ, so that dΨᵀ and dA have the chunk's rows in the lanes
+                transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
+                self.values_t(kv.v.sub(i0, cn), &mut b.vt);
+                // dΨᵀ = S' dYᵀ and its chain rule (fused when it applies)
+                let mut dqc = dq.sub_mut(i0, cn);
+                if let Some(fz) = &mut fused {
+                    self.fused_load(fz, state);
+                    let dmc = if self.center { Some(&mut dm[i0..i0 + cn]) } else { None };
+                    let w = weighted.then_some(&b.w[..]);
+                    self.fused_vjp(fz, &b.xt, &b.yt, w, &mut b.dxt, dmc, &mut dqc);
+                } else {
+                    let dyt = rm(&b.yt[..e * cn], e, cn);
+                    matmul_small(rm_mut(&mut b.dphit[..r * cn], r, cn), false, rm(state, r, e), dyt, T::one());
+                    self.query_vjp(cn, weighted, b, &mut dm[i0..i0 + cn], &mut dqc);
+                }
+                // intra: dA = dY V'ᵀ, A = T_g(s̃), dS̃ = dA ∘ T_{g−1}(s̃) (masked)
+                self.transpose_scaled(kv.k.sub(i0, cn), kv.shift(), &mut b.xtk);
+                self.intra_scores(qc, &b.xtk, &mut b.s);
+                let (dy, vt) = (rm(&b.y[..cn * e], cn, e), rm(&b.vt[..e * cn], e, cn));
+                matmul_small(rm_mut(&mut da[..cn * cn], cn, cn), false, dy, vt, T::one());
+                self.intra_weights(&coef, &m[i0..i0 + cn], cn, b, Some((&mut da, &mut dm[i0..i0 + cn])));
+                let (sa, dsa) = (rm(&b.s[..cn * cn], cn, cn), rm(&da[..cn * cn], cn, cn));
+                // dq_i += τ Σ_j dS̃_ij (k_j − c) = √τ dS̃ xtkᵀ ;  dk_j += τ Σ_i dS̃_ij q_i
+                let kt = rm(&b.xtk[..d * cn], d, cn).transpose();
+                matmul_small(dqc.mat_mut(), true, dsa, kt, self.sqrt_tau());
+                matmul_small(dk.sub_mut(i0, cn).mat_mut(), true, dsa.transpose(), qc.mat(), tau);
+                let dy_v = rm_strided(&b.y[..cn * e], cn, dvw, e);
+                matmul_small(dv.sub_mut(i0, cn).mat_mut(), true, sa.transpose(), dy_v, T::one());
+                // S' += Φ_K,cᵀ V'_c (the block's last chunk: the next block starts from a kept state)
+                if i0 + cn < b1 {
+                    self.update_state(fused.as_mut().filter(|f| f.state), kv, i0, cn, b, state);
                 }
             }
-            if self.center {
-                dispatch(
-                    #[inline(always)]
-                    || {
-                        for i in (i0..i0 + cn).rev() {
-                            let s = tau * dm[i];
-                            let inv = 1.0 / (kv.offset + i + 1) as f64;
-                            let kb = &kv.kbar[i * d..(i + 1) * d];
-                            let rows = dq.row_mut(i).iter_mut().zip(kb).zip(acc.iter_mut().zip(q.row(i)));
-                            for ((x, kbv), (a, qv)) in rows {
-                                *x += s * *kbv;
-                                *a += (s * *qv).as_f64() * inv;
-                            }
-                            for (x, a) in dk.row_mut(i).iter_mut().zip(&acc) {
-                                *x += T::from_f64(*a);
-                            }
-                        }
-                    },
+            // Reverse scan: dK, dV through the suffix state dS' = dS'_final + Σ_{later i} Ψ_i dY_iᵀ;
+            // and, rows descending while the chunk is in cache, through the shift: dq_i += τ dm_i (k̄_i − c),
+            // key j (and the initial key sum) gets Σ_{i≥j} τ dm_i q_i/(offset + i + 1) (a suffix sum in acc).
+            for i0 in (b0..b1).step_by(c).rev() {
+                let cn = c.min(b1 - i0);
+                // the chunk before, or the first chunk of the block before (where the next scan starts)
+                if i0 > b0 {
+                    prefetch(i0 - c, c);
+                } else if b0 > 0 {
+                    prefetch(b0 - block, c);
+                }
+                // dK, dV through the suffix state dS' (which changes from chunk to chunk)
+                if let Some(fz) = &mut fused {
+                    self.fused_load(fz, dstate);
+                }
+                self.add_key_grads(
+                    fused.as_mut(),
+                    kv,
+                    i0,
+                    cn,
+                    dstate,
+                    b,
+                    &mut dk.sub_mut(i0, cn),
+                    &mut dv.sub_mut(i0, cn),
                 );
+                // dS' += Ψᵀ dY
+                self.dy(g.sub(i0, cn), o.sub(i0, cn), &den[i0..], &mut b.y);
+                match &mut fused {
+                    Some(fz) if fstate => {
+                        if weighted {
+                            self.degree_weights(&m[i0..i0 + cn], &mut b.w);
+                        }
+                        let w = weighted.then_some(&b.w[..]);
+                        self.fused_state(fz, q.sub(i0, cn), None, &b.y[..cn * e], e, true, w, dstate);
+                    }
+                    _ => {
+                        self.query_features(q.sub(i0, cn), &m[i0..], weighted, b);
+                        transpose(Rows::contiguous(&b.y[..cn * e], cn, e), None, T::one(), &mut b.yt[..e * cn]);
+                        self.add_dstate(self.psi(b, cn, weighted), &b.y[..cn * e], &b.yt[..e * cn], dstate);
+                    }
+                }
+                if self.center {
+                    dispatch(
+                        #[inline(always)]
+                        || {
+                            for i in (i0..i0 + cn).rev() {
+                                let s = tau * dm[i];
+                                let inv = 1.0 / (kv.offset + i + 1) as f64;
+                                let kb = &kv.kbar[i * d..(i + 1) * d];
+                                let rows = dq.row_mut(i).iter_mut().zip(kb).zip(acc.iter_mut().zip(q.row(i)));
+                                for ((x, kbv), (a, qv)) in rows {
+                                    *x += s * *kbv;
+                                    *a += (s * *qv).as_f64() * inv;
+                                }
+                                for (x, a) in dk.row_mut(i).iter_mut().zip(&acc) {
+                                    *x += T::from_f64(*a);
+                                }
+                            }
+                        },
+                    );
+                }
             }
         }
+        b.da = da;
         if self.center {
             for (x, a) in dkey_sum.iter_mut().zip(&acc) {
                 *x += a;
@@ -1509,7 +1561,9 @@ pub enum State<'s, T> {
 }
 
 /// Forward of one query head `q [n, d]` against its key/value head (MATH §4): writes
-/// `o [n, dv]`, `lse [n]` and `den [n]`.
+/// `o [n, dv]`, `lse [n]` and `den [n]`; causal, appends `S'` at the start of every scan block
+/// after the first to `starts` when given ([`PolySaved::block_states`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_one<T: Scalar>(
     head: &Head<'_, T>,
     q: Rows<'_, T>,
@@ -1518,10 +1572,11 @@ pub(crate) fn forward_one<T: Scalar>(
     o: &mut RowsMut<'_, T>,
     lse: &mut [T],
     den: &mut [T],
+    mut starts: Option<&mut Vec<T>>,
 ) {
     // blocks of rows, each one's shifts, outputs and lse while its queries are still in cache
     let n = q.rows();
-    let block = head.c(n) * 16; // c(n) ≥ 1
+    let block = head.scan_block(n); // c(n) ≥ 1
     match state {
         State::Scan(s) => {
             // a whole number of chunks per block (c(n) = chunk when n ≥ chunk, else one block), so
@@ -1529,6 +1584,9 @@ pub(crate) fn forward_one<T: Scalar>(
             let d = q.cols();
             for b0 in (0..n).step_by(block) {
                 let (bn, r) = (block.min(n - b0), b0..(b0 + block).min(n));
+                if let (true, Some(st)) = (b0 > 0, starts.as_deref_mut()) {
+                    st.extend_from_slice(s);
+                }
                 let (qb, kbar) = (q.sub(b0, bn), &kv.kbar[b0 * d..(b0 + bn) * d]);
                 let m = row_shifts(qb, kbar, head.scale, head.center);
                 // the block's keys and values (the causal forward reads neither `kbar` nor `offset`)
@@ -1555,9 +1613,10 @@ pub(crate) fn forward_one<T: Scalar>(
 }
 
 /// Backward of one query head against its own key/value head (no GQA sharing of the key side):
-/// `state` as in [`forward_one`] (its initial value), `dstate` the gradient of the final `S'`
-/// (causal; zeros for none; the initial state's on return; unused non-causal). Adds into `dq`,
-/// `dk`, `dv` and (causal) `dkey_sum`.
+/// `state` as in [`forward_one`] (its initial value), `starts` the forward's block states of this
+/// head (causal, `None` if not kept), `dstate` the gradient of the final `S'` (causal; zeros for
+/// none; the initial state's on return; unused non-causal). Adds into `dq`, `dk`, `dv` and
+/// (causal) `dkey_sum`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_one<T: Scalar>(
     head: &Head<'_, T>,
@@ -1567,6 +1626,7 @@ pub(crate) fn backward_one<T: Scalar>(
     o: Rows<'_, T>,
     den: &[T],
     g: Rows<'_, T>,
+    starts: Option<&[T]>,
     dstate: &mut [T],
     dq: &mut RowsMut<'_, T>,
     dk: &mut RowsMut<'_, T>,
@@ -1575,7 +1635,10 @@ pub(crate) fn backward_one<T: Scalar>(
 ) {
     let m = row_shifts(q, &kv.kbar, head.scale, head.center);
     match state {
-        State::Scan(s) => head.backward_causal(&QueryBack { q, m: &m, o, den, g }, kv, s, dstate, dq, dk, dv, dkey_sum),
+        State::Scan(s) => {
+            let x = QueryBack { q, m: &m, o, den, g };
+            head.backward_causal(&x, kv, s, starts, dstate, dq, dk, dv, dkey_sum)
+        }
         State::Keys(h) => {
             let mut dh = vec![T::zero(); h.len()];
             let mut dkbar = vec![0.0f64; head.d()];
@@ -1798,7 +1861,7 @@ pub fn forward_poly_into<T: Scalar>(
     let reference = resolve_reference(&s, popts.center, reference, initial)?;
     let kvs = kv_heads(x, causal, popts, reference, initial, Some(ws));
     let kv_state = kv_states(&head, &kvs, causal);
-    let scans: Vec<Vec<T>> = s
+    let scans: Vec<(Vec<T>, Vec<T>)> = s
         .query_views(out.o, dv)
         .into_par_iter()
         .zip(out.lse.par_chunks_mut(n).zip(out.den.par_chunks_mut(n)))
@@ -1808,19 +1871,23 @@ pub fn forward_poly_into<T: Scalar>(
             let qh = s.query(x.q(), h);
             if !causal {
                 let state = State::Keys(&kv_state[kvh * len..(kvh + 1) * len]);
-                forward_one(&head, qh, &kvs[kvh], state, &mut oh, lh, dh);
-                return Vec::new();
+                forward_one(&head, qh, &kvs[kvh], state, &mut oh, lh, dh, None);
+                return (Vec::new(), Vec::new());
             }
             let mut scan = initial.map_or_else(|| vec![T::zero(); len], |st| st.s[kvh * len..(kvh + 1) * len].to_vec());
-            forward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), &mut oh, lh, dh);
-            // every query head of a group scans the same keys: keep the first one's final state
-            if h % s.group() == 0 {
-                scan
+            // every query head of a group scans the same keys: keep the first one's states
+            let first = h % s.group() == 0;
+            let mut starts = Vec::new();
+            let keep = first.then_some(&mut starts);
+            forward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), &mut oh, lh, dh, keep);
+            if first {
+                (scan, starts)
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         })
         .collect();
+    let (scans, block_states): (Vec<Vec<T>>, Vec<Vec<T>>) = scans.into_iter().unzip();
     let reference: Vec<T> = kvs.iter().flat_map(|kv| kv.c.iter().copied()).collect();
     let final_state = causal.then(|| {
         // Σ_j k_j per key/value head, the heads in parallel
@@ -1852,7 +1919,16 @@ pub fn forward_poly_into<T: Scalar>(
         }
     });
     recycle(kvs, ws);
-    Ok(PolySaved { kv_state, reference, initial: initial.cloned(), final_state, shape: s, opts: *opts, popts: *popts })
+    Ok(PolySaved {
+        kv_state,
+        reference,
+        initial: initial.cloned(),
+        final_state,
+        block_states: block_states.concat(),
+        shape: s,
+        opts: *opts,
+        popts: *popts,
+    })
 }
 
 /// Checks a saved polynomial forward against the inputs, its `o`, `den` and `dout`, and builds
@@ -1888,6 +1964,21 @@ pub(crate) fn check_saved<T: Scalar>(
     }
     if let Some(st) = &fwd.initial {
         check_state("fwd", st, &s, fm.dim())?;
+    }
+    if !fwd.block_states.is_empty() {
+        let chunk = fwd.popts.chunk.max(1).min(s.seq_len.max(1));
+        let blocks = s.seq_len.max(1).div_ceil(chunk * SCAN_BLOCK_CHUNKS);
+        let want = s.kv_heads() * (blocks - 1) * state_len;
+        if !fwd.opts.is_causal() || fwd.block_states.len() != want {
+            return Err(Error::bad(
+                "fwd",
+                format!(
+                    "block states have {} values, expected {want} ([batch, num_kv_heads, blocks − 1, r, head_dim_v + 1], \
+                     causal only)",
+                    fwd.block_states.len()
+                ),
+            ));
+        }
     }
     Ok(fm)
 }
@@ -1961,6 +2052,8 @@ pub fn backward_poly_into<T: Scalar>(
     }
     let kvs = kv_heads(x, causal, &popts, Some(&fwd.reference), fwd.initial.as_ref(), Some(ws));
     let view = |h: usize| (s.query(x.q(), h), s.out(o, h), s.out(dout, h), &den[h * n..(h + 1) * n]);
+    // the forward's block states of one key/value head (check_saved checked the length)
+    let per_kv = if fwd.block_states.is_empty() { 0 } else { fwd.block_states.len() / s.kv_heads() };
     if causal {
         let per_head = query_head_grads(&s, &mut grads, |h, dq, dk, dv| {
             let (qh, oh, gh, dh) = view(h);
@@ -1973,7 +2066,9 @@ pub fn backward_poly_into<T: Scalar>(
                 _ => vec![T::zero(); len],
             };
             let mut dks = vec![0.0f64; d];
-            backward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), oh, dh, gh, &mut dscan, dq, dk, dv, &mut dks);
+            let starts = (per_kv > 0).then(|| &fwd.block_states[kvh * per_kv..(kvh + 1) * per_kv]);
+            let st = State::Scan(&mut scan);
+            backward_one(&head, qh, &kvs[kvh], st, oh, dh, gh, starts, &mut dscan, dq, dk, dv, &mut dks);
             Ok((dscan, dks))
         })?;
         let sums = sum_groups(per_head, s.group());

@@ -216,7 +216,7 @@ pub fn profile_poly_stages(
         if causal {
             st.fill(0.0);
             let x = QueryBack { q: qr, m: &m, o: or, den: &den, g: gv };
-            head.backward_causal(&x, &kv, &mut st, &mut dst, &mut dqm, &mut dkm, &mut dvm, &mut dks);
+            head.backward_causal(&x, &kv, &mut st, None, &mut dst, &mut dqm, &mut dkm, &mut dvm, &mut dks);
         } else {
             let x = QueryBack { q: qr, m: &m, o: or, den: &den, g: gv };
             head.backward_queries(&x, &kv.kbar, &st, &mut dqm, &mut dst, &mut dks);
