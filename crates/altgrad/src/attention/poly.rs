@@ -275,6 +275,9 @@ pub(crate) fn kv_head_in<'a, T: Scalar>(
             #[inline(always)]
             || {
                 for i in 0..rows {
+                    if i % PREFETCH_STEP == 0 {
+                        k.prefetch(i + PREFETCH_AHEAD, PREFETCH_STEP);
+                    }
                     for (a, x) in acc.iter_mut().zip(k.row(i)) {
                         *a += x.as_f64();
                     }
@@ -974,12 +977,16 @@ impl<T: Scalar> Head<'_, T> {
         if let Some(fz) = &mut self.fused_setup().filter(|f| f.state) {
             // the key features made in registers, never stored
             for (j0, cn) in self.chunks(n) {
+                kv.k.prefetch(j0 + cn, cn);
+                kv.v.prefetch(j0 + cn, cn);
                 let (vc, vs) = kv.v.sub(j0, cn).parts();
                 self.fused_state(fz, kv.k.sub(j0, cn), kv.shift(), vc, vs, false, None, h);
             }
             return;
         }
         for (j0, cn) in self.chunks(n) {
+            kv.k.prefetch(j0 + cn, cn);
+            kv.v.prefetch(j0 + cn, cn);
             self.key_features(kv, j0, cn, b);
             // H'[:, :dv] += Φ_Kᵀ V (the values read in place, dv wide: no column of ones in the
             // product's lanes), H'[:, dv] += Φ_Kᵀ 1 (row sums)
@@ -1002,6 +1009,7 @@ impl<T: Scalar> Head<'_, T> {
             self.fused_load(fz, state);
         }
         for (i0, cn) in self.chunks(n) {
+            q.prefetch(i0 + cn, cn);
             if let Some(fz) = &mut fused {
                 // Yᵀ = H'ᵀ Ψᵀ with the query features made in registers (never stored)
                 self.transpose_scaled(q.sub(i0, cn), None, &mut b.xt);
@@ -1052,6 +1060,9 @@ impl<T: Scalar> Head<'_, T> {
         }
         let fstate = fused.as_ref().is_some_and(|f| f.state);
         for (i0, cn) in self.chunks(n) {
+            for x in [q, g, o] {
+                x.prefetch(i0 + cn, cn);
+            }
             if fstate {
                 // the features are made in registers by the fused passes: only the scaled inputs
                 self.transpose_scaled(q.sub(i0, cn), None, &mut b.xt);
@@ -1119,6 +1130,8 @@ impl<T: Scalar> Head<'_, T> {
             self.fused_load(fz, dstate);
         }
         for (j0, cn) in self.chunks(n) {
+            kv.k.prefetch(j0 + cn, cn);
+            kv.v.prefetch(j0 + cn, cn);
             self.add_key_grads(fused.as_mut(), kv, j0, cn, dstate, b, &mut dk.sub_mut(j0, cn), &mut dv.sub_mut(j0, cn));
             if self.center {
                 // every key's 1/n share of the row shifts' key-mean gradient, while the rows are in cache
