@@ -41,12 +41,14 @@ METHODS = ("exact", "poly", "altgrad", "hybrid")
 #: The forward tensors each method saves for its backward, besides ``q, k, v`` (names of the dict
 #: ``_core.attention_forward`` returns): ``o [B, T, H, D_v]``, and ``lse [B, H, T]`` (exact) or the
 #: denominators ``den [B, H, T]``, the non-causal state ``kv_state [B, H_kv, r, D_v + 1]`` and the
-#: reference points ``reference [B, H_kv, D]`` (poly, altgrad); hybrid: ``lse`` and the far
-#: keys' output ``far_o [B, T, H, D_v]`` and log-sum-exps ``far_lse [B, H, T]``.
+#: reference points ``reference [B, H_kv, D]`` (poly, altgrad), and for causal poly the scan's
+#: state at every block start after the first, ``block_states [B, H_kv, (blocks − 1)·r·(D_v + 1)]``
+#: (blocks of 16 chunks: the backward then scans block by block; empty for one block); hybrid:
+#: ``lse`` and the far keys' output ``far_o [B, T, H, D_v]`` and log-sum-exps ``far_lse [B, H, T]``.
 _SAVED = {
     "exact": ("o", "lse"),
     "hybrid": ("o", "lse", "far_o", "far_lse"),
-    "poly": ("o", "den", "kv_state", "reference"),
+    "poly": ("o", "den", "kv_state", "reference", "block_states"),
     "altgrad": ("o", "den", "kv_state", "reference"),
 }
 

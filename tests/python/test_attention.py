@@ -72,6 +72,35 @@ def test_poly_matches_naive_reference(case, causal, center):
 
 
 @pytest.mark.parametrize("center", [True, False])
+def test_poly_causal_backward_over_scan_blocks(center):
+    """Chunk 4 makes scan blocks of 64 rows: T = 150 is three blocks, whose states the forward
+    saves (``block_states``) and the backward scans from; the gradients are the naive reference's,
+    and those of ``_core.attention_backward`` without the block states (whole-sequence scans)."""
+    b, t, h, hkv, d = 2, 150, 4, 2, 8
+    q, k, v = small_inputs(b, t, h, hkv, d, d)
+    g = torch.randn(b, t, h, d, dtype=torch.float64)
+    kw = dict(causal=True, degree=2, center=center)
+    mine = grads_of(lambda q, k, v: altgrad.attention(q, k, v, method="poly", chunk=4, **kw), q, k, v, g)
+    want = grads_of(lambda q, k, v: ref.poly_attention(q, k, v, **kw), q, k, v, g)
+    for a, w in zip(mine, want):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-11)
+    core = dict(causal=True, scale=d**-0.5, degree=2, center=center, chunk=4)
+    qn, kn, vn, gn = (x.detach().numpy() for x in (q, k, v, g))
+    out = altgrad._core.attention_forward("poly", qn, kn, vn, **core)
+    r = (d + 1) * (d + 2) // 2
+    assert out["block_states"].shape == (b, hkv, 2 * r * (d + 1))
+    saved = {name: out[name] for name in ("o", "den", "kv_state", "reference", "block_states")}
+    blocked = altgrad._core.attention_backward("poly", qn, kn, vn, saved, gn, **core)
+    del saved["block_states"]
+    whole = altgrad._core.attention_backward("poly", qn, kn, vn, saved, gn, **core)
+    for a, w in zip(blocked[:3], whole[:3]):
+        torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(w), rtol=1e-14, atol=1e-15)
+    saved["block_states"] = out["block_states"][:, :, 1:].copy()
+    with pytest.raises(ValueError, match="block_states: expected"):
+        altgrad._core.attention_backward("poly", qn, kn, vn, saved, gn, **core)
+
+
+@pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES + [(2, 70, 4, 1, 8, 8)])
 def test_altgrad_matches_the_papers_formula(case, causal, center):

@@ -65,6 +65,16 @@ impl Call {
         let s = &self.shape;
         self.rank().map_or(0, |r| s.kv_heads() * r * (s.head_dim_v + 1))
     }
+    /// Values of a causal poly forward's block states (`PolySaved::block_states`: one state per
+    /// key/value head and scan block after the first), 0 otherwise.
+    fn block_states_len(&self) -> usize {
+        if self.method != Method::Poly || !self.causal() {
+            return 0;
+        }
+        let n = self.shape.seq_len.max(1);
+        let block = self.popts.chunk.max(1).min(n) * at::poly::SCAN_BLOCK_CHUNKS;
+        self.state_len() * (n.div_ceil(block) - 1)
+    }
     /// The options of a call whose rows start at position `count` (a state's keys so far).
     fn opts_at(&self, count: usize) -> AttnOptions {
         match self.opts.mask {
@@ -79,7 +89,7 @@ impl Call {
     /// A rough upper estimate of the working memory in bytes, for [`check_memory`]: inputs,
     /// outputs and saved tensors, and for the polynomial methods the per-thread scratch of
     /// [`at::cost::poly_state_bytes`], the states `[B, H_kv, r, D_v+1]` (twice: forward state and
-    /// its gradient) and, for ALTGrad's backward, two Kronecker states per running head (at most
+    /// its gradient), causal poly's block states and, for ALTGrad's backward, two Kronecker states per running head (at most
     /// 8 bytes per value, capped as the library caps them).
     pub(crate) fn memory_bytes(&self, elem: usize, backward: bool) -> f64 {
         let (s, e) = (&self.shape, elem as f64);
@@ -92,7 +102,7 @@ impl Call {
         let r = self.rank().filter(|&r| r <= features::MAX_FEATURE_DIM);
         if let (true, Some(r)) = (self.method != Method::Exact, r) {
             bytes += threads * at::cost::poly_state_bytes(s.head_dim, s.head_dim_v, r, self.popts.chunk, elem) as f64;
-            bytes += 2.0 * self.state_len() as f64 * e;
+            bytes += (2 * self.state_len() + self.block_states_len()) as f64 * e;
             if backward && self.method == Method::AltGrad {
                 let kron = at::altgrad::kron_state_len(r, s.head_dim_v, s.head_dim).unwrap_or(usize::MAX);
                 bytes += threads * 2.0 * kron.min(at::altgrad::MAX_KRON_STATE) as f64 * 8.0;
@@ -379,6 +389,8 @@ struct Fwd<T> {
     kv_state: Vec<T>,
     reference: Vec<T>,
     final_state: Option<PolyState<T>>,
+    /// Causal poly: the scan's block states, for a blocked backward (empty otherwise).
+    block_states: Vec<T>,
 }
 
 fn forward_all<T: Scalar>(
@@ -407,6 +419,7 @@ fn forward_all<T: Scalar>(
                 kv_state: Vec::new(),
                 reference: Vec::new(),
                 final_state: None,
+                block_states: Vec::new(),
             }
         }
         Method::Exact => {
@@ -419,6 +432,7 @@ fn forward_all<T: Scalar>(
                 kv_state: Vec::new(),
                 reference: Vec::new(),
                 final_state: None,
+                block_states: Vec::new(),
             }
         }
         Method::Poly | Method::AltGrad => {
@@ -437,6 +451,8 @@ fn forward_all<T: Scalar>(
                 kv_state: saved.kv_state,
                 reference: saved.reference,
                 final_state: saved.final_state,
+                // ALTGrad's backward does not scan by blocks: not returned
+                block_states: if c.method == Method::Poly { saved.block_states } else { Vec::new() },
             }
         }
     };
@@ -480,6 +496,10 @@ fn forward_t<'py, T: Scalar + Element>(
         let kv = if c.causal() { [b, hkv, 0, 0] } else { ds };
         out.set_item("kv_state", PyArray1::from_vec(py, f.kv_state).reshape(kv)?)?;
         out.set_item("reference", PyArray1::from_vec(py, f.reference).reshape(dk)?)?;
+        if c.method == Method::Poly {
+            let per = f.block_states.len() / (b * hkv).max(1);
+            out.set_item("block_states", PyArray1::from_vec(py, f.block_states).reshape([b, hkv, per])?)?;
+        }
         if let (true, Some(st)) = (output_final_state, f.final_state) {
             out.set_item("final_s", PyArray1::from_vec(py, st.s).reshape(ds)?)?;
             out.set_item("final_key_sum", PyArray1::from_vec(py, st.key_sum).reshape(dk)?)?;
@@ -504,7 +524,10 @@ fn forward_t<'py, T: Scalar + Element>(
 ///
 /// Returns `o [B, T, H, D_v]` and `lse [B, H, T]`; for poly and altgrad also `den [B, H, T]`,
 /// `kv_state [B, H_kv, r, D_v + 1]` (non-causal `H' = Φ_Kᵀ [V 1]`, MATH §4; `[B, H_kv, 0, 0]`
-/// causal) and `reference [B, H_kv, D]`; with `output_final_state` (causal poly) `final_s`,
+/// causal) and `reference [B, H_kv, D]`; for poly `block_states [B, H_kv, (blocks − 1)·r·(D_v +
+/// 1)]` (causal: `S'` at the start of every scan block after the first, blocks of 16 chunks, for a
+/// backward that scans block by block; `[B, H_kv, 0]` otherwise, and optional in the `saved`
+/// dict of `attention_backward`); with `output_final_state` (causal poly) `final_s`,
 /// `final_key_sum`, `final_reference` and `final_count`: what `attention_backward` and the next
 /// piece need.
 ///
@@ -553,6 +576,7 @@ struct Saved<'a, T> {
     den: &'a [T],
     kv_state: &'a [T],
     reference: &'a [T],
+    block_states: &'a [T],
 }
 
 /// Input gradients and, for a call with a state, the initial state's gradient.
@@ -592,7 +616,7 @@ fn backward_all<T: Scalar>(
                 opts: c.opts_at(initial.as_ref().map_or(0, |st| st.count)),
                 initial,
                 final_state: None,
-                block_states: Vec::new(),
+                block_states: sv.block_states.to_vec(),
                 shape: c.shape,
                 popts: c.popts,
             };
@@ -686,6 +710,12 @@ fn backward_t<'py, T: Scalar + Element>(
     let dr = den.as_ref().map(|x| borrow("den", x)).transpose()?;
     let kr2 = kvs.as_ref().map(|x| borrow("kv_state", x)).transpose()?;
     let rr = rf.as_ref().map(|x| borrow("reference", x)).transpose()?;
+    // causal poly's block states: optional (without them the backward scans the whole sequence)
+    let bs = match saved.get_item("block_states")? {
+        Some(x) if c.block_states_len() > 0 => Some(typed::<T>("block_states", &x, &dtype)?),
+        _ => None,
+    };
+    let bsr = bs.as_ref().map(|x| borrow("block_states", x)).transpose()?;
     let (qs, ks, vs) =
         (data("q", &qr, b * t * h * d)?, data("k", &kr, b * t * hkv * d)?, data("v", &vr, b * t * hkv * dv)?);
     let gs = data("grad_output", &gr, b * t * h * dv)?;
@@ -714,6 +744,10 @@ fn backward_t<'py, T: Scalar + Element>(
         },
         reference: match &rr {
             Some(x) => data("reference", x, b * hkv * d)?,
+            None => empty,
+        },
+        block_states: match &bsr {
+            Some(x) => data("block_states", x, c.block_states_len())?,
             None => empty,
         },
     };
