@@ -93,8 +93,11 @@ def test_poly_causal_backward_over_scan_blocks(center):
     blocked = altgrad._core.attention_backward("poly", qn, kn, vn, saved, gn, **core)
     del saved["block_states"]
     whole = altgrad._core.attention_backward("poly", qn, kn, vn, saved, gn, **core)
-    for a, w in zip(blocked[:3], whole[:3]):
+    saved["block_states"] = out["block_states"][:, :, :0].copy()  # empty: the same as left out
+    empty = altgrad._core.attention_backward("poly", qn, kn, vn, saved, gn, **core)
+    for a, w, e in zip(blocked[:3], whole[:3], empty[:3]):
         torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(w), rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(torch.from_numpy(e), torch.from_numpy(w), rtol=0, atol=0)
     saved["block_states"] = out["block_states"][:, :, 1:].copy()
     with pytest.raises(ValueError, match="block_states: expected"):
         altgrad._core.attention_backward("poly", qn, kn, vn, saved, gn, **core)

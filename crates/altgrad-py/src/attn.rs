@@ -68,12 +68,12 @@ impl Call {
     /// Values of a causal poly forward's block states (`PolySaved::block_states`: one state per
     /// key/value head and scan block after the first), 0 otherwise.
     fn block_states_len(&self) -> usize {
-        if self.method != Method::Poly || !self.causal() {
-            return 0;
+        match self.rank() {
+            Some(r) if self.method == Method::Poly && self.causal() => {
+                at::poly::block_states_len(&self.shape, self.popts.chunk, r)
+            }
+            _ => 0,
         }
-        let n = self.shape.seq_len.max(1);
-        let block = self.popts.chunk.max(1).min(n) * at::poly::SCAN_BLOCK_CHUNKS;
-        self.state_len() * (n.div_ceil(block) - 1)
     }
     /// The options of a call whose rows start at position `count` (a state's keys so far).
     fn opts_at(&self, count: usize) -> AttnOptions {
@@ -594,6 +594,7 @@ fn backward_all<T: Scalar>(
     dfinal: Option<PolyStateGrad<T>>,
 ) -> altgrad::Result<Back<T>> {
     check_finite("grad_output", dout)?;
+    check_finite("block_states", sv.block_states)?;
     let x = Qkv::new(q, k, v, &c.shape)?;
     let mut grads = altgrad::attention::AttnGrads::zeros(&c.shape);
     let ws = at::Workspace::new();
@@ -710,9 +711,10 @@ fn backward_t<'py, T: Scalar + Element>(
     let dr = den.as_ref().map(|x| borrow("den", x)).transpose()?;
     let kr2 = kvs.as_ref().map(|x| borrow("kv_state", x)).transpose()?;
     let rr = rf.as_ref().map(|x| borrow("reference", x)).transpose()?;
-    // causal poly's block states: optional (without them the backward scans the whole sequence)
+    // causal poly's block states: optional, and an empty array is none (the backward then scans
+    // the whole sequence)
     let bs = match saved.get_item("block_states")? {
-        Some(x) if c.block_states_len() > 0 => Some(typed::<T>("block_states", &x, &dtype)?),
+        Some(x) if c.block_states_len() > 0 => Some(typed::<T>("block_states", &x, &dtype)?).filter(|a| a.len() > 0),
         _ => None,
     };
     let bsr = bs.as_ref().map(|x| borrow("block_states", x)).transpose()?;
@@ -780,7 +782,9 @@ fn backward_t<'py, T: Scalar + Element>(
 /// d_initial_s, d_initial_key_sum)`.
 ///
 /// `saved` is the dict `attention_forward` returned for the same inputs, options and
-/// `initial_state`; `grad_output = dL/do [B, T, H, D_v]` (finite); `grad_final_state = (ds,
+/// `initial_state` (its causal poly `block_states` may be left out or empty: the backward then
+/// scans the whole sequence instead of block by block, with the same result, more slowly at long
+/// `T`; like `den`, they are trusted to be that forward's); `grad_output = dL/do [B, T, H, D_v]` (finite); `grad_final_state = (ds,
 /// dkey_sum)` is `dL/d(final state)` (fla's `dht`; either may be `None` for zero). Exact: FA2's
 /// backward (MATH §2). Poly: the exact gradient of the polynomial forward, through the row shift
 /// and the state (MATH §4). ALTGrad: the paper's Algorithm 1 (MATH §5) — the softmax-gradient

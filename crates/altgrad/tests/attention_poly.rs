@@ -6,9 +6,10 @@
 mod common;
 use altgrad::attention::bound::{output_bound, score_bound};
 use altgrad::attention::features::{feature_dim, FeatureMap};
+use altgrad::attention::poly::block_states_len;
 use altgrad::attention::{
-    backward_poly, forward_poly, forward_poly_state, head_bounds, naive, AttnOptions, AttnShape, Mask, PolyOptions,
-    PolyOutput,
+    backward_poly, backward_poly_state, forward_poly, forward_poly_state, head_bounds, naive, AttnOptions, AttnShape,
+    Mask, PolyOptions, PolyOutput, PolyStateGrad,
 };
 use common::{qkv, randn, rel, to_f32};
 use proptest::prelude::*;
@@ -277,44 +278,77 @@ fn poly_matches_naive_degree_4_and_value_width() {
 /// The causal backward over several scan blocks (16 chunks each: chunk 4 gives blocks of 64 rows)
 /// from the forward's block states: the naive reference's gradients (f64 ≤ 1e-10, f32 ≤ 1e-5,
 /// through [`check`], including the fused d = 16 kernels), and the same gradients as the scans
-/// over the whole sequence (block states dropped), for GQA heads; a block-state buffer of the
-/// wrong length is refused, naming `fwd`.
+/// over the whole sequence (block states dropped), for GQA heads, also continuing an initial state
+/// with a final-state gradient; the states are used (a changed one changes the gradients), kept
+/// only when no larger than the block's keys and values, and a buffer of the wrong length is
+/// refused, naming `fwd`.
 #[test]
 fn blocked_causal_backward_matches_naive_and_whole_sequence_scans() {
     for (n, chunk, d, center) in
-        [(150usize, 4usize, 8usize, true), (129, 4, 16, true), (200, 4, 16, false), (300, 8, 8, true)]
+        [(150usize, 4usize, 8usize, true), (300, 8, 16, true), (200, 4, 8, false), (129, 4, 8, true)]
     {
         let c =
             Case { n, h: 4, hkv: 2, d, dv: d, causal: true, center, degree: 2, chunk, seed: n as u64, qk_scale: 1.0 };
         check(&c, 1e-10);
-        let s = AttnShape::new(n, 4, 2, d);
-        let (q, k, v, g) =
-            (randn(n * 4 * d, 1, 1.0), randn(n * 2 * d, 2, 1.0), randn(n * 2 * d, 3, 1.0), randn(n * 4 * d, 4, 1.0));
+        let s = AttnShape::new(n, 4, 2, d).with_batch(2);
+        let len = |w: usize| 2 * n * w * d;
+        let (q, k, v, g) = (randn(len(4), 1, 1.0), randn(len(2), 2, 1.0), randn(len(2), 3, 1.0), randn(len(4), 4, 1.0));
         let opts = AttnOptions::causal(d);
         let popts = PolyOptions { degree: 2, center, chunk };
-        let fwd = forward_poly(&qkv(&q, &k, &v, &s), &opts, &popts).unwrap();
-        let r = feature_dim(d, 2).unwrap();
-        let blocks = n.div_ceil(16 * chunk);
-        assert_eq!(
-            fwd.block_states.len(),
-            2 * (blocks - 1) * r * (d + 1),
-            "n = {n}: one state per later block and key/value head"
-        );
-        let blocked = backward_poly(&qkv(&q, &k, &v, &s), &fwd, &g).unwrap();
-        let mut whole = fwd.clone();
-        whole.block_states.clear();
-        let whole = backward_poly(&qkv(&q, &k, &v, &s), &whole, &g).unwrap();
-        for (name, a, b) in
-            [("dq", &blocked.dq, &whole.dq), ("dk", &blocked.dk, &whole.dk), ("dv", &blocked.dv, &whole.dv)]
-        {
-            let e = rel(a, b);
-            assert!(e <= 1e-14, "n = {n} {name}: blocked vs whole-sequence scans rel err {e:e}");
+        let x = qkv(&q, &k, &v, &s);
+        // an initial state (from a first piece of 37 keys) and a final-state gradient
+        let s0 = AttnShape::new(37, 4, 2, d).with_batch(2);
+        let l0 = |w: usize| 2 * 37 * w * d;
+        let (q0, k0, v0) = (randn(l0(4), 5, 1.0), randn(l0(2), 6, 1.0), randn(l0(2), 7, 1.0));
+        let first = forward_poly_state(&qkv(&q0, &k0, &v0, &s0), &AttnOptions::causal(d), &popts, None, None).unwrap();
+        let initial = first.final_state.clone().unwrap();
+        let opts_at = opts.with_mask(Mask::Causal { q_offset: initial.count });
+        for (o, init) in [(opts, None), (opts_at, Some(&initial))] {
+            let fwd = forward_poly_state(&x, &o, &popts, init, None).unwrap();
+            let r = feature_dim(d, 2).unwrap();
+            let blocks = n.div_ceil(16 * chunk);
+            let want = 2 * 2 * (blocks - 1) * r * (d + 1);
+            assert_eq!(
+                fwd.block_states.len(),
+                want,
+                "n = {n}: one state per later block and (sequence, key/value head)"
+            );
+            assert_eq!(block_states_len(&s, chunk, r), want);
+            let fs = fwd.final_state.as_ref().unwrap();
+            let dfinal = PolyStateGrad { ds: randn(fs.s.len(), 8, 1.0), dkey_sum: randn(fs.key_sum.len(), 9, 1.0) };
+            let (blocked, db) = backward_poly_state(&x, &fwd, &g, Some(&dfinal)).unwrap();
+            let mut whole = fwd.clone();
+            whole.block_states.clear();
+            let (whole, dw) = backward_poly_state(&x, &whole, &g, Some(&dfinal)).unwrap();
+            let (db, dw) = (db.unwrap(), dw.unwrap());
+            let pairs = [
+                ("dq", &blocked.dq, &whole.dq),
+                ("dk", &blocked.dk, &whole.dk),
+                ("dv", &blocked.dv, &whole.dv),
+                ("ds", &db.ds, &dw.ds),
+                ("dkey_sum", &db.dkey_sum, &dw.dkey_sum),
+            ];
+            for (name, a, b) in pairs {
+                let e = rel(a, b);
+                assert!(e <= 1e-14, "n = {n} {name}: blocked vs whole-sequence scans rel err {e:e}");
+            }
+            // the states are read: a changed one changes the gradients of the blocks after it
+            let mut moved = fwd.clone();
+            moved.block_states[d + 1] += 1.0; // S'[1, 0]: a degree-1 feature (the constant one has no q-gradient)
+            let (gm, _) = backward_poly_state(&x, &moved, &g, Some(&dfinal)).unwrap();
+            assert!(rel(&gm.dq, &blocked.dq) > 1e-6, "n = {n}: the block states are not used");
+            let mut bad = fwd.clone();
+            bad.block_states.pop();
+            let err = backward_poly(&x, &bad, &g).unwrap_err();
+            assert!(err.to_string().starts_with("fwd:") && err.to_string().contains("block states"), "{err}");
         }
-        let mut bad = fwd.clone();
-        bad.block_states.pop();
-        let err = backward_poly(&qkv(&q, &k, &v, &s), &bad, &g).unwrap_err();
-        assert!(err.to_string().starts_with("fwd:") && err.to_string().contains("block states"), "{err}");
     }
+    // states larger than a block's keys and values are not kept: d = 16, chunk 4 (r·e = 2601 > 16·4·32)
+    let s = AttnShape::new(200, 2, 1, 16);
+    let (q, k, v) = (randn(200 * 2 * 16, 1, 1.0), randn(200 * 16, 2, 1.0), randn(200 * 16, 3, 1.0));
+    let popts = PolyOptions { degree: 2, center: true, chunk: 4 };
+    let fwd = forward_poly(&qkv(&q, &k, &v, &s), &AttnOptions::causal(16), &popts).unwrap();
+    assert!(fwd.block_states.is_empty() && block_states_len(&s, 4, 153) == 0);
 }
 
 /// Central differences in f64 of `L = Σ o ∘ G` through `forward_poly` itself.

@@ -64,7 +64,8 @@ pub fn hybrid_flops(n: usize, d: usize, dv: usize, r: usize, window: usize, sink
 /// `poly::Head::scratch_len` (centered): three `r×C` feature buffers (`Φᵀ`, `Ψᵀ`,
 /// `dΦᵀ`), two `C×C` tiles (causal), four `C×(d_v+1)` value/gradient chunks (two row-major, two
 /// transposed) and three `d×C` transposed inputs (`elem` = 4 for f32, 8 for f64). O(C·r + r·d_v),
-/// never O(n·r).
+/// never O(n·r). (A causal forward's saved block states are not scratch:
+/// [`super::poly::block_states_len`].)
 pub fn poly_state_bytes(d: usize, dv: usize, r: usize, chunk: usize, elem: usize) -> usize {
     let (e, c) = (dv + 1, chunk.max(1));
     elem * (2 * r * e + 3 * c * r + 2 * c * c + 4 * c * e + 3 * c * d)

@@ -321,7 +321,9 @@ impl HeadPlan {
             HeadPlan::Poly(p) => Ok(LayerSaved::Poly(Box::new(super::forward_poly(x, opts, p)?))),
             HeadPlan::AltGrad(p) => {
                 altgrad::check_kron_state(x.shape(), p)?;
-                Ok(LayerSaved::Poly(Box::new(super::forward_poly(x, opts, p)?)))
+                let mut f = super::forward_poly(x, opts, p)?;
+                f.block_states = Vec::new(); // ALTGrad's backward does not scan by blocks
+                Ok(LayerSaved::Poly(Box::new(f)))
             }
             HeadPlan::Hybrid(h) => Ok(LayerSaved::Hybrid(Box::new(super::forward_hybrid(x, opts, h)?))),
         }

@@ -25,7 +25,10 @@
 //!   `1/n` of the sum without a mask; key `j` gets `Σ_{i≥j} τ q_i dm_i/(i+1)` under the causal mask).
 //!
 //! Every hot loop is a GEMM of a `C×r` feature chunk with an `r×e` state. Working memory is
-//! O(C·r + r·d_v) ([`super::cost::poly_state_bytes`]); no `n×r` matrix is ever formed. Inputs are
+//! O(C·r + r·d_v) ([`super::cost::poly_state_bytes`]); no `n×r` matrix is ever formed. The causal
+//! forward also keeps one `r×e` state per scan block of `16·C` rows ([`PolySaved::block_states`])
+//! when that is no more than the block's keys and values (`r·e ≤ 16·C·(d + d_v)`, e.g. d = 16,
+//! 32): O(n·r·e/(16·C)) saved values, at most the size of `K` and `V`. Inputs are
 //! strided [`Rows`] views of the caller's tensors; outputs are written into [`RowsMut`] views.
 
 use super::features::{taylor, FeatureMap};
@@ -46,6 +49,20 @@ pub const DEFAULT_CHUNK: usize = 64;
 /// block by block, last block first, so that a block's rows stay in cache between them (16 chunks
 /// of 64 rows of `q, k, v, do, o` and the three gradients at d = 16 are ≈ 0.6 MB, in a 1 MB L2).
 pub const SCAN_BLOCK_CHUNKS: usize = 16;
+
+/// Values of [`PolySaved::block_states`] for a causal call of `shape` with chunk `chunk` and
+/// feature dimension `r`: `batch · num_kv_heads · (blocks − 1) · r · (head_dim_v + 1)`, `blocks =
+/// ⌈seq_len / (16·C)⌉`, `C = min(chunk, seq_len)`; 0 when the forward does not keep them (one
+/// block, or `r·(d_v + 1) > 16·C·(d + d_v)`: states larger than the block's keys and values).
+pub fn block_states_len(shape: &AttnShape, chunk: usize, r: usize) -> usize {
+    let n = shape.seq_len.max(1);
+    let c = chunk.max(1).min(n);
+    let e = shape.head_dim_v + 1;
+    if r.saturating_mul(e) > SCAN_BLOCK_CHUNKS * c * (shape.head_dim + shape.head_dim_v) {
+        return 0;
+    }
+    shape.kv_heads() * (n.div_ceil(c * SCAN_BLOCK_CHUNKS) - 1) * r * e
+}
 
 /// Options of polynomial attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,11 +119,14 @@ pub struct PolySaved<T> {
     /// Causal: the state after this piece, to continue the sequence ([`forward_poly_state`]);
     /// `None` without a mask.
     pub final_state: Option<PolyState<T>>,
-    /// Causal: `S'` at the start of every scan block after the first (blocks of
-    /// [`SCAN_BLOCK_CHUNKS`] chunks), `[batch, num_kv_heads, blocks − 1, r, head_dim_v + 1]`,
-    /// from which the backward scans block by block (fla's per-chunk states `h`, one per block).
-    /// Empty without a mask, for one block, or when not kept: the backward then scans the whole
-    /// sequence twice, which gives the same gradients more slowly at long `seq_len`.
+    /// Causal: `S'` at the start of every scan block after the first,
+    /// `[batch, num_kv_heads, blocks − 1, r, head_dim_v + 1]` with `blocks = ⌈seq_len / (16·C)⌉`,
+    /// `C = min(chunk, seq_len)` ([`block_states_len`]), from which the backward scans block by
+    /// block (fla's per-chunk states `h`, one per block). Kept by the causal forward when
+    /// `r·(d_v + 1) ≤ 16·C·(d + d_v)` (no more than the block's keys and values); empty without a
+    /// mask, for one block, or when not kept: the backward then scans the whole sequence twice,
+    /// which gives the same gradients, more slowly at long `seq_len`. Like `o` and `den`, they
+    /// must come from the forward of the same inputs (the backward trusts them).
     pub block_states: Vec<T>,
     /// The shape of the inputs.
     pub shape: AttnShape,
@@ -1252,7 +1272,8 @@ impl<T: Scalar> Head<'_, T> {
     /// [`forward_causal`](Self::forward_causal), used as scratch; `starts` = `S'` at the start of
     /// every later scan block (`[blocks − 1, r, e]`, [`PolySaved::block_states`]): with them
     /// the two scans run block by block, last block first, each block's rows in cache between
-    /// its scans; without (`None`, or one block) over the whole sequence. `dstate` holds `dL/dS'` of the final
+    /// its scans; without (`None`, one block, or `starts` of another length, which is ignored)
+    /// over the whole sequence. The gradients are the same either way. `dstate` holds `dL/dS'` of the final
     /// state on entry (zeros for none) and `dL/dS'` of the initial state on return. Adds into
     /// `dq [n, d]`, `dk [n, d]`, `dv [n, dv]` and `dkey_sum [d]` (the gradient of the initial key
     /// sum through the prefix means, `Σ_i τ dm_i q_i/(offset + i + 1)`, f64).
@@ -1615,11 +1636,12 @@ pub(crate) fn forward_one<T: Scalar>(
             }
         }
         State::Keys(h) => {
-            let m = row_shifts(q, &kv.kbar, head.scale, head.center);
             for b0 in (0..n).step_by(block) {
                 let (bn, r) = (block.min(n - b0), b0..(b0 + block).min(n));
-                head.forward_queries(q.sub(b0, bn), &m[r.clone()], h, &mut o.sub_mut(b0, bn), &mut den[r.clone()]);
-                fill_lse(q.sub(b0, bn), &kv.c, &m[r.clone()], &den[r.clone()], head.scale, &mut lse[r]);
+                let qb = q.sub(b0, bn);
+                let m = row_shifts(qb, &kv.kbar, head.scale, head.center);
+                head.forward_queries(qb, &m, h, &mut o.sub_mut(b0, bn), &mut den[r.clone()]);
+                fill_lse(qb, &kv.c, &m, &den[r.clone()], head.scale, &mut lse[r]);
             }
         }
     }
@@ -1646,18 +1668,42 @@ pub(crate) fn backward_one<T: Scalar>(
     dv: &mut RowsMut<'_, T>,
     dkey_sum: &mut [f64],
 ) {
-    let m = row_shifts(q, &kv.kbar, head.scale, head.center);
     match state {
         State::Scan(s) => {
+            let m = row_shifts(q, &kv.kbar, head.scale, head.center);
             let x = QueryBack { q, m: &m, o, den, g };
             head.backward_causal(&x, kv, s, starts, dstate, dq, dk, dv, dkey_sum)
         }
         State::Keys(h) => {
             let mut dh = vec![T::zero(); h.len()];
             let mut dkbar = vec![0.0f64; head.d()];
-            head.backward_queries(&QueryBack { q, m: &m, o, den, g }, &kv.kbar, h, dq, &mut dh, &mut dkbar);
+            backward_queries_by_block(head, (q, o, den, g), &kv.kbar, h, dq, &mut dh, &mut dkbar);
             head.backward_keys(kv, &dh, &dkbar, dk, dv);
         }
+    }
+}
+
+/// [`Head::backward_queries`] of one query head `(q, o, den, g)` in blocks of
+/// [`Head::scan_block`] rows, each block's row shifts computed while its queries are in cache
+/// (one pass over the queries, not two); the same sums in the same order as one call.
+#[allow(clippy::type_complexity)]
+pub(crate) fn backward_queries_by_block<T: Scalar>(
+    head: &Head<'_, T>,
+    (q, o, den, g): (Rows<'_, T>, Rows<'_, T>, &[T], Rows<'_, T>),
+    kbar: &[T],
+    state: &[T],
+    dq: &mut RowsMut<'_, T>,
+    dstate: &mut [T],
+    dkbar: &mut [f64],
+) {
+    let n = q.rows();
+    let block = head.scan_block(n);
+    for b0 in (0..n).step_by(block) {
+        let bn = block.min(n - b0);
+        let qb = q.sub(b0, bn);
+        let m = row_shifts(qb, kbar, head.scale, head.center);
+        let x = QueryBack { q: qb, m: &m, o: o.sub(b0, bn), den: &den[b0..b0 + bn], g: g.sub(b0, bn) };
+        head.backward_queries(&x, kbar, state, &mut dq.sub_mut(b0, bn), dstate, dkbar);
     }
 }
 
@@ -1773,10 +1819,12 @@ pub(crate) fn kv_heads<'a, T: Scalar>(
         .collect()
 }
 
-/// Returns the causal prefix-mean buffers of `kvs` to `ws` for the next [`kv_heads`].
+/// Returns the causal prefix-mean buffers of `kvs` to `ws` for the next [`kv_heads`], up to one
+/// per key/value head of this call (the pool never holds more than the widest call needs).
 pub(crate) fn recycle<T: Scalar>(kvs: Vec<KvHead<'_, T>>, ws: &Workspace<T>) {
+    let most = kvs.len();
     for kv in kvs {
-        if kv.kbar.capacity() > kv.c.len() {
+        if kv.kbar.capacity() > kv.c.len() && ws.vecs.len() < most {
             ws.vecs.put(kv.kbar);
         }
     }
@@ -1805,7 +1853,8 @@ pub fn forward_poly<T: Scalar>(x: &Qkv<'_, T>, opts: &AttnOptions, popts: &PolyO
 /// forward (MATH §5: the same `Õ = D̃⁻¹ Φ_Q Φ_Kᵀ V`). The softmax weights `exp(s_ij)` are replaced
 /// by `T_g(s_ij − τ q_i·k̄_i)` (degree `popts.degree`, row shift when `popts.center`, formed
 /// without cancellation as `τ q_i·(k_j − c) − m_i`, MATH §3 "Reference point"). O(n·r·d_v) time
-/// and O(C·r + r·d_v) extra memory per head with `r = C(d+g, g)`; the (sequence, head) pairs in
+/// and O(C·r + r·d_v) extra memory per head with `r = C(d+g, g)` (plus, causal, the saved
+/// [`PolySaved::block_states`], at most the size of `K` and `V`); the (sequence, head) pairs in
 /// parallel, each sequential.
 ///
 /// The mask is [`Mask::Full`] or [`Mask::Causal`] ([`poly_mask`]). Causal calls can continue a
@@ -1874,6 +1923,7 @@ pub fn forward_poly_into<T: Scalar>(
     let reference = resolve_reference(&s, popts.center, reference, initial)?;
     let kvs = kv_heads(x, causal, popts, reference, initial, Some(ws));
     let kv_state = kv_states(&head, &kvs, causal);
+    let keep_blocks = causal && block_states_len(&s, popts.chunk, head.r()) > 0;
     let scans: Vec<(Vec<T>, Vec<T>)> = s
         .query_views(out.o, dv)
         .into_par_iter()
@@ -1891,7 +1941,7 @@ pub fn forward_poly_into<T: Scalar>(
             // every query head of a group scans the same keys: keep the first one's states
             let first = h % s.group() == 0;
             let mut starts = Vec::new();
-            let keep = first.then_some(&mut starts);
+            let keep = (first && keep_blocks).then_some(&mut starts);
             forward_one(&head, qh, &kvs[kvh], State::Scan(&mut scan), &mut oh, lh, dh, keep);
             if first {
                 (scan, starts)
@@ -1979,15 +2029,13 @@ pub(crate) fn check_saved<T: Scalar>(
         check_state("fwd", st, &s, fm.dim())?;
     }
     if !fwd.block_states.is_empty() {
-        let chunk = fwd.popts.chunk.max(1).min(s.seq_len.max(1));
-        let blocks = s.seq_len.max(1).div_ceil(chunk * SCAN_BLOCK_CHUNKS);
-        let want = s.kv_heads() * (blocks - 1) * state_len;
-        if !fwd.opts.is_causal() || fwd.block_states.len() != want {
+        let want = if fwd.opts.is_causal() { block_states_len(&s, fwd.popts.chunk, fm.dim()) } else { 0 };
+        if fwd.block_states.len() != want {
             return Err(Error::bad(
                 "fwd",
                 format!(
-                    "block states have {} values, expected {want} ([batch, num_kv_heads, blocks − 1, r, head_dim_v + 1], \
-                     causal only)",
+                    "block states have {} values, expected {want} or none ([batch, num_kv_heads, blocks − 1, r, \
+                     head_dim_v + 1], causal only)",
                     fwd.block_states.len()
                 ),
             ));
@@ -2121,17 +2169,9 @@ pub fn backward_poly_into<T: Scalar>(
             let (qh, oh, gh, dh) = view(h);
             let kvh = h / s.group();
             let kv = &kvs[kvh];
-            let m = row_shifts(qh, &kv.kbar, opts.scale, popts.center);
             let (mut dstate, mut dkbar) = (vec![T::zero(); len], vec![0.0f64; d]);
-            let x = QueryBack { q: qh, m: &m, o: oh, den: dh, g: gh };
-            head.backward_queries(
-                &x,
-                &kv.kbar,
-                &fwd.kv_state[kvh * len..(kvh + 1) * len],
-                &mut dqh,
-                &mut dstate,
-                &mut dkbar,
-            );
+            let state = &fwd.kv_state[kvh * len..(kvh + 1) * len];
+            backward_queries_by_block(&head, (qh, oh, dh, gh), &kv.kbar, state, &mut dqh, &mut dstate, &mut dkbar);
             (dstate, dkbar)
         })
         .collect();

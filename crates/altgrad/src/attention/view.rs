@@ -203,12 +203,14 @@ fn prefetch_rows<T>(data: *const T, stride: usize, cols: usize, i0: usize, n: us
         let size = std::mem::size_of::<T>();
         let base = data as *const i8;
         for i in i0..i0 + n {
-            let first = i * stride * size;
-            let last = first + (cols * size).max(1) - 1;
-            let mut line = first & !63;
-            while line <= last {
+            // every 64-byte line the row touches, by absolute address (a row need not start on one)
+            let first = base.wrapping_add(i * stride * size);
+            let start = first as usize;
+            let end = start + (cols * size).max(1) - 1;
+            let mut line = start & !63;
+            while line <= end {
                 // SAFETY: a prefetch never faults; the address is only formed (wrapping), not read.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line)) };
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(first.wrapping_offset(line as isize - start as isize)) };
                 line += 64;
             }
         }

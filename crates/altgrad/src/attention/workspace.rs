@@ -19,15 +19,18 @@ impl<B> Default for Pool<B> {
 }
 
 impl<B> Pool<B> {
+    /// A held value, if any.
     pub(crate) fn take(&self) -> Option<B> {
         self.0.lock().ok()?.pop()
     }
+    /// Holds `b` for a later [`take`](Self::take).
     pub(crate) fn put(&self, b: B) {
         if let Ok(mut v) = self.0.lock() {
             v.push(b);
         }
     }
-    fn len(&self) -> usize {
+    /// Values held.
+    pub(crate) fn len(&self) -> usize {
         self.0.lock().map_or(0, |v| v.len())
     }
 }
@@ -76,7 +79,9 @@ pub(crate) fn fit<T: Scalar>(v: &mut Vec<T>, len: usize) {
 }
 
 /// Reusable scratch for the `_into` entry points ([`super::forward_exact_into`],
-/// [`super::forward_poly_into`], …): per-head chunk and tile buffers, kept between calls. Shared
+/// [`super::forward_poly_into`], …): per-head chunk and tile buffers, and the causal polynomial
+/// calls' prefix means (one `[seq_len, head_dim]` vector per key/value head, as large as `K`, held
+/// for the longest call so far), kept between calls. Shared
 /// by the parallel heads of a call (`&Workspace` is `Sync`); at most one buffer set per running
 /// head is alive. A fresh workspace allocates on first use, as the allocating entry points do.
 #[derive(Debug, Default)]
