@@ -590,7 +590,7 @@ pub fn one_layer_w_form<T: Scalar>(
     let (qr, xr) = (Rows::contiguous(&q, n, d), Rows::contiguous(x, n, hdim));
     let (kr, vr) = (Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv));
     let causal = poly::poly_mask(opts, &AttnShape::new(n, 1, 1, d).with_head_dim_v(dv), 0)?;
-    let kv = poly::kv_head(kr, vr, causal, popts.center, popts.chunk, None, None, 0);
+    let kv = poly::kv_head(kr, vr, causal, popts.center, popts.chunk, None, None, 0, Vec::new());
     let m = poly::row_shifts(qr, &kv.kbar, opts.scale, popts.center);
     let (mut o, mut den, mut lse) = (vec![zero; n * dv], vec![zero; n], vec![zero; n]);
     let mut state = vec![zero; head.r() * head.e()];

@@ -172,7 +172,7 @@ impl<T: Scalar> Ctx<'_, T> {
     /// The far keys `s..n − w` of `k`, `v` as a polynomial key/value head.
     fn far_kv<'b>(&self, head: &Head<'_, T>, k: Rows<'b, T>, v: Rows<'b, T>, nf: usize) -> poly::KvHead<'b, T> {
         let s = self.h.sinks;
-        poly::kv_head(k.sub(s, nf), v.sub(s, nf), true, head.center, head.chunk, None, None, 0)
+        poly::kv_head(k.sub(s, nf), v.sub(s, nf), true, head.center, head.chunk, None, None, 0, Vec::new())
     }
 
     /// Forward of one query head: writes `o`, `lse`, `fo`, `fl` (rows `[n, ·]`).

@@ -211,7 +211,7 @@ impl<'a, T: Scalar> HeadCtx<'a, T> {
             chunk: p.chunk,
             ws: self.ws,
         };
-        (head, poly::kv_head(self.x.1, self.x.2, self.causal, p.center, p.chunk, None, None, 0))
+        (head, poly::kv_head(self.x.1, self.x.2, self.causal, p.center, p.chunk, None, None, 0, Vec::new()))
     }
 }
 

@@ -246,26 +246,12 @@ pub struct KvHead<'a, T> {
 /// past the first chunk) or of all keys (non-causal, where `k̄ − c` is then exactly 0, also when
 /// `reference` is that mean). Causal
 /// prefix means count an initial state: `k̄_i = (key_sum + Σ_{j≤i} k_j)/(offset + i + 1)` with
-/// `key_sum [d]` (zeros if `None`). Sums in f64. Without `center`, `c = k̄ − c = 0`.
+/// `key_sum [d]` (zeros if `None`). Sums in f64. Without `center`, `c = k̄ − c = 0`. The causal
+/// prefix means are written into `buf` (grown as needed, contents ignored; `Vec::new()` for a
+/// fresh one): a buffer recycled from an earlier call (`kv_heads`' workspace) does not take fresh
+/// pages, and their page faults, on every call.
 #[allow(clippy::too_many_arguments)]
 pub fn kv_head<'a, T: Scalar>(
-    k: Rows<'a, T>,
-    v: Rows<'a, T>,
-    causal: bool,
-    center: bool,
-    chunk: usize,
-    reference: Option<&[T]>,
-    key_sum: Option<&[T]>,
-    offset: usize,
-) -> KvHead<'a, T> {
-    kv_head_in(k, v, causal, center, chunk, reference, key_sum, offset, Vec::new())
-}
-
-/// [`kv_head`] with the causal prefix means written into `buf` (grown as needed, contents
-/// ignored): a buffer recycled from an earlier call ([`kv_heads`]' workspace), so that the
-/// `[n, d]` means do not take fresh pages, and their page faults, on every call.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn kv_head_in<'a, T: Scalar>(
     k: Rows<'a, T>,
     v: Rows<'a, T>,
     causal: bool,
@@ -1814,7 +1800,7 @@ pub(crate) fn kv_heads<'a, T: Scalar>(
             let ks = initial.map(|st| block(&st.key_sum, h));
             let offset = initial.map_or(0, |st| st.count);
             let buf = if causal { ws.and_then(|w| w.vecs.take()).unwrap_or_default() } else { Vec::new() };
-            kv_head_in(kh, vh, causal, popts.center, popts.chunk, c.as_deref(), ks.as_deref(), offset, buf)
+            kv_head(kh, vh, causal, popts.center, popts.chunk, c.as_deref(), ks.as_deref(), offset, buf)
         })
         .collect()
 }

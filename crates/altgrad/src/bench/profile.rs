@@ -188,7 +188,8 @@ pub fn profile_poly_stages(
     let head = Head { fm: &fm, dv, scale, center: true, chunk: c, ws: &ws };
     let (q, k, v, gr) = (gen(n * d, 11), gen(n * d, 12), gen(n * dv, 13), gen(n * dv, 14));
     let (qr, gv) = (Rows::contiguous(&q, n, d), Rows::contiguous(&gr, n, dv));
-    let kv = kv_head(Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv), causal, true, c, None, None, 0);
+    let kv =
+        kv_head(Rows::contiguous(&k, n, d), Rows::contiguous(&v, n, dv), causal, true, c, None, None, 0, Vec::new());
     let m = row_shifts(qr, &kv.kbar, scale, true);
     let reps = 3;
     let (mut o, mut den) = (vec![0.0f32; n * dv], vec![0.0f32; n]);
