@@ -2051,7 +2051,9 @@ pub fn backward_poly<T: Scalar>(x: &Qkv<'_, T>, fwd: &PolyOutput<T>, dout: &[T])
 /// `dfinal`'s); chain pieces backwards by passing it as the previous piece's `dfinal`.
 /// Non-causal: per query head `dΨ`, `dQ` and `dH'`; then per key/value head `dK`, `dV` from the
 /// group's summed `dH'`. Causal: per query head a forward scan (`dQ`, intra-chunk terms) and a
-/// reverse scan from `dS'_final` (`dK`, `dV`, `dS'_initial`), summed over each group.
+/// reverse scan from `dS'_final` (`dK`, `dV`, `dS'_initial`), summed over each group; block by
+/// block, last block first, from `fwd`'s [`PolySaved::block_states`] when it kept them (the same
+/// gradients, each block's rows in cache between its two scans).
 ///
 /// Errors: [`Error::BadInput`] when `fwd` was computed for another shape, `fwd`/`dout`/`dfinal`
 /// have the wrong sizes, or `dfinal` is given without the causal mask.
