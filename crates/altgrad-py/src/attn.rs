@@ -89,8 +89,8 @@ impl Call {
     /// A rough upper estimate of the working memory in bytes, for [`check_memory`]: inputs,
     /// outputs and saved tensors, and for the polynomial methods the per-thread scratch of
     /// [`at::cost::poly_state_bytes`], the states `[B, H_kv, r, D_v+1]` (twice: forward state and
-    /// its gradient), causal poly's block states and, for ALTGrad's backward, two Kronecker states per running head (at most
-    /// 8 bytes per value, capped as the library caps them).
+    /// its gradient), causal poly's block states and, for ALTGrad's backward, two Kronecker states
+    /// per running head (at most 8 bytes per value, capped as the library caps them).
     pub(crate) fn memory_bytes(&self, elem: usize, backward: bool) -> f64 {
         let (s, e) = (&self.shape, elem as f64);
         let threads = crate::runtime::num_threads().max(1).min(s.heads()) as f64;
@@ -784,8 +784,8 @@ fn backward_t<'py, T: Scalar + Element>(
 /// `saved` is the dict `attention_forward` returned for the same inputs, options and
 /// `initial_state` (its causal poly `block_states` may be left out or empty: the backward then
 /// scans the whole sequence instead of block by block, with the same result, more slowly at long
-/// `T`; like `den`, they are trusted to be that forward's); `grad_output = dL/do [B, T, H, D_v]` (finite); `grad_final_state = (ds,
-/// dkey_sum)` is `dL/d(final state)` (fla's `dht`; either may be `None` for zero). Exact: FA2's
+/// `T`; like `den`, they are trusted to be that forward's); `grad_output = dL/do [B, T, H, D_v]`
+/// (finite); `grad_final_state = (ds, dkey_sum)` is `dL/d(final state)` (fla's `dht`; either may be `None` for zero). Exact: FA2's
 /// backward (MATH §2). Poly: the exact gradient of the polynomial forward, through the row shift
 /// and the state (MATH §4). ALTGrad: the paper's Algorithm 1 (MATH §5) — the softmax-gradient
 /// formula with the low-rank `f̃`, not the gradient of any function. Returns `dq [B, T, H, D]`,

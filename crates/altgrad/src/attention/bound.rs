@@ -4,7 +4,7 @@
 //!
 //! Everything here is O(n·d) per head and computed in f64.
 
-use super::view::{Rows, PREFETCH_AHEAD, PREFETCH_STEP};
+use super::view::Rows;
 use crate::linalg::Scalar;
 use crate::{Error, Result};
 
@@ -64,9 +64,7 @@ pub(crate) fn row_shift_rows<T: Scalar>(q: Rows<'_, T>, kbar: &[T], scale: f64) 
         #[inline(always)]
         || {
             for (i, mi) in m.iter_mut().enumerate() {
-                if i % PREFETCH_STEP == 0 {
-                    q.prefetch(i + PREFETCH_AHEAD, PREFETCH_STEP);
-                }
+                q.prefetch_ahead(i);
                 let kb = if per_row { &kbar[i * d..(i + 1) * d] } else { &kbar[..d] };
                 *mi = T::from_f64(scale * dot_f64(q.row(i), kb));
             }

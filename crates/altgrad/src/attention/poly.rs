@@ -32,7 +32,7 @@
 //! strided [`Rows`] views of the caller's tensors; outputs are written into [`RowsMut`] views.
 
 use super::features::{taylor, FeatureMap};
-use super::view::{Rows, RowsMut, PREFETCH_AHEAD, PREFETCH_STEP};
+use super::view::{Rows, RowsMut};
 use super::workspace::{fit, Pooled, Workspace};
 use super::{query_head_grads, sum_groups, AttnGrads, AttnGradsMut, AttnOptions, AttnShape, Mask, Qkv};
 use crate::linalg::{matmul_small, rm, rm_mut, rm_strided, rm_strided_mut, Scalar};
@@ -276,20 +276,7 @@ pub fn kv_head<'a, T: Scalar>(
     }
     let mean = |rows: usize| -> Vec<f64> {
         let mut acc = vec![0.0f64; d];
-        // row by row, each column's sum in order (vectorized across the columns)
-        dispatch(
-            #[inline(always)]
-            || {
-                for i in 0..rows {
-                    if i % PREFETCH_STEP == 0 {
-                        k.prefetch(i + PREFETCH_AHEAD, PREFETCH_STEP);
-                    }
-                    for (a, x) in acc.iter_mut().zip(k.row(i)) {
-                        *a += x.as_f64();
-                    }
-                }
-            },
-        );
+        add_rows_f64(k.sub(0, rows), &mut acc);
         acc.iter().map(|a| a / rows.max(1) as f64).collect()
     };
     // the mean of the first chunk (causal) or of every key (non-causal, reused below)
@@ -311,9 +298,7 @@ pub fn kv_head<'a, T: Scalar>(
             #[inline(always)]
             || {
                 for i in 0..n {
-                    if i % PREFETCH_STEP == 0 {
-                        k.prefetch(i + PREFETCH_AHEAD, PREFETCH_STEP);
-                    }
+                    k.prefetch_ahead(i);
                     let inv = 1.0 / (offset + i + 1) as f64;
                     let row = k.row(i).iter().zip(&cf);
                     for ((a, (x, cv)), o) in acc.iter_mut().zip(row).zip(&mut out[i * d..(i + 1) * d]) {
@@ -1259,8 +1244,8 @@ impl<T: Scalar> Head<'_, T> {
     /// every later scan block (`[blocks − 1, r, e]`, [`PolySaved::block_states`]): with them
     /// the two scans run block by block, last block first, each block's rows in cache between
     /// its scans; without (`None`, one block, or `starts` of another length, which is ignored)
-    /// over the whole sequence. The gradients are the same either way. `dstate` holds `dL/dS'` of the final
-    /// state on entry (zeros for none) and `dL/dS'` of the initial state on return. Adds into
+    /// over the whole sequence. The gradients are the same either way. `dstate` holds `dL/dS'` of
+    /// the final state on entry (zeros for none) and `dL/dS'` of the initial state on return. Adds into
     /// `dq [n, d]`, `dk [n, d]`, `dv [n, dv]` and `dkey_sum [d]` (the gradient of the initial key
     /// sum through the prefix means, `Σ_i τ dm_i q_i/(offset + i + 1)`, f64).
     #[allow(clippy::too_many_arguments)]
@@ -1805,6 +1790,22 @@ pub(crate) fn kv_heads<'a, T: Scalar>(
         .collect()
 }
 
+/// `acc [d] += Σ_i x_i` over the rows of `x [n, d]` in f64, row by row (each column's sum in row
+/// order, vectorized across the columns), the rows prefetched ahead: key means and key sums.
+fn add_rows_f64<T: Scalar>(x: Rows<'_, T>, acc: &mut [f64]) {
+    dispatch(
+        #[inline(always)]
+        || {
+            for i in 0..x.rows() {
+                x.prefetch_ahead(i);
+                for (a, v) in acc.iter_mut().zip(x.row(i)) {
+                    *a += v.as_f64();
+                }
+            }
+        },
+    );
+}
+
 /// Returns the causal prefix-mean buffers of `kvs` to `ws` for the next [`kv_heads`], up to one
 /// per key/value head of this call (the pool never holds more than the widest call needs).
 pub(crate) fn recycle<T: Scalar>(kvs: Vec<KvHead<'_, T>>, ws: &Workspace<T>) {
@@ -1948,14 +1949,7 @@ pub fn forward_poly_into<T: Scalar>(
                     Some(st) => st.key_sum[h * d..(h + 1) * d].iter().map(|x| x.as_f64()).collect(),
                     None => vec![0.0; d],
                 };
-                for i in 0..n {
-                    if i % PREFETCH_STEP == 0 {
-                        kv.k.prefetch(i + PREFETCH_AHEAD, PREFETCH_STEP);
-                    }
-                    for (a, x) in acc.iter_mut().zip(kv.k.row(i)) {
-                        *a += x.as_f64();
-                    }
-                }
+                add_rows_f64(kv.k, &mut acc);
                 acc.into_iter().map(T::from_f64).collect()
             })
             .collect();

@@ -8,14 +8,14 @@ use faer::prelude::ReborrowMut;
 use faer::{MatMut, MatRef};
 
 /// Rows ahead of the current one that a row-by-row pass over a strided head asks for
-/// ([`Rows::prefetch`]): the rows of one head of `[seq, heads, width]` are `heads · width` apart,
-/// a stride the hardware prefetcher of the CPUs we measure does not run ahead of, so each row's
-/// first read waited for memory (at n = 65536 the prefix means' pass took 5% of a polynomial
-/// step).
-pub(crate) const PREFETCH_AHEAD: usize = 64;
+/// ([`Rows::prefetch_ahead`]): the rows of one head of `[seq, heads, width]` are `heads · width`
+/// apart, a stride the hardware prefetcher of the CPUs we measure does not run ahead of, so each
+/// row's first read waited for memory (at n = 65536 the prefix means' pass took 5–9% of a
+/// polynomial step).
+const PREFETCH_AHEAD: usize = 64;
 
 /// Rows per prefetch request in such a pass (one request every this many rows).
-pub(crate) const PREFETCH_STEP: usize = 8;
+const PREFETCH_STEP: usize = 8;
 
 /// A read-only `rows × cols` matrix whose row `i` is `data[i·stride .. i·stride + cols]`.
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +103,15 @@ impl<'a, T> Rows<'a, T> {
     #[inline]
     pub(crate) fn prefetch(&self, i0: usize, n: usize) {
         prefetch_rows(self.data.as_ptr(), self.stride, self.cols, i0, n.min(self.rows.saturating_sub(i0)));
+    }
+
+    /// For a pass that reads the rows one by one: called at row `i`, asks for the rows
+    /// `PREFETCH_AHEAD` (64) ahead, `PREFETCH_STEP` (8) of them every 8 rows ([`prefetch`](Self::prefetch)).
+    #[inline(always)]
+    pub(crate) fn prefetch_ahead(&self, i: usize) {
+        if i.is_multiple_of(PREFETCH_STEP) {
+            self.prefetch(i + PREFETCH_AHEAD, PREFETCH_STEP);
+        }
     }
 
     /// The rows as a faer matrix view (row stride `stride`, column stride 1).
